@@ -1,0 +1,84 @@
+// `sdt train`: resolve the configuration (command line over --config_file over defaults), then the
+// dataset config, then train. The training loop arrives with issue #5; until then this command
+// validates a configuration completely and says so.
+#include <filesystem>
+#include <fstream>
+
+#include "cluster/world.h"
+#include "launcher/commands.h"
+#include "src/core/dataset_config.h"
+#include "src/core/error.h"
+#include "src/core/log.h"
+#include "src/core/train_args.h"
+
+namespace sdt {
+namespace {
+
+void print_help() {
+  fmt::print(
+      "usage: sdt train [--config_file FILE.toml] [--output_config] [--name value | --name=value | --flag] ...\n\n"
+      "Arguments have kohya-ss/sd-scripts' names (train_network.py). The command line wins over --config_file,\n"
+      "which wins over the defaults. docs/configuration.md has this list with the dataset config keys.\n");
+  std::string group;
+  for (const auto& spec : train_arg_specs()) {
+    if (spec.group != group) {
+      group = spec.group;
+      fmt::print("\n{}:\n", group);
+    }
+    std::string def = format_arg_value(spec.get(TrainArgs{}));
+    fmt::print("  --{:<36} {}{}\n", spec.name, spec.help, def.empty() || spec.kind == ArgKind::Flag ? "" : " [default " + def + "]");
+  }
+}
+
+std::string effective_config_toml(const ParsedTrainArgs& parsed) {
+  std::string header = "# sdt train: effective configuration (arguments that differ from their defaults)\n";
+  if (!parsed.config_path.empty()) header += "# read from " + parsed.config_path + " and the command line\n";
+  return header + train_args_to_toml(parsed.args);
+}
+
+}  // namespace
+
+int run_train(const std::vector<std::string>& argv) {
+  for (const auto& a : argv) {
+    if (a == "--help" || a == "-h") {
+      print_help();
+      return 0;
+    }
+  }
+  const World world = world_from_environment();
+  ParsedTrainArgs parsed = parse_train_args(argv);
+  const TrainArgs& args = parsed.args;
+  init_logging({args.console_log_level, args.console_log_file, args.console_log_simple, args.log_all_ranks}, world.rank,
+               world.size);
+
+  if (args.output_config) {
+    // kohya writes the configuration to --config_file when that file does not exist yet; when it
+    // does, it was read as input, and the resolved configuration goes to stdout rather than over it.
+    const std::string text = effective_config_toml(parsed);
+    if (args.config_file && parsed.config_path.empty()) {
+      std::string path = args.config_file->ends_with(".toml") ? *args.config_file : *args.config_file + ".toml";
+      std::ofstream out(path);
+      out << text;
+      out.close();
+      if (!out) fail(path, "cannot write the configuration file");
+      spdlog::info("wrote the configuration to {}", path);
+    } else {
+      fmt::print("{}", text);
+    }
+    return 0;
+  }
+
+  if (args.dataset_config) {
+    DatasetBlueprint blueprint = load_dataset_config(*args.dataset_config, args);
+    for (size_t i = 0; i < blueprint.datasets.size(); ++i) {
+      const auto& d = blueprint.datasets[i];
+      spdlog::info("dataset {}: {}, resolution {}x{}, batch size {}, buckets {}, {} subsets", i + 1,
+                   dataset_kind_name(d.kind), d.width, d.height, d.batch_size, d.enable_bucket ? "on" : "off",
+                   d.subsets.size());
+    }
+  }
+  fail("sdt train", "the configuration is valid, but the training loop is not built yet (issue #5); "
+                    "use --output_config to see the resolved configuration");
+}
+
+}  // namespace sdt

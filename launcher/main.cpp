@@ -1,0 +1,40 @@
+// sdt: one executable, one subcommand per job. `sdt --help` lists them.
+#include <CLI/CLI.hpp>
+
+#include "launcher/commands.h"
+#include "src/core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"sdt: train diffusion image models (LoRA and full fine-tuning) with kohya-ss/sd-scripts' configuration",
+               "sdt"};
+  app.set_version_flag("--version", "sdt 0.1.0");
+  app.require_subcommand(1);
+
+  std::string inspect_path;
+  auto* inspect = app.add_subcommand("inspect", "show the tensors (name, dtype, shape), total size and metadata of a .safetensors file");
+  inspect->add_option("file", inspect_path, "the .safetensors file")->required();
+
+  // `sdt train` takes kohya's ~190 arguments; its own parser (src/core/train_args) reads them, so
+  // CLI11 hands over everything after the word "train", --help included.
+  auto* train = app.add_subcommand("train", "train a network (LoRA) or fine-tune; `sdt train --help` lists the arguments");
+  train->prefix_command();
+  train->set_help_flag();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  try {
+    if (*inspect) return sdt::run_inspect(inspect_path);
+    if (*train) return sdt::run_train(train->remaining());
+  } catch (const sdt::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}

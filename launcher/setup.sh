@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# sdt set-up: installs what the build needs, configures, builds, and then runs one action.
+#
+#   launcher/setup.sh            install + configure + build
+#   launcher/setup.sh test       ... then run the whole test suite (ctest + the Python format check)
+#   launcher/setup.sh demo       ... then run the demo job
+#
+# Idempotent: every step checks first and does nothing when it is already done, so a re-run on a
+# machine that is set up costs a few seconds (plus whatever the incremental build has to do).
+#
+# Environment:
+#   SDT_BUILD_DIR   build folder (default: build)
+#   Torch_DIR       use your own LibTorch (e.g. a CUDA build on a cluster): the folder holding
+#                   TorchConfig.cmake. Then no virtual environment torch is installed for the build.
+#   SDT_SKIP_APT=1  do not touch system packages (a machine you do not administer; install them yourself)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+build_dir="${SDT_BUILD_DIR:-build}"
+action="${1:-build}"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# Debian packages, one line per reason (README "Libraries" explains each).
+apt_packages=(
+  cmake ninja-build ccache g++ pkg-config python3-venv      # toolchain
+  libopenmpi-dev openmpi-bin                                # process launch + CPU collectives
+  libhdf5-dev hdf5-tools                                    # latent / text-encoder caches (h5dump to inspect)
+  libtoml11-dev libcli11-dev libspdlog-dev nlohmann-json3-dev  # config, command line, logging, JSON headers
+  libgtest-dev libgmock-dev                                 # tests
+  libopencv-imgcodecs-dev libopencv-imgproc-dev libwebp-dev libpng-dev libjpeg-dev  # image decoding / resizing
+  libopenblas0-pthread                                      # fast fp32 BLAS for CPU runs
+)
+
+install_apt() {
+  [ "${SDT_SKIP_APT:-0}" = 1 ] && { log "SDT_SKIP_APT=1: not checking system packages"; return; }
+  local missing=()
+  for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then log "system packages: all present"; return; fi
+  log "installing system packages: ${missing[*]}"
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# LibTorch from PyPI's torch wheel, in a project-local virtual environment (.venv). The same
+# environment carries the Python packages the fixture generators and format checks use.
+venv="$root/.venv"
+torch_version="2.13.0"
+install_venv() {
+  if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" - "$torch_version" <<'PY' 2>/dev/null
+import sys, importlib.metadata as md
+assert md.version("torch").split("+")[0] == sys.argv[1]
+md.version("safetensors"); md.version("numpy")
+PY
+  then
+    log "installing torch==$torch_version (CPU build) safetensors numpy into $venv"
+    "$venv/bin/pip" install -q "torch==$torch_version" safetensors numpy
+  else
+    log "virtual environment: torch $torch_version, safetensors, numpy present"
+  fi
+}
+
+configure() {
+  local torch_dir="${Torch_DIR:-}"
+  if [ -z "$torch_dir" ]; then
+    torch_dir="$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')/Torch"
+  fi
+  if [ -f "$build_dir/build.ninja" ] && grep -q "^Torch_DIR:PATH=$torch_dir\$" "$build_dir/CMakeCache.txt" 2>/dev/null; then
+    log "build folder $build_dir already configured"
+    return
+  fi
+  log "configuring $build_dir (Torch_DIR=$torch_dir)"
+  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$torch_dir" \
+        -DSDT_PYTHON="$venv/bin/python"
+}
+
+install_apt
+[ -n "${Torch_DIR:-}" ] || install_venv
+configure
+log "building"
+cmake --build "$build_dir"
+
+case "$action" in
+  build) ;;
+  test)
+    log "running the test suite"
+    ctest --test-dir "$build_dir" --output-on-failure -j2
+    ;;
+  demo)
+    log "running the demo"
+    bash "$root/launcher/demo.sh" "$build_dir"
+    ;;
+  *) echo "unknown action '$action' (build | test | demo)" >&2; exit 2 ;;
+esac

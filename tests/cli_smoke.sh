@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The `sdt` command as a user meets it: help, inspect on good and bad files, train's configuration
+# resolution and its errors. Each check fails the test with the command's output.
+set -uo pipefail
+sdt="$1"; src="$2"
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+failures=0
+check() {  # check "description" expected-exit-code grep-pattern -- command...
+  local what="$1" want="$2" pattern="$3"; shift 4
+  local out rc
+  out="$("$@" 2>&1)"; rc=$?
+  if [ "$rc" != "$want" ] || ! grep -qE -- "$pattern" <<<"$out"; then
+    echo "FAIL: $what (exit $rc, wanted $want; pattern '$pattern')"; echo "$out" | head -20; failures=$((failures+1))
+  else
+    echo "ok: $what"
+  fi
+}
+
+check "top-level help lists the subcommands" 0 "inspect" -- "$sdt" --help
+check "train help lists kohya arguments" 0 "--network_dim" -- "$sdt" train --help
+check "inspect prints tensors, totals and metadata" 0 "17 tensors.*bytes" -- "$sdt" inspect "$src/tests/fixtures/safetensors/python_all_dtypes.safetensors"
+check "inspect prints dtype and shape" 0 "t_BF16	BF16	\[3, 5\]" -- "$sdt" inspect "$src/tests/fixtures/safetensors/python_all_dtypes.safetensors"
+check "inspect prints the metadata" 0 "\"ss_network_dim\": \"4\"" -- "$sdt" inspect "$src/tests/fixtures/safetensors/python_all_dtypes.safetensors"
+head -c 100 "$src/tests/fixtures/safetensors/python_all_dtypes.safetensors" > "$work/truncated.safetensors"
+check "inspect of a truncated file fails with the reason" 1 "truncated.safetensors: header length .* runs past the end" -- "$sdt" inspect "$work/truncated.safetensors"
+check "inspect of a missing file fails" 1 "nope.safetensors: cannot open" -- "$sdt" inspect "$work/nope.safetensors"
+
+check "output_config prints the resolved configuration" 0 "^learning_rate = 0.0003$" -- \
+  "$sdt" train --config_file "$src/configs/sd15_lora_example.toml" --learning_rate 3e-4 --output_config
+check "output_config keeps file values" 0 "^network_dim = 16$" -- \
+  "$sdt" train --config_file "$src/configs/sd15_lora_example.toml" --output_config
+check "output_config to a new file writes it" 0 "wrote the configuration" -- \
+  "$sdt" train --config_file "$work/new.toml" --network_dim 8 --output_config
+check "the written file holds the arguments" 0 "^network_dim = 8$" -- cat "$work/new.toml"
+printf '[training]\nmax_train_step = 10\n' > "$work/typo.toml"
+check "a typo in the config names file, line, key and suggestion" 1 "typo.toml:2: key 'max_train_step' in \[training\].*did you mean 'max_train_steps'" -- \
+  "$sdt" train --config_file "$work/typo.toml"
+printf '[general]\nflip_aug = "yes"\n[[datasets]]\nresolution = 512\n' > "$work/ds.toml"
+check "a wrong type in the dataset config names file, line and key" 1 "ds.toml:2: \[general\]: key 'flip_aug'.*expected true/false" -- \
+  "$sdt" train --dataset_config "$work/ds.toml"
+check "a valid configuration says training is not built yet" 1 "training loop is not built yet" -- \
+  "$sdt" train --dataset_config "$src/configs/dataset_example.toml"
+check "log_level is accepted as console_log_level" 1 "not one of: DEBUG" -- "$sdt" train --log_level verbose
+
+echo "$failures failure(s)"
+[ "$failures" = 0 ]
