@@ -6,6 +6,20 @@
 #include "src/core/safetensors.h"
 
 namespace sdt {
+namespace {
+
+std::string human_bytes(uint64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  size_t unit = 0;
+  while (value >= 1024 && unit + 1 < std::size(units)) {
+    value /= 1024;
+    ++unit;
+  }
+  return unit == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.2f} {}", value, units[unit]);
+}
+
+}  // namespace
 
 int run_inspect(const std::string& path) {
   safetensors::File file(path);
@@ -22,10 +36,10 @@ int run_inspect(const std::string& path) {
   }
   std::string by_dtype;
   for (const auto& [dtype, bytes] : bytes_per_dtype) {
-    by_dtype += fmt::format("{}{} {:.3f} MiB", by_dtype.empty() ? "" : ", ", safetensors::dtype_name(dtype), bytes / 1048576.0);
+    by_dtype += fmt::format("{}{} {}", by_dtype.empty() ? "" : ", ", safetensors::dtype_name(dtype), human_bytes(bytes));
   }
-  fmt::print("\n{} tensors, {} elements, {} bytes ({:.3f} MiB){}{}\n", file.tensors().size(), total_elements, total_bytes,
-             total_bytes / 1048576.0, by_dtype.empty() ? "" : ": ", by_dtype);
+  fmt::print("\n{} tensors, {} elements, {} bytes ({}){}{}\n", file.tensors().size(), total_elements, total_bytes,
+             human_bytes(total_bytes), by_dtype.empty() ? "" : ": ", by_dtype);
   if (file.metadata().empty()) {
     fmt::print("no metadata\n");
   } else {

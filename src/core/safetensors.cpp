@@ -66,6 +66,9 @@ nlohmann::json parse_json_rejecting_duplicates(std::string_view text, const std:
     return nlohmann::json::parse(text.begin(), text.end(), callback);
   } catch (const nlohmann::json::parse_error& e) {
     fail(file, "header is not valid JSON (byte {} of the header): {}", e.byte, e.what());
+  } catch (const nlohmann::json::exception& e) {
+    // e.g. a number too large for a double ("1e999"): valid JSON grammar, unusable header.
+    fail(file, "header JSON cannot be read: {}", e.what());
   }
 }
 

@@ -147,6 +147,11 @@ TEST(SafetensorsCorruption, HeaderIsNotJson) {
   expect_error(file_with_header("\x01garbage", 0), {"does not start with '{'"});
 }
 
+// Found by the fuzzer: nlohmann throws out_of_range, not parse_error, for a number that overflows.
+TEST(SafetensorsCorruption, NumberTooLargeForJson) {
+  expect_error(file_with_header(R"({"a":{"dtype":"F32","shape":[1e999],"data_offsets":[0,4]}})", 4), {"cannot be read"});
+}
+
 TEST(SafetensorsCorruption, OffsetsOutOfBounds) {
   expect_error(file_with_header(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8),
                {"tensor 'a'", "run past the data section of 8 bytes"});

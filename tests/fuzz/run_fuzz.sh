@@ -16,9 +16,10 @@ clang++-14 -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-r
   tests/fuzz/fuzz_safetensors_header.cpp src/core/safetensors.cpp src/core/error.cpp src/core/text.cpp \
   -lfmt -o "$out/fuzz_safetensors_header"
 
-# Seed corpus: real files (ours and the Python package's) and small hand-made headers.
+# Seed corpus: real files (ours and the Python package's), inputs that once crashed it
+# (tests/fuzz/regressions/), and small hand-made headers.
 corpus="$root/tests/fuzz/corpus"; mkdir -p "$corpus"
-cp tests/fixtures/safetensors/*.safetensors "$corpus/"
+cp tests/fixtures/safetensors/*.safetensors tests/fuzz/regressions/* "$corpus/"
 python3 - "$corpus" <<'PY'
 import struct, sys, pathlib
 d = pathlib.Path(sys.argv[1])
@@ -32,7 +33,7 @@ PY
 start=$(date +%s)
 set +e
 (cd "$out" && ./fuzz_safetensors_header -max_total_time="$seconds" -max_len=4096 -timeout=5 \
-  -artifact_prefix="$root/tests/fuzz/crash-" "$corpus" 2>&1 | tail -n 15)
+  -artifact_prefix="$root/tests/fuzz/" "$corpus" 2>&1 | tail -n 15)
 rc=${PIPESTATUS[0]}
 set -e
 elapsed=$(( $(date +%s) - start ))
