@@ -1,0 +1,51 @@
+// The dataset index: every image of a dataset with its raw caption, size (from the file header),
+// repeats and regularization flag, built from the typed dataset config as kohya's DreamBooth,
+// fine-tuning and ControlNet datasets do. DreamBooth folders are indexed once and the result is
+// cached beside the images (sdt_index.json), so a large folder is not rescanned at every start.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/core/dataset_config.h"
+#include "src/data/buckets.h"
+
+namespace sdt {
+
+struct ImageEntry {
+  std::string path;          // the image file
+  std::string caption;       // as stored (kohya processes it per sample later)
+  int64_t width = 0;         // after EXIF orientation
+  int64_t height = 0;
+  int64_t num_repeats = 1;   // reg images: after kohya's balancing
+  bool is_reg = false;
+  size_t subset = 0;         // index into DatasetConfig::subsets
+  std::string conditioning_path;  // ControlNet: the paired conditioning image
+  BucketChoice bucket;       // filled by assign_buckets
+};
+
+struct IndexOptions {
+  bool use_index_cache = true;  // read/write sdt_index.json beside DreamBooth images
+  bool skip_bad_images = false; // warn and skip an unreadable image instead of failing
+};
+
+struct DatasetIndex {
+  std::vector<ImageEntry> images;
+  std::vector<std::string> warnings;  // also logged
+  int64_t num_train_images = 0;       // with repeats, regularization excluded
+  int64_t num_reg_images = 0;
+};
+
+DatasetIndex build_dataset_index(const DatasetConfig& dataset, const IndexOptions& options = {});
+
+// Gives each image its bucket (kohya's BucketManager.select_bucket), or the fixed resolution
+// without enable_bucket.
+void assign_buckets(const DatasetConfig& dataset, DatasetIndex& index);
+
+// The caption file of an image: "<stem><ext>", else for face-crop names "<name>_cx_cy_w_h" the
+// file of "<name><ext>"; the first line stripped (all non-blank lines with wildcards). nullopt
+// when there is none. Throws when the file is empty or not UTF-8.
+std::optional<std::string> read_caption_file(const std::string& image_path, const std::string& extension, bool all_lines);
+
+}  // namespace sdt

@@ -1,0 +1,62 @@
+#include "src/data/sampler.h"
+
+#include <map>
+
+#include "src/core/error.h"
+#include "src/data/rng.h"
+
+namespace sdt {
+
+BatchPlanner::BatchPlanner(std::vector<const DatasetIndex*> datasets, std::vector<int64_t> global_batch_sizes, uint64_t seed)
+    : global_batch_sizes_(std::move(global_batch_sizes)), seed_(seed) {
+  if (datasets.size() != global_batch_sizes_.size()) fail("sampler", "one global batch size per dataset is needed");
+  for (uint32_t d = 0; d < datasets.size(); ++d) {
+    if (global_batch_sizes_[d] < 1) fail("sampler", "batch size must be at least 1");
+    std::map<Resolution, std::vector<SampleRef>> by_reso;
+    const auto& images = datasets[d]->images;
+    for (uint32_t i = 0; i < images.size(); ++i) {
+      auto& list = by_reso[images[i].bucket.bucket];
+      for (int64_t r = 0; r < images[i].num_repeats; ++r) list.push_back({d, i});
+    }
+    for (auto& [reso, samples] : by_reso) {
+      steps_per_epoch_ += (static_cast<int64_t>(samples.size()) + global_batch_sizes_[d] - 1) / global_batch_sizes_[d];
+      buckets_.push_back({d, reso, std::move(samples)});
+    }
+  }
+}
+
+std::vector<GlobalBatch> BatchPlanner::epoch(int64_t epoch) const {
+  std::vector<GlobalBatch> batches;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    std::vector<SampleRef> samples = buckets_[b].samples;
+    Rng rng(seed_, static_cast<uint64_t>(epoch), b, RngPurpose::Shuffle);
+    rng.shuffle(samples);
+    const auto size = static_cast<size_t>(global_batch_sizes_[buckets_[b].dataset]);
+    for (size_t start = 0; start < samples.size(); start += size) {
+      GlobalBatch batch{buckets_[b].dataset, buckets_[b].reso, {}};
+      batch.samples.assign(samples.begin() + static_cast<std::ptrdiff_t>(start),
+                           samples.begin() + static_cast<std::ptrdiff_t>(std::min(samples.size(), start + size)));
+      batches.push_back(std::move(batch));
+    }
+  }
+  Rng order(seed_, static_cast<uint64_t>(epoch), UINT64_MAX, RngPurpose::Shuffle);
+  order.shuffle(batches);
+  return batches;
+}
+
+std::vector<std::pair<Resolution, int64_t>> BatchPlanner::bucket_counts(uint32_t dataset) const {
+  std::vector<std::pair<Resolution, int64_t>> out;
+  for (const auto& b : buckets_) {
+    if (b.dataset == dataset) out.emplace_back(b.reso, static_cast<int64_t>(b.samples.size()));
+  }
+  return out;
+}
+
+std::vector<SampleRef> rank_share(const GlobalBatch& batch, int rank, int world_size) {
+  const size_t n = batch.samples.size();
+  const size_t begin = n * static_cast<size_t>(rank) / static_cast<size_t>(world_size);
+  const size_t end = n * static_cast<size_t>(rank + 1) / static_cast<size_t>(world_size);
+  return {batch.samples.begin() + static_cast<std::ptrdiff_t>(begin), batch.samples.begin() + static_cast<std::ptrdiff_t>(end)};
+}
+
+}  // namespace sdt

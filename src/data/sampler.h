@@ -1,0 +1,58 @@
+// Which samples make up each global batch of an epoch, and which share of it each rank loads.
+//
+// A global batch holds batch_size x world_size samples of one bucket of one dataset. The plan of an
+// epoch depends only on (seed, epoch, global batch sizes): one process holding the whole global
+// batch and N ranks holding one share each see exactly the same samples, in the same order, and a
+// resumed run at (epoch, step) continues the same order.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "src/data/buckets.h"
+#include "src/data/dataset_index.h"
+
+namespace sdt {
+
+struct SampleRef {
+  uint32_t dataset = 0;
+  uint32_t image = 0;  // into that dataset's DatasetIndex::images
+  bool operator==(const SampleRef&) const = default;
+};
+
+struct GlobalBatch {
+  uint32_t dataset = 0;
+  Resolution bucket;
+  std::vector<SampleRef> samples;  // the last batch of a bucket may be short
+};
+
+class BatchPlanner {
+ public:
+  // `global_batch_sizes[d]` = batch_size of dataset d x world size.
+  BatchPlanner(std::vector<const DatasetIndex*> datasets, std::vector<int64_t> global_batch_sizes, uint64_t seed);
+
+  // Every global batch of `epoch` (1-based) in training order: each bucket's samples (every image
+  // num_repeats times) shuffled, cut into global batches, and all batches of all datasets shuffled.
+  std::vector<GlobalBatch> epoch(int64_t epoch) const;
+  int64_t steps_per_epoch() const { return steps_per_epoch_; }
+
+  // Buckets of dataset d with their sample counts (repeats included), in resolution order.
+  std::vector<std::pair<Resolution, int64_t>> bucket_counts(uint32_t dataset) const;
+
+ private:
+  struct Bucket {
+    uint32_t dataset;
+    Resolution reso;
+    std::vector<SampleRef> samples;
+  };
+  std::vector<Bucket> buckets_;
+  std::vector<int64_t> global_batch_sizes_;
+  uint64_t seed_;
+  int64_t steps_per_epoch_ = 0;
+};
+
+// The samples of `batch` that `rank` of `world_size` loads: a contiguous, balanced slice (sizes
+// differ by at most one; a full batch gives each rank exactly batch_size).
+std::vector<SampleRef> rank_share(const GlobalBatch& batch, int rank, int world_size);
+
+}  // namespace sdt
