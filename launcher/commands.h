@@ -8,6 +8,7 @@
 namespace sdt {
 
 int run_inspect(const std::string& path);
+int run_inspect_dataset(const std::vector<std::string>& argv);
 int run_train(const std::vector<std::string>& argv);
 
 }  // namespace sdt

@@ -11,8 +11,13 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   std::string inspect_path;
-  auto* inspect = app.add_subcommand("inspect", "show the tensors (name, dtype, shape), total size and metadata of a .safetensors file");
-  inspect->add_option("file", inspect_path, "the .safetensors file")->required();
+  auto* inspect = app.add_subcommand("inspect", "show a .safetensors file (tensors, sizes, metadata), or a dataset (`sdt inspect dataset --help`)");
+  inspect->add_option("file", inspect_path, "the .safetensors file");
+  auto* inspect_dataset = inspect->add_subcommand(
+      "dataset",
+      "show buckets, steps per epoch and processed captions of a --dataset_config; options: --world_size N, --dump K "
+      "(write the first K processed images as PNG), --dump_dir DIR, --show_captions K, and any `sdt train` argument");
+  inspect_dataset->prefix_command();
 
   // `sdt train` takes kohya's ~190 arguments; its own parser (src/core/train_args) reads them, so
   // CLI11 hands over everything after the word "train", --help included.
@@ -27,7 +32,11 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (*inspect) return sdt::run_inspect(inspect_path);
+    if (*inspect_dataset) return sdt::run_inspect_dataset(inspect_dataset->remaining());
+    if (*inspect) {
+      if (inspect_path.empty()) throw CLI::RequiredError("file");
+      return sdt::run_inspect(inspect_path);
+    }
     if (*train) return sdt::run_train(train->remaining());
   } catch (const sdt::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what());

@@ -31,6 +31,7 @@ apt_packages=(
   libgtest-dev libgmock-dev                                 # tests
   libopencv-imgcodecs-dev libopencv-imgproc-dev libwebp-dev libpng-dev libjpeg-dev  # image decoding / resizing
   libopenblas0-pthread                                      # fast fp32 BLAS for CPU runs
+  libicu-dev zlib1g-dev                                     # CLIP tokenizer: Unicode classes, case, NFC; its .txt.gz vocabulary
 )
 
 install_apt() {

@@ -42,5 +42,17 @@ check "a valid configuration says training is not built yet" 1 "training loop is
   "$sdt" train --dataset_config "$src/configs/dataset_example.toml"
 check "log_level is accepted as console_log_level" 1 "not one of: DEBUG" -- "$sdt" train --log_level verbose
 
+mkdir -p "$work/ds/5_sks"
+for f in plain.png lossless.webp plain.bmp exif_rotate6.jpg; do cp "$src/tests/fixtures/data/images/$f" "$work/ds/5_sks/"; done
+echo "sks, red, green" > "$work/ds/5_sks/plain.txt"
+printf '[general]\nenable_bucket = true\nmin_bucket_reso = 16\nmax_bucket_reso = 64\nbucket_reso_steps = 8\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 32\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = "%s"\n  class_tokens = "sks"\n  num_repeats = 5\n' "$work/ds/5_sks" > "$work/ds.toml"
+check "inspect dataset prints buckets and steps per epoch" 0 "world size 3: .* [0-9]+ steps per epoch" -- \
+  "$sdt" inspect dataset --dataset_config "$work/ds.toml" --world_size 3
+check "inspect dataset dumps processed images" 0 "wrote 2 processed images" -- \
+  "$sdt" inspect dataset --dataset_config "$work/ds.toml" --dump 2 --dump_dir "$work/dump"
+check "the dumped images are PNG files" 0 "P +N +G" -- bash -c "head -c 8 \"\$(ls -d $work/dump/*.png | head -1)\" | od -c"
+echo "sks" > "$work/ds/5_sks/broken.png"
+check "a corrupt image in the dataset is named" 1 "broken.png" -- "$sdt" inspect dataset --dataset_config "$work/ds.toml"
+
 echo "$failures failure(s)"
 [ "$failures" = 0 ]
