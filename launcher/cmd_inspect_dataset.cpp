@@ -85,7 +85,7 @@ int run_inspect_dataset(const std::vector<std::string>& argv) {
 
   std::vector<DatasetIndex> indexes;
   for (const auto& d : blueprint.datasets) {
-    indexes.push_back(build_dataset_index(d));
+    indexes.push_back(build_dataset_index(d, {.skip_bad_images = args.skip_bad_images}));
     assign_buckets(d, indexes.back());
   }
   std::vector<const DatasetIndex*> index_ptrs;

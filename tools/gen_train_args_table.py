@@ -30,6 +30,7 @@ KOHYA_GROUPS = [
 # sdt's own arguments: (name, kind, default C++ literal, choices, help, group)
 SDT_ARGS = [
     ("log_all_ranks", "Flag", "false", [], "log info messages from every rank, not only rank 0", "logging"),
+    ("skip_bad_images", "Flag", "false", [], "skip an unreadable or corrupt image with a warning instead of stopping", "dataset"),
 ]
 
 # Alternative spellings accepted on the command line and in config files.

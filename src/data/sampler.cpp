@@ -2,6 +2,8 @@
 
 #include <map>
 
+#include <spdlog/spdlog.h>
+
 #include "src/core/error.h"
 #include "src/data/rng.h"
 
@@ -19,6 +21,11 @@ BatchPlanner::BatchPlanner(std::vector<const DatasetIndex*> datasets, std::vecto
       for (int64_t r = 0; r < images[i].num_repeats; ++r) list.push_back({d, i});
     }
     for (auto& [reso, samples] : by_reso) {
+      if (static_cast<int64_t>(samples.size()) < global_batch_sizes_[d]) {
+        warnings_.push_back(fmt::format("dataset {}: bucket {}x{} holds {} samples, fewer than the global batch of {}; its only batch is short",
+                                        d + 1, reso.width, reso.height, samples.size(), global_batch_sizes_[d]));
+        spdlog::warn("{}", warnings_.back());
+      }
       steps_per_epoch_ += (static_cast<int64_t>(samples.size()) + global_batch_sizes_[d] - 1) / global_batch_sizes_[d];
       buckets_.push_back({d, reso, std::move(samples)});
     }

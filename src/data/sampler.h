@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "src/data/buckets.h"
@@ -38,6 +39,8 @@ class BatchPlanner {
 
   // Buckets of dataset d with their sample counts (repeats included), in resolution order.
   std::vector<std::pair<Resolution, int64_t>> bucket_counts(uint32_t dataset) const;
+  // Buckets too small for one global batch (their only batch is short); also logged.
+  const std::vector<std::string>& warnings() const { return warnings_; }
 
  private:
   struct Bucket {
@@ -49,6 +52,7 @@ class BatchPlanner {
   std::vector<int64_t> global_batch_sizes_;
   uint64_t seed_;
   int64_t steps_per_epoch_ = 0;
+  std::vector<std::string> warnings_;
 };
 
 // The samples of `batch` that `rank` of `world_size` loads: a contiguous, balanced slice (sizes

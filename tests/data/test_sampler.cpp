@@ -55,8 +55,10 @@ TEST(Sampler, GlobalBatchesAreIdenticalForWorldSizesOneTwoAndThree) {
 TEST(Sampler, EverySampleAppearsItsRepeatsTimesPerEpochInOneBucketPerBatch) {
   DatasetIndex index = synthetic_index();
   BatchPlanner planner({&index}, {4}, 1);
-  // Buckets: 14 samples -> 4 batches, 4 -> 1, 3 -> 1 (short: a bucket smaller than the batch).
+  // Buckets: 14 samples -> 4 batches, 4 -> 1, 3 -> 1 (short: a bucket smaller than the batch, warned).
   EXPECT_EQ(planner.steps_per_epoch(), 6);
+  ASSERT_EQ(planner.warnings().size(), 1u);
+  EXPECT_NE(planner.warnings()[0].find("bucket 48x96 holds 3 samples, fewer than the global batch of 4"), std::string::npos);
   for (int64_t epoch : {1, 2}) {
     std::map<uint32_t, int64_t> count;
     auto batches = planner.epoch(epoch);

@@ -1,0 +1,116 @@
+#include "src/models/layers.h"
+
+namespace sdt {
+
+namespace nn = torch::nn;
+namespace F = torch::nn::functional;
+
+ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels, int64_t groups,
+                                     double eps) {
+  norm1 = register_module("norm1", nn::GroupNorm(nn::GroupNormOptions(groups, in_channels).eps(eps)));
+  conv1 = register_module("conv1", nn::Conv2d(nn::Conv2dOptions(in_channels, out_channels, 3).padding(1)));
+  if (temb_channels > 0) time_emb_proj = register_module("time_emb_proj", nn::Linear(temb_channels, out_channels));
+  norm2 = register_module("norm2", nn::GroupNorm(nn::GroupNormOptions(groups, out_channels).eps(eps)));
+  conv2 = register_module("conv2", nn::Conv2d(nn::Conv2dOptions(out_channels, out_channels, 3).padding(1)));
+  if (in_channels != out_channels) {
+    conv_shortcut = register_module("conv_shortcut", nn::Conv2d(nn::Conv2dOptions(in_channels, out_channels, 1)));
+  }
+}
+
+at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb) {
+  at::Tensor h = conv1(at::silu(norm1(x)));                                 // (B, C_out, H, W)
+  if (time_emb_proj) h = h + time_emb_proj(at::silu(temb)).unsqueeze(-1).unsqueeze(-1);  // + (B, C_out, 1, 1)
+  h = conv2(at::silu(norm2(h)));
+  return (conv_shortcut ? conv_shortcut(x) : x) + h;
+}
+
+Downsample2DImpl::Downsample2DImpl(int64_t channels, bool asymmetric_padding) : asymmetric_padding(asymmetric_padding) {
+  conv = register_module(
+      "conv", nn::Conv2d(nn::Conv2dOptions(channels, channels, 3).stride(2).padding(asymmetric_padding ? 0 : 1)));
+}
+
+at::Tensor Downsample2DImpl::forward(const at::Tensor& x) {
+  if (!asymmetric_padding) return conv(x);
+  return conv(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));  // (left, right, top, bottom)
+}
+
+Upsample2DImpl::Upsample2DImpl(int64_t channels) {
+  conv = register_module("conv", nn::Conv2d(nn::Conv2dOptions(channels, channels, 3).padding(1)));
+}
+
+at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::vector<int64_t> size) {
+  if (size.empty()) size = {x.size(2) * 2, x.size(3) * 2};
+  return conv(F::interpolate(x, F::InterpolateFuncOptions().size(size).mode(torch::kNearest)));
+}
+
+at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
+                                bool causal) {
+  const int64_t batch = q.size(0), inner = q.size(2), head_dim = inner / heads;
+  auto split = [&](const at::Tensor& t) { return t.view({batch, t.size(1), heads, head_dim}).transpose(1, 2); };
+  at::Tensor out = at::scaled_dot_product_attention(split(q), split(k), split(v), /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                                    /*is_causal=*/causal);  // (B, heads, Nq, D)
+  return out.transpose(1, 2).reshape({batch, q.size(1), inner});
+}
+
+namespace {
+
+struct BlockHolder : torch::CustomClassHolder {
+  explicit BlockHolder(Block block) : block(std::move(block)) {}
+  Block block;
+};
+
+// The recompute-in-backward node. Its variable inputs are the block's inputs followed by the parameters, so autograd
+// routes the parameter gradients it returns into .grad (or to torch::autograd::grad) like any other.
+struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, c10::IValue holder,
+                                                int64_t num_inputs, at::TensorList tensors) {
+    // Grad mode is off here (autograd::Function runs forward without recording), so nothing is kept but the inputs.
+    ctx->saved_data["block"] = holder;
+    ctx->saved_data["num_inputs"] = num_inputs;
+    ctx->save_for_backward(tensors.vec());
+    auto* block = static_cast<BlockHolder*>(holder.toCapsule().get());
+    return {block->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs))};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto* block = static_cast<BlockHolder*>(ctx->saved_data["block"].toCapsule().get());
+    const int64_t num_inputs = ctx->saved_data["num_inputs"].toInt();
+    std::vector<at::Tensor> saved = ctx->get_saved_variables();
+
+    // Fresh leaves for the inputs, so the recomputed graph ends at them; parameters are leaves already.
+    std::vector<at::Tensor> inputs;
+    for (int64_t i = 0; i < num_inputs; ++i) inputs.push_back(saved[i].detach().requires_grad_(ctx->needs_input_grad(i)));
+    std::vector<at::Tensor> wrt;
+    std::vector<size_t> wrt_index;
+    for (size_t i = 0; i < saved.size(); ++i) {
+      if (!ctx->needs_input_grad(i)) continue;
+      wrt.push_back(static_cast<int64_t>(i) < num_inputs ? inputs[i] : saved[i]);
+      wrt_index.push_back(i);
+    }
+
+    at::Tensor out;
+    {
+      torch::AutoGradMode enable(true);
+      out = block->block(inputs);
+    }
+    // Two undefined gradients for the two non-tensor arguments of forward, then one per tensor.
+    torch::autograd::variable_list grads(2 + saved.size());
+    if (wrt.empty()) return grads;
+    auto computed = torch::autograd::grad({out}, wrt, {grad_outputs[0]}, /*retain_graph=*/false,
+                                          /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t j = 0; j < wrt.size(); ++j) grads[2 + wrt_index[j]] = computed[j];
+    return grads;
+  }
+};
+
+}  // namespace
+
+at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> tensors = inputs;
+  tensors.insert(tensors.end(), params.begin(), params.end());
+  auto holder = c10::IValue::make_capsule(c10::make_intrusive<BlockHolder>(std::move(block)));
+  return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors))[0];
+}
+
+}  // namespace sdt
