@@ -48,7 +48,9 @@ install_apt() {
 }
 
 # LibTorch from PyPI's torch wheel, in a project-local virtual environment (.venv). The same
-# environment carries the Python packages the fixture generators and format checks use.
+# environment carries the Python packages the format checks use to read what sdt writes:
+# safetensors, tensorboard (event files) and diffusers + transformers (LoRA files).
+check_packages=(safetensors numpy tensorboard diffusers transformers)
 venv="$root/.venv"
 torch_version="2.13.0"
 install_venv() {
@@ -56,16 +58,17 @@ install_venv() {
     log "creating $venv"
     python3 -m venv "$venv"
   fi
-  if ! "$venv/bin/python" - "$torch_version" <<'PY' 2>/dev/null
+  if ! "$venv/bin/python" - "$torch_version" "${check_packages[@]}" <<'PY' 2>/dev/null
 import sys, importlib.metadata as md
 assert md.version("torch").split("+")[0] == sys.argv[1]
-md.version("safetensors"); md.version("numpy")
+for package in sys.argv[2:]:
+    md.version(package)
 PY
   then
-    log "installing torch==$torch_version (CPU build) safetensors numpy into $venv"
-    "$venv/bin/pip" install -q "torch==$torch_version" safetensors numpy
+    log "installing torch==$torch_version (CPU build) ${check_packages[*]} into $venv"
+    "$venv/bin/pip" install -q "torch==$torch_version" "${check_packages[@]}"
   else
-    log "virtual environment: torch $torch_version, safetensors, numpy present"
+    log "virtual environment: torch $torch_version, ${check_packages[*]} present"
   fi
 }
 
