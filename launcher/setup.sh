@@ -77,7 +77,7 @@ configure() {
   if [ -z "$torch_dir" ]; then
     torch_dir="$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')/Torch"
   fi
-  if [ -f "$build_dir/build.ninja" ] && grep -q "^Torch_DIR:PATH=$torch_dir\$" "$build_dir/CMakeCache.txt" 2>/dev/null; then
+  if [ -f "$build_dir/build.ninja" ] && grep -q "^Torch_DIR:[A-Z]*=$torch_dir\$" "$build_dir/CMakeCache.txt" 2>/dev/null; then
     log "build folder $build_dir already configured"
     return
   fi
