@@ -1,7 +1,10 @@
 #include "src/core/dataset_config.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <sstream>
+
+#include <spdlog/spdlog.h>
 
 #include <toml.hpp>
 
@@ -489,6 +492,56 @@ DatasetBlueprint parse_dataset_config(const std::string& toml_text, const std::s
     fail(name, "not valid TOML: {}", e.what());
   }
   return build(root, name, args);
+}
+
+DatasetBlueprint dataset_config_from_args(const TrainArgs& args) {
+  if (!args.train_data_dir) fail("command line", "no dataset: give --dataset_config, or --train_data_dir (with --in_json for fine-tuning)");
+  toml::array subsets;
+  if (args.in_json) {
+    subsets.push_back(toml::table{{"image_dir", *args.train_data_dir}, {"metadata_file", *args.in_json}});
+  } else {
+    auto add_folders = [&](const std::string& base, bool is_reg) {
+      namespace fs = std::filesystem;
+      if (!fs::is_directory(base)) fail(base, "{} is not a folder", is_reg ? "--reg_data_dir" : "--train_data_dir");
+      std::vector<fs::path> dirs;
+      for (const auto& e : fs::directory_iterator(base)) {
+        if (e.is_directory()) dirs.push_back(e.path());
+      }
+      std::sort(dirs.begin(), dirs.end());
+      for (const auto& dir : dirs) {
+        const std::string name = dir.filename().string();
+        const auto tokens = split(name, '_');
+        int64_t repeats = 0;
+        try {
+          size_t used = 0;
+          repeats = std::stoll(tokens[0], &used);
+          if (used != tokens[0].size()) repeats = 0;
+        } catch (const std::exception&) {
+          repeats = 0;
+        }
+        if (repeats < 1) {
+          spdlog::warn("{}: ignored, its name does not start with a repeat count (\"<repeats>_<class tokens>\")", dir.string());
+          continue;
+        }
+        std::string class_tokens;
+        for (size_t i = 1; i < tokens.size(); ++i) class_tokens += (i > 1 ? "_" : "") + tokens[i];
+        subsets.push_back(toml::table{{"image_dir", dir.string()}, {"num_repeats", repeats}, {"is_reg", is_reg},
+                                      {"class_tokens", class_tokens}});
+      }
+    };
+    add_folders(*args.train_data_dir, false);
+    if (args.reg_data_dir) add_folders(*args.reg_data_dir, true);
+  }
+  toml::value root(toml::table{{"datasets", toml::array{toml::table{{"subsets", subsets}}}}});
+  return build(root, "command line (--train_data_dir)", args);
+}
+
+DatasetBlueprint resolve_dataset_config(const TrainArgs& args) {
+  if (!args.dataset_config) return dataset_config_from_args(args);
+  if (args.train_data_dir || args.reg_data_dir || args.in_json) {
+    spdlog::warn("--dataset_config is given: --train_data_dir, --reg_data_dir and --in_json are ignored");
+  }
+  return load_dataset_config(*args.dataset_config, args);
 }
 
 std::string dataset_keys_reference_markdown() {

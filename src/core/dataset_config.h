@@ -91,6 +91,17 @@ DatasetBlueprint load_dataset_config(const std::string& path, const TrainArgs& a
 // The same from TOML text; `name` is used in messages as the file name.
 DatasetBlueprint parse_dataset_config(const std::string& toml_text, const std::string& name, const TrainArgs& args);
 
+// Without --dataset_config, kohya builds the config from the command line: with --in_json one
+// fine-tuning subset (train_data_dir + the metadata file); otherwise one DreamBooth dataset whose
+// subsets are the sub-folders "<repeats>_<class tokens>" of --train_data_dir (and of --reg_data_dir,
+// as regularization). Folders without a leading repeat count are skipped with a warning. Sub-folders
+// are taken in name order (kohya takes the file system's order).
+DatasetBlueprint dataset_config_from_args(const TrainArgs& args);
+
+// The dataset config of a training run: --dataset_config when given (train_data_dir, reg_data_dir and
+// in_json are then ignored, with a warning, as kohya does), else dataset_config_from_args.
+DatasetBlueprint resolve_dataset_config(const TrainArgs& args);
+
 // docs/configuration.md's dataset section, generated from the key table.
 std::string dataset_keys_reference_markdown();
 

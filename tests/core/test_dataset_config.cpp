@@ -1,6 +1,8 @@
 // The dataset config TOML: kohya's levels, kinds, fallback chain and error messages.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include "src/core/dataset_config.h"
 #include "src/core/error.h"
 
@@ -173,6 +175,46 @@ resolution = [512, 768]
 
 TEST(DatasetConfig, TomlSyntaxErrorNamesTheFile) {
   EXPECT_NE(error_of("[general\n").find("ds.toml: not valid TOML"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace sdt
+
+namespace sdt {
+namespace {
+
+TEST(DatasetConfig, TrainDataDirSubfoldersBecomeDreamBoothSubsetsAsKohyaNamesThem) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_train_data_dir";
+  fs::remove_all(root);
+  for (const char* d : {"train/10_sks dog", "train/2_sks_cat", "train/notes", "reg/1_dog"}) fs::create_directories(root / d);
+  TrainArgs args;
+  args.train_data_dir = (root / "train").string();
+  args.reg_data_dir = (root / "reg").string();
+  args.resolution = "512";
+  DatasetBlueprint bp = resolve_dataset_config(args);
+  ASSERT_EQ(bp.datasets.size(), 1u);
+  const auto& subsets = bp.datasets[0].subsets;
+  ASSERT_EQ(subsets.size(), 3u);  // "notes" has no repeat count
+  EXPECT_EQ(subsets[0].num_repeats, 10);
+  EXPECT_EQ(subsets[0].class_tokens, "sks dog");
+  EXPECT_EQ(subsets[1].class_tokens, "sks_cat");
+  EXPECT_TRUE(subsets[2].is_reg);
+  EXPECT_EQ(bp.datasets[0].width, 512);
+  fs::remove_all(root);
+}
+
+TEST(DatasetConfig, InJsonMakesOneFineTuningSubset) {
+  TrainArgs args;
+  args.train_data_dir = "/data/images";
+  args.in_json = "/data/meta.json";
+  args.resolution = "768,512";
+  DatasetBlueprint bp = resolve_dataset_config(args);
+  EXPECT_EQ(bp.datasets.at(0).kind, DatasetKind::FineTuning);
+  EXPECT_EQ(bp.datasets.at(0).subsets.at(0).metadata_file, "/data/meta.json");
+  EXPECT_EQ(bp.datasets.at(0).width, 768);
+  EXPECT_EQ(bp.datasets.at(0).height, 512);
+  EXPECT_THROW(resolve_dataset_config(TrainArgs{}), Error);
 }
 
 }  // namespace
