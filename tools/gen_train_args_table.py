@@ -31,6 +31,7 @@ KOHYA_GROUPS = [
 SDT_ARGS = [
     ("log_all_ranks", "Flag", "false", [], "log info messages from every rank, not only rank 0", "logging"),
     ("skip_bad_images", "Flag", "false", [], "skip an unreadable or corrupt image with a warning instead of stopping", "dataset"),
+    ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
 ]
 
 # Alternative spellings accepted on the command line and in config files.
