@@ -1,15 +1,14 @@
-// `sdt train`: resolve the configuration (command line over --config_file over defaults), then the
-// dataset config, then train. The training loop arrives with issue #5; until then this command
-// validates a configuration completely and says so.
+// `sdt train`: resolve the configuration (command line over --config_file over defaults), then train
+// a network (LoRA) with kohya's train_network.py loop.
 #include <filesystem>
 #include <fstream>
 
 #include "cluster/world.h"
 #include "launcher/commands.h"
-#include "src/core/dataset_config.h"
 #include "src/core/error.h"
 #include "src/core/log.h"
 #include "src/core/train_args.h"
+#include "src/train/trainer.h"
 
 namespace sdt {
 namespace {
@@ -68,17 +67,12 @@ int run_train(const std::vector<std::string>& argv) {
     return 0;
   }
 
-  if (args.dataset_config) {
-    DatasetBlueprint blueprint = load_dataset_config(*args.dataset_config, args);
-    for (size_t i = 0; i < blueprint.datasets.size(); ++i) {
-      const auto& d = blueprint.datasets[i];
-      spdlog::info("dataset {}: {}, resolution {}x{}, batch size {}, buckets {}, {} subsets", i + 1,
-                   dataset_kind_name(d.kind), d.width, d.height, d.batch_size, d.enable_bucket ? "on" : "off",
-                   d.subsets.size());
-    }
+  if (!args.network_module) {
+    fail("sdt train", "full fine-tuning is not built yet (issue #5): give --network_module networks.lora to train a LoRA");
   }
-  fail("sdt train", "the configuration is valid, but the training loop is not built yet (issue #5); "
-                    "use --output_config to see the resolved configuration");
+  const TrainSummary summary = train_network(args, world);
+  spdlog::info("trained {} steps; LoRA: {}", summary.steps, summary.weights_path);
+  return 0;
 }
 
 }  // namespace sdt

@@ -5,10 +5,35 @@
 #include <string>
 #include <vector>
 
+#include "src/families/options.h"
+
+namespace CLI {
+class App;
+}
+
 namespace sdt {
 
 int run_inspect(const std::string& path);
 int run_inspect_dataset(const std::vector<std::string>& argv);
 int run_train(const std::vector<std::string>& argv);
+
+// `sdt sample`: its options are added to `app` as a subcommand bound to `command`; run_sample runs it once parsed.
+struct SampleCommand {
+  FamilyOptions model;
+  SampleOptions sample;
+  std::string output;
+};
+CLI::App* add_sample_command(CLI::App& app, SampleCommand& command);
+int run_sample(const SampleCommand& command);
+
+// `sdt merge-lora`: kohya's networks/merge_lora.py arguments.
+struct MergeLoraCommand {
+  bool v2 = false, concat = false, shuffle = false, no_metadata = false;
+  std::string sd_model, save_to, precision = "float", save_precision;
+  std::vector<std::string> models;
+  std::vector<double> ratios;
+};
+CLI::App* add_merge_lora_command(CLI::App& app, MergeLoraCommand& command);
+int run_merge_lora(const MergeLoraCommand& command);
 
 }  // namespace sdt

@@ -25,6 +25,11 @@ int main(int argc, char** argv) {
   train->prefix_command();
   train->set_help_flag();
 
+  sdt::SampleCommand sample_command;
+  auto* sample = sdt::add_sample_command(app, sample_command);
+  sdt::MergeLoraCommand merge_lora_command;
+  auto* merge_lora = sdt::add_merge_lora_command(app, merge_lora_command);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -38,6 +43,8 @@ int main(int argc, char** argv) {
       return sdt::run_inspect(inspect_path);
     }
     if (*train) return sdt::run_train(train->remaining());
+    if (*sample) return sdt::run_sample(sample_command);
+    if (*merge_lora) return sdt::run_merge_lora(merge_lora_command);
   } catch (const sdt::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 1;

@@ -32,6 +32,7 @@ apt_packages=(
   libopencv-imgcodecs-dev libopencv-imgproc-dev libwebp-dev libpng-dev libjpeg-dev  # image decoding / resizing
   libopenblas0-pthread                                      # fast fp32 BLAS for CPU runs
   libicu-dev zlib1g-dev                                     # CLIP tokenizer: Unicode classes, case, NFC; its .txt.gz vocabulary
+  libssl-dev                                                # SHA-256 (libcrypto) for the sshs_* hashes kohya writes into LoRA files
 )
 
 install_apt() {
@@ -49,8 +50,8 @@ install_apt() {
 
 # LibTorch from PyPI's torch wheel, in a project-local virtual environment (.venv). The same
 # environment carries the Python packages the format checks use to read what sdt writes:
-# safetensors, tensorboard (event files) and diffusers + transformers (LoRA files).
-check_packages=(safetensors numpy tensorboard diffusers transformers)
+# safetensors, tensorboard (event files) and diffusers + transformers + peft (LoRA files).
+check_packages=(safetensors numpy tensorboard diffusers transformers peft)
 venv="$root/.venv"
 torch_version="2.13.0"
 install_venv() {

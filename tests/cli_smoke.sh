@@ -37,8 +37,8 @@ check "a typo in the config names file, line, key and suggestion" 1 "typo.toml:2
   "$sdt" train --config_file "$work/typo.toml"
 printf '[general]\nflip_aug = "yes"\n[[datasets]]\nresolution = 512\n' > "$work/ds.toml"
 check "a wrong type in the dataset config names file, line and key" 1 "ds.toml:2: \[general\]: key 'flip_aug'.*expected true/false" -- \
-  "$sdt" train --dataset_config "$work/ds.toml"
-check "a valid configuration says training is not built yet" 1 "training loop is not built yet" -- \
+  "$sdt" inspect dataset --dataset_config "$work/ds.toml"
+check "full fine-tuning says it is not built yet" 1 "full fine-tuning is not built yet" -- \
   "$sdt" train --dataset_config "$src/configs/dataset_example.toml"
 check "log_level is accepted as console_log_level" 1 "not one of: DEBUG" -- "$sdt" train --log_level verbose
 

@@ -1,0 +1,88 @@
+// The family registry, PNG output, and `sdt sample`'s whole run.
+#include "src/families/family.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <map>
+
+#include <fmt/ranges.h>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <spdlog/spdlog.h>
+
+#include "src/core/error.h"
+#include "src/families/sd/sd_family.h"
+
+namespace sdt {
+namespace {
+
+using FamilyLoader = std::unique_ptr<Family> (*)(const FamilyOptions&);
+
+// Every family this build has, under the name the trainer and `sdt sample` look it up by. A new family adds its line.
+const std::map<std::string, FamilyLoader>& registry() {
+  static const std::map<std::string, FamilyLoader> families{
+      {"sd", &load_sd_family},  // SD 1.x / 2.x (--v2, --v_parameterization)
+  };
+  return families;
+}
+
+}  // namespace
+
+std::vector<std::string> family_names() {
+  std::vector<std::string> names;
+  for (const auto& [name, loader] : registry()) names.push_back(name);
+  return names;
+}
+
+std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions& options) {
+  const auto it = registry().find(name);
+  if (it == registry().end()) {
+    fail("model family", "unknown family '{}': this build has {}", name, fmt::join(family_names(), ", "));
+  }
+  return it->second(options);
+}
+
+void write_png(const std::string& path, const at::Tensor& image) {
+  if (image.dim() != 3 || image.size(2) != 3 || image.scalar_type() != at::kByte) {
+    fail(path, "expected an (H, W, 3) uint8 RGB image, got {} {}", c10::str(image.sizes()),
+         c10::toString(image.scalar_type()));
+  }
+  const at::Tensor rgb = image.contiguous();
+  const cv::Mat view(static_cast<int>(rgb.size(0)), static_cast<int>(rgb.size(1)), CV_8UC3, rgb.data_ptr());
+  cv::Mat bgr;
+  cv::cvtColor(view, bgr, cv::COLOR_RGB2BGR);
+  std::vector<uchar> png;
+  if (!cv::imencode(".png", bgr, png)) fail(path, "OpenCV cannot encode the image as PNG");
+
+  const std::string temporary = path + ".tmp";
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) fail(path, "cannot create {}: {}", temporary, std::strerror(errno));
+  bool ok = true;
+  for (size_t written = 0; ok && written < png.size();) {
+    const ssize_t n = ::write(fd, png.data() + written, png.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) written += static_cast<size_t>(n);
+  }
+  ok = ok && ::fsync(fd) == 0;
+  const std::string reason = ok ? "" : std::strerror(errno);
+  ::close(fd);
+  if (!ok) {
+    std::filesystem::remove(temporary);
+    fail(path, "cannot write the PNG: {}", reason);
+  }
+  std::filesystem::rename(temporary, path);
+}
+
+void sample_to_png(const std::string& family, const FamilyOptions& model, const SampleOptions& sample,
+                   const std::string& output_png) {
+  const std::unique_ptr<Family> loaded = load_family(family, model);
+  write_png(output_png, loaded->sample(sample));
+  spdlog::info("wrote {}", output_png);
+}
+
+}  // namespace sdt

@@ -1,0 +1,118 @@
+// A model family: its models and the four strategies through which the trainer, the caches and the sampler use
+// them (kohya-ss/sd-scripts' strategy_base.py), found by name in a registry. Nothing above this layer branches on a
+// family's name: it asks the family.
+//
+//   TokenizeStrategy                   captions -> token ids (and per-token weights for "(word:1.2)" captions)
+//   TextEncodingStrategy               token ids -> the denoiser's text conditioning
+//   LatentsCachingStrategy             images -> the denoiser's latents, and what a cache entry holds
+//   TextEncoderOutputsCachingStrategy  captions -> the text-encoder outputs a cache stores, and back
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "src/core/tensor_io.h"
+#include "src/families/options.h"
+
+namespace sdt {
+
+// A batch of captions as token ids, one tensor per tokenizer the family has (SD: one, (B, n, 77) int64 with n
+// 77-token windows), and, for weighted captions, per-token weights of the same shapes (float32).
+struct Tokens {
+  std::vector<at::Tensor> ids;
+  std::vector<at::Tensor> weights;  // empty: unweighted
+};
+
+class TokenizeStrategy {
+ public:
+  virtual ~TokenizeStrategy() = default;
+  // kohya's tokenize; with `weighted` (--weighted_captions) its tokenize_with_weights, which reads the attention
+  // syntax "(word:1.2)", "(word)", "[word]" and returns the weights.
+  virtual Tokens tokenize(const std::vector<std::string>& captions, bool weighted) const = 0;
+};
+
+class TextEncodingStrategy {
+ public:
+  virtual ~TextEncodingStrategy() = default;
+  // The denoiser's text conditioning, one tensor per output (SD: the hidden states (B, 2 + 75n, D)). Weights, when
+  // the tokens carry them, multiply the hidden states token by token.
+  virtual std::vector<at::Tensor> encode(const Tokens& tokens) const = 0;
+};
+
+// How latents come out of the VAE's posterior: its mean (deterministic), or a sample drawn from it (kohya).
+enum class LatentSampling { mean, sample };
+
+// Latents of a batch of images, ready for the denoiser (scaled as it takes them).
+struct EncodedLatents {
+  at::Tensor latents;  // (B, C, h, w)
+  at::Tensor flipped;  // the same images flipped left to right; undefined without flip_aug
+};
+
+// The arrays a cache entry holds for one image of a bucket, and their shape.
+struct LatentsCacheLayout {
+  std::string latents_key;       // kohya's npz key: "latents" (multi-resolution families add "_{h}x{w}")
+  std::string flipped_key;       // "latents_flipped"; empty without flip_aug
+  std::vector<int64_t> shape;    // (C, h, w) of each
+};
+
+class LatentsCachingStrategy {
+ public:
+  virtual ~LatentsCachingStrategy() = default;
+  // What distinguishes this family's cache files beside an image from other families' (kohya: "_sd" in "_sd.npz").
+  virtual std::string cache_suffix() const = 0;
+  // kohya's is_disk_cached_latents_expected, as data: the keys an entry for an image in a bucket of
+  // bucket_width x bucket_height pixels must hold, and the latents' shape.
+  virtual LatentsCacheLayout cache_layout(int64_t bucket_width, int64_t bucket_height, bool flip_aug) const = 0;
+  // images (B, 3, H, W) in [-1, 1] -> latents; with flip_aug also those of the images flipped left to right. A
+  // `sample` draws its noise from `generator` (the default generator when none).
+  virtual EncodedLatents encode(const at::Tensor& images, bool flip_aug, LatentSampling sampling,
+                                std::optional<at::Generator> generator = std::nullopt) const = 0;
+};
+
+class TextEncoderOutputsCachingStrategy {
+ public:
+  virtual ~TextEncoderOutputsCachingStrategy() = default;
+  // What distinguishes this family's text-encoder cache files beside an image ("_sd_te").
+  virtual std::string cache_suffix() const = 0;
+  // What to store for a batch of captions, by name, batch first (SD: "hidden_state" (B, 2 + 75n, D)), computed by the
+  // family's tokenize and text-encoding strategies.
+  virtual NamedTensors outputs_to_cache(const std::vector<std::string>& captions, bool weighted) const = 0;
+  // A stored batch back into TextEncodingStrategy::encode's outputs.
+  virtual std::vector<at::Tensor> outputs_from_cache(const NamedTensors& stored) const = 0;
+};
+
+// The models of a family by role: the trainer injects networks into them, switches them between training and
+// evaluation and collects their parameters without knowing what they are.
+struct ModelBundle {
+  std::shared_ptr<torch::nn::Module> denoiser;
+  std::shared_ptr<torch::nn::Module> vae;
+  std::vector<std::shared_ptr<torch::nn::Module>> text_encoders;
+};
+
+class Family {
+ public:
+  virtual ~Family() = default;
+  virtual const ModelBundle& models() const = 0;
+  virtual const TokenizeStrategy& tokenize_strategy() const = 0;
+  virtual const TextEncodingStrategy& text_encoding_strategy() const = 0;
+  virtual const LatentsCachingStrategy& latents_caching_strategy() const = 0;
+  virtual const TextEncoderOutputsCachingStrategy& text_encoder_outputs_caching_strategy() const = 0;
+  // Text to image, to check a checkpoint and for sample images while training: (H, W, 3) uint8 RGB.
+  virtual at::Tensor sample(const SampleOptions& options) const = 0;
+};
+
+// The names of the families this build has, sorted.
+std::vector<std::string> family_names();
+
+// The family registered as `name`, its models loaded as `options` say. An unknown name is an sdt::Error that lists
+// the known ones.
+std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions& options);
+
+// (H, W, 3) uint8 RGB -> a PNG file, written to a temporary name and renamed.
+void write_png(const std::string& path, const at::Tensor& image);
+
+}  // namespace sdt

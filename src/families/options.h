@@ -1,0 +1,40 @@
+// What a model family is loaded from and what one sample image is, as plain values. The launcher fills them from its
+// command line; there is no LibTorch in this header, so launcher/ compiles without it.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace sdt {
+
+// kohya's model arguments, under its names.
+struct FamilyOptions {
+  std::string pretrained_model_name_or_path;  // a single-file checkpoint (.safetensors) or a diffusers folder
+  std::optional<std::string> vae;             // replaces the checkpoint's VAE: a file or a diffusers folder
+  // The CLIP vocabulary: OpenAI's bpe_simple_vocab_16e6.txt.gz, or a folder holding vocab.json and merges.txt (a
+  // diffusers folder's tokenizer/). Empty: the tokenizer/ folder of a diffusers model.
+  std::string tokenizer;
+  bool v2 = false;                       // SD 2.x: OpenCLIP text encoder, padding token "!"
+  bool v_parameterization = false;       // the model predicts v instead of the noise (SD 2.x 768-v)
+  std::optional<int> max_token_length;   // 75 (none), 150 or 225 tokens per caption
+  std::optional<int> clip_skip;          // condition on the output of the n-th layer from the end (1 = the last)
+};
+
+// One text-to-image run, with kohya's sample-image defaults.
+struct SampleOptions {
+  std::string prompt;
+  std::string negative_prompt;
+  std::string sampler = "ddim";  // ddim, euler, euler_a (kohya also accepts k_euler, k_euler_a)
+  int steps = 30;
+  double scale = 7.5;            // classifier-free guidance; 1 or less runs the prompt alone
+  std::optional<uint64_t> seed;  // none: a random seed, which is logged
+  int width = 512;               // pixels; rounded down to a multiple of 8, at least 64, as kohya does
+  int height = 512;
+};
+
+// `sdt sample`: loads the family registered as `family` and writes the image `sample` describes as a PNG.
+void sample_to_png(const std::string& family, const FamilyOptions& model, const SampleOptions& sample,
+                   const std::string& output_png);
+
+}  // namespace sdt

@@ -1,0 +1,97 @@
+// SD 1.x / 2.x as a family (kohya-ss/sd-scripts' strategy_sd.py and the SD parts of train_network.py): the CLIP
+// tokenizer with kohya's 77-token windows, the CLIP text encoder with clip_skip and kohya's window stitching, the
+// VAE's latents times 0.18215, and the U-Net sampled with DDIM / Euler / Euler ancestral.
+#pragma once
+
+#include <memory>
+#include <optional>
+
+#include "src/families/family.h"
+#include "src/models/sd_checkpoint.h"
+#include "src/tokenizers/clip_tokenizer.h"
+
+namespace sdt {
+
+// kohya's SdTokenizeStrategy(v2, max_token_length): (B, n, 77) ids, n = max_token_length / 75 windows (1 without
+// it), with SD 1.x's padding (EOS) or SD 2.x's ("!", id 0) and its window rules (kohya_prompt.h).
+class SdTokenizeStrategy : public TokenizeStrategy {
+ public:
+  SdTokenizeStrategy(ClipTokenizer tokenizer, std::optional<int> max_token_length);
+  Tokens tokenize(const std::vector<std::string>& captions, bool weighted) const override;
+  const ClipTokenizer& tokenizer() const { return tokenizer_; }
+
+ private:
+  ClipTokenizer tokenizer_;
+  std::optional<int> max_token_length_;
+};
+
+// kohya's SdTextEncodingStrategy(clip_skip): each 77-id window through the text encoder, the last layer's output
+// (or hidden_states[-clip_skip]) after the final layer norm, windows stitched to (B, 2 + 75n, D). Caption weights
+// multiply the hidden states of each window's 75 text positions (encode_tokens_with_weights).
+class SdTextEncodingStrategy : public TextEncodingStrategy {
+ public:
+  SdTextEncodingStrategy(ClipTextModel text_encoder, std::optional<int64_t> clip_skip);
+  std::vector<at::Tensor> encode(const Tokens& tokens) const override;
+
+ private:
+  ClipTextModel text_encoder_;
+  std::optional<int64_t> clip_skip_;
+};
+
+// The VAE's posterior mean or sample times its scaling factor (0.18215): what the U-Net is trained on. kohya's
+// "_sd.npz" files hold the same latents unscaled.
+class SdLatentsCachingStrategy : public LatentsCachingStrategy {
+ public:
+  explicit SdLatentsCachingStrategy(AutoencoderKL vae);
+  std::string cache_suffix() const override { return "_sd"; }
+  LatentsCacheLayout cache_layout(int64_t bucket_width, int64_t bucket_height, bool flip_aug) const override;
+  EncodedLatents encode(const at::Tensor& images, bool flip_aug, LatentSampling sampling,
+                        std::optional<at::Generator> generator = std::nullopt) const override;
+
+ private:
+  AutoencoderKL vae_;
+};
+
+// The stitched hidden states SdTextEncodingStrategy makes, stored as "hidden_state" (B, 2 + 75n, D), weights
+// applied for weighted captions. (kohya caches no text-encoder outputs for SD 1.x / 2.x.)
+class SdTextEncoderOutputsCachingStrategy : public TextEncoderOutputsCachingStrategy {
+ public:
+  SdTextEncoderOutputsCachingStrategy(const TokenizeStrategy& tokenize, const TextEncodingStrategy& encode);
+  std::string cache_suffix() const override { return "_sd_te"; }
+  NamedTensors outputs_to_cache(const std::vector<std::string>& captions, bool weighted) const override;
+  std::vector<at::Tensor> outputs_from_cache(const NamedTensors& stored) const override;
+
+ private:
+  const TokenizeStrategy& tokenize_;
+  const TextEncodingStrategy& encode_;
+};
+
+class SdFamily : public Family {
+ public:
+  SdFamily(SdModels models, ClipTokenizer tokenizer, const FamilyOptions& options);
+  SdFamily(const SdFamily&) = delete;  // outputs_ refers to tokenize_ and encode_
+  SdFamily& operator=(const SdFamily&) = delete;
+  const ModelBundle& models() const override { return bundle_; }
+  const TokenizeStrategy& tokenize_strategy() const override { return tokenize_; }
+  const TextEncodingStrategy& text_encoding_strategy() const override { return encode_; }
+  const LatentsCachingStrategy& latents_caching_strategy() const override { return latents_; }
+  const TextEncoderOutputsCachingStrategy& text_encoder_outputs_caching_strategy() const override { return outputs_; }
+  at::Tensor sample(const SampleOptions& options) const override;
+
+ private:
+  SdModels models_;
+  ModelBundle bundle_;
+  bool v_parameterization_;
+  std::optional<int64_t> clip_skip_;
+  SdTokenizeStrategy tokenize_;
+  SdTextEncodingStrategy encode_;
+  SdLatentsCachingStrategy latents_;
+  SdTextEncoderOutputsCachingStrategy outputs_;
+};
+
+// The registry's loader for "sd": the models from a single file (SD 1.x or, with options.v2, SD 2.x architecture)
+// or a diffusers folder, the --vae replacement, and the CLIP tokenizer (options.tokenizer, or the model folder's
+// tokenizer/).
+std::unique_ptr<Family> load_sd_family(const FamilyOptions& options);
+
+}  // namespace sdt

@@ -1,0 +1,630 @@
+#include "src/networks/lora.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numbers>
+#include <regex>
+
+#include "src/core/error.h"
+#include "src/core/text.h"
+#include "src/networks/lora_metadata.h"
+
+namespace sdt {
+
+namespace nn = torch::nn;
+
+namespace {
+
+// diffusers and transformers register some children in another order than our models do, and kohya creates its
+// modules in their named_modules() order (which decides the initial weights drawn and the order of parameter
+// groups): up_blocks before mid_block, attentions before resnets, CLIP's k_proj, v_proj, q_proj, out_proj.
+int diffusers_child_rank(const std::string& name) {
+  static const std::map<std::string, int> rank{{"up_blocks", 1}, {"mid_block", 2}, {"attentions", 0},
+                                               {"resnets", 1},    {"downsamplers", 2}, {"upsamplers", 2},
+                                               {"k_proj", 0},     {"v_proj", 1},       {"q_proj", 2},
+                                               {"out_proj", 3}};
+  auto it = rank.find(name);
+  return it == rank.end() ? 0 : it->second;
+}
+
+std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> children_in_diffusers_order(const nn::Module& module) {
+  std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> children;
+  for (const auto& item : module.named_children()) children.emplace_back(item.key(), item.value());
+  std::stable_sort(children.begin(), children.end(), [](const auto& a, const auto& b) {
+    return diffusers_child_rank(a.first) < diffusers_child_rank(b.first);
+  });
+  return children;
+}
+
+bool is_linear(const nn::Module& m) { return dynamic_cast<const nn::LinearImpl*>(&m) != nullptr; }
+bool is_conv(const nn::Module& m) { return dynamic_cast<const nn::Conv2dImpl*>(&m) != nullptr; }
+
+bool is_conv_1x1(const nn::Module& m) {
+  auto* conv = dynamic_cast<const nn::Conv2dImpl*>(&m);
+  return conv && (*conv->options.kernel_size())[0] == 1 && (*conv->options.kernel_size())[1] == 1;
+}
+
+// Every Linear / Conv2d below `module` (named_modules order, the module itself included).
+void collect_layers(const std::shared_ptr<nn::Module>& module, const std::string& path,
+                    std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>>& out) {
+  if (is_linear(*module) || is_conv(*module)) out.emplace_back(path, module);
+  for (const auto& [name, child] : children_in_diffusers_order(*module)) {
+    if (name == "lora") continue;  // a LoRA already applied to this layer
+    collect_layers(child, path.empty() ? name : path + "." + name, out);
+  }
+}
+
+using ParentTest = bool (*)(const nn::Module&);
+
+void find_targets(const std::shared_ptr<nn::Module>& module, const std::string& path, const std::string& prefix,
+                  const std::vector<ParentTest>& parent_tests, bool is_unet, std::vector<LoRATarget>& out) {
+  for (const auto& [name, child] : children_in_diffusers_order(*module)) {
+    const std::string child_path = path.empty() ? name : path + "." + name;
+    bool is_target = std::any_of(parent_tests.begin(), parent_tests.end(), [&](ParentTest t) { return t(*child); });
+    if (is_target) {
+      std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> layers;
+      collect_layers(child, "", layers);
+      for (auto& [layer_path, layer] : layers) {
+        std::string lora_name = prefix + "." + child_path + "." + layer_path;
+        std::replace(lora_name.begin(), lora_name.end(), '.', '_');
+        out.push_back({lora_name, layer, is_unet});
+      }
+    }
+    find_targets(child, child_path, prefix, parent_tests, is_unet, out);
+  }
+}
+
+template <typename T>
+bool is_a(const nn::Module& m) {
+  return dynamic_cast<const T*>(&m) != nullptr;
+}
+
+// torch's default init of a Linear / Conv2d weight, kaiming_uniform_(a = sqrt(5)), with the same double arithmetic
+// as torch.nn.init so the bound (and so every drawn value) is bit-identical.
+void kaiming_uniform_a_sqrt5(at::Tensor& weight, at::Generator& generator) {
+  torch::NoGradGuard no_grad;
+  const double fan_in = static_cast<double>(weight.numel() / weight.size(0));
+  const double a = std::sqrt(5.0);
+  const double gain = std::sqrt(2.0 / (1 + a * a));
+  const double bound = std::sqrt(3.0) * (gain / std::sqrt(fan_in));
+  weight.uniform_(-bound, bound, generator);
+}
+
+std::vector<double> parse_floats(const std::string& key, const std::string& text, bool empty_is_zero) {
+  std::vector<double> values;
+  for (const std::string& item : split(text, ',')) {
+    std::string s = trim(item);
+    if (s.empty() && empty_is_zero) {
+      values.push_back(0.0);
+      continue;
+    }
+    try {
+      size_t used = 0;
+      values.push_back(std::stod(s, &used));
+      if (used != s.size()) throw std::invalid_argument(s);
+    } catch (const std::exception&) {
+      fail("network_args " + key, "'{}' is not a number (expected a comma-separated list of numbers)", s);
+    }
+  }
+  return values;
+}
+
+std::vector<int64_t> parse_block_ints(const std::string& key, const std::string& text) {
+  std::vector<int64_t> values;
+  for (double v : parse_floats(key, text, false)) {
+    if (v != std::floor(v)) fail("network_args " + key, "{} is not an integer", v);
+    values.push_back(static_cast<int64_t>(v));
+  }
+  if (values.size() != kNumTotalBlocks) {
+    fail("network_args " + key, "{} values given, expected {} (kohya's SD 1.x/2.x block layout)", values.size(), kNumTotalBlocks);
+  }
+  return values;
+}
+
+std::vector<double> parse_block_floats(const std::string& key, const std::string& text) {
+  std::vector<double> values = parse_floats(key, text, false);
+  if (values.size() != kNumTotalBlocks) {
+    fail("network_args " + key, "{} values given, expected {} (kohya's SD 1.x/2.x block layout)", values.size(), kNumTotalBlocks);
+  }
+  return values;
+}
+
+double parse_number(const std::string& key, const std::string& text) {
+  auto values = parse_floats(key, text, false);
+  if (values.size() != 1) fail("network_args " + key, "expected one number, got '{}'", text);
+  return values[0];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------- LoRAModule
+
+LoRAModuleImpl::LoRAModuleImpl(std::string lora_name, std::shared_ptr<nn::Module> target, int64_t dim,
+                               std::optional<double> requested_alpha, at::Generator generator)
+    : lora_name(std::move(lora_name)), target(std::move(target)), dim_(dim) {
+  if (dim <= 0) fail(this->lora_name, "LoRA dim must be positive, got {}", dim);
+  if (auto* linear = dynamic_cast<nn::LinearImpl*>(this->target.get())) {
+    const int64_t in = linear->options.in_features(), out = linear->options.out_features();
+    linear_down = register_module("lora_down", nn::Linear(nn::LinearOptions(in, dim).bias(false)));
+    linear_up = register_module("lora_up", nn::Linear(nn::LinearOptions(dim, out).bias(false)));
+  } else if (auto* conv = dynamic_cast<nn::Conv2dImpl*>(this->target.get())) {
+    const auto& o = conv->options;
+    auto padding = std::get_if<torch::ExpandingArray<2>>(&o.padding());
+    if (!padding) fail(this->lora_name, "conv LoRA needs numeric padding on its target");
+    conv_down = register_module("lora_down", nn::Conv2d(nn::Conv2dOptions(o.in_channels(), dim, o.kernel_size())
+                                                             .stride(o.stride()).padding(*padding).bias(false)));
+    conv_up = register_module("lora_up", nn::Conv2d(nn::Conv2dOptions(dim, o.out_channels(), 1).bias(false)));
+  } else {
+    fail(this->lora_name, "LoRA targets a Linear or a Conv2d only");
+  }
+  // kohya: torch's constructors draw default inits for down and up, then down is drawn again and up zeroed.
+  at::Tensor down = lora_down_weight(), up = lora_up_weight();
+  kaiming_uniform_a_sqrt5(down, generator);
+  kaiming_uniform_a_sqrt5(up, generator);
+  kaiming_uniform_a_sqrt5(down, generator);
+  {
+    torch::NoGradGuard no_grad;
+    up.zero_();
+  }
+  // alpha None or 0 means alpha = dim, which Python keeps as an int (so the buffer is int64, as kohya saves it).
+  const bool alpha_is_dim = !requested_alpha || *requested_alpha == 0;
+  alpha = register_buffer("alpha", alpha_is_dim ? at::scalar_tensor(dim, at::kLong) : at::scalar_tensor(*requested_alpha, at::kFloat));
+  scale_ = alpha_value() / static_cast<double>(dim);
+}
+
+double LoRAModuleImpl::alpha_value() const { return alpha.to(at::kDouble).item<double>(); }
+
+const at::Tensor& LoRAModuleImpl::lora_down_weight() const { return is_conv() ? conv_down->weight : linear_down->weight; }
+const at::Tensor& LoRAModuleImpl::lora_up_weight() const { return is_conv() ? conv_up->weight : linear_up->weight; }
+
+at::Tensor LoRAModuleImpl::target_weight() const { return target->named_parameters(false)["weight"]; }
+
+at::Tensor LoRAModuleImpl::target_forward(const at::Tensor& x) {
+  if (auto* linear = dynamic_cast<nn::LinearImpl*>(target.get())) {
+    return at::linear(x, target_weight(), linear->bias.defined() ? linear->bias : at::Tensor());
+  }
+  auto* conv = dynamic_cast<nn::Conv2dImpl*>(target.get());
+  const auto& o = conv->options;
+  return at::conv2d(x, target_weight(), conv->bias.defined() ? conv->bias : at::Tensor(), *o.stride(),
+                    *std::get<torch::ExpandingArray<2>>(o.padding()), *o.dilation(), o.groups());
+}
+
+at::Tensor LoRAModuleImpl::forward(const at::Tensor& x, std::optional<at::Generator> generator) {
+  at::Tensor base = target_forward(x);
+  if (module_dropout && is_training()) {
+    if (at::rand({1}, generator).item<float>() < *module_dropout) return base;
+  }
+  at::Tensor h = is_conv() ? conv_down(x) : linear_down(x);
+  if (dropout && is_training()) {
+    // F.dropout: keep with probability 1 - p, scale the kept values by 1 / (1 - p).
+    at::Tensor keep = at::empty_like(h).bernoulli_(1.0 - *dropout, generator);
+    h = h * keep / (1.0 - *dropout);
+  }
+  double scale = scale_;
+  if (rank_dropout && is_training()) {
+    at::Tensor mask = at::rand({h.size(0), dim_}, generator, h.options()) > *rank_dropout;  // (B, r)
+    if (h.dim() == 3) mask = mask.unsqueeze(1);                                               // (B, 1, r): tokens
+    if (h.dim() == 4) mask = mask.unsqueeze(-1).unsqueeze(-1);                                // (B, r, 1, 1): pixels
+    h = h * mask;
+    scale = scale * (1.0 / (1.0 - *rank_dropout));  // as if the rank had shrunk
+  }
+  h = is_conv() ? conv_up(h) : linear_up(h);
+  return base + h * multiplier * scale;
+}
+
+at::Tensor LoRAModuleImpl::delta_weight() const {
+  at::Tensor up = lora_up_weight().to(at::kFloat), down = lora_down_weight().to(at::kFloat);
+  at::Tensor delta;
+  if (down.dim() == 2) {
+    delta = at::matmul(up, down);  // (out, in)
+  } else if (down.size(2) == 1 && down.size(3) == 1) {
+    delta = at::matmul(up.flatten(1), down.flatten(1)).unsqueeze(2).unsqueeze(3);  // (out, in, 1, 1)
+  } else {
+    // The kernel of conv(up, conv(down, x)): conv2d(down^T, up)^T, (out, in, kh, kw).
+    delta = at::conv2d(down.permute({1, 0, 2, 3}), up).permute({1, 0, 2, 3});
+  }
+  return delta * (multiplier * scale_);
+}
+
+// ---------------------------------------------------------------------------------------------------- names, blocks
+
+int lora_block_index(const std::string& lora_name) {
+  static const std::regex updown(R"((up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_)");
+  std::smatch m;
+  if (std::regex_search(lora_name, m, updown)) {
+    const int i = std::stoi(m[2]), j = std::stoi(m[4]);
+    const int idx = (m[3] == "upsamplers" || m[3] == "downsamplers") ? 3 * i + 2 : 3 * i + j;
+    return m[1] == "down" ? 1 + idx : kNumBlocks + 1 + idx;
+  }
+  if (lora_name.find("mid_block_") != std::string::npos) return kNumBlocks;
+  return -1;
+}
+
+std::vector<LoRATarget> lora_targets(ClipTextModel text_encoder, UNet2DConditionModel unet, bool conv_targets) {
+  std::vector<LoRATarget> targets;
+  if (text_encoder) {
+    find_targets(text_encoder.ptr(), "", "lora_te", {&is_a<ClipAttentionImpl>, &is_a<ClipMlpImpl>}, false, targets);
+  }
+  if (unet) {
+    std::vector<ParentTest> parents{&is_a<Transformer2DImpl>};
+    if (conv_targets) {
+      parents.push_back(&is_a<ResnetBlock2DImpl>);
+      parents.push_back(&is_a<Downsample2DImpl>);
+      parents.push_back(&is_a<Upsample2DImpl>);
+    }
+    find_targets(unet.ptr(), "", "lora_unet", parents, true, targets);
+  }
+  return targets;
+}
+
+// ---------------------------------------------------------------------------------------------------- configuration
+
+std::optional<std::vector<double>> block_lr_weight(const std::optional<std::string>& down, const std::optional<std::string>& mid,
+                                                   const std::optional<std::string>& up, double zero_threshold) {
+  if (!down && !mid && !up) return std::nullopt;
+  // A list when it has a comma, else a preset name with an optional "+base".
+  auto side = [&](const std::string& key, const std::string& text) -> std::vector<double> {
+    std::vector<double> w;
+    if (text.find(',') != std::string::npos) {
+      w = parse_floats(key, text, true);
+    } else {
+      auto plus = text.find('+');
+      const std::string name = text.substr(0, plus);
+      const double base = plus == std::string::npos ? 0.0 : parse_number(key, text.substr(plus + 1));
+      const double last = kNumBlocks - 1;
+      for (int i = 0; i < kNumBlocks; ++i) {
+        const int r = kNumBlocks - 1 - i;  // reversed(range(n))
+        if (name == "cosine") w.push_back(std::sin(std::numbers::pi * (r / last) / 2) + base);
+        else if (name == "sine") w.push_back(std::sin(std::numbers::pi * (i / last) / 2) + base);
+        else if (name == "linear") w.push_back(i / last + base);
+        else if (name == "reverse_linear") w.push_back(r / last + base);
+        else if (name == "zeros") w.push_back(0.0 + base);
+        else fail("network_args " + key, "unknown preset '{}' (expected a comma list or cosine, sine, linear, reverse_linear, zeros)", name);
+      }
+    }
+    w.resize(kNumBlocks, 1.0);  // kohya cuts long lists and pads short ones with 1.0
+    return w;
+  };
+  auto threshold = [&](std::vector<double> w) {
+    for (double& v : w) v = v > zero_threshold ? v : 0.0;
+    return w;
+  };
+  std::vector<double> down_w = down ? threshold(side("down_lr_weight", *down)) : std::vector<double>(kNumBlocks, 1.0);
+  std::vector<double> mid_w{1.0};
+  if (mid) {
+    mid_w = parse_floats("mid_lr_weight", *mid, true);
+    mid_w.resize(1, 1.0);
+    mid_w = threshold(mid_w);
+  }
+  std::vector<double> up_w = up ? threshold(side("up_lr_weight", *up)) : std::vector<double>(kNumBlocks, 1.0);
+  std::vector<double> weights = down_w;
+  weights.insert(weights.end(), mid_w.begin(), mid_w.end());
+  weights.insert(weights.end(), up_w.begin(), up_w.end());
+  return weights;
+}
+
+LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, std::optional<double> network_alpha,
+                                          std::optional<double> network_dropout, const std::vector<std::string>& network_args) {
+  static const std::vector<std::string> known{
+      "conv_dim",          "conv_alpha",          "block_dims",        "block_alphas",         "conv_block_dims",
+      "conv_block_alphas", "down_lr_weight",      "mid_lr_weight",     "up_lr_weight",         "block_lr_zero_threshold",
+      "rank_dropout",      "module_dropout",      "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+      "loraplus_text_encoder_lr_ratio"};
+  std::map<std::string, std::string> kwargs;
+  for (const std::string& arg : network_args) {
+    auto eq = arg.find('=');
+    if (eq == std::string::npos) fail("network_args", "'{}' is not key=value", arg);
+    std::string key = trim(arg.substr(0, eq));
+    if (std::find(known.begin(), known.end(), key) == known.end()) {
+      fail("network_args " + key, "not an argument of networks.lora{}", did_you_mean(key, known));
+    }
+    kwargs[key] = trim(arg.substr(eq + 1));
+  }
+  auto get = [&](const std::string& key) -> std::optional<std::string> {
+    auto it = kwargs.find(key);
+    return it == kwargs.end() ? std::nullopt : std::optional<std::string>(it->second);
+  };
+  auto number = [&](const std::string& key) -> std::optional<double> {
+    auto v = get(key);
+    return v ? std::optional<double>(parse_number(key, *v)) : std::nullopt;
+  };
+
+  LoRANetworkConfig c;
+  c.dim = network_dim.value_or(4);
+  c.alpha = network_alpha.value_or(1.0);
+  c.dropout = network_dropout;
+  if (auto conv_dim = number("conv_dim")) {
+    c.conv_dim = static_cast<int64_t>(*conv_dim);
+    c.conv_alpha = number("conv_alpha").value_or(1.0);
+  }
+  c.block_lr_weight = block_lr_weight(get("down_lr_weight"), get("mid_lr_weight"), get("up_lr_weight"),
+                                      number("block_lr_zero_threshold").value_or(0.0));
+  auto block_dims = get("block_dims");
+  if (block_dims || c.block_lr_weight) {
+    // kohya's get_block_dims_and_alphas: every block list is filled, from the flat values where not given.
+    c.block_dims = block_dims ? parse_block_ints("block_dims", *block_dims) : std::vector<int64_t>(kNumTotalBlocks, c.dim);
+    auto alphas = get("block_alphas");
+    c.block_alphas = alphas ? parse_block_floats("block_alphas", *alphas) : std::vector<double>(kNumTotalBlocks, c.alpha);
+    if (auto conv_dims = get("conv_block_dims")) {
+      c.conv_block_dims = parse_block_ints("conv_block_dims", *conv_dims);
+      auto conv_alphas = get("conv_block_alphas");
+      c.conv_block_alphas = conv_alphas ? parse_block_floats("conv_block_alphas", *conv_alphas)
+                                        : std::vector<double>(kNumTotalBlocks, c.conv_alpha.value_or(1.0));
+    } else if (c.conv_dim) {
+      c.conv_block_dims = std::vector<int64_t>(kNumTotalBlocks, *c.conv_dim);
+      c.conv_block_alphas = std::vector<double>(kNumTotalBlocks, *c.conv_alpha);
+    }
+    // Blocks whose learning-rate weight is 0 get no modules.
+    if (c.block_lr_weight) {
+      for (int i = 0; i < kNumTotalBlocks; ++i) {
+        if ((*c.block_lr_weight)[i] != 0) continue;
+        (*c.block_dims)[i] = 0;
+        if (c.conv_block_dims) (*c.conv_block_dims)[i] = 0;
+      }
+    }
+  }
+  c.rank_dropout = number("rank_dropout");
+  c.module_dropout = number("module_dropout");
+  c.loraplus_lr_ratio = number("loraplus_lr_ratio");
+  c.loraplus_unet_lr_ratio = number("loraplus_unet_lr_ratio");
+  c.loraplus_text_encoder_lr_ratio = number("loraplus_text_encoder_lr_ratio");
+  return c;
+}
+
+std::map<std::string, std::pair<int64_t, std::optional<double>>> lora_dims_from_file(const safetensors::File& file) {
+  std::map<std::string, std::pair<int64_t, std::optional<double>>> dims;
+  std::map<std::string, double> alphas;
+  for (const auto& t : file.tensors()) {
+    auto dot = t.name.find('.');
+    if (dot == std::string::npos) continue;
+    const std::string module = t.name.substr(0, dot);
+    if (t.name.find("alpha") != std::string::npos) {
+      alphas[module] = load_tensor(file, t.name, at::kDouble).item<double>();
+    } else if (t.name.find("lora_down") != std::string::npos) {
+      if (t.shape.empty()) fail(file.path() + ": tensor '" + t.name + "'", "lora_down weight has no dimensions");
+      dims[module].first = t.shape[0];
+    }
+  }
+  for (auto& [module, dim_alpha] : dims) {
+    auto it = alphas.find(module);
+    if (it != alphas.end()) dim_alpha.second = it->second;
+  }
+  return dims;
+}
+
+// ---------------------------------------------------------------------------------------------------- LoRANetwork
+
+LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, ClipTextModel text_encoder, UNet2DConditionModel unet,
+                                 bool apply_text_encoder, bool apply_unet, at::Generator generator)
+    : config(config) {
+  const bool conv_targets = config.modules_dim_alpha || config.conv_dim || config.conv_block_dims;
+  for (const LoRATarget& t : lora_targets(text_encoder, unet, conv_targets)) {
+    const bool linear_like = is_linear(*t.module) || is_conv_1x1(*t.module);
+    std::optional<int64_t> dim;
+    std::optional<double> alpha;
+    if (config.modules_dim_alpha) {
+      auto it = config.modules_dim_alpha->find(t.lora_name);
+      if (it != config.modules_dim_alpha->end()) std::tie(dim, alpha) = it->second;
+    } else if (t.is_unet && config.block_dims) {
+      int idx = lora_block_index(t.lora_name);
+      if (idx < 0) idx = kNumTotalBlocks - 1;  // Python's list[-1]
+      if (linear_like) {
+        dim = (*config.block_dims)[idx];
+        alpha = (*config.block_alphas)[idx];
+      } else if (config.conv_block_dims) {
+        dim = (*config.conv_block_dims)[idx];
+        alpha = (*config.conv_block_alphas)[idx];
+      }
+    } else if (linear_like) {
+      dim = config.dim;
+      alpha = config.alpha;
+    } else if (config.conv_dim) {
+      dim = config.conv_dim;
+      alpha = config.conv_alpha;
+    }
+    if (!dim || *dim == 0) {
+      if (linear_like || config.conv_dim || config.conv_block_dims) skipped.push_back(t.lora_name);
+      continue;
+    }
+    auto lora = LoRAModule(t.lora_name, t.module, *dim, alpha, generator);
+    lora->multiplier = config.multiplier;
+    lora->dropout = config.dropout;
+    lora->rank_dropout = config.rank_dropout;
+    lora->module_dropout = config.module_dropout;
+    (t.is_unet ? unet_loras : text_encoder_loras).push_back(lora);
+  }
+
+  if (!apply_text_encoder) text_encoder_loras.clear();
+  if (!apply_unet) unet_loras.clear();
+  const bool drops_ranks = config.dropout.value_or(0) > 0 || config.rank_dropout.value_or(0) > 0;
+  if (drops_ranks && !(text_encoder_loras.empty() && unet_loras.empty())) {
+    fail("network_dropout / rank_dropout",
+         "they drop parts of down(x) per token and per sample, and this build applies LoRA to the models as merged "
+         "weights (see src/networks/lora.h), which cannot express that; train without them");
+  }
+  for (auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (auto& lora : *list) {
+      if (named_children().contains(lora->lora_name)) fail(lora->lora_name, "duplicated LoRA name");
+      register_module(lora->lora_name, lora);
+      lora->target->register_module("lora", lora);
+    }
+  }
+  applied_ = true;
+}
+
+LoRANetworkImpl::~LoRANetworkImpl() { remove(); }
+
+void LoRANetworkImpl::update_weights(std::optional<at::Generator> generator) {
+  for (auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (auto& lora : *list) {
+      at::Tensor base = lora->target_weight();
+      bool dropped = lora->module_dropout && lora->is_training() &&
+                     at::rand({1}, generator).item<float>() < *lora->module_dropout;
+      at::Tensor weight = dropped ? base : base + lora->delta_weight().to(base.scalar_type());
+      if (auto* linear = dynamic_cast<nn::LinearImpl*>(lora->target.get())) {
+        linear->weight = weight;
+      } else {
+        dynamic_cast<nn::Conv2dImpl*>(lora->target.get())->weight = weight;
+      }
+    }
+  }
+}
+
+void LoRANetworkImpl::remove() {
+  if (!applied_) return;
+  for (auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (auto& lora : *list) {
+      at::Tensor base = lora->target_weight();
+      if (auto* linear = dynamic_cast<nn::LinearImpl*>(lora->target.get())) {
+        linear->weight = base;
+      } else {
+        dynamic_cast<nn::Conv2dImpl*>(lora->target.get())->weight = base;
+      }
+      lora->target->unregister_module("lora");
+    }
+  }
+  applied_ = false;
+}
+
+void LoRANetworkImpl::set_multiplier(double multiplier) {
+  config.multiplier = multiplier;
+  for (auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (auto& lora : *list) lora->multiplier = multiplier;
+  }
+}
+
+std::vector<LoraParamGroup> LoRANetworkImpl::prepare_optimizer_params(std::optional<double> text_encoder_lr,
+                                                                  std::optional<double> unet_lr, double default_lr) {
+  for (auto& p : parameters()) p.requires_grad_(true);
+  std::vector<LoraParamGroup> groups;
+  // kohya's assemble_params: "lora" then "plus" (lora_up with LoRA+), empty groups and lr 0 left out.
+  auto assemble = [&](const std::vector<LoRAModule>& loras, double lr, std::optional<double> ratio, const std::string& description) {
+    LoraParamGroup lora_group{{}, lr, description}, plus_group{{}, lr * ratio.value_or(1.0), description + " plus"};
+    for (const auto& lora : loras) {
+      for (const auto& item : lora->named_parameters()) {
+        bool plus = ratio && item.key().find("lora_up") != std::string::npos;
+        (plus ? plus_group : lora_group).params.push_back(item.value());
+      }
+    }
+    for (auto* g : {&lora_group, &plus_group}) {
+      if (!g->params.empty() && g->lr != 0) groups.push_back(std::move(*g));
+    }
+  };
+  auto ratio_or = [](std::optional<double> specific, std::optional<double> general) {
+    // Python's `a or b`: a ratio of 0 falls back too.
+    return specific && *specific != 0 ? specific : general;
+  };
+  if (!text_encoder_loras.empty()) {
+    assemble(text_encoder_loras, text_encoder_lr.value_or(default_lr),
+             ratio_or(config.loraplus_text_encoder_lr_ratio, config.loraplus_lr_ratio), "textencoder");
+  }
+  if (!unet_loras.empty()) {
+    const double lr = unet_lr.value_or(default_lr);
+    const auto ratio = ratio_or(config.loraplus_unet_lr_ratio, config.loraplus_lr_ratio);
+    if (config.block_lr_weight) {
+      // One group per block, blocks in the order their first module was created.
+      std::vector<int> order;
+      std::map<int, std::vector<LoRAModule>> by_block;
+      for (const auto& lora : unet_loras) {
+        int idx = lora_block_index(lora->lora_name);
+        if (!by_block.contains(idx)) order.push_back(idx);
+        by_block[idx].push_back(lora);
+      }
+      for (int idx : order) {
+        const double weight = (*config.block_lr_weight)[idx < 0 ? kNumTotalBlocks - 1 : idx];
+        assemble(by_block[idx], lr * weight, ratio, fmt::format("unet_block{}", idx));
+      }
+    } else {
+      assemble(unet_loras, lr, ratio, "unet");
+    }
+  }
+  return groups;
+}
+
+MaxNormResult LoRANetworkImpl::apply_max_norm_regularization(double max_norm) {
+  torch::NoGradGuard no_grad;
+  MaxNormResult result;
+  std::vector<double> norms;
+  for (auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (auto& lora : *list) {
+      at::Tensor down = lora->lora_down_weight(), up = lora->lora_up_weight();
+      at::Tensor scale = lora->alpha / down.size(0);
+      at::Tensor updown;
+      if (up.dim() == 4 && down.dim() == 4 && up.size(2) == 1 && up.size(3) == 1 && down.size(2) == 1 && down.size(3) == 1) {
+        updown = at::matmul(up.flatten(1), down.flatten(1)).unsqueeze(2).unsqueeze(3);
+      } else if (down.dim() == 4) {
+        updown = at::conv2d(down.permute({1, 0, 2, 3}), up).permute({1, 0, 2, 3});
+      } else {
+        updown = at::matmul(up, down);
+      }
+      updown = updown * scale;
+      at::Tensor norm = updown.norm().clamp_min(max_norm / 2);
+      at::Tensor desired = norm.clamp_max(max_norm);
+      at::Tensor ratio = desired / norm;
+      if (ratio.item<double>() != 1.0) {
+        ++result.keys_scaled;
+        at::Tensor sqrt_ratio = ratio.sqrt();
+        up.mul_(sqrt_ratio);
+        down.mul_(sqrt_ratio);
+      }
+      norms.push_back((updown.norm() * ratio).item<double>());
+    }
+  }
+  if (!norms.empty()) {
+    double sum = 0;
+    for (double n : norms) sum += n;
+    result.mean_norm = sum / static_cast<double>(norms.size());
+    result.max_norm = *std::max_element(norms.begin(), norms.end());
+  }
+  return result;
+}
+
+LoadResult LoRANetworkImpl::load_weights(const std::string& path) {
+  safetensors::File file(path);
+  torch::NoGradGuard no_grad;
+  LoadResult result;
+  std::map<std::string, at::Tensor> own;
+  for (const auto& item : named_parameters()) own.emplace(item.key(), item.value());
+  for (const auto& item : named_buffers()) own.emplace(item.key(), item.value());
+  for (auto& [key, tensor] : own) {
+    if (!file.contains(key)) {
+      result.missing.push_back(key);
+      continue;
+    }
+    const auto& info = file.info(key);
+    if (info.shape != tensor.sizes().vec()) {
+      fail(path + ": tensor '" + key + "'", "shape [{}] does not match the network's [{}] (different dim or model?)",
+           fmt::join(info.shape, ", "), fmt::join(tensor.sizes(), ", "));
+    }
+    tensor.copy_(load_tensor(file, key));
+  }
+  for (const auto& t : file.tensors()) {
+    if (!own.contains(t.name)) result.unexpected.push_back(t.name);
+  }
+  return result;
+}
+
+NamedTensors LoRANetworkImpl::state_dict(std::optional<at::ScalarType> dtype) const {
+  NamedTensors tensors;
+  for (const auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (const auto& lora : *list) {
+      for (auto [suffix, t] : {std::pair{".alpha", lora->alpha}, std::pair{".lora_down.weight", lora->lora_down_weight()},
+                               std::pair{".lora_up.weight", lora->lora_up_weight()}}) {
+        at::Tensor value = t.detach();
+        tensors.emplace_back(lora->lora_name + suffix, dtype ? value.to(*dtype) : value);
+      }
+    }
+  }
+  return tensors;
+}
+
+void LoRANetworkImpl::save_weights(const std::string& path, std::optional<at::ScalarType> dtype,
+                                   safetensors::Metadata metadata) const {
+  NamedTensors tensors = state_dict(dtype);
+  SafetensorsHashes hashes = precalculate_safetensors_hashes(tensors, metadata);
+  metadata["sshs_model_hash"] = hashes.model_hash;
+  metadata["sshs_legacy_hash"] = hashes.legacy_hash;
+  save_safetensors(path, tensors, metadata);
+}
+
+}  // namespace sdt

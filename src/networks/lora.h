@@ -1,0 +1,192 @@
+// LoRA networks for the SD 1.x / 2.x models, with kohya-ss/sd-scripts' networks/lora.py semantics and file format.
+//
+// What a LoRA is here (kohya's LoRAModule): for a target Linear (or Conv2d) with weight W, a `lora_down` (in -> r,
+// Linear, or a Conv2d with the target's kernel, stride and padding) and a `lora_up` (r -> out, Linear or 1x1 Conv2d),
+// both without bias, and `alpha` (a 0-dim buffer). The layer computes W x + multiplier * (alpha / r) * up(down(x)).
+// down starts as torch's default Linear / Conv2d init (kaiming_uniform with a = sqrt(5)), up starts at zero.
+//
+// Which layers (kohya's create_modules): every Linear and Conv2d inside a Transformer2DModel of the U-Net, inside
+// ResnetBlock2D / Downsample2D / Upsample2D as well when conv LoRA is on (conv_dim, conv_block_dims, or a file that
+// has such modules), and inside CLIPAttention / CLIPMLP of the text encoder. A 1x1 Conv2d counts as linear (it takes
+// network_dim), a 3x3 one takes conv_dim. Names are `lora_unet_` / `lora_te_` + the diffusers module path with every
+// `.` replaced by `_`; file keys are `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
+//
+// How a LoRA reaches the model's forward. LibTorch's C++ modules have no forward hooks, and a parent calls its
+// children through typed members (`to_q(x)` is a static call of LinearImpl::forward), so neither a hook nor swapping
+// the child in its parent's registry changes what the model runs. What every Linear and Conv2d forward does read at
+// call time is its `weight` member. So the network reparametrises each target: `update_weights()` sets the member to
+// W + multiplier * scale * dW(up, down) (kohya's merge math: up @ down for linear and 1x1, the composed kernel for
+// 3x3), a tensor in the autograd graph of lora_up / lora_down. The registered parameter stays W, so the model's state
+// dict is unchanged. Each LoRA is also registered as the child `lora` of its target: gradient checkpointing recomputes
+// a block against the block's parameters(), and this is how it finds the LoRA weights.
+//
+// Consequences of the reparametrisation, all measured against kohya's forward y = W x + s * up(down(x)):
+//   - the outputs are equal up to float rounding (the tests pin 1e-6 relative in fp32);
+//   - backward forms the full dW' = dy^T x of each target before projecting it onto up and down, about one more
+//     matmul per target than kohya's low-rank backward;
+//   - module_dropout works as kohya's (one draw per module per forward); network_dropout and rank_dropout act on
+//     down(x), per token and per sample, which a weight cannot express: creating a network with them applied to
+//     models is an error. LoRAModule::forward implements them, for a model that calls its layers through it.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "src/core/safetensors.h"
+#include "src/core/tensor_io.h"
+#include "src/models/clip_text.h"
+#include "src/models/unet.h"
+
+namespace sdt {
+
+// One LoRA over one Linear or Conv2d (kohya's LoRAModule).
+struct LoRAModuleImpl : torch::nn::Module {
+  // `target` is a torch::nn::LinearImpl or Conv2dImpl. alpha: nullopt or 0 means alpha = dim (kohya stores that as
+  // an integer tensor). Initial weights are drawn from `generator` in the order torch's constructors and kohya's
+  // re-init draw them, so a network built after torch.manual_seed(s) in Python and with a generator seeded s here
+  // starts from the same weights.
+  LoRAModuleImpl(std::string lora_name, std::shared_ptr<torch::nn::Module> target, int64_t dim,
+                 std::optional<double> alpha, at::Generator generator);
+
+  // kohya's LoRAModule.forward: target(x) + multiplier * scale * up(dropouts(down(x))); the dropouts act in training
+  // mode only and draw from `generator`.
+  at::Tensor forward(const at::Tensor& x, std::optional<at::Generator> generator = std::nullopt);
+
+  // multiplier * scale * dW in fp32, the shape of the target's weight (kohya's LoRAInfModule.get_weight).
+  at::Tensor delta_weight() const;
+
+  bool is_conv() const { return !conv_down.is_empty(); }
+  int64_t dim() const { return dim_; }
+  double alpha_value() const;
+  // alpha / dim as set at construction: like kohya, loading another alpha later changes the saved buffer only.
+  double scale() const { return scale_; }
+  const at::Tensor& lora_down_weight() const;
+  const at::Tensor& lora_up_weight() const;
+  at::Tensor target_weight() const;  // the registered W of the target
+
+  std::string lora_name;
+  double multiplier = 1.0;
+  std::optional<double> dropout, rank_dropout, module_dropout;
+
+  std::shared_ptr<torch::nn::Module> target;
+  torch::nn::Linear linear_down{nullptr}, linear_up{nullptr};  // registered as lora_down / lora_up
+  torch::nn::Conv2d conv_down{nullptr}, conv_up{nullptr};
+  at::Tensor alpha;
+
+ private:
+  at::Tensor target_forward(const at::Tensor& x);
+  int64_t dim_;
+  double scale_;
+};
+TORCH_MODULE(LoRAModule);
+
+// kohya's block layout for SD 1.x / 2.x: 25 blocks, 0 unused, 1..12 the down side (3 per level: two resnets or
+// attentions, then the downsampler), 12 also the mid block, 13..24 the up side. -1 for names outside the U-Net blocks.
+inline constexpr int kNumBlocks = 12;
+inline constexpr int kNumTotalBlocks = 2 * kNumBlocks + 1;
+int lora_block_index(const std::string& lora_name);
+
+// `--network_dim`, `--network_alpha`, `--network_dropout` and `--network_args` as create_network reads them.
+struct LoRANetworkConfig {
+  int64_t dim = 4;
+  double alpha = 1.0;
+  std::optional<double> dropout;  // --network_dropout
+  double multiplier = 1.0;
+  std::optional<int64_t> conv_dim;
+  std::optional<double> conv_alpha;
+  std::optional<std::vector<int64_t>> block_dims, conv_block_dims;    // kNumTotalBlocks entries
+  std::optional<std::vector<double>> block_alphas, conv_block_alphas;
+  std::optional<std::vector<double>> block_lr_weight;                // kNumTotalBlocks entries
+  std::optional<double> rank_dropout, module_dropout;
+  std::optional<double> loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio;
+  // Per module, from a file (create_network_from_weights / --dim_from_weights): only these modules are created.
+  std::optional<std::map<std::string, std::pair<int64_t, std::optional<double>>>> modules_dim_alpha;
+};
+
+// network_args ("key=value" strings, kohya's --network_args) on top of dim / alpha / dropout; an unknown key is an
+// error that names it and the nearest known key. Block lists, presets and thresholds are parsed as lora.py does.
+LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, std::optional<double> network_alpha,
+                                          std::optional<double> network_dropout, const std::vector<std::string>& network_args);
+
+// kohya's get_block_lr_weight: comma lists (short ones padded with 1.0, long ones cut) or the presets cosine, sine,
+// linear, reverse_linear, zeros (optionally "+base"); weights <= zero_threshold become 0. nullopt when none is given.
+std::optional<std::vector<double>> block_lr_weight(const std::optional<std::string>& down, const std::optional<std::string>& mid,
+                                                   const std::optional<std::string>& up, double zero_threshold);
+
+// The dims and alphas a file holds, per module: alpha is nullopt when the file has none (then alpha = dim).
+std::map<std::string, std::pair<int64_t, std::optional<double>>> lora_dims_from_file(const safetensors::File& file);
+
+struct LoraParamGroup {
+  std::vector<at::Tensor> params;
+  double lr;
+  std::string description;  // kohya's lr description: "textencoder", "unet", "unet_block7", each + " plus" for LoRA+
+};
+
+struct MaxNormResult {
+  int64_t keys_scaled = 0;
+  double mean_norm = 0, max_norm = 0;  // of the (scaled) deltas, over all modules
+};
+
+struct LoadResult {
+  std::vector<std::string> missing;     // network keys the file lacks
+  std::vector<std::string> unexpected;  // file keys the network lacks
+};
+
+// kohya's LoRANetwork: creates the modules for the given models, applies them (te_loras only with apply_text_encoder,
+// unet_loras only with apply_unet), and owns them under their names, so named_parameters() / named_buffers() are the
+// file's keys.
+struct LoRANetworkImpl : torch::nn::Module {
+  LoRANetworkImpl(const LoRANetworkConfig& config, ClipTextModel text_encoder, UNet2DConditionModel unet,
+                  bool apply_text_encoder, bool apply_unet, at::Generator generator);
+  ~LoRANetworkImpl() override;
+
+  // Sets every target's weight member to W + delta (see the header comment). Call before each forward of the models;
+  // in training mode it draws module_dropout from `generator`. Under NoGradGuard the merged weights carry no graph.
+  void update_weights(std::optional<at::Generator> generator = std::nullopt);
+  // Puts the targets back to their own weights and unregisters the LoRAs from them.
+  void remove();
+
+  void set_multiplier(double multiplier);
+
+  // kohya's prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr): groups "lora" and (with LoRA+) "plus"
+  // (the lora_up weights, lr * ratio) for the text encoder, then for the U-Net (per block with block lr weights);
+  // groups with lr 0 are dropped. Every LoRA parameter is set to require grad.
+  std::vector<LoraParamGroup> prepare_optimizer_params(std::optional<double> text_encoder_lr, std::optional<double> unet_lr,
+                                                   double default_lr);
+
+  // --scale_weight_norms: kohya's apply_max_norm_regularization.
+  MaxNormResult apply_max_norm_regularization(double max_norm);
+
+  // --network_weights: kohya's load_weights (non-strict: keys on one side only are reported, shapes must match).
+  LoadResult load_weights(const std::string& path);
+
+  // The state dict in kohya's key order and names, in `dtype` when given (alpha included, as kohya casts it).
+  NamedTensors state_dict(std::optional<at::ScalarType> dtype = std::nullopt) const;
+
+  // kohya's save_weights: writes the state dict with `metadata` plus sshs_model_hash / sshs_legacy_hash.
+  void save_weights(const std::string& path, std::optional<at::ScalarType> dtype, safetensors::Metadata metadata) const;
+
+  LoRANetworkConfig config;
+  std::vector<LoRAModule> text_encoder_loras, unet_loras;  // kohya's creation order
+  std::vector<std::string> skipped;                        // modules a dim of 0 left out
+
+ private:
+  bool applied_ = false;
+};
+TORCH_MODULE(LoRANetwork);
+
+// The U-Net / text-encoder Linear and Conv2d modules kohya's merge_lora.py and create_modules see, in kohya's order:
+// (lora name, module, parent kind). `conv_targets` adds ResnetBlock2D / Downsample2D / Upsample2D.
+struct LoRATarget {
+  std::string lora_name;
+  std::shared_ptr<torch::nn::Module> module;  // LinearImpl or Conv2dImpl
+  bool is_unet;
+};
+std::vector<LoRATarget> lora_targets(ClipTextModel text_encoder, UNet2DConditionModel unet, bool conv_targets);
+
+}  // namespace sdt

@@ -1,0 +1,12 @@
+# The training loop (`sdt train` for networks) on top of the families, networks, optimizers and the
+# DDPM math, and its end-to-end test on the tiny SD 1.x fixture model.
+add_library(sdt_trainer STATIC src/train/trainer.cpp)
+target_link_libraries(sdt_trainer PUBLIC sdt_families sdt_networks sdt_train_optim sdt_train_diffusion sdt_train_metrics
+                                         sdt_data_loader sdt_cluster)
+target_precompile_headers(sdt_trainer REUSE_FROM sdt_torch)
+
+add_executable(test_trainer tests/train/test_trainer.cpp)
+target_link_libraries(test_trainer PRIVATE sdt_trainer GTest::gtest_main)
+target_compile_definitions(test_trainer PRIVATE SDT_SOURCE_DIR="${CMAKE_SOURCE_DIR}" SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")
+target_precompile_headers(test_trainer REUSE_FROM sdt_torch)
+gtest_discover_tests(test_trainer DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")

@@ -1,0 +1,137 @@
+// The samplers against diffusers' DDIMScheduler, EulerDiscreteScheduler and EulerAncestralDiscreteScheduler as kohya
+// builds them, run step by step on the tiny SD1 model (tests/fixtures/sd/sampling, made by gen_sampling_fixtures.py):
+// schedules, initial noise from the seed, the latents after every step (Euler ancestral's noise drawn from the same
+// seeded generator as the reference's), and lpw's weighted prompt embeddings. fp32, 1e-4 of each output's scale.
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "src/core/error.h"
+#include "src/core/tensor_io.h"
+#include "src/families/sd/sampling.h"
+#include "tests/models/compare.h"
+
+namespace sdt {
+namespace {
+
+using testing_support::expect_close;
+
+const std::string kFixtures = SDT_FIXTURES "/sd/";
+
+struct Reference {
+  SdModels models;
+  std::map<std::string, at::Tensor> tensors;
+  const at::Tensor& at(const std::string& name) const { return tensors.at(name); }
+};
+
+const Reference& reference() {
+  static const Reference r = [] {
+    Reference loaded;
+    loaded.models = load_diffusers_folder(kFixtures + "sd1", at::kFloat);
+    safetensors::File file(kFixtures + "sampling/reference.safetensors");
+    for (const auto& info : file.tensors()) loaded.tensors[info.name] = load_tensor(file, info.name).clone();
+    return loaded;
+  }();
+  return r;
+}
+
+struct SamplerCase {
+  std::string sampler;  // the fixture's name, also kohya's
+  Prediction prediction;
+  std::string prediction_name;
+};
+
+// How ctest lists the cases.
+void PrintTo(const SamplerCase& c, std::ostream* os) { *os << c.sampler << " " << c.prediction_name; }
+
+class SamplerConformance : public ::testing::TestWithParam<SamplerCase> {};
+
+TEST_P(SamplerConformance, EveryStepMatchesDiffusers) {
+  const SamplerCase& c = GetParam();
+  const Reference& r = reference();
+  const std::string key = c.sampler + "." + c.prediction_name + ".";
+  const std::unique_ptr<Scheduler> scheduler = make_scheduler(sampler_from_name(c.sampler), 6, c.prediction);
+  EXPECT_TRUE(at::equal(scheduler->timesteps(), r.at(key + "timesteps")))
+      << scheduler->timesteps() << " vs " << r.at(key + "timesteps");
+
+  // The same seed gives the reference's initial latents, bit for bit.
+  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(42);
+  const at::Tensor noise = at::randn({1, 4, 8, 6}, generator);
+  EXPECT_TRUE(at::equal(noise * scheduler->init_noise_sigma(), r.at(key + "initial")));
+
+  UNet2DConditionModel unet = r.models.unet;
+  int64_t steps_seen = 0;
+  const at::Tensor final_latents = denoise(unet, *scheduler, noise, r.at("cond"), r.at("uncond"), 7.5, generator,
+                                           [&](int64_t step, const at::Tensor& latents) {
+                                             const std::string name = key + "step" + std::to_string(step);
+                                             expect_close(name, latents, r.at(name));
+                                             ++steps_seen;
+                                           });
+  EXPECT_EQ(steps_seen, 6);
+  EXPECT_EQ(final_latents.sizes(), at::IntArrayRef({1, 4, 8, 6}));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    KohyaSamplers, SamplerConformance,
+    ::testing::Values(SamplerCase{"ddim", Prediction::epsilon, "epsilon"}, SamplerCase{"ddim", Prediction::v, "v_prediction"},
+                      SamplerCase{"euler", Prediction::epsilon, "epsilon"}, SamplerCase{"euler", Prediction::v, "v_prediction"},
+                      SamplerCase{"euler_a", Prediction::epsilon, "epsilon"},
+                      SamplerCase{"euler_a", Prediction::v, "v_prediction"}),
+    [](const ::testing::TestParamInfo<SamplerCase>& info) { return info.param.sampler + "_" + info.param.prediction_name; });
+
+TEST(SamplerSchedules, TimestepsAndSigmasMatchDiffusersForStepCountsThatRoundDifferently) {
+  const Reference& r = reference();
+  const at::Tensor ones = at::ones({1});
+  for (int64_t steps : {1, 7, 30, 50, 1000}) {
+    const std::string n = std::to_string(steps);
+    EXPECT_TRUE(at::equal(make_scheduler(SamplerKind::ddim, steps, Prediction::epsilon)->timesteps(),
+                          r.at("schedule.ddim.timesteps." + n)))
+        << "ddim, " << n << " steps";
+    const at::Tensor sigmas = r.at("schedule.euler.sigmas." + n);  // (steps + 1)
+    for (SamplerKind kind : {SamplerKind::euler, SamplerKind::euler_a}) {
+      const std::unique_ptr<Scheduler> euler = make_scheduler(kind, steps, Prediction::epsilon);
+      EXPECT_TRUE(at::equal(euler->timesteps(), r.at("schedule.euler.timesteps." + n))) << "euler, " << n << " steps";
+      EXPECT_TRUE(at::equal(euler->init_noise_sigma(), sigmas.max())) << "euler, " << n << " steps";
+      // Each step's input scale 1 / sqrt(sigma^2 + 1) pins that step's sigma.
+      for (int64_t i = 0; i < steps; ++i) {
+        const at::Tensor expected = ones / (sigmas[i].pow(2) + 1).pow(0.5);
+        ASSERT_TRUE(at::equal(euler->scale_model_input(ones, i), expected)) << "euler, " << n << " steps, step " << i;
+      }
+    }
+  }
+}
+
+TEST(SamplerSchedules, StepCountsOutsideTheTrainingScheduleAreErrors) {
+  EXPECT_THROW(make_scheduler(SamplerKind::ddim, 0, Prediction::epsilon), Error);
+  EXPECT_THROW(make_scheduler(SamplerKind::euler, 1001, Prediction::epsilon), Error);
+}
+
+TEST(SamplerNames, KohyaNamesMapAndOthersAreErrorsListingTheChoices) {
+  EXPECT_EQ(sampler_from_name("k_euler"), SamplerKind::euler);
+  EXPECT_EQ(sampler_from_name("k_euler_a"), SamplerKind::euler_a);
+  try {
+    sampler_from_name("dpmsolver++");
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown sampler 'dpmsolver++': expected ddim"), std::string::npos) << e.what();
+  }
+}
+
+TEST(PromptEmbeddings, LpwWeightingAndRescalingMatchTheReference) {
+  const Reference& r = reference();
+  WeightedTokenChunks chunks;
+  const at::Tensor ids = r.at("lpw.ids").to(at::kInt).contiguous(), weights = r.at("lpw.weights").contiguous();  // (2, 77)
+  for (int64_t k = 0; k < ids.size(0); ++k) {
+    chunks.ids.emplace_back(ids[k].data_ptr<int32_t>(), ids[k].data_ptr<int32_t>() + ids.size(1));
+    chunks.weights.emplace_back(weights[k].data_ptr<float>(), weights[k].data_ptr<float>() + weights.size(1));
+  }
+  ClipTextModel text_encoder = r.models.text_encoder;
+  expect_close("lpw.embeddings", weighted_prompt_embeddings(text_encoder, chunks, std::nullopt), r.at("lpw.embeddings"));
+  expect_close("lpw.embeddings_clip_skip2", weighted_prompt_embeddings(text_encoder, chunks, 2),
+               r.at("lpw.embeddings_clip_skip2"));
+}
+
+}  // namespace
+}  // namespace sdt
