@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo, until training lands (issue #5): resolve a kohya training config with a command-line
-# override, inspect a safetensors file, and show what training would see of a small dataset.
+# The demo: resolve a kohya training config, inspect a safetensors file, show what training sees of a
+# small dataset, then train a LoRA on Debian's pysiogame clip-art (fetched with apt-get download).
 set -euo pipefail
 build_dir="${1:-build}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,5 +37,45 @@ batch_size = 2
 TOML
 "$sdt" inspect dataset --dataset_config "$demo_data/dataset.toml" --world_size 2 --seed 1 --dump 4 --dump_dir "$demo_data/dump"
 echo
-echo "== sdt train (validates the configuration; the training loop is issue #5)"
-"$sdt" train --dataset_config "$demo_data/dataset.toml" || true
+echo "== sdt train --config_file configs/demo.toml: a LoRA on Debian's pysiogame clip-art, tiny SD 1.x model, CPU"
+images="$root/$build_dir/demo/images/1_clipart"
+if [ ! -d "$images" ] || [ -z "$(ls -A "$images" 2>/dev/null)" ]; then
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && apt-get download -q pysiogame >/dev/null 2>&1) || { echo "cannot download pysiogame (apt-get download)"; exit 1; }
+  dpkg-deb -x "$tmp"/pysiogame_*.deb "$tmp/x"
+  mkdir -p "$images"
+  # The label is in the file name (and its category in the folder): "art4apps/animals/cat.jpg" -> "cat, animals".
+  find "$tmp/x" -path '*art4apps*' -name '*.jpg' | sort | while read -r f; do
+    label="$(basename "${f%.*}" | tr '_' ' ')"; category="$(basename "$(dirname "$f")")"
+    name="${category}_$(basename "$f")"
+    cp "$f" "$images/$name"
+    echo "$label, $category" > "$images/${name%.*}.txt"
+  done
+  rm -rf "$tmp"
+fi
+echo "$(ls "$images"/*.jpg | wc -l) images in $images"
+cat > "$root/$build_dir/demo/dataset.toml" <<TOML
+[general]
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+flip_aug = true
+[[datasets]]
+resolution = 64
+batch_size = 4
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 128
+  [[datasets.subsets]]
+  image_dir = "$images"
+TOML
+"$sdt" train --config_file configs/demo.toml --dataset_config "$root/$build_dir/demo/dataset.toml" \
+  --output_dir "$root/$build_dir/demo/output"
+out="$root/$build_dir/demo/output"
+echo "LoRA: $out/demo_lora.safetensors; loss curve: $out/demo_lora_loss.png; samples: $out/sample/; logs: $out/logs/"
+python3 - "$out/logs/metrics.jsonl" <<'PY'
+import json, sys
+losses = [json.loads(line)["loss"] for line in open(sys.argv[1])]
+n = max(1, len(losses) // 10)
+print(f"mean loss of the first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps {sum(losses[-n:]) / n:.4f}")
+PY
