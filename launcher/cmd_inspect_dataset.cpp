@@ -83,19 +83,9 @@ int run_inspect_dataset(const std::vector<std::string>& argv) {
   DatasetBlueprint blueprint = load_dataset_config(*args.dataset_config, args);
   if (blueprint.datasets.empty()) fail(*args.dataset_config, "no [[datasets]]");
 
-  std::vector<DatasetIndex> indexes;
-  for (const auto& d : blueprint.datasets) {
-    indexes.push_back(build_dataset_index(d, {.skip_bad_images = args.skip_bad_images}));
-    assign_buckets(d, indexes.back());
-  }
-  std::vector<const DatasetIndex*> index_ptrs;
-  std::vector<int64_t> global_sizes;
-  for (size_t i = 0; i < indexes.size(); ++i) {
-    index_ptrs.push_back(&indexes[i]);
-    global_sizes.push_back(blueprint.datasets[i].batch_size * o.world_size);
-  }
+  const std::vector<DatasetIndex> indexes = index_datasets(blueprint, {.skip_bad_images = args.skip_bad_images});
   const uint64_t seed = static_cast<uint64_t>(args.seed.value_or(0));
-  BatchPlanner planner(index_ptrs, global_sizes, seed);
+  BatchPlanner planner(indexes, blueprint, o.world_size, seed);
 
   for (size_t d = 0; d < blueprint.datasets.size(); ++d) {
     const auto& cfg = blueprint.datasets[d];

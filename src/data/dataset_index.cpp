@@ -378,4 +378,13 @@ void assign_buckets(const DatasetConfig& dataset, DatasetIndex& index) {
   for (auto& e : index.images) e.bucket = selector.select(e.width, e.height);
 }
 
+std::vector<DatasetIndex> index_datasets(const DatasetBlueprint& blueprint, const IndexOptions& options) {
+  std::vector<DatasetIndex> indexes;
+  for (const auto& d : blueprint.datasets) {
+    indexes.push_back(build_dataset_index(d, options));
+    assign_buckets(d, indexes.back());
+  }
+  return indexes;
+}
+
 }  // namespace sdt

@@ -43,6 +43,9 @@ DatasetIndex build_dataset_index(const DatasetConfig& dataset, const IndexOption
 // without enable_bucket.
 void assign_buckets(const DatasetConfig& dataset, DatasetIndex& index);
 
+// Every dataset of a blueprint, indexed and bucketed, in the blueprint's order.
+std::vector<DatasetIndex> index_datasets(const DatasetBlueprint& blueprint, const IndexOptions& options = {});
+
 // The caption file of an image: "<stem><ext>", else for face-crop names "<name>_cx_cy_w_h" the
 // file of "<name><ext>"; the first line stripped (all non-blank lines with wildcards). nullopt
 // when there is none. Throws when the file is empty or not UTF-8.

@@ -32,6 +32,25 @@ BatchPlanner::BatchPlanner(std::vector<const DatasetIndex*> datasets, std::vecto
   }
 }
 
+namespace {
+
+std::vector<const DatasetIndex*> pointers(const std::vector<DatasetIndex>& indexes) {
+  std::vector<const DatasetIndex*> out;
+  for (const auto& index : indexes) out.push_back(&index);
+  return out;
+}
+
+std::vector<int64_t> global_sizes(const DatasetBlueprint& blueprint, int world_size) {
+  std::vector<int64_t> out;
+  for (const auto& d : blueprint.datasets) out.push_back(d.batch_size * world_size);
+  return out;
+}
+
+}  // namespace
+
+BatchPlanner::BatchPlanner(const std::vector<DatasetIndex>& indexes, const DatasetBlueprint& blueprint, int world_size, uint64_t seed)
+    : BatchPlanner(pointers(indexes), global_sizes(blueprint, world_size), seed) {}
+
 std::vector<GlobalBatch> BatchPlanner::epoch(int64_t epoch) const {
   std::vector<GlobalBatch> batches;
   for (size_t b = 0; b < buckets_.size(); ++b) {

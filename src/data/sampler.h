@@ -31,6 +31,8 @@ class BatchPlanner {
  public:
   // `global_batch_sizes[d]` = batch_size of dataset d x world size.
   BatchPlanner(std::vector<const DatasetIndex*> datasets, std::vector<int64_t> global_batch_sizes, uint64_t seed);
+  // The datasets of a blueprint (indexes[d] of blueprint.datasets[d]) on `world_size` ranks.
+  BatchPlanner(const std::vector<DatasetIndex>& indexes, const DatasetBlueprint& blueprint, int world_size, uint64_t seed);
 
   // Every global batch of `epoch` (1-based) in training order: each bucket's samples (every image
   // num_repeats times) shuffled, cut into global batches, and all batches of all datasets shuffled.

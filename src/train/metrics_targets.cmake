@@ -11,5 +11,6 @@ gtest_discover_tests(test_train_metrics DISCOVERY_TIMEOUT 60)
 add_executable(write_sample_tfevents tests/tools/write_sample_tfevents.cpp)
 target_link_libraries(write_sample_tfevents PRIVATE sdt_train_metrics)
 add_test(NAME tfevents_tensorboard_reads_ours
-  COMMAND bash ${CMAKE_SOURCE_DIR}/tests/check_tfevents_with_tensorboard.sh $<TARGET_FILE:write_sample_tfevents> "${SDT_PYTHON}")
+  COMMAND bash ${CMAKE_SOURCE_DIR}/tests/check_with_python.sh "${SDT_PYTHON}"
+          ${CMAKE_SOURCE_DIR}/tests/check_tfevents_with_tensorboard.py $<TARGET_FILE:write_sample_tfevents>)
 set_tests_properties(tfevents_tensorboard_reads_ours PROPERTIES SKIP_RETURN_CODE 77)

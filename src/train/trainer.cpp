@@ -112,23 +112,15 @@ TrainSummary train_network(const TrainArgs& args, const World& world) {
 
   // ---------------------------------------------------------------- data
   DatasetBlueprint blueprint = resolve_dataset_config(args);
-  std::vector<DatasetIndex> indexes;
-  for (const auto& d : blueprint.datasets) {
-    indexes.push_back(build_dataset_index(d, {.skip_bad_images = args.skip_bad_images}));
-    assign_buckets(d, indexes.back());
-  }
-  std::vector<const DatasetIndex*> index_ptrs;
-  std::vector<int64_t> global_sizes;
+  const std::vector<DatasetIndex> indexes = index_datasets(blueprint, {.skip_bad_images = args.skip_bad_images});
   std::vector<LoaderDataset> loader_datasets;
   int64_t num_train_images = 0, num_reg_images = 0;
   for (size_t i = 0; i < indexes.size(); ++i) {
-    index_ptrs.push_back(&indexes[i]);
-    global_sizes.push_back(blueprint.datasets[i].batch_size * world.size);
     loader_datasets.push_back({&blueprint.datasets[i], &indexes[i]});
     num_train_images += indexes[i].num_train_images;
     num_reg_images += indexes[i].num_reg_images;
   }
-  BatchPlanner planner(index_ptrs, global_sizes, seed);
+  BatchPlanner planner(indexes, blueprint, world.size, seed);
   const int64_t accumulation = args.gradient_accumulation_steps;
   const int64_t updates_per_epoch = (planner.steps_per_epoch() + accumulation - 1) / accumulation;
   const int64_t max_train_steps = args.max_train_epochs ? *args.max_train_epochs * updates_per_epoch : args.max_train_steps;
