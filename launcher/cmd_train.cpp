@@ -1,5 +1,5 @@
-// `sdt train`: resolve the configuration (command line over --config_file over defaults), then train
-// a network (LoRA) with kohya's train_network.py loop.
+// `sdt train` (kohya's train_network.py: a LoRA) and `sdt train_db` (train_db.py: the whole model, DreamBooth or
+// fine-tuning): resolve the configuration (command line over --config_file over defaults), then train.
 #include <filesystem>
 #include <fstream>
 
@@ -13,11 +13,12 @@
 namespace sdt {
 namespace {
 
-void print_help() {
+void print_help(TrainMode mode) {
   fmt::print(
-      "usage: sdt train [--config_file FILE.toml] [--output_config] [--name value | --name=value | --flag] ...\n\n"
-      "Arguments have kohya-ss/sd-scripts' names (train_network.py). The command line wins over --config_file,\n"
-      "which wins over the defaults. docs/configuration.md has this list with the dataset config keys.\n");
+      "usage: sdt {} [--config_file FILE.toml] [--output_config] [--name value | --name=value | --flag] ...\n\n"
+      "Arguments have kohya-ss/sd-scripts' names ({}). The command line wins over --config_file,\n"
+      "which wins over the defaults. docs/configuration.md has this list with the dataset config keys.\n",
+      mode == TrainMode::network ? "train" : "train_db", mode == TrainMode::network ? "train_network.py" : "train_db.py");
   std::string group;
   for (const auto& spec : train_arg_specs()) {
     if (spec.group != group) {
@@ -37,10 +38,10 @@ std::string effective_config_toml(const ParsedTrainArgs& parsed) {
 
 }  // namespace
 
-int run_train(const std::vector<std::string>& argv) {
+int run_train(const std::vector<std::string>& argv, TrainMode mode) {
   for (const auto& a : argv) {
     if (a == "--help" || a == "-h") {
-      print_help();
+      print_help(mode);
       return 0;
     }
   }
@@ -67,11 +68,8 @@ int run_train(const std::vector<std::string>& argv) {
     return 0;
   }
 
-  if (!args.network_module) {
-    fail("sdt train", "full fine-tuning is not built yet (issue #5): give --network_module networks.lora to train a LoRA");
-  }
-  const TrainSummary summary = train_network(args, world);
-  spdlog::info("trained {} steps; LoRA: {}", summary.steps, summary.weights_path);
+  const TrainSummary summary = train(args, world, mode);
+  spdlog::info("trained {} steps; {}: {}", summary.steps, mode == TrainMode::network ? "LoRA" : "model", summary.weights_path);
   return 0;
 }
 

@@ -21,9 +21,13 @@ int main(int argc, char** argv) {
 
   // `sdt train` takes kohya's ~190 arguments; its own parser (src/core/train_args) reads them, so
   // CLI11 hands over everything after the word "train", --help included.
-  auto* train = app.add_subcommand("train", "train a network (LoRA) or fine-tune; `sdt train --help` lists the arguments");
+  auto* train = app.add_subcommand("train", "train a network (LoRA), as kohya's train_network.py; `sdt train --help` lists the arguments");
+  train->alias("train_network");
   train->prefix_command();
   train->set_help_flag();
+  auto* train_db = app.add_subcommand("train_db", "train the whole model (DreamBooth / fine-tuning), as kohya's train_db.py");
+  train_db->prefix_command();
+  train_db->set_help_flag();
 
   sdt::SampleCommand sample_command;
   auto* sample = sdt::add_sample_command(app, sample_command);
@@ -42,7 +46,8 @@ int main(int argc, char** argv) {
       if (inspect_path.empty()) throw CLI::RequiredError("file");
       return sdt::run_inspect(inspect_path);
     }
-    if (*train) return sdt::run_train(train->remaining());
+    if (*train) return sdt::run_train(train->remaining(), sdt::TrainMode::network);
+    if (*train_db) return sdt::run_train(train_db->remaining(), sdt::TrainMode::full);
     if (*sample) return sdt::run_sample(sample_command);
     if (*merge_lora) return sdt::run_merge_lora(merge_lora_command);
   } catch (const sdt::Error& e) {

@@ -103,6 +103,9 @@ class Family {
   virtual const TextEncoderOutputsCachingStrategy& text_encoder_outputs_caching_strategy() const = 0;
   // Text to image, to check a checkpoint and for sample images while training: (H, W, 3) uint8 RGB.
   virtual at::Tensor sample(const SampleOptions& options) const = 0;
+  // The whole model as the single file users load (full fine-tuning's output), in `dtype` or each weight's own.
+  virtual void save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
+                               const safetensors::Metadata& metadata) const = 0;
 };
 
 // The names of the families this build has, sorted.

@@ -1,19 +1,23 @@
 #include "src/train/trainer.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <random>
+#include <sstream>
 
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "src/core/dataset_config.h"
 #include "src/core/error.h"
+#include "src/core/tensor_io.h"
 #include "src/data/loader.h"
 #include "src/families/family.h"
-#include "src/models/clip_text.h"
-#include "src/models/unet.h"
 #include "src/networks/lora.h"
 #include "src/networks/lora_metadata.h"
 #include "src/train/diffusion.h"
@@ -26,6 +30,9 @@ namespace sdt {
 namespace {
 
 namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 std::optional<at::ScalarType> save_dtype(const TrainArgs& args) {
   const std::string p = args.save_precision.value_or("float");
@@ -42,34 +49,288 @@ std::string timestamp(const char* format) {
   return buf;
 }
 
-void check_supported(const TrainArgs& args) {
-  const std::string module = args.network_module.value_or("");
-  if (module != "networks.lora") {
-    fail("--network_module", "sdt trains 'networks.lora' (kohya's LoRA and conv LoRA){}",
-         module.empty() ? "; it is required" : ", not '" + module + "'");
+void check_supported(const TrainArgs& args, TrainMode mode) {
+  if (mode == TrainMode::network) {
+    const std::string module = args.network_module.value_or("");
+    if (module != "networks.lora") {
+      fail("--network_module", "sdt trains 'networks.lora' (kohya's LoRA and conv LoRA){}",
+           module.empty() ? "; it is required (or use `sdt train_db` to train the whole model)" : ", not '" + module + "'");
+    }
   }
   if (!args.pretrained_model_name_or_path) fail("--pretrained_model_name_or_path", "required: a checkpoint file or a diffusers folder");
-  if (!args.output_dir) fail("--output_dir", "required: where the LoRA files go");
-  if (args.mixed_precision != "no" || args.full_fp16 || args.full_bf16) {
-    fail("--mixed_precision", "only fp32 training is built so far (issue #5); use --mixed_precision no");
+  if (!args.output_dir) fail("--output_dir", "required: where the weight files go");
+  if (args.save_model_as != "safetensors") {
+    fail("--save_model_as", "sdt writes safetensors only (pickled '{}' files run code when loaded); use safetensors",
+         args.save_model_as);
   }
+  if (args.full_fp16 && args.mixed_precision != "fp16") fail("--full_fp16", "requires --mixed_precision fp16, as in kohya");
+  if (args.full_bf16 && args.mixed_precision != "bf16") fail("--full_bf16", "requires --mixed_precision bf16, as in kohya");
   if (args.cache_latents || args.cache_latents_to_disk) {
     fail("--cache_latents", "latent and text-encoder caches arrive with issue #6; train without them for now");
   }
+  if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions to 77 tokens as kohya does by default");
+  if (args.validation_split > 0) fail("--validation_split", "validation loss is not built yet (issue #5)");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
+}
+
+// ---------------------------------------------------------------- precision
+
+// kohya's --mixed_precision: frozen models are stored in the weight dtype and run under autocast; trained weights
+// stay fp32 unless --full_fp16 / --full_bf16; fp16 scales the loss so small gradients survive.
+struct Precision {
+  std::optional<at::ScalarType> autocast;  // the compute dtype of matmuls and convolutions
+  at::ScalarType frozen = at::kFloat;      // the dtype of weights nobody trains
+  at::ScalarType trained = at::kFloat;     // the dtype of trained weights and their gradients
+  at::ScalarType vae = at::kFloat;
+  bool loss_scaling = false;
+};
+
+Precision precision_from_args(const TrainArgs& args) {
+  Precision p;
+  if (args.mixed_precision == "no") return p;
+  const at::ScalarType weight = args.mixed_precision == "fp16" ? at::kHalf : at::kBFloat16;
+  p.autocast = weight;
+  p.frozen = weight;
+  p.vae = args.no_half_vae ? at::kFloat : weight;
+  if (args.full_fp16 || args.full_bf16) p.trained = weight;
+  p.loss_scaling = weight == at::kHalf;
+  return p;
+}
+
+// torch.autocast for the CPU over a scope: ops on its lower-precision list run in `dtype`.
+class AutocastScope {
+ public:
+  explicit AutocastScope(std::optional<at::ScalarType> dtype) : enabled_(dtype.has_value()) {
+    if (!enabled_) return;
+    at::autocast::set_autocast_dtype(at::kCPU, *dtype);
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  bool enabled_;
+};
+
+// torch.amp.GradScaler with its defaults: the loss is multiplied by `scale` before backward; before the update the
+// gradients are divided by it, and a step whose gradients hold inf or NaN is skipped and halves the scale; 2000
+// good steps in a row double it.
+struct LossScaler {
+  double scale = 65536.0;
+  int64_t growth_tracker = 0;
+
+  // Returns whether the gradients are finite (then the step may proceed).
+  bool unscale(const std::vector<at::Tensor>& params) const {
+    const float inverse = static_cast<float>(1.0 / scale);
+    bool finite = true;
+    for (const auto& p : params) {
+      if (!p.grad().defined()) continue;
+      at::Tensor g = p.grad();
+      g.mul_(inverse);
+      finite = finite && g.isfinite().all().item<bool>();
+    }
+    return finite;
+  }
+  void update(bool finite) {
+    if (!finite) {
+      scale *= 0.5;
+      growth_tracker = 0;
+    } else if (++growth_tracker == 2000) {
+      scale *= 2.0;
+      growth_tracker = 0;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- what is trained
+
+struct TrainedWeights {
+  std::vector<ParamGroup> groups;
+  std::vector<std::pair<std::string, at::Tensor>> named;  // every trained tensor by a stable name, for the state
+  std::vector<at::Tensor> params;                         // the same tensors, in optimizer order
+};
+
+void add_group(TrainedWeights& trained, const std::string& prefix, torch::nn::Module& module, double lr) {
+  ParamGroup group{{}, lr};
+  for (const auto& item : module.named_parameters()) {
+    at::Tensor p = item.value();
+    p.requires_grad_(true);
+    group.params.push_back(p);
+    trained.named.emplace_back(prefix + item.key(), p);
+    trained.params.push_back(p);
+  }
+  trained.groups.push_back(std::move(group));
+}
+
+// ---------------------------------------------------------------- resume state
+
+// Where a run stands after an optimizer step: the batch it trains next and the loss window of its average.
+struct RunPosition {
+  int64_t global_step = 0;
+  int64_t epoch = 1;       // 1-based, as kohya counts
+  int64_t epoch_step = 0;  // batches of `epoch` already trained
+  std::vector<double> recent_losses;
+};
+
+const char* mode_name(TrainMode mode) { return mode == TrainMode::network ? "network" : "full"; }
+
+std::string rng_text(const std::mt19937_64& rng) {
+  std::ostringstream out;
+  out << rng;
+  return out.str();
+}
+
+// A state folder, as kohya's save_state names it, holds: trained.safetensors (the trained tensors, exact),
+// optimizer.safetensors, rank<r>.safetensors (that rank's random generators) and train_state.json (kohya's
+// current_epoch / current_step, and sdt's position). It is written under a temporary name and renamed when
+// complete, so a folder with the final name is always whole.
+void save_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, const Optimizer& optimizer,
+                      at::Generator& generator, const std::mt19937_64& python_random, const RunPosition& position,
+                      uint64_t seed, const World& world, const LossScaler& scaler) {
+  const fs::path partial = dir.string() + ".partial";
+  fs::remove_all(partial);
+  fs::create_directories(partial);
+  NamedTensors tensors;
+  for (const auto& [name, p] : trained.named) tensors.emplace_back(name, p.detach());
+  save_safetensors((partial / "trained.safetensors").string(), tensors, {});
+  save_optimizer_state(optimizer, (partial / "optimizer.safetensors").string());
+  at::Tensor generator_state;
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator_state = generator.get_state();
+  }
+  save_safetensors((partial / fmt::format("rank{}.safetensors", world.rank)).string(), {{"torch_generator", generator_state}},
+                   {{"python_random", rng_text(python_random)}});
+  nlohmann::json state = {
+      {"current_epoch", position.epoch - (position.epoch_step == 0 ? 1 : 0)},
+      {"current_step", position.global_step},
+      {"sdt",
+       {{"format", 1},
+        {"mode", mode_name(mode)},
+        {"seed", seed},
+        {"world_size", world.size},
+        {"global_step", position.global_step},
+        {"epoch", position.epoch},
+        {"epoch_step", position.epoch_step},
+        {"recent_losses", position.recent_losses},
+        {"loss_scale", scaler.scale},
+        {"loss_scale_growth_tracker", scaler.growth_tracker}}}};
+  std::ofstream((partial / "train_state.json").string()) << state.dump(1) << "\n";
+  fs::remove_all(dir);
+  fs::rename(partial, dir);
+}
+
+struct LoadedState {
+  RunPosition position;
+  uint64_t seed = 0;
+};
+
+nlohmann::json read_state_json(const fs::path& dir) {
+  const fs::path path = dir / "train_state.json";
+  if (!fs::is_directory(dir)) fail("--resume " + dir.string(), "no such folder: expected a state folder written by --save_state");
+  std::ifstream in(path);
+  if (!in) fail(path.string(), "missing: '{}' is not a complete state folder", dir.string());
+  try {
+    nlohmann::json j = nlohmann::json::parse(in);
+    if (!j.contains("sdt")) fail(path.string(), "no 'sdt' section: a state folder of another tool (kohya's Accelerate states cannot be read)");
+    return j;
+  } catch (const nlohmann::json::exception& e) {
+    fail(path.string(), "not valid JSON: {}", e.what());
+  }
+}
+
+LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, Optimizer& optimizer,
+                             at::Generator& generator, std::mt19937_64& python_random, const World& world,
+                             LossScaler& scaler) {
+  const nlohmann::json j = read_state_json(dir);
+  const nlohmann::json& s = j.at("sdt");
+  const std::string where = (dir / "train_state.json").string();
+  if (s.at("mode").get<std::string>() != mode_name(mode)) {
+    fail(where, "written by a '{}' run, but this run trains '{}'", s.at("mode").get<std::string>(), mode_name(mode));
+  }
+  if (s.at("world_size").get<int>() != world.size) {
+    fail(where, "written by {} ranks; resuming on {} ranks arrives with issue #7", s.at("world_size").get<int>(), world.size);
+  }
+  LoadedState loaded;
+  loaded.seed = s.at("seed").get<uint64_t>();
+  loaded.position.global_step = s.at("global_step").get<int64_t>();
+  loaded.position.epoch = s.at("epoch").get<int64_t>();
+  loaded.position.epoch_step = s.at("epoch_step").get<int64_t>();
+  loaded.position.recent_losses = s.at("recent_losses").get<std::vector<double>>();
+  scaler.scale = s.at("loss_scale").get<double>();
+  scaler.growth_tracker = s.at("loss_scale_growth_tracker").get<int64_t>();
+
+  const std::string trained_path = (dir / "trained.safetensors").string();
+  safetensors::File file(trained_path);
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, p] : trained.named) {
+    const at::Tensor saved = load_tensor(file, name);
+    if (saved.sizes() != p.sizes() || saved.scalar_type() != p.scalar_type()) {
+      fail(trained_path, "'{}' is {} {}, this run trains {} {}", name, c10::toString(saved.scalar_type()),
+           fmt::join(saved.sizes(), "x"), c10::toString(p.scalar_type()), fmt::join(p.sizes(), "x"));
+    }
+    p.copy_(saved);
+  }
+  if (file.tensors().size() != trained.named.size()) {
+    fail(trained_path, "holds {} tensors, this run trains {}: another network or model", file.tensors().size(), trained.named.size());
+  }
+  load_optimizer_state(optimizer, (dir / "optimizer.safetensors").string());
+  const std::string rank_path = (dir / fmt::format("rank{}.safetensors", world.rank)).string();
+  safetensors::File rank_file(rank_path);
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(load_tensor(rank_file, "torch_generator"));
+  }
+  std::istringstream(rank_file.metadata().at("python_random")) >> python_random;
+  return loaded;
+}
+
+// kohya's --save_last_n_*: after saving at step k every N steps, the save of step (k - S - 1) rounded down to a
+// multiple of N goes; after epoch e (every N epochs, keeping K), the save of epoch e - N*K goes.
+std::optional<int64_t> step_to_remove(int64_t step, int64_t every, std::optional<int64_t> keep_steps, bool is_state) {
+  if (!keep_steps) return std::nullopt;
+  const int64_t r = (step - *keep_steps - 1) - ((step - *keep_steps - 1) % every);
+  if (r < 0 || (is_state && r == 0) || step - *keep_steps - 1 < 0) return std::nullopt;
+  return r;
+}
+
+// ---------------------------------------------------------------- the step time split
+
+void log_times(const StepTimes& t, const World& world, const char* what) {
+  if (t.steps == 0) return;
+  const double n = static_cast<double>(t.steps);
+  spdlog::info("rank {} time per step over {} ({} steps): data {:.1f} ms, forward {:.1f} ms, backward {:.1f} ms, "
+               "communication {:.1f} ms, optimizer {:.1f} ms, total {:.1f} ms",
+               world.rank, what, t.steps, 1e3 * t.data / n, 1e3 * t.forward / n, 1e3 * t.backward / n,
+               1e3 * t.communication / n, 1e3 * t.optimizer / n, 1e3 * t.total() / n);
 }
 
 }  // namespace
 
-TrainSummary train_network(const TrainArgs& args, const World& world) {
-  check_supported(args);
+TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
+  check_supported(args, mode);
   if (world.size != 1) fail("sdt train", "data-parallel training arrives with issue #7; run one process for now");
-  const uint64_t seed = args.seed ? static_cast<uint64_t>(*args.seed) : std::random_device{}();
+  std::optional<nlohmann::json> resume_json;
+  if (args.resume) resume_json = read_state_json(*args.resume);
+  // A resumed run keeps its seed: the data order, augmentations and noise all derive from it.
+  uint64_t seed = args.seed ? static_cast<uint64_t>(*args.seed) : std::random_device{}();
+  if (resume_json) {
+    const uint64_t saved = resume_json->at("sdt").at("seed").get<uint64_t>();
+    if (args.seed && saved != seed) spdlog::warn("--seed {} differs from the resumed run's seed {}; using {}", seed, saved, saved);
+    seed = saved;
+  }
   spdlog::info("seed {}", seed);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   std::mt19937_64 python_random(seed);  // kohya's pyramid-noise scales come from Python's random, a separate stream
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   const UniformDraw pyramid_uniform = [&] { return unit(python_random); };
+  const Precision precision = precision_from_args(args);
 
   // ---------------------------------------------------------------- models
   FamilyOptions family_options;
@@ -82,33 +343,57 @@ TrainSummary train_network(const TrainArgs& args, const World& world) {
   if (args.clip_skip) family_options.clip_skip = static_cast<int>(*args.clip_skip);
   std::unique_ptr<Family> family = load_family("sd", family_options);
   const ModelBundle& bundle = family->models();
-  UNet2DConditionModel unet(std::dynamic_pointer_cast<UNet2DConditionModelImpl>(bundle.denoiser));
-  ClipTextModel text_encoder(std::dynamic_pointer_cast<ClipTextModelImpl>(bundle.text_encoders.at(0)));
+  torch::nn::Module& denoiser = *bundle.denoiser;
+  torch::nn::Module& text_encoder = *bundle.text_encoders.at(0);
   for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
     m->eval();
     for (auto& p : m->parameters()) p.requires_grad_(false);
   }
+  UNet2DConditionModel unet(std::dynamic_pointer_cast<UNet2DConditionModelImpl>(bundle.denoiser));
   unet->gradient_checkpointing = args.gradient_checkpointing;
 
-  // ---------------------------------------------------------------- network and optimizer
-  const bool train_unet = !args.network_train_text_encoder_only;
-  const bool train_text_encoder = !args.network_train_unet_only;
-  LoRANetworkConfig config = parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args);
-  LoRANetwork network(config, text_encoder, unet, train_text_encoder, train_unet, gen);
-  if (args.network_weights) {
-    LoadResult loaded = network->load_weights(*args.network_weights);
-    spdlog::info("loaded {}: {} keys missing, {} unexpected", *args.network_weights, loaded.missing.size(), loaded.unexpected.size());
+  // ---------------------------------------------------------------- what is trained, and the optimizer
+  TrainedWeights trained;
+  LoRANetwork network{nullptr};
+  LoRANetworkConfig lora_config;
+  std::optional<double> te_lr;
+  bool train_text_encoder = false;
+  if (mode == TrainMode::network) {
+    const bool train_unet = !args.network_train_text_encoder_only;
+    train_text_encoder = !args.network_train_unet_only;
+    denoiser.to(precision.frozen);
+    text_encoder.to(precision.frozen);
+    lora_config = parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args);
+    ClipTextModel clip(std::dynamic_pointer_cast<ClipTextModelImpl>(bundle.text_encoders.at(0)));
+    network = LoRANetwork(lora_config, clip, unet, train_text_encoder, train_unet, gen);
+    if (args.network_weights) {
+      LoadResult loaded = network->load_weights(*args.network_weights);
+      spdlog::info("loaded {}: {} keys missing, {} unexpected", *args.network_weights, loaded.missing.size(), loaded.unexpected.size());
+    }
+    network->to(precision.trained);
+    network->train();
+    te_lr = args.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args.text_encoder_lr[0]);
+    for (const auto& g : network->prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)) {
+      trained.groups.push_back({g.params, g.lr});
+      trained.params.insert(trained.params.end(), g.params.begin(), g.params.end());
+    }
+    for (const auto& item : network->named_parameters()) trained.named.emplace_back(item.key(), item.value());
+  } else {
+    // train_db.py: the U-Net at --learning_rate, the text encoder (unless --stop_text_encoder_training -1) at
+    // --learning_rate_te or the same rate.
+    train_text_encoder = !args.stop_text_encoder_training || *args.stop_text_encoder_training >= 0;
+    denoiser.to(precision.trained);
+    text_encoder.to(train_text_encoder ? precision.trained : precision.frozen);
+    denoiser.train();
+    add_group(trained, "unet.", denoiser, args.learning_rate);
+    if (train_text_encoder) {
+      text_encoder.train();
+      add_group(trained, "text_encoder.", text_encoder, args.learning_rate_te.value_or(args.learning_rate));
+    }
   }
-  network->train();
-  std::optional<double> te_lr = args.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args.text_encoder_lr[0]);
-  std::vector<LoraParamGroup> lora_groups = network->prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate);
-  std::vector<ParamGroup> groups;
-  std::vector<at::Tensor> trainable;
-  for (const auto& g : lora_groups) {
-    groups.push_back({g.params, g.lr});
-    trainable.insert(trainable.end(), g.params.begin(), g.params.end());
-  }
-  MadeOptimizer made = make_optimizer(args, groups);
+  bundle.vae->to(precision.vae);
+  MadeOptimizer made = make_optimizer(args, trained.groups);
+  LossScaler scaler;
 
   // ---------------------------------------------------------------- data
   DatasetBlueprint blueprint = resolve_dataset_config(args);
@@ -122,16 +407,25 @@ TrainSummary train_network(const TrainArgs& args, const World& world) {
   }
   BatchPlanner planner(indexes, blueprint, world.size, seed);
   const int64_t accumulation = args.gradient_accumulation_steps;
-  const int64_t updates_per_epoch = (planner.steps_per_epoch() + accumulation - 1) / accumulation;
+  const int64_t batches_per_epoch = planner.steps_per_epoch();
+  // Accelerate steps the optimizer at the end of each epoch even when its last accumulation is short.
+  const int64_t updates_per_epoch = (batches_per_epoch + accumulation - 1) / accumulation;
   const int64_t max_train_steps = args.max_train_epochs ? *args.max_train_epochs * updates_per_epoch : args.max_train_steps;
   const int64_t num_epochs = (max_train_steps + updates_per_epoch - 1) / updates_per_epoch;
   spdlog::info("{} training images with repeats, {} regularization; {} batches per epoch, {} optimizer steps per epoch, "
                "{} steps over {} epochs",
-               num_train_images, num_reg_images, planner.steps_per_epoch(), updates_per_epoch, max_train_steps, num_epochs);
+               num_train_images, num_reg_images, batches_per_epoch, updates_per_epoch, max_train_steps, num_epochs);
   TrainArgs schedule_args = args;
   schedule_args.max_train_steps = max_train_steps;
   LrScheduler scheduler(*made.optimizer, make_lr_schedule(schedule_args, world.size, made.uses_adafactor_schedule));
-  scheduler.set_step(0);
+
+  RunPosition position;
+  if (args.resume) {
+    position = load_train_state(*args.resume, mode, trained, *made.optimizer, gen, python_random, world, scaler).position;
+    spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *args.resume, position.global_step, position.epoch,
+                 position.epoch_step);
+  }
+  scheduler.set_step(position.global_step);
 
   LoaderOptions loader_options;
   loader_options.seed = seed;
@@ -152,24 +446,25 @@ TrainSummary train_network(const TrainArgs& args, const World& world) {
   TensorBoardWriter tensorboard(log_dir);
   JsonlWriter jsonl((fs::path(log_dir) / "metrics.jsonl").string());
   const std::vector<SamplePrompt> prompts = args.sample_prompts ? load_sample_prompts(*args.sample_prompts) : std::vector<SamplePrompt>{};
-  const std::string started_at = std::to_string(std::time(nullptr));
 
   LoRATrainingMetadata meta;
-  meta.training_started_at = started_at;
+  meta.training_started_at = std::to_string(std::time(nullptr));
   meta.output_name = output_name;
   meta.learning_rate = python_str(args.learning_rate);
   meta.text_encoder_lr = python_str(te_lr);
   meta.unet_lr = python_str(args.unet_lr);
   meta.num_train_images = python_str(num_train_images);
   meta.num_reg_images = python_str(num_reg_images);
-  meta.num_batches_per_epoch = python_str(planner.steps_per_epoch());
+  meta.num_batches_per_epoch = python_str(batches_per_epoch);
   meta.num_epochs = python_str(num_epochs);
   meta.gradient_checkpointing = python_str(args.gradient_checkpointing);
   meta.gradient_accumulation_steps = python_str(accumulation);
   meta.max_train_steps = python_str(max_train_steps);
   meta.lr_scheduler = args.lr_scheduler;
-  meta.network_dim = python_str(config.dim);
-  meta.network_alpha = python_str(config.alpha);
+  meta.network_dim = python_str(lora_config.dim);
+  meta.network_alpha = python_str(lora_config.alpha);
+  meta.mixed_precision = args.mixed_precision;
+  meta.full_fp16 = python_str(args.full_fp16);
   meta.v2 = python_str(args.v2);
   meta.base_model_version = args.v2 ? (args.v_parameterization ? "sd_v2_768_v" : "sd_v2_512") : "sd_v1";
   meta.seed = python_str(static_cast<int64_t>(seed));
@@ -178,23 +473,45 @@ TrainSummary train_network(const TrainArgs& args, const World& world) {
   meta.min_snr_gamma = python_str(args.min_snr_gamma);
   meta.loss_type = args.loss_type;
 
-  auto save = [&](const std::string& name, int64_t step, int64_t epoch) {
-    const std::string path = (fs::path(*args.output_dir) / (name + ".safetensors")).string();
-    LoRATrainingMetadata m = meta;
-    m.num_epochs = python_str(epoch);
-    safetensors::Metadata metadata = m.to_metadata();
-    metadata["ss_steps"] = std::to_string(step);
-    metadata["ss_epoch"] = std::to_string(epoch);
-    network->save_weights(path, save_dtype(args), args.no_metadata ? minimum_network_metadata(metadata) : metadata);
+  const fs::path output_dir(*args.output_dir);
+  auto weights_file = [&](const std::string& name) { return (output_dir / (name + ".safetensors")).string(); };
+  auto save_weights = [&](const std::string& name, int64_t step, int64_t epoch) {
+    const std::string path = weights_file(name);
+    if (mode == TrainMode::network) {
+      LoRATrainingMetadata m = meta;
+      m.num_epochs = python_str(epoch);
+      safetensors::Metadata metadata = m.to_metadata();
+      metadata["ss_steps"] = std::to_string(step);
+      metadata["ss_epoch"] = std::to_string(epoch);
+      network->save_weights(path, save_dtype(args), args.no_metadata ? minimum_network_metadata(metadata) : metadata);
+    } else {
+      family->save_checkpoint(path, save_dtype(args), {{"ss_steps", std::to_string(step)}, {"ss_epoch", std::to_string(epoch)}});
+    }
     spdlog::info("saved {}", path);
     return path;
   };
+  TrainSummary summary;
+  summary.first_step = position.global_step;
+  auto save_state = [&](const std::string& name) {
+    const fs::path dir = output_dir / (name + "-state");
+    save_train_state(dir, mode, trained, *made.optimizer, gen, python_random, position, seed, world, scaler);
+    spdlog::info("saved state {}", dir.string());
+    summary.state_path = dir.string();
+  };
+  auto remove_saved = [&](const std::string& name, bool is_state) {
+    const fs::path path = is_state ? output_dir / (name + "-state") : fs::path(weights_file(name));
+    if (fs::remove_all(path) > 0) spdlog::info("removed {}", path.string());
+  };
+  // The network's LoRA is in the model weights only after update_weights; the sampler needs it there, without
+  // autograd, and in evaluation mode (no module dropout).
   auto sample_images = [&](int64_t step, std::optional<int64_t> epoch) {
     if (prompts.empty()) return;
     torch::NoGradGuard no_grad;
-    network->eval();
-    network->update_weights();
-    const fs::path dir = fs::path(*args.output_dir) / "sample";
+    if (network) {
+      network->eval();
+      network->update_weights();
+    }
+    const fs::path dir = output_dir / "sample";
     fs::create_directories(dir);
     for (const auto& p : prompts) {
       SampleOptions o;
@@ -206,89 +523,179 @@ TrainSummary train_network(const TrainArgs& args, const World& world) {
       if (p.seed) o.seed = static_cast<uint64_t>(*p.seed);
       if (p.width) o.width = static_cast<int>(*p.width);
       if (p.height) o.height = static_cast<int>(*p.height);
+      AutocastScope autocast(precision.autocast);
       write_png((dir / sample_image_name(args.output_name, epoch, step, p, timestamp("%Y%m%d%H%M%S"))).string(), family->sample(o));
     }
-    network->train();
+    if (network) network->train();
   };
 
   // ---------------------------------------------------------------- the loop
-  TrainSummary summary;
   std::vector<std::pair<int64_t, double>> curve;
-  ProgressBar progress(max_train_steps);
+  ProgressBar progress(max_train_steps, position.global_step);
   double recent_sum = 0;
-  std::vector<double> recent;  // kohya's moving average: the last epoch's step losses
-  int64_t global_step = 0;
+  for (double l : position.recent_losses) recent_sum += l;
+  StepTimes window;  // since the last time-split log line
   const bool weighted = args.weighted_captions;
-  for (int64_t epoch = 1; epoch <= num_epochs && global_step < max_train_steps; ++epoch) {
-    loader.start_epoch(epoch, 0, global_step);
+  const bool state_on_save = args.save_state;
+  int64_t& global_step = position.global_step;
+  for (int64_t epoch = position.epoch; epoch <= num_epochs && global_step < max_train_steps; ++epoch) {
+    const int64_t first_batch = epoch == position.epoch ? position.epoch_step : 0;
+    loader.start_epoch(epoch, first_batch, global_step);
     int64_t micro = 0;
     double accumulated = 0;
+    StepTimes step_times;
     while (global_step < max_train_steps) {
+      Clock::time_point phase = Clock::now();
       std::optional<TrainBatch> batch = loader.next();
       if (!batch) break;
-      const EncodedLatents encoded = family->latents_caching_strategy().encode(batch->images, false, LatentSampling::sample, gen);
-      at::Tensor conditioning;
-      {
-        std::optional<torch::NoGradGuard> no_grad;
-        if (!train_text_encoder) no_grad.emplace();
-        const Tokens tokens = family->tokenize_strategy().tokenize(batch->captions, weighted);
-        conditioning = family->text_encoding_strategy().encode(tokens).at(0);
-      }
-      network->update_weights(gen);
-      const NoisedLatents noised = noise_latents(schedule, encoded.latents, ddpm.noise, gen, pyramid_uniform);
-      const at::Tensor target = training_target(schedule, encoded.latents, noised, ddpm.loss.v_parameterization);
-      const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning);
-      std::optional<at::Tensor> mask;
-      if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
-      const at::Tensor loss = ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask);
-      (loss / static_cast<double>(accumulation)).backward();
-      accumulated += loss.item<double>();
-      if (++micro % accumulation != 0) continue;
+      step_times.data += seconds_since(phase);
+      phase = Clock::now();
 
-      if (args.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(trainable, args.max_grad_norm);
-      made.optimizer->step();
+      at::Tensor loss;
+      {
+        AutocastScope autocast(precision.autocast);
+        at::Tensor latents;
+        {
+          torch::NoGradGuard no_grad;
+          latents = family->latents_caching_strategy()
+                        .encode(batch->images.to(precision.vae), false, LatentSampling::sample, gen)
+                        .latents.to(at::kFloat);
+        }
+        // The LoRA enters the text encoder's and the U-Net's weights here, with this step's autograd graph.
+        if (network) network->update_weights(gen);
+        at::Tensor conditioning;
+        {
+          std::optional<torch::NoGradGuard> no_grad;
+          if (!train_text_encoder) no_grad.emplace();
+          const Tokens tokens = family->tokenize_strategy().tokenize(batch->captions, weighted);
+          conditioning = family->text_encoding_strategy().encode(tokens).at(0);
+        }
+        const NoisedLatents noised = noise_latents(schedule, latents, ddpm.noise, gen, pyramid_uniform);
+        const at::Tensor target = training_target(schedule, latents, noised, ddpm.loss.v_parameterization);
+        const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
+        std::optional<at::Tensor> mask;
+        if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
+        loss = ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask);
+      }
+      step_times.forward += seconds_since(phase);
+      phase = Clock::now();
+      at::Tensor scaled = loss / static_cast<double>(accumulation);
+      if (precision.loss_scaling) scaled = scaled * scaler.scale;
+      scaled.backward();
+      step_times.backward += seconds_since(phase);
+      accumulated += loss.item<double>();
+      const bool last_of_epoch = batch->step + 1 == batches_per_epoch;
+      if (++micro % accumulation != 0 && !last_of_epoch) continue;
+
+      phase = Clock::now();
+      const bool finite = !precision.loss_scaling || scaler.unscale(trained.params);
+      if (finite) {
+        if (args.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(trained.params, args.max_grad_norm);
+        made.optimizer->step();
+      } else {
+        spdlog::warn("step {}: gradients overflowed at loss scale {}; skipping the update", global_step + 1, scaler.scale);
+      }
+      if (precision.loss_scaling) scaler.update(finite);
       made.optimizer->zero_grad();
       ++global_step;
       scheduler.set_step(global_step);
-      if (args.scale_weight_norms) network->apply_max_norm_regularization(*args.scale_weight_norms);
+      if (network && args.scale_weight_norms) network->apply_max_norm_regularization(*args.scale_weight_norms);
+      if (mode == TrainMode::full && args.stop_text_encoder_training && global_step == *args.stop_text_encoder_training) {
+        spdlog::info("step {}: the text encoder stops training (--stop_text_encoder_training)", global_step);
+        for (auto& p : text_encoder.parameters()) p.requires_grad_(false);
+        train_text_encoder = false;
+      }
+      step_times.optimizer += seconds_since(phase);
+      step_times.steps = 1;
 
-      const double step_loss = accumulated / static_cast<double>(accumulation);
+      const int64_t micro_steps = micro % accumulation == 0 ? accumulation : micro % accumulation;
+      const double step_loss = accumulated / static_cast<double>(micro_steps);
+      micro = 0;
       accumulated = 0;
       summary.losses.push_back(step_loss);
       curve.emplace_back(global_step, step_loss);
-      recent.push_back(step_loss);
+      position.recent_losses.push_back(step_loss);
       recent_sum += step_loss;
-      if (static_cast<int64_t>(recent.size()) > updates_per_epoch) {
-        recent_sum -= recent.front();
-        recent.erase(recent.begin());
+      if (static_cast<int64_t>(position.recent_losses.size()) > updates_per_epoch) {
+        recent_sum -= position.recent_losses.front();
+        position.recent_losses.erase(position.recent_losses.begin());
       }
-      const double average = recent_sum / static_cast<double>(recent.size());
+      for (StepTimes* t : {&summary.times, &window}) {
+        t->data += step_times.data;
+        t->forward += step_times.forward;
+        t->backward += step_times.backward;
+        t->communication += step_times.communication;
+        t->optimizer += step_times.optimizer;
+        t->steps += 1;
+      }
+      step_times = StepTimes{};
+      if (args.log_time_every_n_steps > 0 && global_step % args.log_time_every_n_steps == 0) {
+        log_times(window, world, "the last steps");
+        window = StepTimes{};
+      }
+
+      position.epoch = epoch;
+      position.epoch_step = batch->step + 1;
+      if (last_of_epoch) {
+        position.epoch = epoch + 1;
+        position.epoch_step = 0;
+      }
+      const double average = recent_sum / static_cast<double>(position.recent_losses.size());
       const double lr = made.optimizer->param_groups().at(0).options().get_lr();
       if (world.rank == 0) {
         progress.update(global_step, average, lr);
-        jsonl.write(global_step, epoch, {{"loss", step_loss}, {"avr_loss", average}, {"lr", lr}});
+        std::map<std::string, double> metrics = {{"loss", step_loss}, {"avr_loss", average}, {"lr", lr}};
+        if (precision.loss_scaling) metrics["loss_scale"] = scaler.scale;
+        jsonl.write(global_step, epoch, metrics);
         tensorboard.add_scalar("loss/current", static_cast<float>(step_loss), global_step);
         tensorboard.add_scalar("loss/average", static_cast<float>(average), global_step);
         tensorboard.add_scalar("lr/group0", static_cast<float>(lr), global_step);
-        if (args.save_every_n_steps && global_step % *args.save_every_n_steps == 0 && global_step < max_train_steps) {
-          summary.weights_path = save(fmt::format("{}-step{:08d}", output_name, global_step), global_step, epoch);
+      }
+      if (args.save_every_n_steps && global_step % *args.save_every_n_steps == 0 && global_step < max_train_steps) {
+        const int64_t every = *args.save_every_n_steps;
+        const std::string name = fmt::format("{}-step{:08d}", output_name, global_step);
+        if (world.rank == 0) {
+          summary.weights_path = save_weights(name, global_step, epoch);
+          if (auto r = step_to_remove(global_step, every, args.save_last_n_steps, false)) {
+            remove_saved(fmt::format("{}-step{:08d}", output_name, *r), false);
+          }
         }
-        if (args.sample_every_n_steps && global_step % *args.sample_every_n_steps == 0) sample_images(global_step, std::nullopt);
+        if (state_on_save) {
+          save_state(name);
+          const std::optional<int64_t> keep = args.save_last_n_steps_state ? args.save_last_n_steps_state : args.save_last_n_steps;
+          if (auto r = step_to_remove(global_step, every, keep, true)) remove_saved(fmt::format("{}-step{:08d}", output_name, *r), true);
+        }
+      }
+      if (world.rank == 0 && args.sample_every_n_steps && global_step % *args.sample_every_n_steps == 0) {
+        sample_images(global_step, std::nullopt);
       }
     }
-    if (world.rank == 0 && epoch < num_epochs) {
-      if (args.save_every_n_epochs && epoch % *args.save_every_n_epochs == 0) {
-        summary.weights_path = save(fmt::format("{}-{:06d}", output_name, epoch), global_step, epoch);
+    if (epoch < num_epochs && args.save_every_n_epochs && epoch % *args.save_every_n_epochs == 0) {
+      const int64_t every = *args.save_every_n_epochs;
+      if (world.rank == 0) {
+        summary.weights_path = save_weights(fmt::format("{}-{:06d}", output_name, epoch), global_step, epoch);
+        if (args.save_last_n_epochs && epoch - every * *args.save_last_n_epochs > 0) {
+          remove_saved(fmt::format("{}-{:06d}", output_name, epoch - every * *args.save_last_n_epochs), false);
+        }
       }
-      if (args.sample_every_n_epochs && epoch % *args.sample_every_n_epochs == 0) sample_images(global_step, epoch);
+      if (state_on_save) {
+        save_state(fmt::format("{}-{:06d}", output_name, epoch));
+        const std::optional<int64_t> keep = args.save_last_n_epochs_state ? args.save_last_n_epochs_state : args.save_last_n_epochs;
+        if (keep && epoch - every * *keep > 0) remove_saved(fmt::format("{}-{:06d}", output_name, epoch - every * *keep), true);
+      }
+    }
+    if (world.rank == 0 && epoch < num_epochs && args.sample_every_n_epochs && epoch % *args.sample_every_n_epochs == 0) {
+      sample_images(global_step, epoch);
     }
   }
   summary.steps = global_step;
+  log_times(summary.times, world, "the run");
+  if (args.save_state || args.save_state_on_train_end) save_state(output_name);
   if (world.rank == 0) {
     progress.finish();
     tensorboard.flush();
-    summary.weights_path = save(output_name, global_step, num_epochs);
-    write_loss_curve_png((fs::path(*args.output_dir) / (output_name + "_loss.png")).string(), curve, output_name + ": loss per step");
+    summary.weights_path = save_weights(output_name, global_step, num_epochs);
+    write_loss_curve_png((output_dir / (output_name + "_loss.png")).string(), curve, output_name + ": loss per step");
     if (args.sample_every_n_epochs || args.sample_every_n_steps) sample_images(global_step, num_epochs);
   }
   return summary;

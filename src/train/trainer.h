@@ -1,6 +1,7 @@
-// `sdt train` for networks (LoRA), kohya's train_network.py loop: data -> latents and text
-// conditioning -> noise, timesteps, targets -> the denoiser with the LoRA applied -> loss ->
-// backward -> clip -> optimizer and learning-rate step; progress, logs, LoRA files in kohya's format.
+// `sdt train` / `sdt train_db`: kohya's train_network.py and train_db.py loops in one:
+// data -> latents and text conditioning -> noise, timesteps, targets -> the denoiser (with the LoRA applied, or
+// itself trained) -> loss -> backward -> clip -> optimizer and learning-rate step; progress, logs, weight files in
+// the formats users load, and a resume state that continues a run bitwise.
 #pragma once
 
 #include <cstdint>
@@ -12,12 +13,31 @@
 
 namespace sdt {
 
-struct TrainSummary {
+// What is trained: a network (LoRA) on frozen models (train_network.py), or the models themselves (train_db.py:
+// DreamBooth and fine-tuning).
+enum class TrainMode { network, full };
+
+// Seconds spent per phase, summed over the run's optimizer steps on this rank.
+struct StepTimes {
+  double data = 0;           // waiting for the loader's next batch
+  double forward = 0;        // latents, text conditioning, noise, the denoiser and the loss
+  double backward = 0;
+  double communication = 0;  // waiting for gradient all-reduces that backward did not hide
+  double optimizer = 0;      // clipping, the update, the lr schedule, max-norm regularisation
   int64_t steps = 0;
-  std::vector<double> losses;  // per optimizer step (the mean over its accumulation micro-steps)
-  std::string weights_path;    // the last LoRA file written
+
+  double total() const { return data + forward + backward + communication + optimizer; }
 };
 
-TrainSummary train_network(const TrainArgs& args, const World& world);
+struct TrainSummary {
+  int64_t first_step = 0;      // 0, or the step a resumed run started from
+  int64_t steps = 0;           // the global step reached
+  std::vector<double> losses;  // per optimizer step of this run (the mean over its accumulation micro-steps)
+  std::string weights_path;    // the last weight file written (LoRA or whole model)
+  std::string state_path;      // the last resume state written, if any
+  StepTimes times;
+};
+
+TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode);
 
 }  // namespace sdt

@@ -1,15 +1,19 @@
-// `sdt train` end to end on the tiny SD 1.x fixture model: a U-Net LoRA trained for a few hundred
-// steps on a tiny dataset ends clearly below its starting loss, and writes a LoRA file in kohya's
-// format with the training metadata.
+// `sdt train` / `sdt train_db` end to end on the tiny SD 1.x fixture model: a U-Net LoRA trained for a few hundred
+// steps on a tiny dataset ends clearly below its starting loss and writes a LoRA file in kohya's format; a run
+// resumed from its state ends bitwise where an uninterrupted run ends; full fine-tuning, mixed precision and
+// --save_last_n_steps do what they say.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "src/core/error.h"
 #include "src/core/safetensors.h"
 #include "src/train/trainer.h"
 
@@ -34,9 +38,7 @@ fs::path make_dataset(const fs::path& root) {
   return root / "train";
 }
 
-TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
-  const fs::path root = fs::path(testing::TempDir()) / "sdt_trainer";
-  fs::remove_all(root);
+TrainArgs tiny_run(const fs::path& root) {
   TrainArgs args;
   args.pretrained_model_name_or_path = SDT_FIXTURES "/sd/sd1";  // a diffusers folder: its configs give the tiny sizes
   args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";  // byte-level: its ids fit the tiny text encoder
@@ -55,7 +57,26 @@ TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   args.max_data_loader_n_workers = 1;
   args.min_timestep = 400;
   args.max_timestep = 600;
-  TrainSummary summary = train_network(args, World{});
+  return args;
+}
+
+// Every tensor of two safetensors files, bit for bit.
+void expect_same_tensors(const std::string& a, const std::string& b) {
+  safetensors::File fa(a), fb(b);
+  ASSERT_EQ(fa.tensors().size(), fb.tensors().size());
+  for (const auto& t : fa.tensors()) {
+    ASSERT_TRUE(fb.contains(t.name)) << t.name;
+    const auto x = fa.bytes(t), y = fb.bytes(t.name);
+    ASSERT_EQ(x.size(), y.size()) << t.name;
+    EXPECT_EQ(std::memcmp(x.data(), y.data(), x.size()), 0) << t.name << " differs";
+  }
+}
+
+TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_trainer";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  TrainSummary summary = train(args, World{}, TrainMode::network);
   ASSERT_EQ(summary.steps, 300);
   auto mean = [](auto begin, auto end) { return std::accumulate(begin, end, 0.0) / static_cast<double>(end - begin); };
   const double first = mean(summary.losses.begin(), summary.losses.begin() + 30);
@@ -75,6 +96,141 @@ TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   EXPECT_GT(unet_keys, 0u);
   EXPECT_TRUE(fs::exists(root / "out" / "toy_loss.png"));
   EXPECT_TRUE(fs::exists(root / "out" / "logs" / "metrics.jsonl"));
+  EXPECT_EQ(summary.times.steps, 300);
+  EXPECT_GT(summary.times.forward, 0);
+  EXPECT_GT(summary.times.backward, 0);
+  fs::remove_all(root);
+}
+
+// 2N steps in one run, and N steps + --resume + N steps, give the same weights bit for bit: the state carries the
+// weights, the optimizer moments, the data position (here mid-epoch, with accumulation), both random streams and the
+// loss window. Text-encoder and U-Net LoRA, pyramid noise (Python's stream), AdamW.
+void expect_bitwise_resume(TrainMode mode, const std::string& tag) {
+  const fs::path root = fs::path(testing::TempDir()) / ("sdt_resume_" + tag);
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.network_train_unet_only = false;
+  args.max_train_steps = 6;
+  args.gradient_accumulation_steps = 2;  // 4 batches per epoch: 2 updates; step 3 is mid-epoch 2
+  args.multires_noise_iterations = 2;
+  args.min_timestep = 0;
+  args.max_timestep = 1000;
+  args.learning_rate = mode == TrainMode::network ? 1e-2 : 1e-4;
+  args.lr_scheduler = "cosine";
+  args.save_every_n_steps = 3;
+  args.save_state = true;
+  args.output_dir = (root / "straight").string();
+  const TrainSummary straight = train(args, World{}, mode);
+  ASSERT_EQ(straight.steps, 6);
+  const fs::path state = root / "straight" / "toy-step00000003-state";
+  ASSERT_TRUE(fs::exists(state / "train_state.json"));
+
+  args.output_dir = (root / "resumed").string();
+  args.resume = state.string();
+  const TrainSummary resumed = train(args, World{}, mode);
+  EXPECT_EQ(resumed.first_step, 3);
+  EXPECT_EQ(resumed.steps, 6);
+  ASSERT_EQ(resumed.losses.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(resumed.losses[i], straight.losses[3 + i]) << "step " << 4 + i;
+  expect_same_tensors(straight.weights_path, resumed.weights_path);
+  fs::remove_all(root);
+}
+
+TEST(Trainer, LoraResumeIsBitwise) { expect_bitwise_resume(TrainMode::network, "lora"); }
+TEST(Trainer, FullFineTuneResumeIsBitwise) { expect_bitwise_resume(TrainMode::full, "full"); }
+
+TEST(Trainer, ResumeRefusesAStateOfAnotherMode) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_resume_mode";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.max_train_steps = 1;
+  args.save_state_on_train_end = true;
+  const TrainSummary lora = train(args, World{}, TrainMode::network);
+  ASSERT_TRUE(fs::exists(lora.state_path));
+  args.resume = lora.state_path;
+  try {
+    train(args, World{}, TrainMode::full);
+    FAIL() << "a LoRA state resumed a full fine-tune";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'network' run"), std::string::npos) << e.what();
+  }
+  fs::remove_all(root);
+}
+
+// train_db: the U-Net and the text encoder themselves learn; the result is one LDM-layout file.
+TEST(Trainer, FullFineTuneLossFallsAndWritesOneCheckpoint) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_full";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.learning_rate = 3e-4;
+  args.learning_rate_te = 1e-5;
+  args.max_train_steps = 150;
+  const TrainSummary summary = train(args, World{}, TrainMode::full);
+  auto mean = [](auto begin, auto end) { return std::accumulate(begin, end, 0.0) / static_cast<double>(end - begin); };
+  const double first = mean(summary.losses.begin(), summary.losses.begin() + 20);
+  const double last = mean(summary.losses.end() - 20, summary.losses.end());
+  std::cout << "full fine-tune: mean loss of the first 20 steps " << first << ", of the last 20 " << last << "\n";
+  EXPECT_LT(last, 0.8 * first);
+  safetensors::File checkpoint(summary.weights_path);
+  int unet = 0, vae = 0, text = 0;
+  for (const auto& t : checkpoint.tensors()) {
+    unet += t.name.starts_with("model.diffusion_model.");
+    vae += t.name.starts_with("first_stage_model.");
+    text += t.name.starts_with("cond_stage_model.transformer.");
+  }
+  EXPECT_GT(unet, 0);
+  EXPECT_GT(vae, 0);
+  EXPECT_GT(text, 0);
+  fs::remove_all(root);
+}
+
+// --mixed_precision bf16 (LoRA fp32, base bf16, autocast), fp16 with the loss scaler, and --full_bf16 train: the loss
+// stays finite and falls.
+void expect_mixed_precision_trains(const std::string& precision, bool full, double ratio) {
+  const fs::path root = fs::path(testing::TempDir()) / ("sdt_mp_" + precision);
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.mixed_precision = precision;
+  args.full_bf16 = full && precision == "bf16";
+  args.full_fp16 = full && precision == "fp16";
+  args.max_train_steps = 120;
+  const TrainSummary summary = train(args, World{}, TrainMode::network);
+  auto mean = [](auto begin, auto end) { return std::accumulate(begin, end, 0.0) / static_cast<double>(end - begin); };
+  const double first = mean(summary.losses.begin(), summary.losses.begin() + 20);
+  const double last = mean(summary.losses.end() - 20, summary.losses.end());
+  std::cout << precision << (full ? " full" : "") << ": mean loss of the first 20 steps " << first << ", of the last 20 " << last << "\n";
+  EXPECT_TRUE(std::isfinite(last));
+  EXPECT_LT(last, ratio * first);
+  safetensors::File lora(summary.weights_path);
+  EXPECT_EQ(lora.metadata().at("ss_mixed_precision"), precision);
+  fs::remove_all(root);
+}
+
+TEST(Trainer, MixedPrecisionBf16Trains) { expect_mixed_precision_trains("bf16", false, 0.8); }
+TEST(Trainer, MixedPrecisionFp16WithLossScalingTrains) { expect_mixed_precision_trains("fp16", false, 0.8); }
+TEST(Trainer, FullBf16Trains) { expect_mixed_precision_trains("bf16", true, 0.9); }
+
+// kohya's --save_last_n_steps (get_remove_step_no): saving every 2 steps of 8 and keeping 3 steps' worth removes
+// step 2 when step 6 is saved; states follow --save_last_n_steps_state (1: only the newest stays).
+TEST(Trainer, SaveLastNStepsRemovesOlderFiles) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_last_n";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.max_train_steps = 8;
+  args.save_every_n_steps = 2;
+  args.save_last_n_steps = 3;
+  args.save_state = true;
+  args.save_last_n_steps_state = 1;
+  train(args, World{}, TrainMode::network);
+  const fs::path out = root / "out";
+  EXPECT_FALSE(fs::exists(out / "toy-step00000002.safetensors"));
+  EXPECT_TRUE(fs::exists(out / "toy-step00000004.safetensors"));
+  EXPECT_TRUE(fs::exists(out / "toy-step00000006.safetensors"));
+  EXPECT_TRUE(fs::exists(out / "toy.safetensors"));
+  EXPECT_FALSE(fs::exists(out / "toy-step00000002-state"));
+  EXPECT_FALSE(fs::exists(out / "toy-step00000004-state"));
+  EXPECT_TRUE(fs::exists(out / "toy-step00000006-state"));
+  EXPECT_TRUE(fs::exists(out / "toy-state"));
   fs::remove_all(root);
 }
 

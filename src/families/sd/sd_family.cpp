@@ -135,6 +135,7 @@ std::vector<at::Tensor> SdTextEncoderOutputsCachingStrategy::outputs_from_cache(
 
 SdFamily::SdFamily(SdModels models, ClipTokenizer tokenizer, const FamilyOptions& options)
     : models_(std::move(models)),
+      v2_(options.v2),
       bundle_{models_.unet.ptr(), models_.vae.ptr(), {models_.text_encoder.ptr()}},
       v_parameterization_(options.v_parameterization),
       clip_skip_(options.clip_skip ? std::optional<int64_t>(*options.clip_skip) : std::nullopt),
@@ -147,6 +148,12 @@ at::Tensor SdFamily::sample(const SampleOptions& options) const {
   SdModels models = models_;
   return sample_image(models, tokenize_.tokenizer(), options, v_parameterization_ ? Prediction::v : Prediction::epsilon,
                       clip_skip_);
+}
+
+void SdFamily::save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
+                               const safetensors::Metadata& metadata) const {
+  SdConfig config{v2_, models_.text_encoder->config, models_.vae->config, models_.unet->config};
+  save_ldm_checkpoint(path, models_, config, dtype, metadata);
 }
 
 std::unique_ptr<Family> load_sd_family(const FamilyOptions& options) {

@@ -77,9 +77,13 @@ class SdFamily : public Family {
   const LatentsCachingStrategy& latents_caching_strategy() const override { return latents_; }
   const TextEncoderOutputsCachingStrategy& text_encoder_outputs_caching_strategy() const override { return outputs_; }
   at::Tensor sample(const SampleOptions& options) const override;
+  // kohya's save_stable_diffusion_checkpoint: the LDM single-file layout (SD 2.x with OpenCLIP's names).
+  void save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
+                       const safetensors::Metadata& metadata) const override;
 
  private:
   SdModels models_;
+  bool v2_;
   ModelBundle bundle_;
   bool v_parameterization_;
   std::optional<int64_t> clip_skip_;
