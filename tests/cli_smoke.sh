@@ -38,8 +38,10 @@ check "a typo in the config names file, line, key and suggestion" 1 "typo.toml:2
 printf '[general]\nflip_aug = "yes"\n[[datasets]]\nresolution = 512\n' > "$work/ds.toml"
 check "a wrong type in the dataset config names file, line and key" 1 "ds.toml:2: \[general\]: key 'flip_aug'.*expected true/false" -- \
   "$sdt" inspect dataset --dataset_config "$work/ds.toml"
-check "full fine-tuning says it is not built yet" 1 "full fine-tuning is not built yet" -- \
+check "train without a network module points to train_db" 1 "it is required .or use .sdt train_db." -- \
   "$sdt" train --dataset_config "$src/configs/dataset_example.toml"
+check "train_db refuses pickled checkpoints" 1 "save_model_as.*safetensors only" -- \
+  "$sdt" train_db --pretrained_model_name_or_path x --output_dir "$work" --save_model_as ckpt
 check "log_level is accepted as console_log_level" 1 "not one of: DEBUG" -- "$sdt" train --log_level verbose
 
 mkdir -p "$work/ds/5_sks"
