@@ -10,3 +10,9 @@ target_link_libraries(test_trainer PRIVATE sdt_trainer GTest::gtest_main)
 target_compile_definitions(test_trainer PRIVATE SDT_SOURCE_DIR="${CMAKE_SOURCE_DIR}" SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")
 target_precompile_headers(test_trainer REUSE_FROM sdt_torch)
 gtest_discover_tests(test_trainer DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")
+
+
+# The step time split of the demo configuration and the trainer's overhead over a bare LibTorch loop (not run by ctest).
+add_executable(bench_train_step bench/bench_train_step.cpp)
+target_link_libraries(bench_train_step PRIVATE sdt_trainer)
+target_precompile_headers(bench_train_step REUSE_FROM sdt_torch)
