@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <map>
 #include <fstream>
@@ -12,6 +13,8 @@
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+
+#include "src/data/rng.h"
 
 #include "src/core/error.h"
 #include "src/data/captions.h"
@@ -191,10 +194,30 @@ void index_dreambooth(const DatasetConfig& dataset, const IndexOptions& options,
     if (!fs::is_directory(dir)) {
       fail(dir, "image folder not found (image_dir of [[datasets.subsets]] #{})", s + 1);
     }
+    if (subset.is_reg && options.part == DatasetPart::validation) continue;
     std::vector<FolderEntry> entries = index_folder(subset, options, index);
     if (entries.empty()) {
       warn(index, fmt::format("{}: no images (.png .jpg .jpeg .webp .bmp) found; subset ignored", dir));
       continue;
+    }
+    const int64_t num_repeats = options.part == DatasetPart::validation ? 1 : subset.num_repeats;
+    if (!subset.is_reg && options.part != DatasetPart::all && dataset.validation_split > 0) {
+      const size_t n = entries.size();
+      std::vector<FolderEntry> shuffled;
+      for (size_t i : python_shuffle_order(n, static_cast<uint64_t>(dataset.validation_seed.value_or(
+                                                  static_cast<int64_t>(options.validation_seed))))) {
+        shuffled.push_back(entries[i]);
+      }
+      const auto keep = options.part == DatasetPart::training
+                            ? static_cast<size_t>(std::ceil(static_cast<double>(n) * (1.0 - dataset.validation_split)))
+                            : static_cast<size_t>(std::nearbyint(static_cast<double>(n) * dataset.validation_split));
+      if (options.part == DatasetPart::training) {
+        shuffled.resize(std::min(keep, n));
+      } else {
+        shuffled.erase(shuffled.begin(), shuffled.end() - static_cast<std::ptrdiff_t>(std::min(keep, n)));
+      }
+      entries = std::move(shuffled);
+      if (entries.empty()) continue;
     }
     std::vector<std::string> missing;
     std::vector<std::string> cond_files;
@@ -206,7 +229,7 @@ void index_dreambooth(const DatasetConfig& dataset, const IndexOptions& options,
       e.path = f.path;
       e.width = f.width;
       e.height = f.height;
-      e.num_repeats = subset.num_repeats;
+      e.num_repeats = num_repeats;
       e.is_reg = subset.is_reg;
       e.subset = s;
       if (f.caption) {
@@ -224,7 +247,7 @@ void index_dreambooth(const DatasetConfig& dataset, const IndexOptions& options,
       if (e.is_reg) {
         reg_entries.push_back(std::move(e));
       } else {
-        index.num_train_images += subset.num_repeats;
+        index.num_train_images += num_repeats;
         index.images.push_back(std::move(e));
       }
     }
@@ -244,7 +267,9 @@ void index_dreambooth(const DatasetConfig& dataset, const IndexOptions& options,
   // kohya's balancing: register regularization images one by one, then add a repeat at a time,
   // cycling, until they match the training images (with repeats). Extra reg images stay unused.
   if (index.num_reg_images == 0) {
-    if (!reg_entries.empty() || dataset.kind == DatasetKind::DreamBooth) warn(index, "no regularization images");
+    if (options.part != DatasetPart::validation && (!reg_entries.empty() || dataset.kind == DatasetKind::DreamBooth)) {
+      warn(index, "no regularization images");
+    }
     return;
   }
   if (index.num_train_images < index.num_reg_images) warn(index, "more regularization images than training images: some are not used");
@@ -358,6 +383,11 @@ std::optional<std::string> read_caption_file(const std::string& image_path, cons
 
 DatasetIndex build_dataset_index(const DatasetConfig& dataset, const IndexOptions& options) {
   DatasetIndex index;
+  if (options.part == DatasetPart::validation) {
+    // Only DreamBooth-style datasets hold images out; an empty validation part is not an error.
+    if (dataset.kind != DatasetKind::FineTuning && dataset.validation_split > 0) index_dreambooth(dataset, options, index);
+    return index;
+  }
   if (dataset.kind == DatasetKind::FineTuning) {
     index_fine_tuning(dataset, options, index);
   } else {

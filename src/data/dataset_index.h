@@ -25,9 +25,17 @@ struct ImageEntry {
   BucketChoice bucket;       // filled by assign_buckets
 };
 
+// kohya's train/validation split (split_train_val): with a dataset's validation_split > 0, each DreamBooth subset's
+// images (not regularization) are shuffled as Python's random.Random(validation_seed).shuffle does; training takes
+// the first ceil(n (1 - split)), validation the last round(n split), with 1 repeat and no regularization images.
+// Fine-tuning datasets are not split (kohya copies them whole into its validation set; sdt gives them none).
+enum class DatasetPart { all, training, validation };
+
 struct IndexOptions {
   bool use_index_cache = true;  // read/write sdt_index.json beside DreamBooth images
   bool skip_bad_images = false; // warn and skip an unreadable image instead of failing
+  DatasetPart part = DatasetPart::all;
+  uint64_t validation_seed = 0;  // when the dataset has no validation_seed: --validation_seed, else --seed
 };
 
 struct DatasetIndex {

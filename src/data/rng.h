@@ -31,4 +31,9 @@ class Rng {
   uint64_t s_[4];
 };
 
+// The order Python's `random.Random(seed).shuffle` gives a list of n items: result[i] is the original position of
+// the item that ends at i. kohya splits validation images with it, so the same seed holds out the same images.
+// (MT19937 seeded by init_by_array with the seed's 32-bit words, Fisher-Yates with _randbelow's rejection sampling.)
+std::vector<size_t> python_shuffle_order(size_t n, uint64_t seed);
+
 }  // namespace sdt

@@ -69,7 +69,6 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
     fail("--cache_latents", "latent and text-encoder caches arrive with issue #6; train without them for now");
   }
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions to 77 tokens as kohya does by default");
-  if (args.validation_split > 0) fail("--validation_split", "validation loss is not built yet (issue #5)");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
 }
 
@@ -397,7 +396,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
 
   // ---------------------------------------------------------------- data
   DatasetBlueprint blueprint = resolve_dataset_config(args);
-  const std::vector<DatasetIndex> indexes = index_datasets(blueprint, {.skip_bad_images = args.skip_bad_images});
+  const uint64_t validation_seed = args.validation_seed ? static_cast<uint64_t>(*args.validation_seed) : seed;
+  const std::vector<DatasetIndex> indexes = index_datasets(
+      blueprint, {.skip_bad_images = args.skip_bad_images, .part = DatasetPart::training, .validation_seed = validation_seed});
   std::vector<LoaderDataset> loader_datasets;
   int64_t num_train_images = 0, num_reg_images = 0;
   for (size_t i = 0; i < indexes.size(); ++i) {
@@ -439,6 +440,32 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   const DdpmOptions ddpm = ddpm_options_from_args(args);
   const DdpmSchedule schedule = make_ddpm_schedule(ddpm.zero_terminal_snr);
 
+  // The held-out images (--validation_split or the datasets' validation_split), in a fixed order.
+  DatasetBlueprint validation_blueprint;
+  std::vector<DatasetIndex> validation_indexes;
+  {
+    std::vector<DatasetIndex> parts = index_datasets(
+        blueprint, {.skip_bad_images = args.skip_bad_images, .part = DatasetPart::validation, .validation_seed = validation_seed});
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (parts[i].images.empty()) continue;
+      validation_blueprint.datasets.push_back(blueprint.datasets[i]);
+      validation_indexes.push_back(std::move(parts[i]));
+    }
+  }
+  std::vector<LoaderDataset> validation_datasets;
+  int64_t num_validation_images = 0;
+  for (size_t i = 0; i < validation_indexes.size(); ++i) {
+    validation_datasets.push_back({&validation_blueprint.datasets[i], &validation_indexes[i]});
+    num_validation_images += validation_indexes[i].num_train_images;
+  }
+  std::optional<BatchPlanner> validation_planner;
+  std::unique_ptr<DataLoader> validation_loader;
+  if (!validation_datasets.empty()) {
+    validation_planner.emplace(validation_indexes, validation_blueprint, world.size, validation_seed);
+    validation_loader = std::make_unique<DataLoader>(validation_datasets, *validation_planner, loader_options);
+    spdlog::info("{} validation images, {} validation batches", num_validation_images, validation_planner->steps_per_epoch());
+  }
+
   // ---------------------------------------------------------------- outputs
   fs::create_directories(*args.output_dir);
   const std::string output_name = args.output_name.value_or("last");
@@ -455,6 +482,12 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   meta.unet_lr = python_str(args.unet_lr);
   meta.num_train_images = python_str(num_train_images);
   meta.num_reg_images = python_str(num_reg_images);
+  meta.num_validation_images = python_str(num_validation_images);
+  meta.validation_seed = python_str(args.validation_seed);
+  meta.validation_split = python_str(args.validation_split);
+  meta.max_validation_steps = python_str(args.max_validation_steps);
+  meta.validate_every_n_steps = python_str(args.validate_every_n_steps);
+  meta.validate_every_n_epochs = python_str(args.validate_every_n_epochs);
   meta.num_batches_per_epoch = python_str(batches_per_epoch);
   meta.num_epochs = python_str(num_epochs);
   meta.gradient_checkpointing = python_str(args.gradient_checkpointing);
@@ -527,6 +560,66 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       write_png((dir / sample_image_name(args.output_name, epoch, step, p, timestamp("%Y%m%d%H%M%S"))).string(), family->sample(o));
     }
     if (network) network->train();
+  };
+
+  // kohya's validation: the models in evaluation mode; each held-out batch at the timesteps
+  // linspace(min_t, max_t, 6)[1:-1] (200, 400, 600, 800), with noise from a generator seeded afresh by
+  // --validation_seed (else --seed) each time, so values compare across validations and runs. The training
+  // generators are not touched.
+  auto validate = [&]() -> double {
+    torch::NoGradGuard no_grad;
+    if (network) {
+      network->eval();
+      network->update_weights();
+    }
+    denoiser.eval();
+    text_encoder.eval();
+    at::Generator validation_gen = at::make_generator<at::CPUGeneratorImpl>(validation_seed);
+    std::mt19937_64 validation_random(validation_seed);
+    const UniformDraw validation_uniform = [&] { return unit(validation_random); };
+    const int64_t min_t = ddpm.noise.min_timestep.value_or(0);
+    const int64_t max_t = ddpm.noise.max_timestep.value_or(schedule.num_train_timesteps());
+    validation_loader->start_epoch(1, 0, position.global_step);
+    double sum = 0;
+    int64_t count = 0, batches = 0;
+    while (!args.max_validation_steps || batches < *args.max_validation_steps) {
+      std::optional<TrainBatch> batch = validation_loader->next();
+      if (!batch) break;
+      ++batches;
+      AutocastScope autocast(precision.autocast);
+      const at::Tensor latents = family->latents_caching_strategy()
+                                     .encode(batch->images.to(precision.vae), false, LatentSampling::sample, validation_gen)
+                                     .latents.to(at::kFloat);
+      const at::Tensor conditioning =
+          family->text_encoding_strategy().encode(family->tokenize_strategy().tokenize(batch->captions, args.weighted_captions)).at(0);
+      for (int k = 1; k <= 4; ++k) {
+        NoiseOptions fixed = ddpm.noise;
+        fixed.min_timestep = fixed.max_timestep = min_t + static_cast<int64_t>(static_cast<double>(max_t - min_t) * k / 5.0);
+        const NoisedLatents noised = noise_latents(schedule, latents, fixed, validation_gen, validation_uniform);
+        const at::Tensor target = training_target(schedule, latents, noised, ddpm.loss.v_parameterization);
+        const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
+        std::optional<at::Tensor> mask;
+        if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
+        sum += ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask).item<double>();
+        ++count;
+      }
+    }
+    if (network) {
+      network->train();
+    } else {
+      denoiser.train();
+      if (train_text_encoder) text_encoder.train();
+    }
+    return count ? sum / static_cast<double>(count) : 0.0;
+  };
+  auto log_validation = [&](const char* which, double value, double train_average, int64_t step, int64_t epoch) {
+    summary.validation_losses.emplace_back(step, value);
+    spdlog::info("step {}: validation loss {:.6f} ({} average; training moving average {:.6f})", step, value, which, train_average);
+    if (world.rank != 0) return;
+    const std::string prefix = std::string("loss/validation/") + which;
+    jsonl.write(step, epoch, {{prefix + "_average", value}, {prefix + "_divergence", value - train_average}});
+    tensorboard.add_scalar(prefix + "_average", static_cast<float>(value), which == std::string("epoch") ? epoch : step);
+    tensorboard.add_scalar(prefix + "_divergence", static_cast<float>(value - train_average), which == std::string("epoch") ? epoch : step);
   };
 
   // ---------------------------------------------------------------- the loop
@@ -669,6 +762,13 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       if (world.rank == 0 && args.sample_every_n_steps && global_step % *args.sample_every_n_steps == 0) {
         sample_images(global_step, std::nullopt);
       }
+      if (validation_loader && args.validate_every_n_steps && global_step % *args.validate_every_n_steps == 0) {
+        log_validation("step", validate(), average, global_step, epoch);
+      }
+    }
+    if (validation_loader && (!args.validate_every_n_epochs || epoch % *args.validate_every_n_epochs == 0)) {
+      const double average = position.recent_losses.empty() ? 0.0 : recent_sum / static_cast<double>(position.recent_losses.size());
+      log_validation("epoch", validate(), average, global_step, epoch);
     }
     if (epoch < num_epochs && args.save_every_n_epochs && epoch % *args.save_every_n_epochs == 0) {
       const int64_t every = *args.save_every_n_epochs;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cluster/world.h"
@@ -35,6 +36,7 @@ struct TrainSummary {
   std::vector<double> losses;  // per optimizer step of this run (the mean over its accumulation micro-steps)
   std::string weights_path;    // the last weight file written (LoRA or whole model)
   std::string state_path;      // the last resume state written, if any
+  std::vector<std::pair<int64_t, double>> validation_losses;  // (global step, validation loss), in order
   StepTimes times;
 };
 

@@ -11,6 +11,7 @@
 
 #include "src/core/error.h"
 #include "src/data/dataset_index.h"
+#include "src/data/rng.h"
 #include "src/data/sampler.h"
 
 namespace sdt {
@@ -178,6 +179,60 @@ TEST(DatasetIndex, BucketsAreAssignedPerImage) {
   assign_buckets(d, index);
   EXPECT_EQ(index.images[0].bucket.bucket, (Resolution{64, 64}));  // square.png sorts first
   EXPECT_GT(index.images[1].bucket.bucket.width, index.images[1].bucket.bucket.height);
+}
+
+}  // namespace
+}  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// Expected orders printed by CPython 3.11: l = list(range(n)); random.Random(seed).shuffle(l).
+TEST(DatasetIndex, PythonShuffleOrderIsCPythons) {
+  EXPECT_EQ(python_shuffle_order(10, 42), (std::vector<size_t>{7, 3, 2, 8, 5, 6, 9, 4, 0, 1}));
+  EXPECT_EQ(python_shuffle_order(10, 7), (std::vector<size_t>{8, 3, 1, 4, 7, 0, 9, 6, 2, 5}));
+  EXPECT_EQ(python_shuffle_order(10, (uint64_t{1} << 40) + 3), (std::vector<size_t>{8, 5, 6, 7, 9, 2, 4, 1, 0, 3}));
+  const std::vector<size_t> long_order = python_shuffle_order(300, 42);
+  EXPECT_EQ(std::vector<size_t>(long_order.begin(), long_order.begin() + 12),
+            (std::vector<size_t>{106, 239, 37, 89, 32, 250, 192, 120, 19, 225, 24, 295}));
+}
+
+// kohya's split_train_val: 10 images, split 0.2, seed 42 -> the shuffled order 7 3 2 8 5 6 9 4 | 0 1: images 0 and 1
+// are held out (1 repeat, no regularization); training keeps 8 images with their repeats and balances reg images to them.
+TEST(DatasetIndex, ValidationSplitHoldsOutKohyasImages) {
+  TempDir t;
+  for (int i = 0; i < 10; ++i) write_image(t.path / "train" / fmt::format("img{:02d}.png", i), 64, 64, 10 * i);
+  for (int i = 0; i < 3; ++i) write_image(t.path / "reg" / fmt::format("reg{}.png", i), 64, 64);
+  DatasetConfig d = dataset_of({db_subset(t.path / "train", 3), db_subset(t.path / "reg", 1, true)});
+  d.validation_split = 0.2;
+  d.validation_seed = 42;
+  IndexOptions options;
+  options.use_index_cache = false;
+  options.part = DatasetPart::validation;
+  const DatasetIndex validation = build_dataset_index(d, options);
+  ASSERT_EQ(validation.images.size(), 2u);
+  EXPECT_EQ(fs::path(validation.images[0].path).filename(), "img00.png");
+  EXPECT_EQ(fs::path(validation.images[1].path).filename(), "img01.png");
+  EXPECT_EQ(validation.images[0].num_repeats, 1);
+  EXPECT_EQ(validation.num_reg_images, 0);
+
+  options.part = DatasetPart::training;
+  const DatasetIndex training = build_dataset_index(d, options);
+  EXPECT_EQ(training.num_train_images, 24);
+  int64_t reg = 0;
+  for (const auto& e : training.images) {
+    if (e.is_reg) {
+      reg += e.num_repeats;
+    } else {
+      EXPECT_NE(fs::path(e.path).filename(), "img00.png");
+      EXPECT_NE(fs::path(e.path).filename(), "img01.png");
+    }
+  }
+  EXPECT_EQ(reg, 24);
+
+  d.validation_split = 0;
+  options.part = DatasetPart::validation;
+  EXPECT_TRUE(build_dataset_index(d, options).images.empty());
 }
 
 }  // namespace

@@ -236,3 +236,35 @@ TEST(Trainer, SaveLastNStepsRemovesOlderFiles) {
 
 }  // namespace
 }  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// --validation_split holds one of the two images out. Validations at the same weights give the same value (the
+// step-2 validation and the end of epoch 1 both see step 2's weights): fixed timesteps, noise and batches. Validating
+// leaves training untouched: the training losses equal those of a run without validation, bit for bit.
+TEST(Trainer, ValidationLossIsFixedAndLeavesTrainingAlone) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_validation";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.max_train_steps = 4;
+  args.validation_split = 0.5;
+  args.validation_seed = 3;
+  args.validate_every_n_steps = 2;
+  const TrainSummary validated = train(args, World{}, TrainMode::network);
+  ASSERT_EQ(validated.validation_losses.size(), 4u);  // steps 2 and 4, and the ends of epochs 1 and 2
+  EXPECT_EQ(validated.validation_losses[0].first, 2);
+  EXPECT_GT(validated.validation_losses[0].second, 0);
+  EXPECT_EQ(validated.validation_losses[0].second, validated.validation_losses[1].second);
+  EXPECT_EQ(validated.validation_losses[2].second, validated.validation_losses[3].second);
+  EXPECT_NE(validated.validation_losses[0].second, validated.validation_losses[2].second);
+  args.validate_every_n_steps = std::nullopt;
+  args.validate_every_n_epochs = 100;  // never
+  const TrainSummary plain = train(args, World{}, TrainMode::network);
+  EXPECT_TRUE(plain.validation_losses.empty());
+  EXPECT_EQ(plain.losses, validated.losses);
+  fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace sdt
