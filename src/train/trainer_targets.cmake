@@ -11,6 +11,13 @@ target_compile_definitions(test_trainer PRIVATE SDT_SOURCE_DIR="${CMAKE_SOURCE_D
 target_precompile_headers(test_trainer REUSE_FROM sdt_torch)
 gtest_discover_tests(test_trainer DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")
 
+# The first training step (loss and every LoRA gradient) against kohya's own step on the tiny SD 1.x model
+# (tests/fixtures/train/gen_first_step.py). It runs the trainer's pieces, not train_network, so it links just those.
+add_executable(test_first_step tests/train/test_first_step.cpp)
+target_link_libraries(test_first_step PRIVATE sdt_families sdt_networks sdt_train_diffusion GTest::gtest_main)
+target_compile_definitions(test_first_step PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")
+target_precompile_headers(test_first_step REUSE_FROM sdt_torch)
+gtest_discover_tests(test_first_step DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")
 
 # The step time split of the demo configuration and the trainer's overhead over a bare LibTorch loop (not run by ctest).
 add_executable(bench_train_step bench/bench_train_step.cpp)
