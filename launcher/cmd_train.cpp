@@ -38,14 +38,13 @@ std::string effective_config_toml(const ParsedTrainArgs& parsed) {
 
 }  // namespace
 
-int run_train(const std::vector<std::string>& argv, TrainMode mode) {
+int run_train(const std::vector<std::string>& argv, const World& world, TrainMode mode) {
   for (const auto& a : argv) {
     if (a == "--help" || a == "-h") {
       print_help(mode);
       return 0;
     }
   }
-  const World world = world_from_environment();
   ParsedTrainArgs parsed = parse_train_args(argv);
   const TrainArgs& args = parsed.args;
   init_logging({args.console_log_level, args.console_log_file, args.console_log_simple, args.log_all_ranks}, world.rank,

@@ -16,7 +16,7 @@ namespace sdt {
 
 int run_inspect(const std::string& path);
 int run_inspect_dataset(const std::vector<std::string>& argv);
-int run_train(const std::vector<std::string>& argv, TrainMode mode);
+int run_train(const std::vector<std::string>& argv, const World& world, TrainMode mode);
 
 // `sdt sample`: its options are added to `app` as a subcommand bound to `command`; run_sample runs it once parsed.
 struct SampleCommand {
@@ -36,6 +36,5 @@ struct MergeLoraCommand {
 };
 CLI::App* add_merge_lora_command(CLI::App& app, MergeLoraCommand& command);
 int run_merge_lora(const MergeLoraCommand& command);
-
 
 }  // namespace sdt

@@ -1,10 +1,13 @@
 // sdt: one executable, one subcommand per job. `sdt --help` lists them.
 #include <CLI/CLI.hpp>
 
+#include "cluster/world.h"
 #include "launcher/commands.h"
 #include "src/core/error.h"
 
 int main(int argc, char** argv) {
+  // First, before any thread starts: MPI only when mpirun / srun started more than one process.
+  sdt::DistributedSession session;
   CLI::App app{"sdt: train diffusion image models (LoRA and full fine-tuning) with kohya-ss/sd-scripts' configuration",
                "sdt"};
   app.set_version_flag("--version", "sdt 0.1.0");
@@ -46,16 +49,13 @@ int main(int argc, char** argv) {
       if (inspect_path.empty()) throw CLI::RequiredError("file");
       return sdt::run_inspect(inspect_path);
     }
-    if (*train) return sdt::run_train(train->remaining(), sdt::TrainMode::network);
-    if (*train_db) return sdt::run_train(train_db->remaining(), sdt::TrainMode::full);
+    if (*train) return sdt::run_train(train->remaining(), session.world(), sdt::TrainMode::network);
+    if (*train_db) return sdt::run_train(train_db->remaining(), session.world(), sdt::TrainMode::full);
     if (*sample) return sdt::run_sample(sample_command);
     if (*merge_lora) return sdt::run_merge_lora(merge_lora_command);
-  } catch (const sdt::Error& e) {
-    fmt::print(stderr, "error: {}\n", e.what());
-    return 1;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "error: {}\n", e.what());
-    return 1;
+    // One rank's error ends the whole job, with the rank named: the others would wait for it forever.
+    sdt::abort_job(session.world(), e.what());
   }
   return 0;
 }

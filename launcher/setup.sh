@@ -4,6 +4,8 @@
 #   launcher/setup.sh            install + configure + build
 #   launcher/setup.sh test       ... then run the whole test suite (ctest + the Python format check)
 #   launcher/setup.sh demo       ... then run the demo job
+#   launcher/setup.sh cuda-check compile the NCCL backend against the CUDA LibTorch (no GPU needed):
+#                                torch==2.14.1 (CUDA) in /opt/sdt-cuda/venv, build folder build-cuda
 #
 # Idempotent: every step checks first and does nothing when it is already done, so a re-run on a
 # machine that is set up costs a few seconds (plus whatever the incremental build has to do).
@@ -27,6 +29,7 @@ apt_packages=(
   cmake ninja-build ccache g++ pkg-config python3-venv      # toolchain
   libopenmpi-dev openmpi-bin                                # process launch + CPU collectives
   libhdf5-dev hdf5-tools                                    # latent / text-encoder caches (h5dump to inspect)
+  libzip-dev                                                # kohya's .npz caches (zip archives of .npy arrays)
   libtoml11-dev libcli11-dev libspdlog-dev nlohmann-json3-dev  # config, command line, logging, JSON headers
   libgtest-dev libgmock-dev                                 # tests
   libopencv-imgcodecs-dev libopencv-imgproc-dev libwebp-dev libpng-dev libjpeg-dev  # image decoding / resizing
@@ -87,7 +90,45 @@ configure() {
         -DSDT_PYTHON="$venv/bin/python"
 }
 
+# The CUDA build of LibTorch from PyPI's torch wheel, in a virtual environment outside the clone
+# (5.5 GB), and a build of the cluster library with its NCCL backend against it. Torch's CMake
+# config enables the CUDA language, so it needs nvcc (the toolkit at $cuda_root) although nothing
+# here is CUDA code; the toolkit there lacks NVRTC, which the wheel's nvidia-cuda-nvrtc provides.
+# CMake 3.25 knows no C++20 dialect for nvcc, hence CUDA 17 for Torch's compiler probe.
+cuda_venv="/opt/sdt-cuda/venv"
+cuda_torch_version="2.14.1"
+cuda_root="${CUDA_ROOT:-/usr/local/cuda-13.0}"
+cuda_check() {
+  if [ ! -x "$cuda_venv/bin/python" ]; then
+    log "creating $cuda_venv"
+    python3 -m venv "$cuda_venv"
+  fi
+  if ! "$cuda_venv/bin/python" -c 'import sys, importlib.metadata as md; sys.exit(md.version("torch").split("+")[0] != sys.argv[1])' \
+       "$cuda_torch_version" 2>/dev/null; then
+    log "installing torch==$cuda_torch_version (CUDA build) into $cuda_venv"
+    "$cuda_venv/bin/pip" install -q "torch==$cuda_torch_version"
+  fi
+  local site torch_dir
+  site="$("$cuda_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  torch_dir="$site/torch/share/cmake/Torch"
+  if [ -f build-cuda/build.ninja ] && grep -q "^Torch_DIR:[A-Z]*=$torch_dir\$" build-cuda/CMakeCache.txt 2>/dev/null; then
+    log "build folder build-cuda already configured"
+  else
+    log "configuring build-cuda (Torch_DIR=$torch_dir)"
+    cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$torch_dir" \
+          -DCUDAToolkit_ROOT="$cuda_root" -DCUDA_TOOLKIT_ROOT_DIR="$cuda_root" -DCMAKE_CUDA_COMPILER="$cuda_root/bin/nvcc" \
+          -DCMAKE_CUDA_STANDARD=17 -DTORCH_CUDA_ARCH_LIST=9.0 -DCUDA_nvrtc_LIBRARY="$site/nvidia/cu13/lib/libnvrtc.so.13" \
+          -DSDT_CUDA=ON
+  fi
+  log "building the cluster library with the NCCL backend"
+  cmake --build build-cuda --target sdt_cluster_comm
+}
+
 install_apt
+if [ "$action" = cuda-check ]; then
+  cuda_check
+  exit 0
+fi
 [ -n "${Torch_DIR:-}" ] || install_venv
 configure
 log "building"
@@ -103,5 +144,5 @@ case "$action" in
     log "running the demo"
     bash "$root/launcher/demo.sh" "$build_dir"
     ;;
-  *) echo "unknown action '$action' (build | test | demo)" >&2; exit 2 ;;
+  *) echo "unknown action '$action' (build | test | demo | cuda-check)" >&2; exit 2 ;;
 esac

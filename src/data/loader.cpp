@@ -29,6 +29,10 @@ TrainBatch load_rank_batch(const std::vector<LoaderDataset>& datasets, const Glo
   b.dataset = global.dataset;
   b.bucket = global.bucket;
   b.global_batch_size = static_cast<int64_t>(global.samples.size());
+  b.update = global.update;
+  b.micro = global.micro;
+  b.micros = global.micros;
+  b.update_offset = global.offset + static_cast<int64_t>(begin);
   const auto n = static_cast<int64_t>(share.size());
   const auto options_f = at::TensorOptions().dtype(at::kFloat).pinned_memory(options.pin_memory);
   b.images = at::empty({n, 3, global.bucket.height, global.bucket.width}, options_f);
@@ -41,7 +45,9 @@ TrainBatch load_rank_batch(const std::vector<LoaderDataset>& datasets, const Glo
   const CaptionContext caption_context{epoch, global_step, options.max_train_steps};
   for (int64_t i = 0; i < n; ++i) {
     const ImageEntry& entry = ds.index->images.at(share[static_cast<size_t>(i)].image);
-    const SampleKey key{options.seed, epoch, step, static_cast<uint32_t>(begin + static_cast<size_t>(i))};
+    // Keyed by the sample's place in its optimizer update, so that how the update is split among
+    // ranks and micro-steps changes nothing.
+    const SampleKey key{options.seed, epoch, global.update, static_cast<uint32_t>(b.update_offset + i)};
     ProcessedSample s = load_sample(*ds.config, entry, key, caption_context);
     to_chw(s.image, b.images[i]);
     if (!s.alpha_mask.empty()) std::memcpy(b.alpha_masks[i].data_ptr<float>(), s.alpha_mask.data(), s.alpha_mask.size() * sizeof(float));

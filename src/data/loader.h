@@ -30,6 +30,10 @@ struct TrainBatch {
   uint32_t dataset = 0;
   Resolution bucket;
   int64_t global_batch_size = 0;  // samples of the global batch (all ranks)
+  int64_t update = 0;             // the optimizer update of the epoch (GlobalBatch::update) ...
+  int64_t micro = 0;              // ... its micro-step, of `micros`
+  int64_t micros = 1;
+  int64_t update_offset = 0;      // position of this rank's first sample among the update's samples
   at::Tensor images;              // (B, 3, H, W) float32 in [-1, 1]
   at::Tensor alpha_masks;         // (B, H, W) float32, ones where a sample has no mask; undefined if no subset uses masks
   at::Tensor conditioning_images; // (B, 3, H, W) for ControlNet datasets, else undefined

@@ -11,7 +11,8 @@
 namespace sdt {
 
 // What a generator is for; keeps the streams of different decisions independent.
-enum class RngPurpose : uint64_t { Shuffle = 1, Caption = 2, Augment = 3, Crop = 4 };
+enum class RngPurpose : uint64_t { Shuffle = 1, Caption = 2, Augment = 3, Crop = 4, Latents = 5, Noise = 6, PyramidScales = 7,
+                                   NetworkDropout = 8, ValidationLatents = 9, ValidationNoise = 10 };
 
 class Rng {
  public:

@@ -17,6 +17,9 @@
 #include "src/core/error.h"
 #include "src/core/tensor_io.h"
 #include "src/data/loader.h"
+#include "src/data/rng.h"
+#include "cluster/communicator.h"
+#include "cluster/gradient_reducer.h"
 #include "src/families/family.h"
 #include "src/networks/lora.h"
 #include "src/networks/lora_metadata.h"
@@ -33,6 +36,47 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// Everything random about a training sample (its VAE sample, noise, timestep, pyramid scales) comes from streams
+// keyed by (seed, optimizer update, the sample's place among the update's samples), never from a stream that runs
+// through the batch. So how an update's samples are split among ranks and accumulation micro-steps changes
+// nothing, and a resumed run needs no generator state. (kohya draws from one stream per process; its "one random
+// strength per batch" options draw one per sample here.)
+at::Generator keyed_generator(uint64_t seed, int64_t update, int64_t place, RngPurpose purpose) {
+  Rng rng(seed, static_cast<uint64_t>(update), static_cast<uint64_t>(place), purpose);
+  return at::make_generator<at::CPUGeneratorImpl>(rng.next());
+}
+
+// A batch's latents, each sample drawn from the VAE's posterior with its own keyed stream; `first_place` is the
+// place of the batch's first sample in its update.
+at::Tensor encode_latents(const Family& family, const at::Tensor& images, uint64_t seed, int64_t update, int64_t first_place,
+                          RngPurpose purpose) {
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> latents;
+  for (int64_t i = 0; i < images.size(0); ++i) {
+    at::Generator gen = keyed_generator(seed, update, first_place + i, purpose);
+    latents.push_back(family.latents_caching_strategy().encode(images.narrow(0, i, 1), false, LatentSampling::sample, gen).latents);
+  }
+  return at::cat(latents).to(at::kFloat);
+}
+
+// kohya's noise, timesteps and noised latents, sample by sample with keyed streams (torch's, and the Python-random
+// stream of the pyramid-noise scales).
+NoisedLatents noise_batch(const DdpmSchedule& schedule, const at::Tensor& latents, const NoiseOptions& options, uint64_t seed,
+                          int64_t update, int64_t first_place, RngPurpose purpose) {
+  std::vector<at::Tensor> noise, noisy, timesteps;
+  for (int64_t i = 0; i < latents.size(0); ++i) {
+    const int64_t place = first_place + i;
+    at::Generator gen = keyed_generator(seed, update, place, purpose);
+    std::mt19937_64 python_random(Rng(seed, static_cast<uint64_t>(update), static_cast<uint64_t>(place), RngPurpose::PyramidScales).next());
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    const NoisedLatents n = noise_latents(schedule, latents.narrow(0, i, 1), options, gen, [&] { return unit(python_random); });
+    noise.push_back(n.noise);
+    noisy.push_back(n.noisy_latents);
+    timesteps.push_back(n.timesteps);
+  }
+  return {at::cat(noise), at::cat(noisy), at::cat(timesteps)};
+}
 
 std::optional<at::ScalarType> save_dtype(const TrainArgs& args) {
   const std::string p = args.save_precision.value_or("float");
@@ -179,19 +223,14 @@ struct RunPosition {
 
 const char* mode_name(TrainMode mode) { return mode == TrainMode::network ? "network" : "full"; }
 
-std::string rng_text(const std::mt19937_64& rng) {
-  std::ostringstream out;
-  out << rng;
-  return out.str();
-}
-
 // A state folder, as kohya's save_state names it, holds: trained.safetensors (the trained tensors, exact),
-// optimizer.safetensors, rank<r>.safetensors (that rank's random generators) and train_state.json (kohya's
-// current_epoch / current_step, and sdt's position). It is written under a temporary name and renamed when
-// complete, so a folder with the final name is always whole.
+// optimizer.safetensors and train_state.json (kohya's current_epoch / current_step, and sdt's position). Random
+// streams are keyed by position (keyed_generator), so there is no generator state, and nothing differs between
+// ranks: rank 0 writes it alone, and any number of ranks can resume from it. It is written under a temporary name
+// and renamed when complete, so a folder with the final name is always whole.
 void save_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, const Optimizer& optimizer,
-                      at::Generator& generator, const std::mt19937_64& python_random, const RunPosition& position,
-                      uint64_t seed, const World& world, const LossScaler& scaler) {
+                      const RunPosition& position, uint64_t seed, int64_t samples_per_update, const World& world,
+                      const LossScaler& scaler) {
   const fs::path partial = dir.string() + ".partial";
   fs::remove_all(partial);
   fs::create_directories(partial);
@@ -199,13 +238,6 @@ void save_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights&
   for (const auto& [name, p] : trained.named) tensors.emplace_back(name, p.detach());
   save_safetensors((partial / "trained.safetensors").string(), tensors, {});
   save_optimizer_state(optimizer, (partial / "optimizer.safetensors").string());
-  at::Tensor generator_state;
-  {
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    generator_state = generator.get_state();
-  }
-  save_safetensors((partial / fmt::format("rank{}.safetensors", world.rank)).string(), {{"torch_generator", generator_state}},
-                   {{"python_random", rng_text(python_random)}});
   nlohmann::json state = {
       {"current_epoch", position.epoch - (position.epoch_step == 0 ? 1 : 0)},
       {"current_step", position.global_step},
@@ -214,6 +246,7 @@ void save_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights&
         {"mode", mode_name(mode)},
         {"seed", seed},
         {"world_size", world.size},
+        {"samples_per_update", samples_per_update},
         {"global_step", position.global_step},
         {"epoch", position.epoch},
         {"epoch_step", position.epoch_step},
@@ -245,16 +278,18 @@ nlohmann::json read_state_json(const fs::path& dir) {
 }
 
 LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, Optimizer& optimizer,
-                             at::Generator& generator, std::mt19937_64& python_random, const World& world,
-                             LossScaler& scaler) {
+                             int64_t samples_per_update, LossScaler& scaler) {
   const nlohmann::json j = read_state_json(dir);
   const nlohmann::json& s = j.at("sdt");
   const std::string where = (dir / "train_state.json").string();
   if (s.at("mode").get<std::string>() != mode_name(mode)) {
     fail(where, "written by a '{}' run, but this run trains '{}'", s.at("mode").get<std::string>(), mode_name(mode));
   }
-  if (s.at("world_size").get<int>() != world.size) {
-    fail(where, "written by {} ranks; resuming on {} ranks arrives with issue #7", s.at("world_size").get<int>(), world.size);
+  if (s.at("samples_per_update").get<int64_t>() != samples_per_update) {
+    fail(where,
+         "written by a run with {} samples per optimizer update ({} ranks), this run has {}: the data position cannot "
+         "carry over; keep train_batch_size x ranks x gradient_accumulation_steps the same",
+         s.at("samples_per_update").get<int64_t>(), s.at("world_size").get<int>(), samples_per_update);
   }
   LoadedState loaded;
   loaded.seed = s.at("seed").get<uint64_t>();
@@ -280,13 +315,6 @@ LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedW
     fail(trained_path, "holds {} tensors, this run trains {}: another network or model", file.tensors().size(), trained.named.size());
   }
   load_optimizer_state(optimizer, (dir / "optimizer.safetensors").string());
-  const std::string rank_path = (dir / fmt::format("rank{}.safetensors", world.rank)).string();
-  safetensors::File rank_file(rank_path);
-  {
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    generator.set_state(load_tensor(rank_file, "torch_generator"));
-  }
-  std::istringstream(rank_file.metadata().at("python_random")) >> python_random;
   return loaded;
 }
 
@@ -301,20 +329,27 @@ std::optional<int64_t> step_to_remove(int64_t step, int64_t every, std::optional
 
 // ---------------------------------------------------------------- the step time split
 
-void log_times(const StepTimes& t, const World& world, const char* what) {
-  if (t.steps == 0) return;
-  const double n = static_cast<double>(t.steps);
-  spdlog::info("rank {} time per step over {} ({} steps): data {:.1f} ms, forward {:.1f} ms, backward {:.1f} ms, "
-               "communication {:.1f} ms, optimizer {:.1f} ms, total {:.1f} ms",
-               world.rank, what, t.steps, 1e3 * t.data / n, 1e3 * t.forward / n, 1e3 * t.backward / n,
-               1e3 * t.communication / n, 1e3 * t.optimizer / n, 1e3 * t.total() / n);
+// Every rank's split, gathered, printed by rank 0 one line per rank (a collective: all ranks call it).
+void log_times(const StepTimes& t, Communicator& communicator, const char* what) {
+  const at::Tensor mine = torch::tensor({t.data, t.forward, t.backward, t.communication, t.optimizer, static_cast<double>(t.steps)},
+                                        at::TensorOptions(at::kDouble));
+  const at::Tensor all = communicator.all_gather(mine.to(communicator.device())).cpu();
+  if (communicator.rank() != 0 || t.steps == 0) return;
+  for (int r = 0; r < communicator.size(); ++r) {
+    const at::Tensor row = all[r];
+    const double n = std::max(1.0, row[5].item<double>());
+    auto ms = [&](int i) { return 1e3 * row[i].item<double>() / n; };
+    spdlog::info("rank {} ms per step over {} ({} steps): data {:.1f}, forward {:.1f}, backward {:.1f}, communication {:.1f}, "
+                 "optimizer {:.1f}, total {:.1f}",
+                 r, what, static_cast<int64_t>(n), ms(0), ms(1), ms(2), ms(3), ms(4), ms(0) + ms(1) + ms(2) + ms(3) + ms(4));
+  }
 }
 
 }  // namespace
 
 TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   check_supported(args, mode);
-  if (world.size != 1) fail("sdt train", "data-parallel training arrives with issue #7; run one process for now");
+  std::unique_ptr<Communicator> communicator = make_communicator(world, at::Device(at::kCPU));
   std::optional<nlohmann::json> resume_json;
   if (args.resume) resume_json = read_state_json(*args.resume);
   // A resumed run keeps its seed: the data order, augmentations and noise all derive from it.
@@ -325,10 +360,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     seed = saved;
   }
   spdlog::info("seed {}", seed);
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  std::mt19937_64 python_random(seed);  // kohya's pyramid-noise scales come from Python's random, a separate stream
-  std::uniform_real_distribution<double> unit(0.0, 1.0);
-  const UniformDraw pyramid_uniform = [&] { return unit(python_random); };
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);  // initialisation only: LoRA weights
   const Precision precision = precision_from_args(args);
 
   // ---------------------------------------------------------------- models
@@ -393,6 +425,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   bundle.vae->to(precision.vae);
   MadeOptimizer made = make_optimizer(args, trained.groups);
   LossScaler scaler;
+  // Data parallel: rank 0's trained weights go to every rank, then each backward's gradients are averaged over the
+  // ranks in buckets while backward runs (one process: no communication at all).
+  GradientReducer reducer(trained.params, *communicator, args.ddp_bucket_mb * 1024 * 1024);
 
   // ---------------------------------------------------------------- data
   DatasetBlueprint blueprint = resolve_dataset_config(args);
@@ -406,11 +441,23 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     num_train_images += indexes[i].num_train_images;
     num_reg_images += indexes[i].num_reg_images;
   }
-  BatchPlanner planner(indexes, blueprint, world.size, seed);
   const int64_t accumulation = args.gradient_accumulation_steps;
+  BatchPlanner planner(indexes, blueprint, world.size, seed, accumulation);
   const int64_t batches_per_epoch = planner.steps_per_epoch();
-  // Accelerate steps the optimizer at the end of each epoch even when its last accumulation is short.
-  const int64_t updates_per_epoch = (batches_per_epoch + accumulation - 1) / accumulation;
+  const int64_t updates_per_epoch = planner.updates_per_epoch();
+  int64_t samples_per_update = 0;
+  for (const auto& d : blueprint.datasets) samples_per_update = std::max(samples_per_update, d.batch_size * world.size * accumulation);
+  if (world.rank == 0) {
+    std::string shares;
+    for (int r = 0; r < world.size; ++r) {
+      shares += fmt::format("{}{}", r ? ", " : "", (samples_per_update / accumulation) * (r + 1) / world.size -
+                                                     (samples_per_update / accumulation) * r / world.size);
+    }
+    spdlog::info("{} ranks on {} nodes; global batch {} = batch {} x {} ranks, x {} accumulation steps = {} samples per "
+                 "update; rank shares of each global batch: {}",
+                 world.size, world.node_count, samples_per_update / accumulation, samples_per_update / accumulation / world.size,
+                 world.size, accumulation, samples_per_update, shares);
+  }
   const int64_t max_train_steps = args.max_train_epochs ? *args.max_train_epochs * updates_per_epoch : args.max_train_steps;
   const int64_t num_epochs = (max_train_steps + updates_per_epoch - 1) / updates_per_epoch;
   spdlog::info("{} training images with repeats, {} regularization; {} batches per epoch, {} optimizer steps per epoch, "
@@ -422,7 +469,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
 
   RunPosition position;
   if (args.resume) {
-    position = load_train_state(*args.resume, mode, trained, *made.optimizer, gen, python_random, world, scaler).position;
+    position = load_train_state(*args.resume, mode, trained, *made.optimizer, samples_per_update, scaler).position;
     spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *args.resume, position.global_step, position.epoch,
                  position.epoch_step);
   }
@@ -527,8 +574,11 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   summary.first_step = position.global_step;
   auto save_state = [&](const std::string& name) {
     const fs::path dir = output_dir / (name + "-state");
-    save_train_state(dir, mode, trained, *made.optimizer, gen, python_random, position, seed, world, scaler);
-    spdlog::info("saved state {}", dir.string());
+    if (world.rank == 0) {
+      save_train_state(dir, mode, trained, *made.optimizer, position, seed, samples_per_update, world, scaler);
+      spdlog::info("saved state {}", dir.string());
+    }
+    communicator->barrier();  // no rank goes on (or exits) before the state is complete
     summary.state_path = dir.string();
   };
   auto remove_saved = [&](const std::string& name, bool is_state) {
@@ -563,9 +613,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   };
 
   // kohya's validation: the models in evaluation mode; each held-out batch at the timesteps
-  // linspace(min_t, max_t, 6)[1:-1] (200, 400, 600, 800), with noise from a generator seeded afresh by
-  // --validation_seed (else --seed) each time, so values compare across validations and runs. The training
-  // generators are not touched.
+  // linspace(min_t, max_t, 6)[1:-1] (200, 400, 600, 800), with latents and noise from streams keyed by
+  // --validation_seed (else --seed), the batch and the sample, so values compare across validations, runs and rank
+  // counts. The value is the mean over all held-out samples of all ranks.
   auto validate = [&]() -> double {
     torch::NoGradGuard no_grad;
     if (network) {
@@ -574,34 +624,33 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     }
     denoiser.eval();
     text_encoder.eval();
-    at::Generator validation_gen = at::make_generator<at::CPUGeneratorImpl>(validation_seed);
-    std::mt19937_64 validation_random(validation_seed);
-    const UniformDraw validation_uniform = [&] { return unit(validation_random); };
     const int64_t min_t = ddpm.noise.min_timestep.value_or(0);
     const int64_t max_t = ddpm.noise.max_timestep.value_or(schedule.num_train_timesteps());
     validation_loader->start_epoch(1, 0, position.global_step);
     double sum = 0;
-    int64_t count = 0, batches = 0;
+    int64_t count = 0, batches = 0;  // samples x timesteps; validation batches
     while (!args.max_validation_steps || batches < *args.max_validation_steps) {
       std::optional<TrainBatch> batch = validation_loader->next();
       if (!batch) break;
       ++batches;
       AutocastScope autocast(precision.autocast);
-      const at::Tensor latents = family->latents_caching_strategy()
-                                     .encode(batch->images.to(precision.vae), false, LatentSampling::sample, validation_gen)
-                                     .latents.to(at::kFloat);
+      const int64_t key = batch->update * 5;  // the latents' streams, then one per validation timestep
+      const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), validation_seed, key,
+                                                batch->update_offset, RngPurpose::ValidationLatents);
       const at::Tensor conditioning =
           family->text_encoding_strategy().encode(family->tokenize_strategy().tokenize(batch->captions, args.weighted_captions)).at(0);
       for (int k = 1; k <= 4; ++k) {
         NoiseOptions fixed = ddpm.noise;
         fixed.min_timestep = fixed.max_timestep = min_t + static_cast<int64_t>(static_cast<double>(max_t - min_t) * k / 5.0);
-        const NoisedLatents noised = noise_latents(schedule, latents, fixed, validation_gen, validation_uniform);
+        const NoisedLatents noised =
+            noise_batch(schedule, latents, fixed, validation_seed, key + k, batch->update_offset, RngPurpose::ValidationNoise);
         const at::Tensor target = training_target(schedule, latents, noised, ddpm.loss.v_parameterization);
         const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
         std::optional<at::Tensor> mask;
         if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
-        sum += ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask).item<double>();
-        ++count;
+        const double n = static_cast<double>(latents.size(0));
+        sum += n * ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask).item<double>();
+        count += latents.size(0);
       }
     }
     if (network) {
@@ -610,7 +659,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       denoiser.train();
       if (train_text_encoder) text_encoder.train();
     }
-    return count ? sum / static_cast<double>(count) : 0.0;
+    const at::Tensor totals = torch::tensor({sum, static_cast<double>(count)}, at::TensorOptions(at::kDouble)).to(communicator->device());
+    communicator->all_reduce(totals, ReduceOp::sum);
+    return totals[1].item<double>() > 0 ? totals[0].item<double>() / totals[1].item<double>() : 0.0;
   };
   auto log_validation = [&](const char* which, double value, double train_average, int64_t step, int64_t epoch) {
     summary.validation_losses.emplace_back(step, value);
@@ -634,7 +685,6 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   for (int64_t epoch = position.epoch; epoch <= num_epochs && global_step < max_train_steps; ++epoch) {
     const int64_t first_batch = epoch == position.epoch ? position.epoch_step : 0;
     loader.start_epoch(epoch, first_batch, global_step);
-    int64_t micro = 0;
     double accumulated = 0;
     StepTimes step_times;
     while (global_step < max_train_steps) {
@@ -644,18 +694,17 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       step_times.data += seconds_since(phase);
       phase = Clock::now();
 
+      // The update's key for the random streams: the number of updates before it, the same on every rank and
+      // every micro-step of the update.
+      const int64_t update_key = global_step;
+      const bool last_micro = batch->micro + 1 == batch->micros;
       at::Tensor loss;
       {
         AutocastScope autocast(precision.autocast);
-        at::Tensor latents;
-        {
-          torch::NoGradGuard no_grad;
-          latents = family->latents_caching_strategy()
-                        .encode(batch->images.to(precision.vae), false, LatentSampling::sample, gen)
-                        .latents.to(at::kFloat);
-        }
+        const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), seed, update_key,
+                                                  batch->update_offset, RngPurpose::Latents);
         // The LoRA enters the text encoder's and the U-Net's weights here, with this step's autograd graph.
-        if (network) network->update_weights(gen);
+        if (network) network->update_weights(keyed_generator(seed, update_key, 0, RngPurpose::NetworkDropout));
         at::Tensor conditioning;
         {
           std::optional<torch::NoGradGuard> no_grad;
@@ -663,7 +712,8 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
           const Tokens tokens = family->tokenize_strategy().tokenize(batch->captions, weighted);
           conditioning = family->text_encoding_strategy().encode(tokens).at(0);
         }
-        const NoisedLatents noised = noise_latents(schedule, latents, ddpm.noise, gen, pyramid_uniform);
+        const NoisedLatents noised =
+            noise_batch(schedule, latents, ddpm.noise, seed, update_key, batch->update_offset, RngPurpose::Noise);
         const at::Tensor target = training_target(schedule, latents, noised, ddpm.loss.v_parameterization);
         const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
         std::optional<at::Tensor> mask;
@@ -672,13 +722,23 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       }
       step_times.forward += seconds_since(phase);
       phase = Clock::now();
-      at::Tensor scaled = loss / static_cast<double>(accumulation);
+      at::Tensor scaled = loss / static_cast<double>(batch->micros);
       if (precision.loss_scaling) scaled = scaled * scaler.scale;
+      reducer.set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
       scaled.backward();
       step_times.backward += seconds_since(phase);
       accumulated += loss.item<double>();
+      if (!last_micro) continue;
       const bool last_of_epoch = batch->step + 1 == batches_per_epoch;
-      if (++micro % accumulation != 0 && !last_of_epoch) continue;
+
+      phase = Clock::now();
+      reducer.finish();
+      // The logged loss is the update's: the mean over its micro-steps and over the ranks.
+      const at::Tensor update_loss =
+          torch::tensor({accumulated / static_cast<double>(batch->micros)}, at::TensorOptions(at::kDouble)).to(communicator->device());
+      communicator->all_reduce(update_loss, ReduceOp::average);
+      const double step_loss = update_loss.item<double>();
+      step_times.communication += seconds_since(phase);
 
       phase = Clock::now();
       const bool finite = !precision.loss_scaling || scaler.unscale(trained.params);
@@ -701,9 +761,6 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       step_times.optimizer += seconds_since(phase);
       step_times.steps = 1;
 
-      const int64_t micro_steps = micro % accumulation == 0 ? accumulation : micro % accumulation;
-      const double step_loss = accumulated / static_cast<double>(micro_steps);
-      micro = 0;
       accumulated = 0;
       summary.losses.push_back(step_loss);
       curve.emplace_back(global_step, step_loss);
@@ -723,7 +780,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       }
       step_times = StepTimes{};
       if (args.log_time_every_n_steps > 0 && global_step % args.log_time_every_n_steps == 0) {
-        log_times(window, world, "the last steps");
+        log_times(window, *communicator, "the last steps");
         window = StepTimes{};
       }
 
@@ -789,7 +846,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     }
   }
   summary.steps = global_step;
-  log_times(summary.times, world, "the run");
+  log_times(summary.times, *communicator, "the run");
   if (args.save_state || args.save_state_on_train_end) save_state(output_name);
   if (world.rank == 0) {
     progress.finish();

@@ -100,3 +100,36 @@ TEST(Sampler, ShortBatchIsSplitAsEvenlyAsPossible) {
 
 }  // namespace
 }  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// One update of 6 samples is the same 6 samples, in the same places, whether one process takes them at once,
+// 3 ranks take 2 each, or one process accumulates 3 micro-batches of 2: the concatenated micro-batches of each update
+// equal the unaccumulated plan's batch, and each micro-batch says which micro-step of how many it is and where it sits.
+TEST(Sampler, AccumulatedMicroBatchesConcatenateToTheUpdatesBatch) {
+  DatasetIndex index = synthetic_index();  // buckets of 14, 4 and 3 samples
+  const std::vector<GlobalBatch> whole = BatchPlanner({&index}, {6}, 42).epoch(1);
+  BatchPlanner accumulating({&index}, {2}, 42, 3);
+  const std::vector<GlobalBatch> micro = accumulating.epoch(1);
+  EXPECT_EQ(accumulating.updates_per_epoch(), static_cast<int64_t>(whole.size()));
+  EXPECT_EQ(accumulating.steps_per_epoch(), static_cast<int64_t>(micro.size()));
+  size_t m = 0;
+  for (size_t u = 0; u < whole.size(); ++u) {
+    std::vector<SampleRef> joined;
+    const int64_t micros = micro.at(m).micros;
+    EXPECT_EQ(micros, (static_cast<int64_t>(whole[u].samples.size()) + 1) / 2);
+    for (int64_t k = 0; k < micros; ++k, ++m) {
+      EXPECT_EQ(micro.at(m).update, static_cast<int64_t>(u));
+      EXPECT_EQ(micro.at(m).micro, k);
+      EXPECT_EQ(micro.at(m).offset, 2 * k);
+      EXPECT_EQ(micro.at(m).bucket, whole[u].bucket);
+      joined.insert(joined.end(), micro.at(m).samples.begin(), micro.at(m).samples.end());
+    }
+    EXPECT_EQ(joined, whole[u].samples) << "update " << u;
+  }
+  EXPECT_EQ(m, micro.size());
+}
+
+}  // namespace
+}  // namespace sdt

@@ -1,0 +1,16 @@
+// Shared by the cluster tests: the process's place in the job, set up by mpi_test_main.cpp.
+#pragma once
+
+#include "cluster/world.h"
+
+namespace sdt {
+
+// This process's World, from the DistributedSession that main holds.
+const World& test_world();
+
+// Played by test_cluster itself when FailingRank.* starts it under mpiexec: every rank joins a
+// first all-reduce, then rank 1 throws while a second one is in flight and the others wait in
+// theirs. Never returns normally.
+[[noreturn]] void run_failing_rank_job(const World& world);
+
+}  // namespace sdt
