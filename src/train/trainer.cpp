@@ -473,7 +473,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *args.resume, position.global_step, position.epoch,
                  position.epoch_step);
   }
-  scheduler.set_step(position.global_step);
+  // kohya's schedule spans max_train_steps x processes and Accelerate advances it once per process at each
+  // update, so on N ranks it sits at step N x global_step (an integer warm-up is thus N times shorter, as in kohya).
+  scheduler.set_step(position.global_step * world.size);
 
   LoaderOptions loader_options;
   loader_options.seed = seed;
@@ -517,8 +519,13 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   fs::create_directories(*args.output_dir);
   const std::string output_name = args.output_name.value_or("last");
   const std::string log_dir = args.logging_dir.value_or((fs::path(*args.output_dir) / "logs").string());
-  TensorBoardWriter tensorboard(log_dir);
-  JsonlWriter jsonl((fs::path(log_dir) / "metrics.jsonl").string());
+  // Logs and weight files come from rank 0 alone.
+  std::unique_ptr<TensorBoardWriter> tensorboard;
+  std::unique_ptr<JsonlWriter> jsonl;
+  if (world.rank == 0) {
+    tensorboard = std::make_unique<TensorBoardWriter>(log_dir);
+    jsonl = std::make_unique<JsonlWriter>((fs::path(log_dir) / "metrics.jsonl").string());
+  }
   const std::vector<SamplePrompt> prompts = args.sample_prompts ? load_sample_prompts(*args.sample_prompts) : std::vector<SamplePrompt>{};
 
   LoRATrainingMetadata meta;
@@ -668,9 +675,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     spdlog::info("step {}: validation loss {:.6f} ({} average; training moving average {:.6f})", step, value, which, train_average);
     if (world.rank != 0) return;
     const std::string prefix = std::string("loss/validation/") + which;
-    jsonl.write(step, epoch, {{prefix + "_average", value}, {prefix + "_divergence", value - train_average}});
-    tensorboard.add_scalar(prefix + "_average", static_cast<float>(value), which == std::string("epoch") ? epoch : step);
-    tensorboard.add_scalar(prefix + "_divergence", static_cast<float>(value - train_average), which == std::string("epoch") ? epoch : step);
+    jsonl->write(step, epoch, {{prefix + "_average", value}, {prefix + "_divergence", value - train_average}});
+    tensorboard->add_scalar(prefix + "_average", static_cast<float>(value), which == std::string("epoch") ? epoch : step);
+    tensorboard->add_scalar(prefix + "_divergence", static_cast<float>(value - train_average), which == std::string("epoch") ? epoch : step);
   };
 
   // ---------------------------------------------------------------- the loop
@@ -751,7 +758,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       if (precision.loss_scaling) scaler.update(finite);
       made.optimizer->zero_grad();
       ++global_step;
-      scheduler.set_step(global_step);
+      scheduler.set_step(global_step * world.size);
       if (network && args.scale_weight_norms) network->apply_max_norm_regularization(*args.scale_weight_norms);
       if (mode == TrainMode::full && args.stop_text_encoder_training && global_step == *args.stop_text_encoder_training) {
         spdlog::info("step {}: the text encoder stops training (--stop_text_encoder_training)", global_step);
@@ -796,10 +803,10 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         progress.update(global_step, average, lr);
         std::map<std::string, double> metrics = {{"loss", step_loss}, {"avr_loss", average}, {"lr", lr}};
         if (precision.loss_scaling) metrics["loss_scale"] = scaler.scale;
-        jsonl.write(global_step, epoch, metrics);
-        tensorboard.add_scalar("loss/current", static_cast<float>(step_loss), global_step);
-        tensorboard.add_scalar("loss/average", static_cast<float>(average), global_step);
-        tensorboard.add_scalar("lr/group0", static_cast<float>(lr), global_step);
+        jsonl->write(global_step, epoch, metrics);
+        tensorboard->add_scalar("loss/current", static_cast<float>(step_loss), global_step);
+        tensorboard->add_scalar("loss/average", static_cast<float>(average), global_step);
+        tensorboard->add_scalar("lr/group0", static_cast<float>(lr), global_step);
       }
       if (args.save_every_n_steps && global_step % *args.save_every_n_steps == 0 && global_step < max_train_steps) {
         const int64_t every = *args.save_every_n_steps;
@@ -850,7 +857,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   if (args.save_state || args.save_state_on_train_end) save_state(output_name);
   if (world.rank == 0) {
     progress.finish();
-    tensorboard.flush();
+    tensorboard->flush();
     summary.weights_path = save_weights(output_name, global_step, num_epochs);
     write_loss_curve_png((output_dir / (output_name + "_loss.png")).string(), curve, output_name + ": loss per step");
     if (args.sample_every_n_epochs || args.sample_every_n_steps) sample_images(global_step, num_epochs);

@@ -23,3 +23,22 @@ gtest_discover_tests(test_first_step DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT
 add_executable(bench_train_step bench/bench_train_step.cpp)
 target_link_libraries(bench_train_step PRIVATE sdt_trainer)
 target_precompile_headers(bench_train_step REUSE_FROM sdt_torch)
+
+# N ranks train like one process (LoRA and full fine-tuning), only rank 0 writes, a 2-rank state resumes on 3 ranks:
+# run as one process and as mpiexec jobs of 2 and 3 ranks (the np3 job resumes what the np2 job saved).
+add_executable(test_trainer_distributed tests/train/test_trainer_distributed.cpp)
+target_link_libraries(test_trainer_distributed PRIVATE sdt_trainer GTest::gtest)
+target_compile_definitions(test_trainer_distributed PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures"
+                                                           SDT_BINARY_DIR="${CMAKE_BINARY_DIR}")
+target_precompile_headers(test_trainer_distributed REUSE_FROM sdt_torch)
+add_test(NAME trainer_distributed_single_process COMMAND test_trainer_distributed)
+foreach(ranks 2 3)
+  add_test(NAME trainer_distributed_np${ranks}
+           COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${MPIEXEC_PREFLAGS}
+                   $<TARGET_FILE:test_trainer_distributed> ${MPIEXEC_POSTFLAGS})
+endforeach()
+set_tests_properties(trainer_distributed_np2 PROPERTIES FIXTURES_SETUP distributed_resume_state)
+set_tests_properties(trainer_distributed_np3 PROPERTIES FIXTURES_REQUIRED distributed_resume_state)
+set_tests_properties(trainer_distributed_single_process trainer_distributed_np2 trainer_distributed_np3 PROPERTIES
+  ENVIRONMENT "OMP_NUM_THREADS=1;OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1"
+  TIMEOUT 600 PROCESSORS 2)

@@ -1,0 +1,215 @@
+// `sdt train` / `sdt train_db` on N ranks (run under mpiexec -np 2 and -np 3; also runs as one process, where
+// the comparisons are trivial): N ranks with batch b train exactly like one process with batch N*b and like one
+// process with batch b accumulating N micro-steps: the same losses and final weights within 1e-5 relative (fp32).
+// Only rank 0 writes files. A state written by 2 ranks (the np2 job) resumes on 3 (the np3 job) and ends where an
+// uninterrupted run ends.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "cluster/world.h"
+#include "src/core/safetensors.h"
+#include "src/core/tensor_io.h"
+#include "src/train/trainer.h"
+
+namespace sdt {
+namespace {
+
+namespace fs = std::filesystem;
+
+const World* the_world = nullptr;
+
+void barrier() {
+  if (the_world->size > 1) MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// Two 32x32 images (one bucket), 6 repeats: 12 samples per epoch, a whole number of updates of 4 and of 6 samples.
+fs::path make_dataset(const fs::path& root) {
+  const fs::path dir = root / "train" / "6_toy";
+  if (the_world->rank == 0) {
+    fs::create_directories(dir);
+    const std::pair<const char*, cv::Scalar> images[] = {{"red", cv::Scalar(40, 40, 220)}, {"blue", cv::Scalar(220, 60, 40)}};
+    int i = 0;
+    for (const auto& [name, colour] : images) {
+      cv::Mat m(32, 32, CV_8UC3, colour);
+      cv::rectangle(m, cv::Rect(4 + 14 * i, 8, 10, 10), cv::Scalar(250, 250, 250), cv::FILLED);
+      cv::imwrite((dir / (std::string(name) + ".png")).string(), m);
+      std::ofstream(dir / (std::string(name) + ".txt")) << "a " << name << " square";
+      ++i;
+    }
+  }
+  barrier();
+  return root / "train";
+}
+
+fs::path scratch(const std::string& name) { return fs::path(testing::TempDir()) / ("sdt_dist_" + name); }
+
+TrainArgs tiny_run(const fs::path& root, TrainMode mode) {
+  TrainArgs args;
+  args.pretrained_model_name_or_path = SDT_FIXTURES "/sd/sd1";
+  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";
+  args.train_data_dir = make_dataset(root).string();
+  args.resolution = "32";
+  args.output_name = "toy";
+  args.network_module = "networks.lora";
+  args.network_dim = 4;
+  args.network_alpha = 4;
+  args.learning_rate = mode == TrainMode::network ? 2e-3 : 1e-4;
+  args.lr_scheduler = "cosine";
+  args.max_train_steps = 4;
+  args.seed = 7;
+  args.max_data_loader_n_workers = 1;
+  args.multires_noise_iterations = 2;  // the Python-random stream too
+  args.noise_offset = 0.05;
+  args.ddp_bucket_mb = 1;              // several buckets
+  return args;
+}
+
+// The largest difference between the two files' weights, relative to their largest weight (all tensors as one
+// vector: Adam's normalised steps turn the ~1e-7 rounding of a mean of means into larger relative changes of weights
+// that are near zero, so a per-tensor ratio measures those, not a fault). The per-tensor worst is printed.
+double max_relative_difference(const std::string& a, const std::string& b) {
+  safetensors::File fa(a), fb(b);
+  EXPECT_EQ(fa.tensors().size(), fb.tensors().size());
+  double largest_difference = 0, largest_weight = 1e-12, worst_tensor = 0;
+  std::string worst_name;
+  for (const auto& t : fa.tensors()) {
+    if (t.name.ends_with(".alpha")) continue;  // constants, not trained
+    const at::Tensor x = load_tensor(fa, t.name).to(at::kDouble), y = load_tensor(fb, t.name).to(at::kDouble);
+    const double difference = (x - y).abs().max().item<double>(), weight = y.abs().max().item<double>();
+    largest_difference = std::max(largest_difference, difference);
+    largest_weight = std::max(largest_weight, weight);
+    if (difference / std::max(weight, 1e-12) > worst_tensor) {
+      worst_tensor = difference / std::max(weight, 1e-12);
+      worst_name = t.name;
+    }
+  }
+  std::cout << "  largest weight difference " << largest_difference << " of largest weight " << largest_weight
+            << "; worst single tensor " << worst_name << " " << worst_tensor << " of its largest\n";
+  return largest_difference / largest_weight;
+}
+
+void expect_same_losses(const std::vector<double>& a, const std::vector<double>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * std::abs(b[i])) << what << ", step " << i + 1;
+}
+
+// Rank r's output folder; only rank 0's may hold files afterwards.
+void expect_only_rank0_wrote(const fs::path& root) {
+  const fs::path mine = root / fmt::format("rank{}", the_world->rank);
+  size_t files = 0;
+  if (fs::exists(mine)) {
+    for (const auto& e : fs::recursive_directory_iterator(mine)) files += e.is_regular_file();
+  }
+  if (the_world->rank == 0) {
+    EXPECT_GT(files, 0u);
+  } else {
+    EXPECT_EQ(files, 0u) << "rank " << the_world->rank << " wrote into " << mine;
+  }
+}
+
+void expect_ranks_train_like_one_process(TrainMode mode, const std::string& tag) {
+  const World& world = *the_world;
+  const fs::path root = scratch(tag);
+  if (world.rank == 0) fs::remove_all(root);
+  barrier();
+  TrainArgs args = tiny_run(root, mode);
+  args.train_batch_size = 2;
+  args.output_dir = (root / fmt::format("rank{}", world.rank)).string();
+  const TrainSummary ranks = train(args, world, mode);
+  barrier();
+  expect_only_rank0_wrote(root);
+  if (world.rank == 0) {
+    TrainArgs whole = args;
+    whole.train_batch_size = 2 * world.size;
+    whole.output_dir = (root / "whole").string();
+    const TrainSummary one = train(whole, World{}, mode);
+    TrainArgs accumulating = args;
+    accumulating.gradient_accumulation_steps = world.size;
+    accumulating.output_dir = (root / "accumulating").string();
+    const TrainSummary accumulated = train(accumulating, World{}, mode);
+
+    expect_same_losses(ranks.losses, one.losses, "N ranks vs one process with batch N*b");
+    expect_same_losses(accumulated.losses, one.losses, "accumulation vs one process with batch N*b");
+    const double ranks_vs_one = max_relative_difference(ranks.weights_path, one.weights_path);
+    const double accumulated_vs_one = max_relative_difference(accumulated.weights_path, one.weights_path);
+    std::cout << tag << " on " << world.size << " ranks: max relative weight difference to one process " << ranks_vs_one
+              << ", accumulation to one process " << accumulated_vs_one << "\n";
+    EXPECT_LT(ranks_vs_one, 1e-5);
+    EXPECT_LT(accumulated_vs_one, 1e-5);
+  }
+  barrier();
+}
+
+TEST(DistributedTrainer, LoraOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::network, "lora"); }
+TEST(DistributedTrainer, FullFineTuneOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::full, "full"); }
+
+// The np2 job trains 2 steps of a 4-step run with 2 ranks x batch 3 and saves its state where the np3 job finds
+// it; the np3 job resumes it on 3 ranks x batch 2 (the same 6 samples per update) and compares the end with one
+// uninterrupted process of batch 6.
+const fs::path kHandOver = fs::path(SDT_BINARY_DIR) / "distributed_resume_state";
+
+TEST(DistributedTrainer, AStateOfTwoRanksResumesOnThree) {
+  const World& world = *the_world;
+  if (world.size != 2 && world.size != 3) GTEST_SKIP() << "runs in the np2 (writes) and np3 (resumes) jobs";
+  const fs::path root = scratch("resume");
+  if (world.rank == 0 && world.size == 2) {
+    fs::remove_all(root);
+    fs::remove_all(kHandOver);
+  }
+  barrier();
+  TrainArgs args = tiny_run(root, TrainMode::network);
+  args.train_batch_size = 6 / world.size;
+  if (world.size == 2) {
+    args.max_train_steps = 4;
+    args.save_every_n_steps = 2;
+    args.save_state = true;
+    args.output_dir = (root / "two").string();
+    train(args, world, TrainMode::network);
+    barrier();
+    if (world.rank == 0) fs::copy(root / "two" / "toy-step00000002-state", kHandOver);
+    barrier();
+    return;
+  }
+  if (!fs::exists(kHandOver / "train_state.json")) GTEST_SKIP() << "the np2 job has not written " << kHandOver;
+  args.resume = kHandOver.string();
+  args.output_dir = (root / fmt::format("three{}", world.rank)).string();
+  const TrainSummary resumed = train(args, world, TrainMode::network);
+  EXPECT_EQ(resumed.first_step, 2);
+  if (world.rank == 0) {
+    TrainArgs straight = args;
+    straight.resume.reset();
+    straight.train_batch_size = 6;
+    straight.output_dir = (root / "straight").string();
+    const TrainSummary one = train(straight, World{}, TrainMode::network);
+    ASSERT_EQ(resumed.losses.size(), 2u);
+    expect_same_losses(resumed.losses, {one.losses[2], one.losses[3]}, "resumed on 3 ranks vs uninterrupted");
+    const double difference = max_relative_difference(resumed.weights_path, one.weights_path);
+    std::cout << "resumed on 3 ranks from 2: max relative weight difference " << difference << "\n";
+    EXPECT_LT(difference, 1e-5);
+  }
+  barrier();
+}
+
+}  // namespace
+}  // namespace sdt
+
+int main(int argc, char** argv) {
+  sdt::DistributedSession session;
+  sdt::the_world = &session.world();
+  ::testing::InitGoogleTest(&argc, argv);
+  if (session.world().rank != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  int failed = RUN_ALL_TESTS();
+  if (session.uses_mpi()) MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  return failed;
+}
