@@ -68,6 +68,11 @@ int run_train(const std::vector<std::string>& argv, const World& world, TrainMod
   }
 
   const TrainSummary summary = train(args, world, mode);
+  if (summary.interrupted) {
+    // EX_TEMPFAIL: the job may be requeued and continue with --resume latest (slurm/train.sbatch does).
+    spdlog::warn("stopped at step {} on request; state: {}", summary.steps, summary.state_path);
+    return 75;
+  }
   spdlog::info("trained {} steps; {}: {}", summary.steps, mode == TrainMode::network ? "LoRA" : "model", summary.weights_path);
   return 0;
 }

@@ -2,7 +2,9 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <atomic>
 #include <chrono>
+#include <csignal>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -277,6 +279,29 @@ nlohmann::json read_state_json(const fs::path& dir) {
   }
 }
 
+// --resume latest: the state folder in `output_dir` with the highest step (an unfinished `.partial` folder is never
+// one); nullopt when there is none, so the first run of a requeued job starts from scratch.
+std::optional<fs::path> newest_state(const fs::path& output_dir) {
+  std::optional<fs::path> newest;
+  int64_t newest_step = -1;
+  if (!fs::is_directory(output_dir)) return newest;
+  for (const auto& entry : fs::directory_iterator(output_dir)) {
+    const std::string name = entry.path().filename().string();
+    if (!entry.is_directory() || !name.ends_with("-state") || !fs::exists(entry.path() / "train_state.json")) continue;
+    const int64_t step = read_state_json(entry.path()).at("sdt").at("global_step").get<int64_t>();
+    if (step > newest_step) {
+      newest_step = step;
+      newest = entry.path();
+    }
+  }
+  return newest;
+}
+
+// SIGUSR1 / SIGTERM (Slurm's warning before preemption or the time limit, `scancel --signal`): the run saves its
+// state at the next update, on every rank at the same update, and stops.
+std::atomic<bool> stop_requested{false};
+extern "C" void request_stop(int) { stop_requested = true; }
+
 LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, Optimizer& optimizer,
                              int64_t samples_per_update, LossScaler& scaler) {
   const nlohmann::json j = read_state_json(dir);
@@ -350,8 +375,16 @@ void log_times(const StepTimes& t, Communicator& communicator, const char* what)
 TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   check_supported(args, mode);
   std::unique_ptr<Communicator> communicator = make_communicator(world, at::Device(at::kCPU));
+  std::optional<std::string> resume_dir = args.resume;
+  if (resume_dir == "latest") {
+    const std::optional<fs::path> newest = newest_state(*args.output_dir);
+    resume_dir = newest ? std::optional<std::string>(newest->string()) : std::nullopt;
+    spdlog::info("--resume latest: {}", newest ? newest->string() : "no state in " + *args.output_dir + " yet, starting from the beginning");
+  }
   std::optional<nlohmann::json> resume_json;
-  if (args.resume) resume_json = read_state_json(*args.resume);
+  if (resume_dir) resume_json = read_state_json(*resume_dir);
+  std::signal(SIGUSR1, request_stop);
+  std::signal(SIGTERM, request_stop);
   // A resumed run keeps its seed: the data order, augmentations and noise all derive from it.
   uint64_t seed = args.seed ? static_cast<uint64_t>(*args.seed) : std::random_device{}();
   if (resume_json) {
@@ -468,9 +501,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   LrScheduler scheduler(*made.optimizer, make_lr_schedule(schedule_args, world.size, made.uses_adafactor_schedule));
 
   RunPosition position;
-  if (args.resume) {
-    position = load_train_state(*args.resume, mode, trained, *made.optimizer, samples_per_update, scaler).position;
-    spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *args.resume, position.global_step, position.epoch,
+  if (resume_dir) {
+    position = load_train_state(*resume_dir, mode, trained, *made.optimizer, samples_per_update, scaler).position;
+    spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *resume_dir, position.global_step, position.epoch,
                  position.epoch_step);
   }
   // kohya's schedule spans max_train_steps x processes and Accelerate advances it once per process at each
@@ -740,11 +773,14 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
 
       phase = Clock::now();
       reducer.finish();
-      // The logged loss is the update's: the mean over its micro-steps and over the ranks.
-      const at::Tensor update_loss =
-          torch::tensor({accumulated / static_cast<double>(batch->micros)}, at::TensorOptions(at::kDouble)).to(communicator->device());
-      communicator->all_reduce(update_loss, ReduceOp::average);
-      const double step_loss = update_loss.item<double>();
+      // The logged loss is the update's: the mean over its micro-steps and over the ranks. The same collective tells
+      // every rank whether any rank was asked to stop, so they all stop after this update.
+      const at::Tensor update_loss = torch::tensor({accumulated / static_cast<double>(batch->micros), stop_requested ? 1.0 : 0.0},
+                                                   at::TensorOptions(at::kDouble))
+                                         .to(communicator->device());
+      communicator->all_reduce(update_loss, ReduceOp::sum);
+      const double step_loss = update_loss[0].item<double>() / static_cast<double>(world.size);
+      const bool stop_now = update_loss[1].item<double>() > 0;
       step_times.communication += seconds_since(phase);
 
       phase = Clock::now();
@@ -829,7 +865,14 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       if (validation_loader && args.validate_every_n_steps && global_step % *args.validate_every_n_steps == 0) {
         log_validation("step", validate(), average, global_step, epoch);
       }
+      if (stop_now && global_step < max_train_steps) {
+        spdlog::warn("step {}: asked to stop (SIGUSR1/SIGTERM); saving the state and stopping", global_step);
+        save_state(fmt::format("{}-step{:08d}", output_name, global_step));
+        summary.interrupted = true;
+        break;
+      }
     }
+    if (summary.interrupted) break;
     if (validation_loader && (!args.validate_every_n_epochs || epoch % *args.validate_every_n_epochs == 0)) {
       const double average = position.recent_losses.empty() ? 0.0 : recent_sum / static_cast<double>(position.recent_losses.size());
       log_validation("epoch", validate(), average, global_step, epoch);
@@ -854,6 +897,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   }
   summary.steps = global_step;
   log_times(summary.times, *communicator, "the run");
+  if (summary.interrupted) return summary;
   if (args.save_state || args.save_state_on_train_end) save_state(output_name);
   if (world.rank == 0) {
     progress.finish();

@@ -38,8 +38,11 @@ struct TrainSummary {
   std::string state_path;      // the last resume state written, if any
   std::vector<std::pair<int64_t, double>> validation_losses;  // (global step, validation loss), in order
   StepTimes times;
+  bool interrupted = false;    // stopped by SIGUSR1 / SIGTERM after saving state_path; rerun with --resume latest
 };
 
+// `--resume latest` takes the newest complete state in --output_dir (none: start from the beginning), which is
+// what a requeued job passes every time.
 TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode);
 
 }  // namespace sdt

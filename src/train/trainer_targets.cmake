@@ -42,3 +42,9 @@ set_tests_properties(trainer_distributed_np3 PROPERTIES FIXTURES_REQUIRED distri
 set_tests_properties(trainer_distributed_single_process trainer_distributed_np2 trainer_distributed_np3 PROPERTIES
   ENVIRONMENT "OMP_NUM_THREADS=1;OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1"
   TIMEOUT 600 PROCESSORS 2)
+
+# A rank killed with SIGKILL ends the mpiexec job within 60 s and the rerun resumes from the last complete state;
+# SIGUSR1 saves the state on every rank at the same step and exits with 75.
+add_test(NAME trainer_killed_rank_and_preemption
+         COMMAND bash ${CMAKE_SOURCE_DIR}/tests/train/kill_rank_and_resume.sh $<TARGET_FILE:sdt> ${CMAKE_SOURCE_DIR})
+set_tests_properties(trainer_killed_rank_and_preemption PROPERTIES TIMEOUT 300 PROCESSORS 2)
