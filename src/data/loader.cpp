@@ -35,12 +35,12 @@ TrainBatch load_rank_batch(const std::vector<LoaderDataset>& datasets, const Glo
   b.update_offset = global.offset + static_cast<int64_t>(begin);
   const auto n = static_cast<int64_t>(share.size());
   const auto options_f = at::TensorOptions().dtype(at::kFloat).pinned_memory(options.pin_memory);
-  b.images = at::empty({n, 3, global.bucket.height, global.bucket.width}, options_f);
+  if (options.load_pixels) b.images = at::empty({n, 3, global.bucket.height, global.bucket.width}, options_f);
   b.loss_weights = at::empty({n}, options_f);
   bool any_mask = false;
   for (const auto& s : ds.config->subsets) any_mask = any_mask || s.alpha_mask;
-  if (any_mask) b.alpha_masks = at::ones({n, global.bucket.height, global.bucket.width}, options_f);
-  if (ds.config->kind == DatasetKind::ControlNet) b.conditioning_images = at::empty_like(b.images);
+  if (any_mask && options.load_pixels) b.alpha_masks = at::ones({n, global.bucket.height, global.bucket.width}, options_f);
+  if (ds.config->kind == DatasetKind::ControlNet && options.load_pixels) b.conditioning_images = at::empty_like(b.images);
 
   const CaptionContext caption_context{epoch, global_step, options.max_train_steps};
   for (int64_t i = 0; i < n; ++i) {
@@ -48,6 +48,16 @@ TrainBatch load_rank_batch(const std::vector<LoaderDataset>& datasets, const Glo
     // Keyed by the sample's place in its optimizer update, so that how the update is split among
     // ranks and micro-steps changes nothing.
     const SampleKey key{options.seed, epoch, global.update, static_cast<uint32_t>(b.update_offset + i)};
+    if (!options.load_pixels) {
+      ProcessedSample s = describe_sample(*ds.config, entry, key, caption_context);
+      b.loss_weights[i] = s.loss_weight;
+      b.captions.push_back(std::move(s.caption));
+      b.image_paths.push_back(entry.path);
+      b.original_sizes.push_back(s.original_size);
+      b.crop_ltrbs.push_back(s.crop_ltrb);
+      b.flipped.push_back(s.flipped);
+      continue;
+    }
     ProcessedSample s = load_sample(*ds.config, entry, key, caption_context);
     to_chw(s.image, b.images[i]);
     if (!s.alpha_mask.empty()) std::memcpy(b.alpha_masks[i].data_ptr<float>(), s.alpha_mask.data(), s.alpha_mask.size() * sizeof(float));

@@ -34,7 +34,7 @@ struct TrainBatch {
   int64_t micro = 0;              // ... its micro-step, of `micros`
   int64_t micros = 1;
   int64_t update_offset = 0;      // position of this rank's first sample among the update's samples
-  at::Tensor images;              // (B, 3, H, W) float32 in [-1, 1]
+  at::Tensor images;              // (B, 3, H, W) float32 in [-1, 1]; undefined without LoaderOptions::load_pixels
   at::Tensor alpha_masks;         // (B, H, W) float32, ones where a sample has no mask; undefined if no subset uses masks
   at::Tensor conditioning_images; // (B, 3, H, W) for ControlNet datasets, else undefined
   at::Tensor loss_weights;        // (B)
@@ -53,6 +53,7 @@ struct LoaderOptions {
   int queue_depth = 4;        // batches loaded ahead
   int64_t max_train_steps = 0;  // for token warm-up ratios
   bool pin_memory = false;    // when training on CUDA
+  bool load_pixels = true;    // false: latents come from a cache; batches carry no images (describe_sample)
 };
 
 // The batch of `rank` for step `step` of `epoch`: a pure function, used by the workers and by tests.

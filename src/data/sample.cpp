@@ -195,4 +195,27 @@ ProcessedSample load_sample(const DatasetConfig& dataset, const ImageEntry& entr
   return s;
 }
 
+ProcessedSample describe_sample(const DatasetConfig& dataset, const ImageEntry& entry, const SampleKey& key,
+                                const CaptionContext& caption_context) {
+  const SubsetConfig& subset = dataset.subsets.at(entry.subset);
+  if (subset.color_aug || subset.random_crop) {
+    fail(entry.path, "a sample with color_aug or random_crop needs its pixels every epoch; it cannot come from a latent cache");
+  }
+  Rng augment_rng(key.seed, static_cast<uint64_t>(key.epoch), key.occurrence(), RngPurpose::Augment);
+  Rng caption_rng(key.seed, static_cast<uint64_t>(key.epoch), key.occurrence(), RngPurpose::Caption);
+  ProcessedSample s;
+  s.original_size = {entry.width, entry.height};
+  const Resolution bucket = entry.bucket.bucket;
+  if (dataset.enable_bucket) s.crop_ltrb = BucketSelector::crop_ltrb(bucket, s.original_size);
+  s.flipped = subset.flip_aug && augment_rng.uniform() < 0.5;
+  if (s.flipped) {
+    const double left = static_cast<double>(bucket.width) - s.crop_ltrb.right;
+    s.crop_ltrb.right = left + (s.crop_ltrb.right - s.crop_ltrb.left);
+    s.crop_ltrb.left = left;
+  }
+  s.caption = process_caption(subset, entry.caption, caption_context, caption_rng);
+  s.loss_weight = entry.is_reg ? static_cast<float>(dataset.prior_loss_weight) : 1.0f;
+  return s;
+}
+
 }  // namespace sdt

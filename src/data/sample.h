@@ -41,6 +41,12 @@ struct ProcessedSample {
 ProcessedSample load_sample(const DatasetConfig& dataset, const ImageEntry& entry, const SampleKey& key,
                             const CaptionContext& caption_context);
 
+// What load_sample decides about a sample without its pixels (image empty, no alpha mask), for training from
+// cached latents: caption, flip, original size, crop conditioning, loss weight. The same decisions as load_sample
+// for subsets a cache accepts (no color_aug, no random_crop, buckets or images already at the resolution).
+ProcessedSample describe_sample(const DatasetConfig& dataset, const ImageEntry& entry, const SampleKey& key,
+                                const CaptionContext& caption_context);
+
 // kohya's AugHelper.color_aug on RGB data: with probability 0.33, either a hue shift in [-8, 8]
 // (OpenCV's 0-180 hue scale) or a gamma in [0.95, 1.05].
 void color_augment(Image& image, Rng& rng);

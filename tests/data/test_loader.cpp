@@ -106,3 +106,36 @@ TEST(Loader, WorkersDeliverInOrderWhatADirectLoadGivesAndResumeContinues) {
 
 }  // namespace
 }  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// Training from cached latents loads no pixels, yet decides exactly what loading the image decides: the same
+// captions, flips, original sizes, crop conditioning and loss weights (for subsets a cache accepts).
+TEST(Loader, WithoutPixelsTheSamplesDecisionsAreTheSame) {
+  Fixture f;
+  f.config.subsets[0].random_crop = false;
+  f.config.subsets[0].color_aug = false;
+  std::vector<LoaderDataset> datasets = {{&f.config, &f.index}};
+  BatchPlanner planner({&f.index}, {4}, 5);
+  int flipped = 0;
+  for (const auto& global : planner.epoch(2)) {
+    const TrainBatch pixels = load_rank_batch(datasets, global, 2, 0, 0, {.seed = 5});
+    const TrainBatch described = load_rank_batch(datasets, global, 2, 0, 0, {.seed = 5, .load_pixels = false});
+    EXPECT_FALSE(described.images.defined());
+    EXPECT_EQ(described.captions, pixels.captions);
+    EXPECT_EQ(described.flipped, pixels.flipped);
+    EXPECT_EQ(described.image_paths, pixels.image_paths);
+    EXPECT_TRUE(at::equal(described.loss_weights, pixels.loss_weights));
+    for (size_t i = 0; i < pixels.original_sizes.size(); ++i) {
+      EXPECT_EQ(described.original_sizes[i], pixels.original_sizes[i]);
+      EXPECT_EQ(described.crop_ltrbs[i].left, pixels.crop_ltrbs[i].left);
+      EXPECT_EQ(described.crop_ltrbs[i].right, pixels.crop_ltrbs[i].right);
+    }
+    for (bool b : pixels.flipped) flipped += b;
+  }
+  EXPECT_GT(flipped, 0);  // flip_aug is on: some samples are flipped
+}
+
+}  // namespace
+}  // namespace sdt
