@@ -64,7 +64,7 @@ TEST(TrainArgs, CommandLineFormsOfArgparse) {
 }
 
 TEST(TrainArgs, UnambiguousPrefixIsAcceptedAsArgparseDoes) {
-  EXPECT_DOUBLE_EQ(parse_train_args({"--learning_rat", "3e-4"}).args.learning_rate, 3e-4);
+  EXPECT_EQ(parse_train_args({"--max_train_ste", "30"}).args.max_train_steps, 30);
   std::string e = error_of({"--network_d", "4"});
   EXPECT_NE(e.find("ambiguous"), std::string::npos) << e;
   EXPECT_NE(e.find("--network_dim"), std::string::npos) << e;
