@@ -37,4 +37,13 @@ struct MergeLoraCommand {
 CLI::App* add_merge_lora_command(CLI::App& app, MergeLoraCommand& command);
 int run_merge_lora(const MergeLoraCommand& command);
 
+// `sdt cache-latents` and `sdt cache-te` (cmd_cache.cpp): `sdt train`'s arguments plus the cache's own.
+struct CacheCommands {
+  CLI::App* latents = nullptr;
+  CLI::App* text_encoder = nullptr;
+  bool chosen() const;
+};
+CacheCommands add_cache_commands(CLI::App& app);
+int run_cache_command(const CacheCommands& commands, const World& world);
+
 }  // namespace sdt

@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
   auto* sample = sdt::add_sample_command(app, sample_command);
   sdt::MergeLoraCommand merge_lora_command;
   auto* merge_lora = sdt::add_merge_lora_command(app, merge_lora_command);
+  const sdt::CacheCommands cache_commands = sdt::add_cache_commands(app);
 
   try {
     app.parse(argc, argv);
@@ -53,6 +54,7 @@ int main(int argc, char** argv) {
     if (*train_db) return sdt::run_train(train_db->remaining(), session.world(), sdt::TrainMode::full);
     if (*sample) return sdt::run_sample(sample_command);
     if (*merge_lora) return sdt::run_merge_lora(merge_lora_command);
+    if (cache_commands.chosen()) return sdt::run_cache_command(cache_commands, session.world());
   } catch (const std::exception& e) {
     // One rank's error ends the whole job, with the rank named: the others would wait for it forever.
     sdt::abort_job(session.world(), e.what());

@@ -33,6 +33,7 @@ SDT_ARGS = [
     ("skip_bad_images", "Flag", "false", [], "skip an unreadable or corrupt image with a warning instead of stopping", "dataset"),
     ("log_time_every_n_steps", "Int", "100", [], "every N optimizer steps, log each rank's time split: data, forward, backward, communication, optimizer (0: only at the end)", "logging"),
     ("ddp_bucket_mb", "Int", "25", [], "data parallel: gradients are averaged over the ranks in buckets of about this many MiB, each as soon as backward has filled it", "training"),
+    ("vae_latents", "Str", '"sample"', ["sample", "mean"], "latents encoded during training: a sample of the VAE's posterior (kohya), or its mean (deterministic; what sdt's latent caches store)", "dataset"),
     ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
 ]
 

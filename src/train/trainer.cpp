@@ -21,6 +21,8 @@
 #include "src/data/loader.h"
 #include "src/data/rng.h"
 #include "cluster/communicator.h"
+#include "src/cache/build_cache.h"
+#include "src/cache/latent_cache.h"
 #include "cluster/gradient_reducer.h"
 #include "src/families/family.h"
 #include "src/networks/lora.h"
@@ -49,15 +51,16 @@ at::Generator keyed_generator(uint64_t seed, int64_t update, int64_t place, RngP
   return at::make_generator<at::CPUGeneratorImpl>(rng.next());
 }
 
-// A batch's latents, each sample drawn from the VAE's posterior with its own keyed stream; `first_place` is the
-// place of the batch's first sample in its update.
-at::Tensor encode_latents(const Family& family, const at::Tensor& images, uint64_t seed, int64_t update, int64_t first_place,
-                          RngPurpose purpose) {
+// A batch's latents: the VAE posterior's mean, or each sample drawn from the posterior with its own keyed stream;
+// `first_place` is the place of the batch's first sample in its update.
+at::Tensor encode_latents(const Family& family, const at::Tensor& images, LatentSampling sampling, uint64_t seed, int64_t update,
+                          int64_t first_place, RngPurpose purpose) {
   torch::NoGradGuard no_grad;
+  if (sampling == LatentSampling::mean) return family.latents_caching_strategy().encode(images, false, sampling).latents.to(at::kFloat);
   std::vector<at::Tensor> latents;
   for (int64_t i = 0; i < images.size(0); ++i) {
     at::Generator gen = keyed_generator(seed, update, first_place + i, purpose);
-    latents.push_back(family.latents_caching_strategy().encode(images.narrow(0, i, 1), false, LatentSampling::sample, gen).latents);
+    latents.push_back(family.latents_caching_strategy().encode(images.narrow(0, i, 1), false, sampling, gen).latents);
   }
   return at::cat(latents).to(at::kFloat);
 }
@@ -111,9 +114,7 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   }
   if (args.full_fp16 && args.mixed_precision != "fp16") fail("--full_fp16", "requires --mixed_precision fp16, as in kohya");
   if (args.full_bf16 && args.mixed_precision != "bf16") fail("--full_bf16", "requires --mixed_precision bf16, as in kohya");
-  if (args.cache_latents || args.cache_latents_to_disk) {
-    fail("--cache_latents", "latent and text-encoder caches arrive with issue #6; train without them for now");
-  }
+  if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions to 77 tokens as kohya does by default");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
 }
@@ -510,6 +511,31 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // update, so on N ranks it sits at step N x global_step (an integer warm-up is thus N times shorter, as in kohya).
   scheduler.set_step(position.global_step * world.size);
 
+  // --cache_latents_to_disk: the HDF5 latent cache in the cache folder (made by `sdt cache-latents`, or here, every
+  // rank encoding its share, then waiting until all shares are in); --cache_latents: the same, in a folder of the
+  // run that is deleted at the end. Training then reads each rank's items from it and loads no pixels.
+  const LatentSampling vae_latents = args.vae_latents == "mean" ? LatentSampling::mean : LatentSampling::sample;
+  std::unique_ptr<LatentCacheReader> latent_cache;
+  std::optional<LatentKeyIndex> latent_keys;
+  std::optional<fs::path> run_cache_dir;
+  if (args.cache_latents || args.cache_latents_to_disk) {
+    CacheOptions cache_options;
+    if (args.cache_latents_to_disk) {
+      cache_options.cache_dir = default_cache_dir(args);
+    } else {
+      run_cache_dir = fs::path(*args.output_dir) / ".sdt_latent_cache";
+      cache_options.cache_dir = run_cache_dir->string();
+    }
+    if (cache_options.cache_dir.empty()) fail("--cache_latents_to_disk", "no cache folder: give --train_data_dir or --dataset_config");
+    cache_options.on_progress = cache_progress_line("caching latents", world);
+    const CacheBuildSummary built = build_latent_cache(*family, "sd", args, cache_options, blueprint, indexes, world);
+    wait_for_latent_cache(*family, "sd", args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
+    latent_cache = std::make_unique<LatentCacheReader>(cache_options.cache_dir, latent_cache_identity(*family, "sd", cache_options));
+    latent_keys.emplace(blueprint, indexes);
+    spdlog::info("latents from the cache {} ({} entries; {} were valid, {} encoded by this rank)", cache_options.cache_dir,
+                 latent_cache->size(), built.valid_before, built.encoded);
+  }
+
   LoaderOptions loader_options;
   loader_options.seed = seed;
   loader_options.rank = world.rank;
@@ -517,7 +543,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   loader_options.workers = static_cast<int>(args.max_data_loader_n_workers);
   loader_options.queue_depth = 2 * std::max<int>(1, static_cast<int>(args.max_data_loader_n_workers));
   loader_options.max_train_steps = max_train_steps;
-  DataLoader loader(loader_datasets, planner, loader_options);
+  LoaderOptions train_loader_options = loader_options;
+  train_loader_options.load_pixels = !latent_cache;
+  DataLoader loader(loader_datasets, planner, train_loader_options);
 
   const DdpmOptions ddpm = ddpm_options_from_args(args);
   const DdpmSchedule schedule = make_ddpm_schedule(ddpm.zero_terminal_snr);
@@ -675,7 +703,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       ++batches;
       AutocastScope autocast(precision.autocast);
       const int64_t key = batch->update * 5;  // the latents' streams, then one per validation timestep
-      const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), validation_seed, key,
+      const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), vae_latents, validation_seed, key,
                                                 batch->update_offset, RngPurpose::ValidationLatents);
       const at::Tensor conditioning =
           family->text_encoding_strategy().encode(family->tokenize_strategy().tokenize(batch->captions, args.weighted_captions)).at(0);
@@ -741,8 +769,19 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       at::Tensor loss;
       {
         AutocastScope autocast(precision.autocast);
-        const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), seed, update_key,
-                                                  batch->update_offset, RngPurpose::Latents);
+        at::Tensor latents;
+        if (latent_cache) {
+          std::vector<LatentKey> keys;
+          for (size_t i = 0; i < batch->image_paths.size(); ++i) {
+            keys.push_back(latent_keys->key(batch->dataset, batch->image_paths[i], batch->flipped[i]));
+          }
+          LatentBatch cached = latent_cache->read_batch(keys);
+          latents = cached.latents.to(at::kFloat);
+          if (cached.alpha_masks.defined()) batch->alpha_masks = cached.alpha_masks;
+        } else {
+          latents = encode_latents(*family, batch->images.to(precision.vae), vae_latents, seed, update_key, batch->update_offset,
+                                   RngPurpose::Latents);
+        }
         // The LoRA enters the text encoder's and the U-Net's weights here, with this step's autograd graph.
         if (network) network->update_weights(keyed_generator(seed, update_key, 0, RngPurpose::NetworkDropout));
         at::Tensor conditioning;
@@ -898,6 +937,11 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   summary.steps = global_step;
   log_times(summary.times, *communicator, "the run");
   if (summary.interrupted) return summary;
+  if (run_cache_dir) {
+    latent_cache.reset();
+    communicator->barrier();  // every rank has stopped reading
+    if (world.rank == 0) fs::remove_all(*run_cache_dir);
+  }
   if (args.save_state || args.save_state_on_train_end) save_state(output_name);
   if (world.rank == 0) {
     progress.finish();

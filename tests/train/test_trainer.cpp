@@ -268,3 +268,44 @@ TEST(Trainer, ValidationLossIsFixedAndLeavesTrainingAlone) {
 
 }  // namespace
 }  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// Training from the latent cache (--cache_latents_to_disk: built here, kept; --cache_latents: built in the run's
+// folder and removed at the end) gives the losses of encoding on the fly with the deterministic posterior mean
+// (--vae_latents mean), flips included: the cache holds the same latents and the loader skips the pixels.
+TEST(Trainer, TrainingFromTheLatentCacheEqualsEncodingOnTheFly) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_latent_cache";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.max_train_steps = 6;
+  args.flip_aug = true;
+  args.vae_latents = "mean";
+  const TrainSummary on_the_fly = train(args, World{}, TrainMode::network);
+
+  args.cache_latents_to_disk = true;
+  args.output_dir = (root / "disk").string();
+  const TrainSummary from_disk = train(args, World{}, TrainMode::network);
+  bool has_part = false;
+  for (const auto& e : fs::recursive_directory_iterator(root / "train" / "sdt_cache")) has_part |= e.path().extension() == ".h5";
+  EXPECT_TRUE(has_part) << "no .h5 part in " << root / "train" / "sdt_cache";
+
+  args.cache_latents_to_disk = false;
+  args.cache_latents = true;
+  args.output_dir = (root / "memory").string();
+  const TrainSummary from_memory = train(args, World{}, TrainMode::network);
+  EXPECT_FALSE(fs::exists(root / "memory" / ".sdt_latent_cache"));
+
+  ASSERT_EQ(on_the_fly.losses.size(), 6u);
+  for (const auto* cached : {&from_disk, &from_memory}) {
+    ASSERT_EQ(cached->losses.size(), on_the_fly.losses.size());
+    for (size_t i = 0; i < on_the_fly.losses.size(); ++i) {
+      EXPECT_NEAR(cached->losses[i], on_the_fly.losses[i], 1e-5 * on_the_fly.losses[i]) << "step " << i + 1;
+    }
+  }
+  fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace sdt
