@@ -28,6 +28,7 @@ log() { printf '[setup] %s\n' "$*"; }
 apt_packages=(
   cmake ninja-build ccache g++ pkg-config python3-venv      # toolchain
   libopenmpi-dev openmpi-bin                                # process launch + CPU collectives
+  slurm-wlm munge                                           # Slurm daemons and clients for the slurm/ job scripts' test
   libhdf5-dev hdf5-tools                                    # latent / text-encoder caches (h5dump to inspect)
   libzip-dev                                                # kohya's .npz caches (zip archives of .npy arrays)
   libtoml11-dev libcli11-dev libspdlog-dev nlohmann-json3-dev  # config, command line, logging, JSON headers

@@ -34,6 +34,8 @@ SDT_ARGS = [
     ("log_time_every_n_steps", "Int", "100", [], "every N optimizer steps, log each rank's time split: data, forward, backward, communication, optimizer (0: only at the end)", "logging"),
     ("ddp_bucket_mb", "Int", "25", [], "data parallel: gradients are averaged over the ranks in buckets of about this many MiB, each as soon as backward has filled it", "training"),
     ("vae_latents", "Str", '"sample"', ["sample", "mean"], "latents encoded during training: a sample of the VAE's posterior (kohya), or its mean (deterministic; what sdt's latent caches store)", "dataset"),
+    ("cache_text_encoder_outputs", "Flag", "false", [], "cache text encoder outputs (kohya's name from its SDXL/SD3/FLUX scripts; needs a frozen text encoder and captions that do not change between epochs)", "dataset"),
+    ("cache_text_encoder_outputs_to_disk", "Flag", "false", [], "cache text encoder outputs to disk, in the cache folder, for reuse (implies --cache_text_encoder_outputs)", "dataset"),
     ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
 ]
 

@@ -23,6 +23,7 @@
 #include "cluster/communicator.h"
 #include "src/cache/build_cache.h"
 #include "src/cache/latent_cache.h"
+#include "src/cache/text_encoder_cache.h"
 #include "cluster/gradient_reducer.h"
 #include "src/families/family.h"
 #include "src/networks/lora.h"
@@ -536,6 +537,30 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
                  latent_cache->size(), built.valid_before, built.encoded);
   }
 
+  // --cache_text_encoder_outputs(_to_disk): the text conditioning of each processed caption, from the cache.
+  std::unique_ptr<TextEncoderCacheReader> text_cache;
+  std::optional<fs::path> run_text_cache_dir;
+  if (args.cache_text_encoder_outputs || args.cache_text_encoder_outputs_to_disk) {
+    if (train_text_encoder) {
+      fail("--cache_text_encoder_outputs", "the text encoder is trained, so its outputs change every step: add "
+                                           "--network_train_unet_only, or do not cache them");
+    }
+    CacheOptions cache_options;
+    if (args.cache_text_encoder_outputs_to_disk) {
+      cache_options.cache_dir = default_cache_dir(args);
+    } else {
+      run_text_cache_dir = fs::path(*args.output_dir) / ".sdt_text_encoder_cache";
+      cache_options.cache_dir = run_text_cache_dir->string();
+    }
+    if (cache_options.cache_dir.empty()) fail("--cache_text_encoder_outputs_to_disk", "no cache folder: give --train_data_dir or --dataset_config");
+    cache_options.on_progress = cache_progress_line("caching text-encoder outputs", world);
+    build_text_encoder_cache(*family, "sd", args, cache_options, blueprint, indexes, world);
+    wait_for_text_encoder_cache(*family, "sd", args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
+    text_cache = std::make_unique<TextEncoderCacheReader>(cache_options.cache_dir,
+                                                          text_encoder_cache_identity(*family, "sd", args, cache_options));
+    spdlog::info("text-encoder outputs from the cache {} ({} captions)", cache_options.cache_dir, text_cache->size());
+  }
+
   LoaderOptions loader_options;
   loader_options.seed = seed;
   loader_options.rank = world.rank;
@@ -788,8 +813,15 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         {
           std::optional<torch::NoGradGuard> no_grad;
           if (!train_text_encoder) no_grad.emplace();
-          const Tokens tokens = family->tokenize_strategy().tokenize(batch->captions, weighted);
-          conditioning = family->text_encoding_strategy().encode(tokens).at(0);
+          if (text_cache) {
+            conditioning = family->text_encoder_outputs_caching_strategy()
+                               .outputs_from_cache(text_cache->read_batch(batch->captions))
+                               .at(0)
+                               .to(at::kFloat);
+          } else {
+            const Tokens tokens = family->tokenize_strategy().tokenize(batch->captions, weighted);
+            conditioning = family->text_encoding_strategy().encode(tokens).at(0);
+          }
         }
         const NoisedLatents noised =
             noise_batch(schedule, latents, ddpm.noise, seed, update_key, batch->update_offset, RngPurpose::Noise);
@@ -937,10 +969,14 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   summary.steps = global_step;
   log_times(summary.times, *communicator, "the run");
   if (summary.interrupted) return summary;
-  if (run_cache_dir) {
+  if (run_cache_dir || run_text_cache_dir) {
     latent_cache.reset();
+    text_cache.reset();
     communicator->barrier();  // every rank has stopped reading
-    if (world.rank == 0) fs::remove_all(*run_cache_dir);
+    if (world.rank == 0) {
+      if (run_cache_dir) fs::remove_all(*run_cache_dir);
+      if (run_text_cache_dir) fs::remove_all(*run_text_cache_dir);
+    }
   }
   if (args.save_state || args.save_state_on_train_end) save_state(output_name);
   if (world.rank == 0) {

@@ -274,7 +274,8 @@ namespace {
 
 // Training from the latent cache (--cache_latents_to_disk: built here, kept; --cache_latents: built in the run's
 // folder and removed at the end) gives the losses of encoding on the fly with the deterministic posterior mean
-// (--vae_latents mean), flips included: the cache holds the same latents and the loader skips the pixels.
+// (--vae_latents mean), flips included: the cache holds the same latents and the loader skips the pixels. The same
+// for the text-encoder output cache.
 TEST(Trainer, TrainingFromTheLatentCacheEqualsEncodingOnTheFly) {
   const fs::path root = fs::path(testing::TempDir()) / "sdt_latent_cache";
   fs::remove_all(root);
@@ -297,8 +298,14 @@ TEST(Trainer, TrainingFromTheLatentCacheEqualsEncodingOnTheFly) {
   const TrainSummary from_memory = train(args, World{}, TrainMode::network);
   EXPECT_FALSE(fs::exists(root / "memory" / ".sdt_latent_cache"));
 
+  // And the text conditioning from its cache too (a frozen text encoder: U-Net LoRA only).
+  args.cache_latents = false;
+  args.cache_text_encoder_outputs_to_disk = true;
+  args.output_dir = (root / "text").string();
+  const TrainSummary from_text_cache = train(args, World{}, TrainMode::network);
+
   ASSERT_EQ(on_the_fly.losses.size(), 6u);
-  for (const auto* cached : {&from_disk, &from_memory}) {
+  for (const auto* cached : {&from_disk, &from_memory, &from_text_cache}) {
     ASSERT_EQ(cached->losses.size(), on_the_fly.losses.size());
     for (size_t i = 0; i < on_the_fly.losses.size(); ++i) {
       EXPECT_NEAR(cached->losses[i], on_the_fly.losses[i], 1e-5 * on_the_fly.losses[i]) << "step " << i + 1;
