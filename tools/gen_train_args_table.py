@@ -36,6 +36,7 @@ SDT_ARGS = [
     ("vae_latents", "Str", '"sample"', ["sample", "mean"], "latents encoded during training: a sample of the VAE's posterior (kohya), or its mean (deterministic; what sdt's latent caches store)", "dataset"),
     ("cache_text_encoder_outputs", "Flag", "false", [], "cache text encoder outputs (kohya's name from its SDXL/SD3/FLUX scripts; needs a frozen text encoder and captions that do not change between epochs)", "dataset"),
     ("cache_text_encoder_outputs_to_disk", "Flag", "false", [], "cache text encoder outputs to disk, in the cache folder, for reuse (implies --cache_text_encoder_outputs)", "dataset"),
+    ("check_replicas_every_n_steps", "Int", "0", [], "data parallel: every N steps compare a checksum of the trained weights across ranks and stop, naming the ranks, if a replica diverged (0: never)", "training"),
     ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
 ]
 

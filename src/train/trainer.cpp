@@ -874,6 +874,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       }
       step_times.optimizer += seconds_since(phase);
       step_times.steps = 1;
+      if (args.check_replicas_every_n_steps > 0 && global_step % args.check_replicas_every_n_steps == 0) {
+        replica_checksum(trained.params, *communicator);  // fails on every rank alike, naming the diverged ranks
+      }
 
       accumulated = 0;
       summary.losses.push_back(step_loss);

@@ -69,6 +69,7 @@ TrainArgs tiny_run(const fs::path& root, TrainMode mode) {
   args.multires_noise_iterations = 2;  // the Python-random stream too
   args.noise_offset = 0.05;
   args.ddp_bucket_mb = 1;              // several buckets
+  args.check_replicas_every_n_steps = 1;  // the replicas stay identical
   return args;
 }
 
