@@ -68,6 +68,8 @@ GradientReducer::GradientReducer(const std::vector<at::Tensor>& parameters, Comm
     }
     parameters_.push_back(p);
   }
+  // One process: the mean over one rank is the gradient itself; no buckets, no hooks, nothing to copy.
+  if (communicator_.size() == 1) return;
   uint64_t layout = mix(0xcbf29ce484222325ull, parameters_.size());
   for (const auto& p : parameters_) {
     layout = mix(layout, static_cast<uint64_t>(p.scalar_type()));
@@ -158,7 +160,7 @@ void GradientReducer::start(Bucket& bucket) {
 
 void GradientReducer::finish() {
   last_wait_seconds_ = 0;
-  if (!sync_) return;
+  if (!sync_ || buckets_.empty()) return;
   {
     // Parameters that got no gradient in this backward (unused by this rank's batch) are zeros.
     std::lock_guard lock(mutex_);

@@ -22,6 +22,7 @@
 // Parameters without requires_grad (frozen) never enter a bucket and are not broadcast.
 //
 // Each parameter's post-accumulate-grad hook is the reducer's while it lives (a tensor has one).
+// In a one-process world the reducer does nothing at all (no buckets, no hooks, no copies).
 #pragma once
 
 #include <cstdint>

@@ -101,7 +101,7 @@ TEST(GradientReducer, RanksWithBatchBMatchOneProcessWithTheWholeBatch) {
   const int size = communicator->size(), rank = communicator->rank();
   auto model = model_for_this_rank();
   GradientReducer reducer(model->parameters(), *communicator, kSmallBuckets);
-  EXPECT_GE(reducer.bucket_count(), 4u);
+  EXPECT_GE(reducer.bucket_count(), size > 1 ? 4u : 0u);  // one process needs no buckets
   auto reference = copy_of(*model);
 
   const int64_t b = 5;
@@ -118,6 +118,7 @@ TEST(GradientReducer, BucketsStartDuringBackwardWhenEveryParameterIsUsed) {
   torch::manual_seed(100 + communicator->rank());
   torch::nn::Sequential model(torch::nn::Linear(8, 16), torch::nn::Tanh(), torch::nn::Linear(16, 16), torch::nn::Tanh(),
                               torch::nn::Linear(16, 4));
+  if (communicator->size() == 1) GTEST_SKIP() << "one process reduces nothing: no buckets";
   GradientReducer reducer(model->parameters(), *communicator, kSmallBuckets);
   ASSERT_GE(reducer.bucket_count(), 3u);
   const Batch batch = global_batch(4);
@@ -178,13 +179,14 @@ TEST(GradientReducer, ParametersUnusedOnSomeRanksCountAsZeroAndUnusedEverywhereS
   reference_loss.backward();
 
   expect_same_gradients(*model, *reference);
-  EXPECT_LT(reducer.last_overlapped_buckets(), reducer.bucket_count());  // `spare` holds the first bucket back
+  if (size > 1) EXPECT_LT(reducer.last_overlapped_buckets(), reducer.bucket_count());  // `spare` holds the first bucket back
   EXPECT_TRUE(model->extra->weight.grad().defined());
   EXPECT_FALSE(model->spare->weight.grad().defined());
 }
 
 TEST(GradientReducer, ASecondSyncedBackwardBeforeFinishIsAnError) {
   auto communicator = make_communicator(test_world(), at::kCPU);
+  if (communicator->size() == 1) GTEST_SKIP() << "one process reduces nothing: gradients just accumulate";
   auto model = model_for_this_rank();
   GradientReducer reducer(model->parameters(), *communicator, kSmallBuckets);
   const Batch batch = global_batch(4);
