@@ -248,19 +248,6 @@ void wait_until_complete(const std::string& what, double timeout_seconds, double
   }
 }
 
-FamilyOptions family_options_from_args(const TrainArgs& args) {
-  if (!args.pretrained_model_name_or_path) fail("--pretrained_model_name_or_path", "required: a checkpoint file or a diffusers folder");
-  FamilyOptions o;
-  o.pretrained_model_name_or_path = *args.pretrained_model_name_or_path;
-  o.vae = args.vae;
-  o.tokenizer = args.tokenizer.value_or("");
-  o.v2 = args.v2;
-  o.v_parameterization = args.v_parameterization;
-  if (args.max_token_length) o.max_token_length = static_cast<int>(*args.max_token_length);
-  if (args.clip_skip) o.clip_skip = static_cast<int>(*args.clip_skip);
-  return o;
-}
-
 std::string format_duration(double seconds) {
   const auto s = static_cast<int64_t>(seconds);
   return s >= 3600 ? fmt::format("{}:{:02d}:{:02d}", s / 3600, s / 60 % 60, s % 60) : fmt::format("{:02d}:{:02d}", s / 60, s % 60);

@@ -38,6 +38,19 @@ std::vector<std::string> family_names() {
   return names;
 }
 
+FamilyOptions family_options_from_args(const TrainArgs& args) {
+  if (!args.pretrained_model_name_or_path) fail("--pretrained_model_name_or_path", "required: a checkpoint file or a diffusers folder");
+  FamilyOptions o;
+  o.pretrained_model_name_or_path = *args.pretrained_model_name_or_path;
+  o.vae = args.vae;
+  o.tokenizer = args.tokenizer.value_or("");
+  o.v2 = args.v2;
+  o.v_parameterization = args.v_parameterization;
+  if (args.max_token_length) o.max_token_length = static_cast<int>(*args.max_token_length);
+  if (args.clip_skip) o.clip_skip = static_cast<int>(*args.clip_skip);
+  return o;
+}
+
 std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions& options) {
   const auto it = registry().find(name);
   if (it == registry().end()) {

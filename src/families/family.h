@@ -16,6 +16,7 @@
 #include <torch/torch.h>
 
 #include "src/core/tensor_io.h"
+#include "src/core/train_args.h"
 #include "src/families/options.h"
 
 namespace sdt {
@@ -107,6 +108,10 @@ class Family {
   virtual void save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
                                const safetensors::Metadata& metadata) const = 0;
 };
+
+// kohya's model arguments (--pretrained_model_name_or_path, --vae, --v2, --clip_skip, ...) as FamilyOptions;
+// a missing --pretrained_model_name_or_path is an sdt::Error.
+FamilyOptions family_options_from_args(const TrainArgs& args);
 
 // The names of the families this build has, sorted.
 std::vector<std::string> family_names();

@@ -399,15 +399,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   const Precision precision = precision_from_args(args);
 
   // ---------------------------------------------------------------- models
-  FamilyOptions family_options;
-  family_options.pretrained_model_name_or_path = *args.pretrained_model_name_or_path;
-  family_options.vae = args.vae;
-  family_options.tokenizer = args.tokenizer.value_or("");
-  family_options.v2 = args.v2;
-  family_options.v_parameterization = args.v_parameterization;
-  if (args.max_token_length) family_options.max_token_length = static_cast<int>(*args.max_token_length);
-  if (args.clip_skip) family_options.clip_skip = static_cast<int>(*args.clip_skip);
-  std::unique_ptr<Family> family = load_family("sd", family_options);
+  std::unique_ptr<Family> family = load_family("sd", family_options_from_args(args));
   const ModelBundle& bundle = family->models();
   torch::nn::Module& denoiser = *bundle.denoiser;
   torch::nn::Module& text_encoder = *bundle.text_encoders.at(0);
