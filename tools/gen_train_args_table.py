@@ -37,6 +37,8 @@ SDT_ARGS = [
     ("cache_text_encoder_outputs", "Flag", "false", [], "cache text encoder outputs (kohya's name from its SDXL/SD3/FLUX scripts; needs a frozen text encoder and captions that do not change between epochs)", "dataset"),
     ("cache_text_encoder_outputs_to_disk", "Flag", "false", [], "cache text encoder outputs to disk, in the cache folder, for reuse (implies --cache_text_encoder_outputs)", "dataset"),
     ("check_replicas_every_n_steps", "Int", "0", [], "data parallel: every N steps compare a checksum of the trained weights across ranks and stop, naming the ranks, if a replica diverged (0: never)", "training"),
+    ("sharding", "Str", '"none"', ["none", "optimizer", "gradients", "full"], "data parallel: what each rank keeps only 1/N of: none (plain data parallel), optimizer (its state, ZeRO-1), gradients (and the gradients, ZeRO-2), full (and the weights, ZeRO-3/FSDP; block-stack models only)", "training"),
+    ("blocks_to_swap", "OptInt", "std::nullopt", [], "kohya's block swap for the transformer families: keep this many blocks' weights in host memory and copy each in just before use (SD 1.x/2.x have no block stack)", "training"),
     ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
 ]
 

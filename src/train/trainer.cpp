@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -25,9 +26,11 @@
 #include "src/cache/latent_cache.h"
 #include "src/cache/text_encoder_cache.h"
 #include "cluster/gradient_reducer.h"
+#include "src/dist/memory_plan.h"
 #include "src/families/family.h"
 #include "src/networks/lora.h"
 #include "src/networks/lora_metadata.h"
+#include "src/train/data_parallel.h"
 #include "src/train/diffusion.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/make_optimizer.h"
@@ -118,6 +121,11 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions to 77 tokens as kohya does by default");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
+  if (args.blocks_to_swap && *args.blocks_to_swap != 0) {
+    fail("--blocks_to_swap", "SD 1.x/2.x have no stack of transformer blocks to swap (kohya offers block swap for FLUX, "
+                             "SD3 and the other transformer families only)");
+  }
+  parse_sharding_mode(args.sharding);
 }
 
 // ---------------------------------------------------------------- precision
@@ -167,23 +175,11 @@ class AutocastScope {
 
 // torch.amp.GradScaler with its defaults: the loss is multiplied by `scale` before backward; before the update the
 // gradients are divided by it, and a step whose gradients hold inf or NaN is skipped and halves the scale; 2000
-// good steps in a row double it.
+// good steps in a row double it (DataParallel::unscale divides the gradients).
 struct LossScaler {
   double scale = 65536.0;
   int64_t growth_tracker = 0;
 
-  // Returns whether the gradients are finite (then the step may proceed).
-  bool unscale(const std::vector<at::Tensor>& params) const {
-    const float inverse = static_cast<float>(1.0 / scale);
-    bool finite = true;
-    for (const auto& p : params) {
-      if (!p.grad().defined()) continue;
-      at::Tensor g = p.grad();
-      g.mul_(inverse);
-      finite = finite && g.isfinite().all().item<bool>();
-    }
-    return finite;
-  }
   void update(bool finite) {
     if (!finite) {
       scale *= 0.5;
@@ -230,18 +226,22 @@ const char* mode_name(TrainMode mode) { return mode == TrainMode::network ? "net
 // A state folder, as kohya's save_state names it, holds: trained.safetensors (the trained tensors, exact),
 // optimizer.safetensors and train_state.json (kohya's current_epoch / current_step, and sdt's position). Random
 // streams are keyed by position (keyed_generator), so there is no generator state, and nothing differs between
-// ranks: rank 0 writes it alone, and any number of ranks can resume from it. It is written under a temporary name
-// and renamed when complete, so a folder with the final name is always whole.
+// ranks: rank 0 writes it alone (a sharded optimizer state is gathered to it, in the unsharded layout), and any
+// number of ranks can resume from it. It is written under a temporary name and renamed when complete, so a folder
+// with the final name is always whole. Collective: every rank calls it.
 void save_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, const Optimizer& optimizer,
-                      const RunPosition& position, uint64_t seed, int64_t samples_per_update, const World& world,
-                      const LossScaler& scaler) {
+                      DataParallel& parallel, const RunPosition& position, uint64_t seed, int64_t samples_per_update,
+                      const World& world, const LossScaler& scaler) {
   const fs::path partial = dir.string() + ".partial";
-  fs::remove_all(partial);
-  fs::create_directories(partial);
-  NamedTensors tensors;
-  for (const auto& [name, p] : trained.named) tensors.emplace_back(name, p.detach());
-  save_safetensors((partial / "trained.safetensors").string(), tensors, {});
-  save_optimizer_state(optimizer, (partial / "optimizer.safetensors").string());
+  if (world.rank == 0) {
+    fs::remove_all(partial);
+    fs::create_directories(partial);
+    NamedTensors tensors;
+    for (const auto& [name, p] : trained.named) tensors.emplace_back(name, p.detach());
+    save_safetensors((partial / "trained.safetensors").string(), tensors, {});
+  }
+  parallel.save_optimizer_state(optimizer, (partial / "optimizer.safetensors").string());
+  if (world.rank != 0) return;
   nlohmann::json state = {
       {"current_epoch", position.epoch - (position.epoch_step == 0 ? 1 : 0)},
       {"current_step", position.global_step},
@@ -305,7 +305,7 @@ std::atomic<bool> stop_requested{false};
 extern "C" void request_stop(int) { stop_requested = true; }
 
 LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, Optimizer& optimizer,
-                             int64_t samples_per_update, LossScaler& scaler) {
+                             DataParallel& parallel, int64_t samples_per_update, LossScaler& scaler) {
   const nlohmann::json j = read_state_json(dir);
   const nlohmann::json& s = j.at("sdt");
   const std::string where = (dir / "train_state.json").string();
@@ -341,7 +341,7 @@ LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedW
   if (file.tensors().size() != trained.named.size()) {
     fail(trained_path, "holds {} tensors, this run trains {}: another network or model", file.tensors().size(), trained.named.size());
   }
-  load_optimizer_state(optimizer, (dir / "optimizer.safetensors").string());
+  parallel.load_optimizer_state(optimizer, (dir / "optimizer.safetensors").string());
   return loaded;
 }
 
@@ -376,6 +376,10 @@ void log_times(const StepTimes& t, Communicator& communicator, const char* what)
 
 TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   check_supported(args, mode);
+  // Every CPU tensor's bytes are counted from here, so the run's peak can be set against its memory plan.
+  CpuTensorMeter::install();
+  CpuTensorMeter::reset_peak();
+  const int64_t bytes_before_run = CpuTensorMeter::live_bytes();
   std::unique_ptr<Communicator> communicator = make_communicator(world, at::Device(at::kCPU));
   std::optional<std::string> resume_dir = args.resume;
   if (resume_dir == "latest") {
@@ -450,11 +454,28 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     }
   }
   bundle.vae->to(precision.vae);
-  MadeOptimizer made = make_optimizer(args, trained.groups);
-  LossScaler scaler;
   // Data parallel: rank 0's trained weights go to every rank, then each backward's gradients are averaged over the
-  // ranks in buckets while backward runs (one process: no communication at all).
-  GradientReducer reducer(trained.params, *communicator, args.ddp_bucket_mb * 1024 * 1024);
+  // ranks while backward runs (one process: no communication at all); --sharding cuts the optimizer state and the
+  // gradients into one shard per rank, and the optimizer steps this rank's shards.
+  const ShardingMode sharding = parse_sharding_mode(args.sharding);
+  DataParallel parallel(trained.groups, *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024);
+  MadeOptimizer made = make_optimizer(args, parallel.optimizer_groups());
+  DataParallel::check_optimizer(sharding, made.optimizer->kind());
+  LossScaler scaler;
+  DataParallel::MemoryPlan memory_plan;
+  {
+    int64_t frozen_bytes = 0;
+    std::set<const void*> trained_storage;
+    for (const auto& p : trained.params) trained_storage.insert(p.unsafeGetTensorImpl());
+    for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
+      for (const auto& p : m->parameters()) {
+        if (!trained_storage.contains(p.unsafeGetTensorImpl())) frozen_bytes += p.numel() * static_cast<int64_t>(p.element_size());
+      }
+    }
+    const int64_t element = trained.params.empty() ? 4 : static_cast<int64_t>(trained.params.front().element_size());
+    memory_plan = parallel.plan_memory(frozen_bytes, optimizer_bytes_per_element(made.optimizer->kind(), element));
+    if (world.rank == 0) spdlog::info("{}", DataParallel::describe(memory_plan, sharding, world.size));
+  }
 
   // ---------------------------------------------------------------- data
   DatasetBlueprint blueprint = resolve_dataset_config(args);
@@ -496,7 +517,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
 
   RunPosition position;
   if (resume_dir) {
-    position = load_train_state(*resume_dir, mode, trained, *made.optimizer, samples_per_update, scaler).position;
+    position = load_train_state(*resume_dir, mode, trained, *made.optimizer, parallel, samples_per_update, scaler).position;
     spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *resume_dir, position.global_step, position.epoch,
                  position.epoch_step);
   }
@@ -659,10 +680,8 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   summary.first_step = position.global_step;
   auto save_state = [&](const std::string& name) {
     const fs::path dir = output_dir / (name + "-state");
-    if (world.rank == 0) {
-      save_train_state(dir, mode, trained, *made.optimizer, position, seed, samples_per_update, world, scaler);
-      spdlog::info("saved state {}", dir.string());
-    }
+    save_train_state(dir, mode, trained, *made.optimizer, parallel, position, seed, samples_per_update, world, scaler);
+    if (world.rank == 0) spdlog::info("saved state {}", dir.string());
     communicator->barrier();  // no rank goes on (or exits) before the state is complete
     summary.state_path = dir.string();
   };
@@ -827,15 +846,18 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       phase = Clock::now();
       at::Tensor scaled = loss / static_cast<double>(batch->micros);
       if (precision.loss_scaling) scaled = scaled * scaler.scale;
-      reducer.set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
+      parallel.set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
       scaled.backward();
       step_times.backward += seconds_since(phase);
       accumulated += loss.item<double>();
-      if (!last_micro) continue;
+      phase = Clock::now();
+      parallel.finish();
+      if (!last_micro) {
+        step_times.communication += seconds_since(phase);
+        continue;
+      }
       const bool last_of_epoch = batch->step + 1 == batches_per_epoch;
 
-      phase = Clock::now();
-      reducer.finish();
       // The logged loss is the update's: the mean over its micro-steps and over the ranks. The same collective tells
       // every rank whether any rank was asked to stop, so they all stop after this update.
       const at::Tensor update_loss = torch::tensor({accumulated / static_cast<double>(batch->micros), stop_requested ? 1.0 : 0.0},
@@ -847,10 +869,11 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       step_times.communication += seconds_since(phase);
 
       phase = Clock::now();
-      const bool finite = !precision.loss_scaling || scaler.unscale(trained.params);
+      const bool finite = !precision.loss_scaling || parallel.unscale(scaler.scale);
       if (finite) {
-        if (args.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(trained.params, args.max_grad_norm);
+        if (args.max_grad_norm > 0) parallel.clip_grad_norm(args.max_grad_norm);
         made.optimizer->step();
+        parallel.after_step();
       } else {
         spdlog::warn("step {}: gradients overflowed at loss scale {}; skipping the update", global_step + 1, scaler.scale);
       }
@@ -963,6 +986,12 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   }
   summary.steps = global_step;
   log_times(summary.times, *communicator, "the run");
+  summary.planned_bytes = memory_plan.total();
+  summary.peak_bytes = CpuTensorMeter::peak_bytes() - bytes_before_run;
+  spdlog::info("rank {}: peak CPU tensor memory {:.1f} MiB; the plan's {:.1f} MiB and {:.1f} MiB of activations, data and "
+               "transients",
+               world.rank, static_cast<double>(summary.peak_bytes) / 1048576.0, static_cast<double>(summary.planned_bytes) / 1048576.0,
+               static_cast<double>(summary.peak_bytes - summary.planned_bytes) / 1048576.0);
   if (summary.interrupted) return summary;
   if (run_cache_dir || run_text_cache_dir) {
     latent_cache.reset();

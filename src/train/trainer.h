@@ -38,6 +38,8 @@ struct TrainSummary {
   std::string state_path;      // the last resume state written, if any
   std::vector<std::pair<int64_t, double>> validation_losses;  // (global step, validation loss), in order
   StepTimes times;
+  int64_t planned_bytes = 0;   // this rank's memory plan: weights, gradients, optimizer state, buffers
+  int64_t peak_bytes = 0;      // this rank's measured peak of live CPU tensor bytes during the run
   bool interrupted = false;    // stopped by SIGUSR1 / SIGTERM after saving state_path; rerun with --resume latest
 };
 

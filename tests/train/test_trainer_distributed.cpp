@@ -1,8 +1,9 @@
 // `sdt train` / `sdt train_db` on N ranks (run under mpiexec -np 2 and -np 3; also runs as one process, where
 // the comparisons are trivial): N ranks with batch b train exactly like one process with batch N*b and like one
-// process with batch b accumulating N micro-steps: the same losses and final weights within 1e-5 relative (fp32).
-// Only rank 0 writes files. A state written by 2 ranks (the np2 job) resumes on 3 (the np3 job) and ends where an
-// uninterrupted run ends.
+// process with batch b accumulating N micro-steps, and so do N ranks with --sharding optimizer (ZeRO-1) and
+// --sharding gradients (ZeRO-2, with accumulation): the same losses and final weights within 1e-5 relative (fp32).
+// Only rank 0 writes files. States written by 2 ranks (the np2 job) resume on 3 (the np3 job), also in another
+// sharding mode, and end where an uninterrupted run ends.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -147,56 +148,95 @@ void expect_ranks_train_like_one_process(TrainMode mode, const std::string& tag)
     EXPECT_LT(accumulated_vs_one, 1e-5);
   }
   barrier();
+  // The sharded modes against plain data parallel with the same ranks and batches. ZeRO-2 accumulates 2
+  // micro-steps of batch 1 (it reduce-scatters every micro-step); a bucket per tensor cuts tensors across the
+  // ranks' shards.
+  for (const char* sharding : {"optimizer", "gradients"}) {
+    TrainArgs sharded = args;
+    sharded.ddp_bucket_mb = 0;
+    if (sharded.sharding = sharding; sharded.sharding == "gradients") {
+      sharded.train_batch_size = 1;
+      sharded.gradient_accumulation_steps = 2;
+    }
+    TrainArgs plain = sharded;
+    plain.sharding = "none";
+    plain.output_dir = (root / fmt::format("plain_{}_rank{}", sharding, world.rank)).string();
+    const TrainSummary reference = sharded.gradient_accumulation_steps == 1 ? ranks : train(plain, world, mode);
+    sharded.output_dir = (root / fmt::format("{}_rank{}", sharding, world.rank)).string();
+    const TrainSummary zero = train(sharded, world, mode);
+    if (world.rank == 0) {
+      expect_same_losses(zero.losses, reference.losses, sharding);
+      const double difference = max_relative_difference(zero.weights_path, reference.weights_path);
+      std::cout << tag << " on " << world.size << " ranks with --sharding " << sharding
+                << ": max relative weight difference to plain data parallel " << difference << "\n";
+      EXPECT_LT(difference, 1e-5) << sharding;
+    }
+    barrier();
+  }
 }
 
 TEST(DistributedTrainer, LoraOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::network, "lora"); }
 TEST(DistributedTrainer, FullFineTuneOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::full, "full"); }
 
 // The np2 job trains 2 steps of a 4-step run with 2 ranks x batch 3 and saves its state where the np3 job finds
-// it; the np3 job resumes it on 3 ranks x batch 2 (the same 6 samples per update) and compares the end with one
-// uninterrupted process of batch 6.
-const fs::path kHandOver = fs::path(SDT_BINARY_DIR) / "distributed_resume_state";
-
-TEST(DistributedTrainer, AStateOfTwoRanksResumesOnThree) {
+// it; the np3 job resumes it on 3 ranks x batch 2 (the same 6 samples per update), in another sharding mode when
+// asked, and compares the end with one uninterrupted process of batch 6.
+void expect_two_rank_state_resumes_on_three(TrainMode mode, const char* written_with, const char* resumed_with,
+                                            const std::string& tag) {
   const World& world = *the_world;
   if (world.size != 2 && world.size != 3) GTEST_SKIP() << "runs in the np2 (writes) and np3 (resumes) jobs";
-  const fs::path root = scratch("resume");
+  const fs::path root = scratch("resume_" + tag);
+  const fs::path hand_over = fs::path(SDT_BINARY_DIR) / ("distributed_resume_state_" + tag);
   if (world.rank == 0 && world.size == 2) {
     fs::remove_all(root);
-    fs::remove_all(kHandOver);
+    fs::remove_all(hand_over);
   }
   barrier();
-  TrainArgs args = tiny_run(root, TrainMode::network);
+  TrainArgs args = tiny_run(root, mode);
   args.train_batch_size = 6 / world.size;
   if (world.size == 2) {
     args.max_train_steps = 4;
     args.save_every_n_steps = 2;
     args.save_state = true;
+    args.sharding = written_with;
     args.output_dir = (root / "two").string();
-    train(args, world, TrainMode::network);
+    train(args, world, mode);
     barrier();
-    if (world.rank == 0) fs::copy(root / "two" / "toy-step00000002-state", kHandOver);
+    if (world.rank == 0) fs::copy(root / "two" / "toy-step00000002-state", hand_over);
     barrier();
     return;
   }
-  if (!fs::exists(kHandOver / "train_state.json")) GTEST_SKIP() << "the np2 job has not written " << kHandOver;
-  args.resume = kHandOver.string();
+  if (!fs::exists(hand_over / "train_state.json")) GTEST_SKIP() << "the np2 job has not written " << hand_over;
+  args.resume = hand_over.string();
+  args.sharding = resumed_with;
   args.output_dir = (root / fmt::format("three{}", world.rank)).string();
-  const TrainSummary resumed = train(args, world, TrainMode::network);
+  const TrainSummary resumed = train(args, world, mode);
   EXPECT_EQ(resumed.first_step, 2);
   if (world.rank == 0) {
     TrainArgs straight = args;
     straight.resume.reset();
+    straight.sharding = "none";
     straight.train_batch_size = 6;
     straight.output_dir = (root / "straight").string();
-    const TrainSummary one = train(straight, World{}, TrainMode::network);
+    const TrainSummary one = train(straight, World{}, mode);
     ASSERT_EQ(resumed.losses.size(), 2u);
     expect_same_losses(resumed.losses, {one.losses[2], one.losses[3]}, "resumed on 3 ranks vs uninterrupted");
     const double difference = max_relative_difference(resumed.weights_path, one.weights_path);
-    std::cout << "resumed on 3 ranks from 2: max relative weight difference " << difference << "\n";
+    std::cout << tag << ": written by 2 ranks (--sharding " << written_with << "), resumed on 3 (--sharding "
+              << resumed_with << "): max relative weight difference to an uninterrupted run " << difference << "\n";
     EXPECT_LT(difference, 1e-5);
   }
   barrier();
+}
+
+TEST(DistributedTrainer, AStateOfTwoRanksResumesOnThree) {
+  expect_two_rank_state_resumes_on_three(TrainMode::network, "none", "none", "lora");
+}
+TEST(DistributedTrainer, AZeroTwoLoraStateResumesOnThreeRanksWithZeroOne) {
+  expect_two_rank_state_resumes_on_three(TrainMode::network, "gradients", "optimizer", "lora_zero");
+}
+TEST(DistributedTrainer, AZeroOneFullFineTuneStateResumesOnThreeRanksWithZeroTwo) {
+  expect_two_rank_state_resumes_on_three(TrainMode::full, "optimizer", "gradients", "full_zero");
 }
 
 }  // namespace
