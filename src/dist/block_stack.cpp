@@ -416,16 +416,7 @@ at::Tensor BlockStack::gather_to_root(int64_t block, const at::Tensor& shard, in
     return at::empty({layout_.numel()}, shard.options().device(at::kCPU)).copy_(shard.narrow(0, 0, layout_.numel()));
   }
 
-  // Each rank in turn broadcasts its shard; root keeps them, the others drop each as the next comes.
-  // (A gather to one rank would spare the others the bytes; the communicator has none.)
-  at::Tensor full = is_root ? at::empty({layout_.padded_numel(shard_ranks_)}, shard.options().device(at::kCPU)) : at::Tensor();
-  at::Tensor piece = at::empty({size}, shard.options().device(device_));
-  for (int r = 0; r < shard_ranks_; ++r) {
-    if (communicator_.rank() == r) piece.copy_(shard);
-    communicator_.broadcast(piece, r);
-    if (is_root) full.narrow(0, r * size, size).copy_(piece);
-  }
-  return is_root ? full.narrow(0, 0, layout_.numel()) : at::Tensor();
+  return unshard_to_root(layout_, shard, communicator_, root);
 }
 
 }  // namespace sdt

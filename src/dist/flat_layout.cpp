@@ -66,4 +66,32 @@ void FlatLayout::fill_shard(at::Tensor& shard, int rank, int ranks,
   }
 }
 
+at::Tensor unshard_to_root(const FlatLayout& layout, const at::Tensor& shard, Communicator& communicator, int root) {
+  const int ranks = communicator.size();
+  const int64_t size = layout.shard_numel(ranks);
+  if (shard.dim() != 1 || shard.numel() != size) {
+    fail("flat layout", "a shard for {} ranks has {} elements, got shape {}", ranks, size, c10::str(shard.sizes()));
+  }
+  at::NoGradGuard no_grad;
+  const bool is_root = communicator.rank() == root;
+  at::Tensor whole = is_root ? at::empty({layout.padded_numel(ranks)}, shard.options().device(at::kCPU)) : at::Tensor();
+  at::Tensor piece = at::empty({size}, shard.options().device(communicator.device()));
+  for (int r = 0; r < ranks; ++r) {
+    if (communicator.rank() == r) piece.copy_(shard);
+    if (ranks > 1) communicator.broadcast(piece, r);
+    if (is_root) whole.narrow(0, r * size, size).copy_(piece);
+  }
+  return is_root ? whole.narrow(0, 0, layout.numel()) : at::Tensor();
+}
+
+at::Tensor shard_of(const FlatLayout& layout, const at::Tensor& whole, int rank, int ranks) {
+  if (whole.numel() != layout.numel()) fail("flat layout", "a whole buffer of {} elements, got {}", layout.numel(), whole.numel());
+  at::NoGradGuard no_grad;
+  const int64_t size = layout.shard_numel(ranks);
+  at::Tensor shard = at::zeros({size}, whole.options());
+  const int64_t begin = static_cast<int64_t>(rank) * size, end = std::min(begin + size, layout.numel());
+  if (end > begin) shard.narrow(0, 0, end - begin).copy_(whole.reshape({-1}).narrow(0, begin, end - begin));
+  return shard;
+}
+
 }  // namespace sdt

@@ -24,6 +24,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "cluster/communicator.h"
+
 namespace sdt {
 
 class FlatLayout {
@@ -65,5 +67,13 @@ class FlatLayout {
   std::vector<Entry> entries_;
   int64_t numel_ = 0;
 };
+
+// A per-element companion of a sharded buffer (its values, an Adam moment): root receives the whole buffer
+// (layout.numel() elements, on the CPU), the other ranks an undefined tensor. Each rank broadcasts its shard in
+// turn; root keeps them, the others hold one shard at a time. Collective.
+at::Tensor unshard_to_root(const FlatLayout& layout, const at::Tensor& shard, Communicator& communicator, int root = 0);
+
+// Rank `rank`'s shard of a whole buffer (layout.numel() elements), a new tensor.
+at::Tensor shard_of(const FlatLayout& layout, const at::Tensor& whole, int rank, int ranks);
 
 }  // namespace sdt

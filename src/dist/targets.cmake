@@ -2,7 +2,8 @@
 #
 #   sdt_dist  BlockStack (per-block full sharding and block swap of a stack of identical blocks),
 #             its memory plan and CPU tensor meter, checkpoints that reshard to any rank count;
-#             ZeroShards (ZeRO-1/2 sharding of any trained tensors, used by the trainer)
+#             ZeroShards (ZeRO-1/2 sharding of any trained tensors) and ShardedUnits (full sharding of a
+#             model's unlike blocks, the U-Net's), used by the trainer
 #
 # and their tests (tests/dist/), run as one process and as mpiexec jobs of 2 and 3 ranks; the 2-rank
 # job writes a checkpoint that the 3-rank job and the one-process run resume from.
@@ -12,8 +13,9 @@ add_library(sdt_dist STATIC
   src/dist/memory_plan.cpp
   src/dist/stack_checkpoint.cpp
   src/dist/zero_shards.cpp
+  src/dist/sharded_units.cpp
 )
-target_link_libraries(sdt_dist PUBLIC sdt_cluster_comm)
+target_link_libraries(sdt_dist PUBLIC sdt_cluster_comm sdt_models)
 target_precompile_headers(sdt_dist REUSE_FROM sdt_torch)
 
 # ---------------------------------------------------------------- tests

@@ -144,28 +144,6 @@ void ZeroShards::finish() {
   }
 }
 
-double ZeroShards::squared_gradient_norm() {
-  at::NoGradGuard no_grad;
-  at::Tensor sum = at::zeros({1}, at::TensorOptions(at::kDouble));
-  for (const Bucket& bucket : buckets_) {
-    if (bucket.master.grad().defined()) sum += bucket.master.grad().to(at::kDouble).pow(2).sum().cpu();
-  }
-  sum = sum.to(communicator_.device());
-  communicator_.all_reduce(sum, ReduceOp::sum);
-  return sum.item<double>();
-}
-
-bool ZeroShards::gradients_finite() {
-  at::NoGradGuard no_grad;
-  double bad = 0;
-  for (const Bucket& bucket : buckets_) {
-    if (bucket.master.grad().defined() && !bucket.master.grad().isfinite().all().item<bool>()) bad += 1;
-  }
-  at::Tensor count = torch::tensor({bad}, at::TensorOptions(at::kDouble)).to(communicator_.device());
-  communicator_.all_reduce(count, ReduceOp::sum);
-  return count.item<double>() == 0;
-}
-
 void ZeroShards::gather_parameters() {
   at::NoGradGuard no_grad;
   const int ranks = communicator_.size();
@@ -175,37 +153,6 @@ void ZeroShards::gather_parameters() {
     Bucket& bucket = buckets_[b];
     bucket.flat.view({ranks, -1}).copy_(communicator_.all_gather(bucket.master.detach()));
   }
-}
-
-// Each rank broadcasts its shard in turn; root keeps them, the others hold one shard at a time.
-at::Tensor ZeroShards::unshard(size_t bucket, const at::Tensor& shard, int root) const {
-  at::NoGradGuard no_grad;
-  const Bucket& b = buckets_.at(bucket);
-  const int ranks = communicator_.size();
-  const int64_t size = b.layout.shard_numel(ranks);
-  if (shard.numel() != size) fail("ZeRO sharding", "bucket {}: a shard of {} elements, expected {}", bucket, shard.numel(), size);
-  at::Tensor whole;
-  if (communicator_.rank() == root) whole = at::empty({ranks, size}, shard.options());
-  at::Tensor incoming = at::empty({size}, shard.options().device(communicator_.device()));
-  for (int r = 0; r < ranks; ++r) {
-    if (r == communicator_.rank()) incoming.copy_(shard.reshape({-1}));
-    if (ranks > 1) communicator_.broadcast(incoming, r);
-    if (whole.defined()) whole[r].copy_(incoming);
-  }
-  if (!whole.defined()) return {};
-  return whole.reshape({-1}).narrow(0, 0, b.layout.numel()).clone();
-}
-
-at::Tensor ZeroShards::shard(size_t bucket, const at::Tensor& whole) const {
-  const Bucket& b = buckets_.at(bucket);
-  const int ranks = communicator_.size();
-  if (whole.numel() != b.layout.numel()) {
-    fail("ZeRO sharding", "bucket {}: a whole buffer of {} elements, expected {}", bucket, whole.numel(), b.layout.numel());
-  }
-  at::Tensor padded = at::zeros({b.layout.padded_numel(ranks)}, whole.options());
-  padded.narrow(0, 0, whole.numel()).copy_(whole.reshape({-1}));
-  const int64_t size = b.layout.shard_numel(ranks);
-  return padded.narrow(0, communicator_.rank() * size, size).clone();
 }
 
 }  // namespace sdt

@@ -23,7 +23,7 @@
 //
 // Bucket order is the reverse of the tensors' order (backward produces the last layers' gradients
 // first), the same on every rank, and the layout never depends on the rank count, so a state gathered
-// from 2 ranks loads on 3 (shard / unshard below).
+// from 2 ranks loads on 3 (unshard_to_root / shard_of in flat_layout.h).
 #pragma once
 
 #include <cstdint>
@@ -71,18 +71,8 @@ class ZeroShards {
   // After the backward of an update's last micro-step: every active master's .grad holds the gradient
   // averaged over the ranks (its shard of it).
   void finish();
-  // Over all ranks' masters: the sum of squared gradients (for a global gradient norm), and whether
-  // every gradient is finite. Collective.
-  double squared_gradient_norm();
-  bool gradients_finite();
   // After optimizer.step(): the updated shards into every rank's tensors. Collective.
   void gather_parameters();
-
-  // A per-element companion of bucket b's master (the master, an Adam moment): root receives the
-  // whole buffer (layout numel, no padding), the others an undefined tensor. Collective.
-  at::Tensor unshard(size_t bucket, const at::Tensor& shard, int root = 0) const;
-  // This rank's shard of bucket b from its whole buffer (layout numel elements).
-  at::Tensor shard(size_t bucket, const at::Tensor& whole) const;
 
  private:
   class ReadyHook;

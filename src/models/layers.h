@@ -53,4 +53,14 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
 using Block = std::function<at::Tensor(const std::vector<at::Tensor>& inputs)>;
 at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params);
 
+// Runs a model's repeated blocks (the U-Net's ResNets and Transformer2Ds) when the model's weights are not all
+// resident: full sharding gathers a block's weights just before it runs and recomputes it in backward
+// (src/dist/sharded_units.h). `module` is the block, `params` the tensors it reads besides its inputs.
+class BlockRunner {
+ public:
+  virtual ~BlockRunner() = default;
+  virtual at::Tensor run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
+                         const std::vector<at::Tensor>& params) = 0;
+};
+
 }  // namespace sdt

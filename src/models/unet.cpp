@@ -115,6 +115,10 @@ at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim) {
 // recompute in backward finds it alive.
 at::Tensor UNetLevelImpl::resnet(size_t i, const at::Tensor& x, const UNetStep& step) {
   auto block = resnets->ptr<ResnetBlock2DImpl>(i);
+  if (step.runner) {
+    return step.runner->run(*block, [block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
+                            {x, step.temb}, block->parameters());
+  }
   if (!step.checkpoint) return block->forward(x, step.temb);
   return checkpointed([block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
                       {x, step.temb}, block->parameters());
@@ -122,6 +126,10 @@ at::Tensor UNetLevelImpl::resnet(size_t i, const at::Tensor& x, const UNetStep& 
 
 at::Tensor UNetLevelImpl::attention(size_t i, const at::Tensor& x, const UNetStep& step) {
   auto block = attentions->ptr<Transformer2DImpl>(i);
+  if (step.runner) {
+    return step.runner->run(*block, [block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
+                            {x, step.context}, block->parameters());
+  }
   if (!step.checkpoint) return block->forward(x, step.context);
   return checkpointed([block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
                       {x, step.context}, block->parameters());
@@ -185,11 +193,27 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(s
   conv_out = register_module("conv_out", nn::Conv2d(nn::Conv2dOptions(c0, c.out_channels, 3).padding(1)));
 }
 
+std::vector<std::shared_ptr<torch::nn::Module>> UNet2DConditionModelImpl::blocks() const {
+  std::vector<std::shared_ptr<torch::nn::Module>> out;
+  auto add_level = [&](const UNetLevelImpl& level, bool interleaved) {
+    for (size_t j = 0; j < level.resnets->size(); ++j) {
+      out.push_back(level.resnets->ptr(j));
+      if (interleaved && j < level.attentions->size()) out.push_back(level.attentions->ptr(j));
+    }
+  };
+  for (const auto& level : *down_blocks) add_level(*level->as<UNetLevel>(), true);
+  out.push_back(mid_block->resnets->ptr(0));
+  out.push_back(mid_block->attentions->ptr(0));
+  out.push_back(mid_block->resnets->ptr(1));
+  for (const auto& level : *up_blocks) add_level(*level->as<UNetLevel>(), true);
+  return out;
+}
+
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context) {
   const int64_t batch = sample.size(0);
   at::Tensor t = timesteps.dim() == 0 ? timesteps.expand({batch}) : timesteps;                          // (B)
   at::Tensor t_emb = timestep_embedding(t, config.block_out_channels[0]).to(sample.scalar_type());  // (B, C0)
-  UNetStep step{time_embedding(t_emb), context, gradient_checkpointing && torch::GradMode::is_enabled()};
+  UNetStep step{time_embedding(t_emb), context, gradient_checkpointing && torch::GradMode::is_enabled(), block_runner};
 
   at::Tensor h = conv_in(sample);  // (B, C0, h, w)
   std::vector<at::Tensor> skips{h};

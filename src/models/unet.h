@@ -91,6 +91,7 @@ struct UNetStep {
   at::Tensor temb;      // (B, 4 * C0)
   at::Tensor context;   // (B, S, D)
   bool checkpoint;      // recompute each ResNet and Transformer2D in backward instead of keeping activations
+  BlockRunner* runner;  // when set, runs each ResNet and Transformer2D (sharded weights); else plain or checkpointed
 };
 
 // A down level (CrossAttnDownBlock2D / DownBlock2D) or an up level (CrossAttnUpBlock2D / UpBlock2D).
@@ -109,8 +110,13 @@ struct UNet2DConditionModelImpl : torch::nn::Module {
   // Any h, w: upsampling follows the skip connections' sizes.
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context);
 
+  // The ResNets and Transformer2Ds in the order forward runs them: the blocks a BlockRunner runs, which hold all
+  // weights but the stem, the head and the down/upsamplers.
+  std::vector<std::shared_ptr<torch::nn::Module>> blocks() const;
+
   UNetConfig config;
   bool gradient_checkpointing = false;  // only acts while grad mode is on
+  BlockRunner* block_runner = nullptr;  // not owned; see BlockRunner
 
   TimestepEmbedding time_embedding{nullptr};
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numbers>
 #include <regex>
+#include <set>
 
 #include "src/core/error.h"
 #include "src/core/text.h"
@@ -454,18 +455,53 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, ClipTextModel 
 
 LoRANetworkImpl::~LoRANetworkImpl() { remove(); }
 
+namespace {
+
+void set_target_weight(LoRAModuleImpl& lora, const at::Tensor& weight) {
+  if (auto* linear = dynamic_cast<nn::LinearImpl*>(lora.target.get())) {
+    linear->weight = weight;
+  } else {
+    dynamic_cast<nn::Conv2dImpl*>(lora.target.get())->weight = weight;
+  }
+}
+
+}  // namespace
+
+std::vector<size_t> LoRANetworkImpl::defer_inside(const torch::nn::Module& block) {
+  std::set<const torch::nn::Module*> inside;
+  for (const auto& m : block.modules(/*include_self=*/true)) inside.insert(m.get());
+  deferred_.resize(unet_loras.size(), 0);
+  std::vector<size_t> found;
+  for (size_t i = 0; i < unet_loras.size(); ++i) {
+    if (!inside.contains(unet_loras[i]->target.get())) continue;
+    if (unet_loras[i]->module_dropout) fail("--network_args module_dropout", "not supported with --sharding full");
+    deferred_[i] = 1;
+    found.push_back(i);
+  }
+  return found;
+}
+
+void LoRANetworkImpl::merge(const std::vector<size_t>& unet_indices) {
+  for (size_t i : unet_indices) {
+    LoRAModuleImpl& lora = *unet_loras[i];
+    const at::Tensor base = lora.target_weight();
+    set_target_weight(lora, base + lora.delta_weight().to(base.scalar_type()));
+  }
+}
+
+void LoRANetworkImpl::unmerge(const std::vector<size_t>& unet_indices) {
+  for (size_t i : unet_indices) set_target_weight(*unet_loras[i], unet_loras[i]->target_weight());
+}
+
 void LoRANetworkImpl::update_weights(std::optional<at::Generator> generator) {
   for (auto* list : {&text_encoder_loras, &unet_loras}) {
-    for (auto& lora : *list) {
+    for (size_t i = 0; i < list->size(); ++i) {
+      if (list == &unet_loras && i < deferred_.size() && deferred_[i]) continue;
+      auto& lora = (*list)[i];
       at::Tensor base = lora->target_weight();
       bool dropped = lora->module_dropout && lora->is_training() &&
                      at::rand({1}, generator).item<float>() < *lora->module_dropout;
-      at::Tensor weight = dropped ? base : base + lora->delta_weight().to(base.scalar_type());
-      if (auto* linear = dynamic_cast<nn::LinearImpl*>(lora->target.get())) {
-        linear->weight = weight;
-      } else {
-        dynamic_cast<nn::Conv2dImpl*>(lora->target.get())->weight = weight;
-      }
+      set_target_weight(*lora, dropped ? base : base + lora->delta_weight().to(base.scalar_type()));
     }
   }
 }
@@ -474,12 +510,7 @@ void LoRANetworkImpl::remove() {
   if (!applied_) return;
   for (auto* list : {&text_encoder_loras, &unet_loras}) {
     for (auto& lora : *list) {
-      at::Tensor base = lora->target_weight();
-      if (auto* linear = dynamic_cast<nn::LinearImpl*>(lora->target.get())) {
-        linear->weight = base;
-      } else {
-        dynamic_cast<nn::Conv2dImpl*>(lora->target.get())->weight = base;
-      }
+      set_target_weight(*lora, lora->target_weight());
       lora->target->unregister_module("lora");
     }
   }

@@ -151,6 +151,14 @@ struct LoRANetworkImpl : torch::nn::Module {
   // Puts the targets back to their own weights and unregisters the LoRAs from them.
   void remove();
 
+  // --sharding full: a U-Net block's weights exist only while it runs (src/dist/sharded_units.h). defer_inside
+  // returns the U-Net LoRAs whose targets lie inside `block` and takes them out of update_weights; the block's runner
+  // calls merge(them) once the weights are gathered (with the autograd graph to the LoRA weights when grad mode is
+  // on) and unmerge(them) before it releases the weights.
+  std::vector<size_t> defer_inside(const torch::nn::Module& block);
+  void merge(const std::vector<size_t>& unet_indices);
+  void unmerge(const std::vector<size_t>& unet_indices);
+
   void set_multiplier(double multiplier);
 
   // kohya's prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr): groups "lora" and (with LoRA+) "plus"
@@ -177,6 +185,7 @@ struct LoRANetworkImpl : torch::nn::Module {
 
  private:
   bool applied_ = false;
+  std::vector<char> deferred_;  // per U-Net LoRA: merged by its block's runner, not by update_weights
 };
 TORCH_MODULE(LoRANetwork);
 

@@ -33,12 +33,6 @@ const char* mode_name(ShardingMode mode) {
   return "?";
 }
 
-std::vector<std::vector<at::Tensor>> tensors_of(const std::vector<ParamGroup>& groups) {
-  std::vector<std::vector<at::Tensor>> out;
-  for (const auto& g : groups) out.push_back(g.params);
-  return out;
-}
-
 }  // namespace
 
 void DataParallel::check_optimizer(ShardingMode mode, const std::string& optimizer_kind) {
@@ -52,32 +46,76 @@ void DataParallel::check_optimizer(ShardingMode mode, const std::string& optimiz
 }
 
 DataParallel::DataParallel(const std::vector<ParamGroup>& groups, Communicator& communicator, ShardingMode mode,
-                           int64_t bucket_bytes)
-    : mode_(mode), communicator_(communicator), groups_(groups) {
-  switch (mode) {
-    case ShardingMode::none: {
-      std::vector<at::Tensor> all;
-      for (const auto& g : groups) all.insert(all.end(), g.params.begin(), g.params.end());
-      reducer_ = std::make_unique<GradientReducer>(all, communicator, bucket_bytes);
-      break;
+                           int64_t bucket_bytes, std::unique_ptr<ShardedUnits> units)
+    : mode_(mode), communicator_(communicator), groups_(groups), units_(std::move(units)) {
+  if (mode == ShardingMode::none) {
+    std::vector<at::Tensor> all;
+    for (const auto& g : groups) all.insert(all.end(), g.params.begin(), g.params.end());
+    reducer_ = std::make_unique<GradientReducer>(all, communicator, bucket_bytes);
+    return;
+  }
+  if (mode == ShardingMode::full && !units_) {
+    fail("--sharding full", "needs a model whose blocks can be gathered one at a time; this one has none");
+  }
+  // Which group tensors live in blocks (full): those are the blocks' masters; the rest go to ZeroShards.
+  std::map<const void*, std::pair<size_t, size_t>> place;  // tensor -> (group, index)
+  for (size_t g = 0; g < groups.size(); ++g) {
+    for (size_t i = 0; i < groups[g].params.size(); ++i) place[groups[g].params[i].unsafeGetTensorImpl()] = {g, i};
+  }
+  std::vector<Sharded> unit_masters;
+  std::set<const void*> in_units;
+  if (units_) {
+    for (const auto& unit : units_->units()) {
+      if (!unit.trainable) continue;
+      Sharded s{.layout = &unit.layout, .master = unit.master};
+      for (size_t k = 0; k < unit.parameters.size(); ++k) {
+        const auto found = place.find(unit.parameters[k].unsafeGetTensorImpl());
+        if (found == place.end()) fail("--sharding full", "a trained block weight is in no optimizer group");
+        if (k > 0 && found->second.first != s.group) fail("--sharding full", "a block's weights span two optimizer groups");
+        s.group = found->second.first;
+        s.tensors.push_back(found->second.second);
+        in_units.insert(unit.parameters[k].unsafeGetTensorImpl());
+      }
+      unit_masters.push_back(std::move(s));
     }
-    case ShardingMode::optimizer:
-    case ShardingMode::gradients:
-      shards_ = std::make_unique<ZeroShards>(tensors_of(groups), communicator,
-                                             mode == ShardingMode::optimizer ? ZeroStage::optimizer : ZeroStage::gradients,
-                                             bucket_bytes);
-      break;
-    case ShardingMode::full:
-      fail("--sharding full", "needs a model made of a stack of blocks to gather one at a time (the transformer "
-                              "families); SD 1.x/2.x's U-Net trains with --sharding none, optimizer or gradients");
+  }
+  std::vector<std::vector<at::Tensor>> rest(groups.size());
+  std::vector<std::vector<size_t>> rest_index(groups.size());
+  for (size_t g = 0; g < groups.size(); ++g) {
+    for (size_t i = 0; i < groups[g].params.size(); ++i) {
+      if (in_units.contains(groups[g].params[i].unsafeGetTensorImpl())) continue;
+      rest[g].push_back(groups[g].params[i]);
+      rest_index[g].push_back(i);
+    }
+  }
+  shards_ = std::make_unique<ZeroShards>(rest, communicator,
+                                         mode == ShardingMode::optimizer ? ZeroStage::optimizer : ZeroStage::gradients,
+                                         bucket_bytes);
+  // The optimizer's order within a group: its buckets (ZeroShards::masters order), then its blocks.
+  for (size_t g = 0; g < groups.size(); ++g) {
+    for (const auto& bucket : shards_->buckets()) {
+      if (bucket.group != g) continue;
+      Sharded s{.group = g, .layout = &bucket.layout, .master = bucket.master};
+      for (size_t i : bucket.tensors) s.tensors.push_back(rest_index[g][i]);
+      sharded_.push_back(std::move(s));
+    }
+    for (const auto& s : unit_masters) {
+      if (s.group == g) sharded_.push_back(s);
+    }
   }
 }
 
 std::vector<ParamGroup> DataParallel::optimizer_groups() const {
-  if (!shards_) return groups_;
+  if (mode_ == ShardingMode::none) return groups_;
   std::vector<ParamGroup> out = groups_;
-  const auto masters = shards_->masters();
-  for (size_t g = 0; g < out.size(); ++g) out[g].params = masters[g];
+  for (auto& g : out) g.params.clear();
+  for (const auto& s : sharded_) out[s.group].params.push_back(s.master);
+  return out;
+}
+
+std::vector<at::Tensor> DataParallel::stepped() const {
+  std::vector<at::Tensor> out;
+  for (const auto& g : optimizer_groups()) out.insert(out.end(), g.params.begin(), g.params.end());
   return out;
 }
 
@@ -94,46 +132,45 @@ void DataParallel::finish() {
 bool DataParallel::unscale(double scale) {
   const float inverse = static_cast<float>(1.0 / scale);
   at::NoGradGuard no_grad;
-  for (const auto& g : optimizer_groups()) {
-    for (const auto& p : g.params) {
-      if (p.grad().defined()) p.grad().mul_(inverse);
-    }
-  }
-  if (shards_) return shards_->gradients_finite();
-  // Replicated gradients are the same on every rank: no collective needed.
   bool finite = true;
-  for (const auto& g : groups_) {
-    for (const auto& p : g.params) finite = finite && (!p.grad().defined() || p.grad().isfinite().all().item<bool>());
+  for (const auto& p : stepped()) {
+    if (!p.grad().defined()) continue;
+    p.grad().mul_(inverse);
+    finite = finite && p.grad().isfinite().all().item<bool>();
   }
-  return finite;
+  if (mode_ == ShardingMode::none) return finite;  // replicated gradients: the same on every rank
+  at::Tensor bad = torch::tensor({finite ? 0.0 : 1.0}, at::TensorOptions(at::kDouble)).to(communicator_.device());
+  communicator_.all_reduce(bad, ReduceOp::sum);
+  return bad.item<double>() == 0;
 }
 
 void DataParallel::clip_grad_norm(double max_norm) {
-  if (!shards_) {
-    std::vector<at::Tensor> all;
-    for (const auto& g : groups_) all.insert(all.end(), g.params.begin(), g.params.end());
-    torch::nn::utils::clip_grad_norm_(all, max_norm);
+  if (mode_ == ShardingMode::none) {
+    torch::nn::utils::clip_grad_norm_(stepped(), max_norm);
     return;
   }
   // torch's rule on the norm of all ranks' shards together: multiply by min(1, max / (norm + 1e-6)).
-  const double norm = std::sqrt(shards_->squared_gradient_norm());
-  const double coefficient = std::min(1.0, max_norm / (norm + 1e-6));
   at::NoGradGuard no_grad;
-  for (const auto& g : optimizer_groups()) {
-    for (const auto& p : g.params) {
-      if (p.grad().defined()) p.grad().mul_(coefficient);
-    }
+  at::Tensor sum = at::zeros({1}, at::TensorOptions(at::kDouble));
+  for (const auto& m : stepped()) {
+    if (m.grad().defined()) sum += m.grad().to(at::kDouble).pow(2).sum().cpu();
+  }
+  sum = sum.to(communicator_.device());
+  communicator_.all_reduce(sum, ReduceOp::sum);
+  const double coefficient = std::min(1.0, max_norm / (std::sqrt(sum.item<double>()) + 1e-6));
+  for (const auto& m : stepped()) {
+    if (m.grad().defined()) m.grad().mul_(coefficient);
   }
 }
 
 void DataParallel::after_step() {
-  if (shards_) shards_->gather_parameters();
+  if (shards_) shards_->gather_parameters();  // blocks gather their masters when they next run
 }
 
-// The sharded optimizer's state names masters ("<group>.<bucket of the group>.<state>"); the file names the
-// tensors as an unsharded run does ("<group>.<tensor>.<state>"), each whole, gathered bucket by bucket.
+// Sharded masters are named "<group>.<master of the group>.<state>" by the optimizer; the file names the tensors as
+// an unsharded run does ("<group>.<tensor>.<state>"), each whole, gathered master by master.
 void DataParallel::save_optimizer_state(const Optimizer& optimizer, const std::string& path) {
-  if (!shards_) {
+  if (mode_ == ShardingMode::none) {
     if (communicator_.rank() == 0) sdt::save_optimizer_state(optimizer, path);
     return;
   }
@@ -141,29 +178,27 @@ void DataParallel::save_optimizer_state(const Optimizer& optimizer, const std::s
   std::map<std::string, at::Tensor> by_name(local.tensors.begin(), local.tensors.end());
   OptimizerState whole;
   whole.metadata = {{"optimizer", local.metadata.at("optimizer")}};
-  std::vector<size_t> seen(groups_.size(), 0);  // buckets of each group so far: the master's index
-  for (size_t b = 0; b < shards_->buckets().size(); ++b) {
-    const ZeroShards::Bucket& bucket = shards_->buckets()[b];
-    const std::string prefix = fmt::format("{}.{}.", bucket.group, seen[bucket.group]++);
+  std::vector<size_t> seen(groups_.size(), 0);
+  for (const Sharded& s : sharded_) {
+    const std::string prefix = fmt::format("{}.{}.", s.group, seen[s.group]++);
     const auto step = local.metadata.find(prefix + "step");
     if (step == local.metadata.end()) continue;  // never stepped, on every rank alike
     // The map's order is the same on every rank, so the collectives pair up.
     for (auto it = by_name.lower_bound(prefix); it != by_name.end() && it->first.starts_with(prefix); ++it) {
-      const at::Tensor full = shards_->unshard(b, it->second);
+      const at::Tensor full = unshard_to_root(*s.layout, it->second, communicator_);
       if (!full.defined()) continue;
-      const std::vector<at::Tensor> views = bucket.layout.views(full);
+      const std::vector<at::Tensor> views = s.layout->views(full);
       for (size_t k = 0; k < views.size(); ++k) {
-        whole.tensors.emplace_back(fmt::format("{}.{}.{}", bucket.group, bucket.tensors[k], it->first.substr(prefix.size())),
-                                   views[k].clone());
+        whole.tensors.emplace_back(fmt::format("{}.{}.{}", s.group, s.tensors[k], it->first.substr(prefix.size())), views[k].clone());
       }
     }
-    for (size_t i : bucket.tensors) whole.metadata[fmt::format("{}.{}.step", bucket.group, i)] = step->second;
+    for (size_t i : s.tensors) whole.metadata[fmt::format("{}.{}.step", s.group, i)] = step->second;
   }
   if (communicator_.rank() == 0) save_safetensors(path, whole.tensors, whole.metadata);
 }
 
 void DataParallel::load_optimizer_state(Optimizer& optimizer, const std::string& path) {
-  if (!shards_) {
+  if (mode_ == ShardingMode::none) {
     sdt::load_optimizer_state(optimizer, path);
     return;
   }
@@ -174,31 +209,60 @@ void DataParallel::load_optimizer_state(Optimizer& optimizer, const std::string&
   OptimizerState local;
   if (auto kind = metadata.find("optimizer"); kind != metadata.end()) local.metadata["optimizer"] = kind->second;
   std::vector<size_t> seen(groups_.size(), 0);
-  for (size_t b = 0; b < shards_->buckets().size(); ++b) {
-    const ZeroShards::Bucket& bucket = shards_->buckets()[b];
-    const std::string master = fmt::format("{}.{}.", bucket.group, seen[bucket.group]++);
-    const std::string first = fmt::format("{}.{}.", bucket.group, bucket.tensors.front());
+  for (const Sharded& s : sharded_) {
+    const std::string master = fmt::format("{}.{}.", s.group, seen[s.group]++);
+    const std::string first = fmt::format("{}.{}.", s.group, s.tensors.front());
     const auto step = metadata.find(first + "step");
     if (step == metadata.end()) continue;
     local.metadata[master + "step"] = step->second;
     for (auto it = names.lower_bound(first); it != names.end() && it->starts_with(first); ++it) {
       const std::string state = it->substr(first.size());
       std::vector<at::Tensor> parts;
-      for (size_t i : bucket.tensors) {
-        const std::string name = fmt::format("{}.{}.{}", bucket.group, i, state);
+      for (size_t i : s.tensors) {
+        const std::string name = fmt::format("{}.{}.{}", s.group, i, state);
         if (!names.contains(name)) fail(path, "has '{}' but not '{}': not an optimizer state of this model", *it, name);
         parts.push_back(load_tensor(file, name));
       }
-      const at::Tensor flat = bucket.layout.flatten(parts, 1, parts.front().options());
-      local.tensors.emplace_back(master + state, shards_->shard(b, flat).to(bucket.master.device()));
+      const at::Tensor flat = s.layout->flatten(parts, 1, parts.front().options());
+      local.tensors.emplace_back(master + state,
+                                 shard_of(*s.layout, flat, communicator_.rank(), communicator_.size()).to(s.master.device()));
     }
   }
   optimizer.import_state(local);
 }
 
+void DataParallel::gather_whole_to_root() {
+  if (units_) units_->gather_whole_to_root();
+}
+
+void DataParallel::release_whole() {
+  if (units_) units_->release_whole();
+}
+
+bool DataParallel::is_sharded_block_weight(const at::Tensor& tensor) const {
+  if (!units_) return false;
+  for (const auto& unit : units_->units()) {
+    for (const auto& p : unit.parameters) {
+      if (p.unsafeGetTensorImpl() == tensor.unsafeGetTensorImpl()) return true;
+    }
+  }
+  return false;
+}
+
+void DataParallel::load_weights(const std::function<at::Tensor(const at::Tensor& tensor)>& saved_value) {
+  if (!units_) return;
+  at::NoGradGuard no_grad;
+  for (size_t u = 0; u < units_->units().size(); ++u) {
+    const auto& unit = units_->units()[u];
+    if (!unit.trainable) continue;
+    units_->load_unit(u, [&](size_t k) { return saved_value(unit.parameters[k]); });
+  }
+}
+
 DataParallel::MemoryPlan DataParallel::plan_memory(int64_t frozen_bytes, int64_t bytes_per_element) const {
   MemoryPlan plan;
   plan.frozen = frozen_bytes;
+  // The trained tensors as they are held: whole, except block weights (empty between runs, their masters below).
   int64_t elements = 0, bytes = 0;
   for (const auto& g : groups_) {
     for (const auto& p : g.params) {
@@ -207,22 +271,29 @@ DataParallel::MemoryPlan DataParallel::plan_memory(int64_t frozen_bytes, int64_t
     }
   }
   plan.trained = bytes;
-  const int64_t element_size = elements ? bytes / elements : 4;
-  if (!shards_) {
+  if (mode_ == ShardingMode::none) {
     plan.gradients = bytes;
     plan.buffers = communicator_.size() > 1 ? bytes : 0;  // the reducer's buckets (none in one process)
     plan.optimizer_state = elements * bytes_per_element;
     return plan;
   }
-  int64_t shard_elements = 0, largest_bucket = 0;
-  for (const auto& bucket : shards_->buckets()) {
-    shard_elements += bucket.master.numel();
-    largest_bucket = std::max(largest_bucket, bucket.flat.numel());
+  for (const auto& s : sharded_) {
+    const int64_t shard_bytes = s.master.numel() * static_cast<int64_t>(s.master.element_size());
+    plan.gradients += shard_bytes;
+    plan.optimizer_state += s.master.numel() * bytes_per_element;
   }
-  plan.optimizer_state = shard_elements * bytes_per_element;
-  plan.gradients = shard_elements * element_size;                          // the masters' gradients
   if (shards_->stage() == ZeroStage::optimizer) plan.gradients += bytes;  // whole gradients until finish()
-  plan.buffers = largest_bucket * element_size;                             // one bucket being reduced
+  for (const auto& bucket : shards_->buckets()) {
+    plan.buffers = std::max(plan.buffers, bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size()));
+  }
+  if (units_) {
+    for (const auto& unit : units_->units()) {
+      const int64_t shard_bytes = unit.master.numel() * static_cast<int64_t>(unit.master.element_size());
+      (unit.trainable ? plan.trained : plan.frozen) += shard_bytes;
+    }
+    // The block that runs: its whole weights, and in backward their gradient.
+    plan.buffers += 2 * units_->largest_unit_bytes();
+  }
   return plan;
 }
 

@@ -5,6 +5,8 @@
 //              (cluster/gradient_reducer.h)
 //   optimizer  ZeRO-1: each rank keeps and steps 1/N of the optimizer state (src/dist/zero_shards.h)
 //   gradients  ZeRO-2: and 1/N of the gradients, reduce-scattered during every backward
+//   full       ZeRO-3 / FSDP: and 1/N of the weights of the model's blocks (src/dist/sharded_units.h), trained
+//              or frozen, gathered one block at a time; the other trained tensors as with `gradients`
 //
 // The loop:
 //   Optimizer optimizer(parallel.optimizer_groups());
@@ -16,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -23,6 +26,7 @@
 
 #include "cluster/communicator.h"
 #include "cluster/gradient_reducer.h"
+#include "src/dist/sharded_units.h"
 #include "src/dist/zero_shards.h"
 #include "src/train/optimizers.h"
 
@@ -35,8 +39,10 @@ ShardingMode parse_sharding_mode(std::string_view name);
 class DataParallel {
  public:
   // `groups` are the trained tensors by optimizer group; under sharding they become views of flat
-  // buffers (zero_shards.h). Every rank starts from rank 0's values.
-  DataParallel(const std::vector<ParamGroup>& groups, Communicator& communicator, ShardingMode mode, int64_t bucket_bytes);
+  // buffers (zero_shards.h). `units` (full only) holds the model's blocks, already sharded; the groups'
+  // tensors inside them are its. Every rank starts from rank 0's values.
+  DataParallel(const std::vector<ParamGroup>& groups, Communicator& communicator, ShardingMode mode, int64_t bucket_bytes,
+               std::unique_ptr<ShardedUnits> units = nullptr);
 
   ShardingMode mode() const { return mode_; }
   // What the optimizer steps: the groups' tensors, or each bucket's shard under sharding.
@@ -56,6 +62,15 @@ class DataParallel {
   void save_optimizer_state(const Optimizer& optimizer, const std::string& path);
   void load_optimizer_state(Optimizer& optimizer, const std::string& path);
 
+  // full: rank 0's modules get the blocks' whole weights for saving or sampling, until release_whole().
+  // Collective; nothing to do in the other modes.
+  void gather_whole_to_root();
+  void release_whole();
+  // full: whether `tensor` is a block weight that exists only as shards (resume fills it by load_weights).
+  bool is_sharded_block_weight(const at::Tensor& tensor) const;
+  // Each trained block weight's shard from its whole saved value.
+  void load_weights(const std::function<at::Tensor(const at::Tensor& tensor)>& saved_value);
+
   // Rank 0's start-up lines: bytes per rank of the trained tensors, their gradients and the optimizer
   // state in this mode (frozen_bytes: the models' other tensors), and the plan's total.
   struct MemoryPlan {
@@ -66,11 +81,22 @@ class DataParallel {
   static std::string describe(const MemoryPlan& plan, ShardingMode mode, int ranks);
 
  private:
+  // One master the optimizer steps: a ZeroShards bucket or a trained block, over tensors of one group.
+  struct Sharded {
+    size_t group = 0;
+    std::vector<size_t> tensors;  // indices into the group's tensors, in layout order
+    const FlatLayout* layout = nullptr;
+    at::Tensor master;
+  };
+  std::vector<at::Tensor> stepped() const;  // what the optimizer steps, all groups
+
   ShardingMode mode_;
   Communicator& communicator_;
   std::vector<ParamGroup> groups_;
   std::unique_ptr<GradientReducer> reducer_;  // none
-  std::unique_ptr<ZeroShards> shards_;        // optimizer, gradients
+  std::unique_ptr<ZeroShards> shards_;        // optimizer, gradients, full (the tensors outside blocks)
+  std::unique_ptr<ShardedUnits> units_;       // full
+  std::vector<Sharded> sharded_;              // by group, in the optimizer's order
 };
 
 // Bytes of optimizer state per trained element for kohya's --optimizer_type (AdamW 8, Lion 4, ...).

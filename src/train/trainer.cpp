@@ -8,6 +8,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -330,7 +331,15 @@ LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedW
   const std::string trained_path = (dir / "trained.safetensors").string();
   safetensors::File file(trained_path);
   torch::NoGradGuard no_grad;
+  std::map<const void*, std::string> name_of;
   for (const auto& [name, p] : trained.named) {
+    if (!parallel.is_sharded_block_weight(p)) continue;
+    name_of[p.unsafeGetTensorImpl()] = name;
+  }
+  // --sharding full: each rank cuts its shards of the blocks' weights out of the (memory-mapped) file.
+  parallel.load_weights([&](const at::Tensor& p) { return load_tensor(file, name_of.at(p.unsafeGetTensorImpl())); });
+  for (const auto& [name, p] : trained.named) {
+    if (name_of.contains(p.unsafeGetTensorImpl())) continue;
     const at::Tensor saved = load_tensor(file, name);
     if (saved.sizes() != p.sizes() || saved.scalar_type() != p.scalar_type()) {
       fail(trained_path, "'{}' is {} {}, this run trains {} {}", name, c10::toString(saved.scalar_type()),
@@ -458,7 +467,25 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // ranks while backward runs (one process: no communication at all); --sharding cuts the optimizer state and the
   // gradients into one shard per rank, and the optimizer steps this rank's shards.
   const ShardingMode sharding = parse_sharding_mode(args.sharding);
-  DataParallel parallel(trained.groups, *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024);
+  // --sharding full: each U-Net block (ResNet, Transformer2D) keeps 1/N of its weights on a rank, trained or frozen;
+  // the U-Net gathers a block as it runs it. A LoRA inside a block merges into its weights once they are gathered.
+  std::unique_ptr<ShardedUnits> units;
+  if (sharding == ShardingMode::full) {
+    const std::vector<std::shared_ptr<torch::nn::Module>> blocks = unet->blocks();
+    std::vector<at::Tensor> kept_whole;
+    UnitHooks hooks;
+    if (network) {
+      kept_whole = network->parameters();
+      auto inside = std::make_shared<std::vector<std::vector<size_t>>>();
+      for (const auto& block : blocks) inside->push_back(network->defer_inside(*block));
+      std::shared_ptr<LoRANetworkImpl> lora = network.ptr();
+      hooks.after_gather = [lora, inside](size_t u) { lora->merge(inside->at(u)); };
+      hooks.before_release = [lora, inside](size_t u) { lora->unmerge(inside->at(u)); };
+    }
+    units = std::make_unique<ShardedUnits>(blocks, kept_whole, *communicator, std::move(hooks));
+    unet->block_runner = units.get();
+  }
+  DataParallel parallel(trained.groups, *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024, std::move(units));
   MadeOptimizer made = make_optimizer(args, parallel.optimizer_groups());
   DataParallel::check_optimizer(sharding, made.optimizer->kind());
   LossScaler scaler;
@@ -678,9 +705,19 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   };
   TrainSummary summary;
   summary.first_step = position.global_step;
+  // What rank 0 alone does with the models (write the trained weights, sample): under --sharding full it runs
+  // between a gather of every block's weights to rank 0 and their release, in which all ranks take part.
+  auto on_rank0_with_whole_models = [&](bool reads_sharded_weights, const std::function<void()>& work) {
+    if (reads_sharded_weights) parallel.gather_whole_to_root();
+    if (world.rank == 0) work();
+    if (reads_sharded_weights) parallel.release_whole();
+  };
+  const bool weights_sharded = mode == TrainMode::full;  // a LoRA file holds no block weights
   auto save_state = [&](const std::string& name) {
     const fs::path dir = output_dir / (name + "-state");
+    if (weights_sharded) parallel.gather_whole_to_root();
     save_train_state(dir, mode, trained, *made.optimizer, parallel, position, seed, samples_per_update, world, scaler);
+    if (weights_sharded) parallel.release_whole();
     if (world.rank == 0) spdlog::info("saved state {}", dir.string());
     communicator->barrier();  // no rank goes on (or exits) before the state is complete
     summary.state_path = dir.string();
@@ -936,20 +973,20 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       if (args.save_every_n_steps && global_step % *args.save_every_n_steps == 0 && global_step < max_train_steps) {
         const int64_t every = *args.save_every_n_steps;
         const std::string name = fmt::format("{}-step{:08d}", output_name, global_step);
-        if (world.rank == 0) {
+        on_rank0_with_whole_models(weights_sharded, [&] {
           summary.weights_path = save_weights(name, global_step, epoch);
           if (auto r = step_to_remove(global_step, every, args.save_last_n_steps, false)) {
             remove_saved(fmt::format("{}-step{:08d}", output_name, *r), false);
           }
-        }
+        });
         if (state_on_save) {
           save_state(name);
           const std::optional<int64_t> keep = args.save_last_n_steps_state ? args.save_last_n_steps_state : args.save_last_n_steps;
           if (auto r = step_to_remove(global_step, every, keep, true)) remove_saved(fmt::format("{}-step{:08d}", output_name, *r), true);
         }
       }
-      if (world.rank == 0 && args.sample_every_n_steps && global_step % *args.sample_every_n_steps == 0) {
-        sample_images(global_step, std::nullopt);
+      if (!prompts.empty() && args.sample_every_n_steps && global_step % *args.sample_every_n_steps == 0) {
+        on_rank0_with_whole_models(true, [&] { sample_images(global_step, std::nullopt); });
       }
       if (validation_loader && args.validate_every_n_steps && global_step % *args.validate_every_n_steps == 0) {
         log_validation("step", validate(), average, global_step, epoch);
@@ -968,20 +1005,20 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     }
     if (epoch < num_epochs && args.save_every_n_epochs && epoch % *args.save_every_n_epochs == 0) {
       const int64_t every = *args.save_every_n_epochs;
-      if (world.rank == 0) {
+      on_rank0_with_whole_models(weights_sharded, [&] {
         summary.weights_path = save_weights(fmt::format("{}-{:06d}", output_name, epoch), global_step, epoch);
         if (args.save_last_n_epochs && epoch - every * *args.save_last_n_epochs > 0) {
           remove_saved(fmt::format("{}-{:06d}", output_name, epoch - every * *args.save_last_n_epochs), false);
         }
-      }
+      });
       if (state_on_save) {
         save_state(fmt::format("{}-{:06d}", output_name, epoch));
         const std::optional<int64_t> keep = args.save_last_n_epochs_state ? args.save_last_n_epochs_state : args.save_last_n_epochs;
         if (keep && epoch - every * *keep > 0) remove_saved(fmt::format("{}-{:06d}", output_name, epoch - every * *keep), true);
       }
     }
-    if (world.rank == 0 && epoch < num_epochs && args.sample_every_n_epochs && epoch % *args.sample_every_n_epochs == 0) {
-      sample_images(global_step, epoch);
+    if (!prompts.empty() && epoch < num_epochs && args.sample_every_n_epochs && epoch % *args.sample_every_n_epochs == 0) {
+      on_rank0_with_whole_models(true, [&] { sample_images(global_step, epoch); });
     }
   }
   summary.steps = global_step;
@@ -1003,13 +1040,14 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     }
   }
   if (args.save_state || args.save_state_on_train_end) save_state(output_name);
-  if (world.rank == 0) {
+  const bool sample_at_end = !prompts.empty() && (args.sample_every_n_epochs || args.sample_every_n_steps);
+  on_rank0_with_whole_models(weights_sharded || sample_at_end, [&] {
     progress.finish();
     tensorboard->flush();
     summary.weights_path = save_weights(output_name, global_step, num_epochs);
     write_loss_curve_png((output_dir / (output_name + "_loss.png")).string(), curve, output_name + ": loss per step");
-    if (args.sample_every_n_epochs || args.sample_every_n_steps) sample_images(global_step, num_epochs);
-  }
+    if (sample_at_end) sample_images(global_step, num_epochs);
+  });
   return summary;
 }
 

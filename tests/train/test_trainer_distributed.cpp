@@ -150,8 +150,8 @@ void expect_ranks_train_like_one_process(TrainMode mode, const std::string& tag)
   barrier();
   // The sharded modes against plain data parallel with the same ranks and batches. ZeRO-2 accumulates 2
   // micro-steps of batch 1 (it reduce-scatters every micro-step); a bucket per tensor cuts tensors across the
-  // ranks' shards.
-  for (const char* sharding : {"optimizer", "gradients"}) {
+  // ranks' shards. Full sharding gathers every U-Net block (with the LoRA merged into it) as it runs.
+  for (const char* sharding : {"optimizer", "gradients", "full"}) {
     TrainArgs sharded = args;
     sharded.ddp_bucket_mb = 0;
     if (sharded.sharding = sharding; sharded.sharding == "gradients") {
@@ -237,6 +237,12 @@ TEST(DistributedTrainer, AZeroTwoLoraStateResumesOnThreeRanksWithZeroOne) {
 }
 TEST(DistributedTrainer, AZeroOneFullFineTuneStateResumesOnThreeRanksWithZeroTwo) {
   expect_two_rank_state_resumes_on_three(TrainMode::full, "optimizer", "gradients", "full_zero");
+}
+TEST(DistributedTrainer, AFullyShardedLoraStateResumesOnThreeRanks) {
+  expect_two_rank_state_resumes_on_three(TrainMode::network, "full", "full", "lora_fsdp");
+}
+TEST(DistributedTrainer, AFullyShardedFineTuneStateResumesOnThreeRanks) {
+  expect_two_rank_state_resumes_on_three(TrainMode::full, "full", "full", "full_fsdp");
 }
 
 }  // namespace
