@@ -53,6 +53,20 @@ void check_leading_dim(const at::Tensor& input, int size, const char* collective
   }
 }
 
+// all_gather_async's output: (size, ...input.shape), contiguous, the input's dtype and device.
+void check_gather_output(const at::Tensor& input, const at::Tensor& output, int size, const at::Device& device) {
+  check_collective_tensor(input, "all_gather", std::nullopt);
+  check_device(input, device, "all_gather");
+  std::vector<int64_t> shape{size};
+  shape.insert(shape.end(), input.sizes().begin(), input.sizes().end());
+  if (output.sizes() != at::IntArrayRef(shape) || !output.is_contiguous() || output.scalar_type() != input.scalar_type() ||
+      output.device() != input.device()) {
+    fail("communicator: all_gather", "the output must be a contiguous {} tensor of shape {} on {}; got {} {}",
+         c10::toString(input.scalar_type()), c10::str(at::IntArrayRef(shape)), input.device().str(),
+         c10::toString(output.scalar_type()), c10::str(output.sizes()));
+  }
+}
+
 // ---------------------------------------------------------------- single process
 
 class DonePending final : public PendingCollective {
@@ -84,6 +98,12 @@ class SingleProcessCommunicator final : public Communicator {
     check_collective_tensor(input, "all_gather", std::nullopt);
     check_device(input, device_, "all_gather");
     return input.unsqueeze(0).clone();
+  }
+  std::unique_ptr<PendingCollective> all_gather_async(const at::Tensor& input, const at::Tensor& output) override {
+    check_gather_output(input, output, 1, device_);
+    at::NoGradGuard no_grad;
+    output[0].copy_(input);
+    return std::make_unique<DonePending>();
   }
   void broadcast(const at::Tensor& tensor, int root) override {
     check_collective_tensor(tensor, "broadcast", std::nullopt);
@@ -265,6 +285,15 @@ class MpiCommunicator final : public Communicator {
       MPI_Allgather(mine.data_ptr(), count, type, result.data_ptr(), count, type, comm);
     }).get();
     return result;
+  }
+
+  std::unique_ptr<PendingCollective> all_gather_async(const at::Tensor& input, const at::Tensor& output) override {
+    check_gather_output(input, output, size_, at::kCPU);
+    const int count = mpi_count(input.numel(), "all_gather");
+    return std::make_unique<FuturePending>(thread_.submit([comm = comm_, mine = input.contiguous(), output, count] {
+      const MPI_Datatype type = mpi_type(mine.scalar_type());
+      MPI_Allgather(mine.data_ptr(), count, type, output.data_ptr(), count, type, comm);
+    }));
   }
 
   void broadcast(const at::Tensor& tensor, int root) override {

@@ -54,6 +54,10 @@ class Communicator {
 
   // Returns shape (size, ...input.shape): row r is rank r's `input`.
   virtual at::Tensor all_gather(const at::Tensor& input) = 0;
+  // The same into `output`: contiguous, shape (size, ...input.shape), input's dtype, on this communicator's
+  // device. Both tensors must stay alive and untouched until wait() returns (a prefetch gathers the next
+  // block's weights this way while the current block computes).
+  virtual std::unique_ptr<PendingCollective> all_gather_async(const at::Tensor& input, const at::Tensor& output) = 0;
 
   // In place: afterwards every rank's `tensor` holds root's.
   virtual void broadcast(const at::Tensor& tensor, int root) = 0;

@@ -152,6 +152,22 @@ class NcclCommunicator final : public Communicator {
     return all;
   }
 
+  std::unique_ptr<PendingCollective> all_gather_async(const at::Tensor& input, const at::Tensor& output) override {
+    check(input, "all_gather", std::nullopt);
+    if (output.numel() != size_ * input.numel() || !output.is_contiguous() || output.scalar_type() != input.scalar_type() ||
+        output.device() != device_) {
+      fail("communicator: all_gather", "the output must be a contiguous {} tensor of {} x {} elements on {}",
+           c10::toString(input.scalar_type()), size_, input.numel(), device_.str());
+    }
+    const at::Tensor buffer = input.contiguous();
+    StreamEvent done = on_nccl_stream({buffer, output}, [&](cudaStream_t stream) {
+      nccl_check(ncclAllGather(buffer.data_ptr(), output.data_ptr(), buffer.numel(), nccl_type(buffer.scalar_type()), comm_,
+                               stream),
+                 "ncclAllGather");
+    });
+    return std::make_unique<EventPending>(std::move(done), device_.index());
+  }
+
   void broadcast(const at::Tensor& tensor, int root) override {
     check(tensor, "broadcast", std::nullopt);
     if (root < 0 || root >= size_) fail("communicator: broadcast", "root {} is not a rank of {}", root, size_);

@@ -13,10 +13,12 @@ namespace {
 constexpr const char* kWhere = "--sharding full";
 
 struct UnitCall : torch::CustomClassHolder {
-  UnitCall(ShardedUnits* units, size_t unit, Block block) : units(units), unit(unit), block(std::move(block)) {}
+  UnitCall(ShardedUnits* units, size_t unit, Block block, AutocastState autocast)
+      : units(units), unit(unit), block(std::move(block)), autocast(autocast) {}
   ShardedUnits* units;
   size_t unit;
   Block block;
+  AutocastState autocast;  // of the forward pass, for the recomputation
 };
 
 }  // namespace
@@ -30,7 +32,8 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     ctx->saved_data["call"] = holder;
     ctx->saved_data["num_inputs"] = num_inputs;
     ctx->save_for_backward(tensors.vec());
-    call->units->acquire(call->unit);
+    const size_t next = call->unit + 1;
+    call->units->acquire(call->unit, next < call->units->units_.size() ? std::optional<size_t>(next) : std::nullopt);
     if (call->units->hooks_.after_gather) call->units->hooks_.after_gather(call->unit);
     at::Tensor out = call->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
     call->units->release(call->unit);
@@ -58,10 +61,11 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     const size_t first_parameter = wrt.size();
     if (unit.trainable) wrt.insert(wrt.end(), unit.parameters.begin(), unit.parameters.end());
 
-    units.acquire(call->unit);
+    units.acquire(call->unit, call->unit > 0 ? std::optional<size_t>(call->unit - 1) : std::nullopt);
     at::Tensor out;
     {
       torch::AutoGradMode enable(true);
+      AutocastRestore autocast(call->autocast);
       if (units.hooks_.after_gather) units.hooks_.after_gather(call->unit);
       out = call->block(inputs);
     }
@@ -83,8 +87,9 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
 };
 
 ShardedUnits::ShardedUnits(const std::vector<std::shared_ptr<torch::nn::Module>>& units,
-                           const std::vector<at::Tensor>& kept_whole, Communicator& communicator, UnitHooks hooks)
-    : communicator_(communicator), hooks_(std::move(hooks)) {
+                           const std::vector<at::Tensor>& kept_whole, Communicator& communicator, UnitHooks hooks,
+                           std::optional<at::ScalarType> compute_dtype)
+    : communicator_(communicator), hooks_(std::move(hooks)), compute_dtype_(compute_dtype) {
   std::unordered_set<const void*> whole;
   for (const auto& t : kept_whole) whole.insert(t.unsafeGetTensorImpl());
   const int ranks = communicator_.size();
@@ -116,13 +121,31 @@ ShardedUnits::ShardedUnits(const std::vector<std::shared_ptr<torch::nn::Module>>
   }
 }
 
-void ShardedUnits::acquire(size_t u) {
+void ShardedUnits::acquire(size_t u, std::optional<size_t> next) {
   at::NoGradGuard no_grad;
   Unit& unit = units_[u];
-  const at::Tensor flat = communicator_.size() == 1 ? unit.master.detach()
-                                                    : communicator_.all_gather(unit.master.detach()).reshape({-1});
+  const at::ScalarType dtype = compute_dtype_.value_or(unit.master.scalar_type());
+  at::Tensor flat;
+  if (prefetch_ && prefetch_->unit == u) {
+    prefetch_->pending->wait();
+    if (prefetch_->master_version == static_cast<int64_t>(unit.master._version())) flat = prefetch_->whole.reshape({-1});
+    prefetch_.reset();
+  }
+  if (!flat.defined()) {
+    const at::Tensor shard = unit.master.detach().to(dtype);
+    flat = communicator_.size() == 1 ? shard : communicator_.all_gather(shard).reshape({-1});
+  }
   const std::vector<at::Tensor> views = unit.layout.views(flat);
   for (size_t k = 0; k < views.size(); ++k) unit.parameters[k].set_data(views[k]);
+  if (!next || prefetch_ || communicator_.size() == 1) return;
+  const Unit& coming = units_[*next];
+  auto p = std::make_unique<Prefetch>();
+  p->unit = *next;
+  p->master_version = static_cast<int64_t>(coming.master._version());
+  p->shard = coming.master.detach().to(compute_dtype_.value_or(coming.master.scalar_type())).clone();
+  p->whole = at::empty({communicator_.size(), p->shard.numel()}, p->shard.options());
+  p->pending = communicator_.all_gather_async(p->shard, p->whole);
+  prefetch_ = std::move(p);
 }
 
 void ShardedUnits::release(size_t u) {
@@ -166,14 +189,15 @@ at::Tensor ShardedUnits::run(const torch::nn::Module& module, Block block, const
     differentiate = differentiate || p.requires_grad();
   }
   if (!differentiate || !torch::GradMode::is_enabled()) {
-    acquire(u);
+    acquire(u, u + 1 < units_.size() ? std::optional<size_t>(u + 1) : std::nullopt);
     if (hooks_.after_gather) hooks_.after_gather(u);
     at::Tensor out = block(inputs);
     release(u);
     return out;
   }
   if (unit.trainable) tensors.push_back(unit.master);
-  auto holder = c10::IValue::make_capsule(c10::make_intrusive<UnitCall>(this, u, std::move(block)));
+  auto holder = c10::IValue::make_capsule(
+      c10::make_intrusive<UnitCall>(this, u, std::move(block), AutocastState::current(inputs.front().device().type())));
   return UnitFunction::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors))[0];
 }
 
@@ -196,10 +220,13 @@ void ShardedUnits::release_whole() {
   }
 }
 
-int64_t ShardedUnits::largest_unit_bytes() const {
+int64_t ShardedUnits::running_block_bytes() const {
   int64_t largest = 0;
   for (const Unit& unit : units_) {
-    largest = std::max(largest, unit.layout.padded_numel(communicator_.size()) * static_cast<int64_t>(unit.master.element_size()));
+    const int64_t numel = unit.layout.padded_numel(communicator_.size());
+    const int64_t compute = c10::elementSize(compute_dtype_.value_or(unit.master.scalar_type()));
+    const int64_t master = static_cast<int64_t>(unit.master.element_size());
+    largest = std::max(largest, numel * (unit.trainable ? 3 * compute + master : 2 * compute));
   }
   return largest;
 }

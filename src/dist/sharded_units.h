@@ -4,23 +4,28 @@
 // except while their block runs. The model calls run() for each block (BlockRunner, src/models/layers.h):
 //
 //   forward   gather the block's shards (all-gather) into a whole buffer, point its parameters at views
-//             of it, run the block without keeping activations, point the parameters away again;
-//   backward  gather again, recompute the block with grad on, back-propagate, and for a trainable
-//             block reduce-scatter the weights' gradient so each rank receives the average of its
-//             shard, which autograd accumulates into the master's .grad (accumulation micro-steps work).
+//             of it, start gathering the next block (prefetch: it travels while this one computes),
+//             run the block without keeping activations, point the parameters away again;
+//   backward  gather again (prefetching the block before it), recompute the block with grad on,
+//             back-propagate, and for a trainable block reduce-scatter the weights' gradient so each
+//             rank receives the average of its shard, which autograd accumulates into the master's
+//             .grad (accumulation micro-steps work).
 //
-// So a rank holds 1/N of every block plus the one block that runs (two while backward recomputes the
-// block after the one it finished). Other tensors a block reads (a LoRA's weights, registered under
+// So a rank holds 1/N of every block plus the block that runs and the one being prefetched. Other tensors a block reads (a LoRA's weights, registered under
 // its targets) stay whole and are differentiated as with gradient checkpointing; `hooks` lets a
 // network merge its weights into a block's once they are gathered (LoRANetwork::merge).
 //
-// Not done here (BlockStack does it for stacks of identical blocks): prefetching the next block's
-// gather during this block's compute, block swap, and a compute dtype other than the masters'.
+// Under mixed precision the blocks can run in a compute dtype (bf16) other than their masters' (fp32):
+// the shard is cast before the all-gather (half the bytes), and the gradient is reduced in the
+// master's dtype. Blocks run in the order given (the model's forward order); a prefetch that does not
+// match the next block asked for, or whose master changed since (an optimizer step), is not used.
+// Not done here (BlockStack does it for stacks of identical blocks): block swap.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -51,7 +56,7 @@ class ShardedUnits final : public BlockRunner {
   // `units`: the blocks; their parameters except `kept_whole` are sharded (all trainable or all frozen per
   // block, one dtype). Every rank starts from rank 0's values; the modules' parameters are emptied.
   ShardedUnits(const std::vector<std::shared_ptr<torch::nn::Module>>& units, const std::vector<at::Tensor>& kept_whole,
-               Communicator& communicator, UnitHooks hooks = {});
+               Communicator& communicator, UnitHooks hooks = {}, std::optional<at::ScalarType> compute_dtype = std::nullopt);
 
   at::Tensor run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
                  const std::vector<at::Tensor>& params) override;
@@ -64,8 +69,9 @@ class ShardedUnits final : public BlockRunner {
   void gather_whole_to_root();
   void release_whole();
 
-  // The bytes of one gathered block at most: what a rank holds beyond its shards while a block runs.
-  int64_t largest_unit_bytes() const;
+  // What a rank holds beyond its shards while the largest block runs: its gathered weights, the next
+  // block's (prefetched), and in backward their gradient and the gradient buffer being reduced.
+  int64_t running_block_bytes() const;
 
   // Sets unit u's master from the whole tensors `whole_parameter(k)` (layout entry k), reading only the
   // parts of them this rank's shard covers.
@@ -73,7 +79,14 @@ class ShardedUnits final : public BlockRunner {
 
  private:
   friend struct UnitFunction;
-  void acquire(size_t u);
+  struct Prefetch {
+    size_t unit;
+    int64_t master_version;
+    at::Tensor shard, whole;
+    std::unique_ptr<PendingCollective> pending;
+  };
+  // Points unit u's parameters at its whole weights, then starts gathering unit `next` if given.
+  void acquire(size_t u, std::optional<size_t> next);
   void release(size_t u);
   at::Tensor reduce_gradient(size_t u, const std::vector<at::Tensor>& gradients);  // this rank's averaged shard
 
@@ -81,6 +94,8 @@ class ShardedUnits final : public BlockRunner {
   std::unordered_map<const torch::nn::Module*, size_t> unit_of_;
   Communicator& communicator_;
   UnitHooks hooks_;
+  std::optional<at::ScalarType> compute_dtype_;
+  std::unique_ptr<Prefetch> prefetch_;  // at most one gather in flight
   bool whole_ = false;
 };
 

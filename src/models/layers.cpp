@@ -1,5 +1,7 @@
 #include "src/models/layers.h"
 
+#include <ATen/autocast_mode.h>
+
 namespace sdt {
 
 namespace nn = torch::nn;
@@ -52,11 +54,28 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   return out.transpose(1, 2).reshape({batch, q.size(1), inner});
 }
 
+AutocastState AutocastState::current(c10::DeviceType device) {
+  return {device, at::autocast::is_autocast_enabled(device), at::autocast::get_autocast_dtype(device)};
+}
+
+AutocastRestore::AutocastRestore(const AutocastState& state) : state_(state), previous_(AutocastState::current(state.device)) {
+  at::autocast::set_autocast_enabled(state_.device, state_.enabled);
+  at::autocast::set_autocast_dtype(state_.device, state_.dtype);
+  if (state_.enabled) at::autocast::increment_nesting();
+}
+
+AutocastRestore::~AutocastRestore() {
+  if (state_.enabled && at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(previous_.device, previous_.enabled);
+  at::autocast::set_autocast_dtype(previous_.device, previous_.dtype);
+}
+
 namespace {
 
 struct BlockHolder : torch::CustomClassHolder {
-  explicit BlockHolder(Block block) : block(std::move(block)) {}
+  BlockHolder(Block block, AutocastState autocast) : block(std::move(block)), autocast(autocast) {}
   Block block;
+  AutocastState autocast;
 };
 
 // The recompute-in-backward node. Its variable inputs are the block's inputs followed by the parameters, so autograd
@@ -92,6 +111,7 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
     at::Tensor out;
     {
       torch::AutoGradMode enable(true);
+      AutocastRestore autocast(block->autocast);
       out = block->block(inputs);
     }
     // Two undefined gradients for the two non-tensor arguments of forward, then one per tensor.
@@ -109,7 +129,8 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
 at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> tensors = inputs;
   tensors.insert(tensors.end(), params.begin(), params.end());
-  auto holder = c10::IValue::make_capsule(c10::make_intrusive<BlockHolder>(std::move(block)));
+  auto holder = c10::IValue::make_capsule(
+      c10::make_intrusive<BlockHolder>(std::move(block), AutocastState::current(inputs.front().device().type())));
   return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors))[0];
 }
 

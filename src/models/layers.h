@@ -53,6 +53,26 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
 using Block = std::function<at::Tensor(const std::vector<at::Tensor>& inputs)>;
 at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params);
 
+// The autocast state (on or off, and the dtype) of a device type: captured when a block first runs and restored
+// while backward recomputes it, so the recomputation is the same computation (torch.utils.checkpoint does this too;
+// backward itself runs outside the forward's autocast scope).
+struct AutocastState {
+  c10::DeviceType device = c10::DeviceType::CPU;
+  bool enabled = false;
+  at::ScalarType dtype = at::kBFloat16;
+  static AutocastState current(c10::DeviceType device);
+};
+class AutocastRestore {
+ public:
+  explicit AutocastRestore(const AutocastState& state);
+  ~AutocastRestore();
+  AutocastRestore(const AutocastRestore&) = delete;
+  AutocastRestore& operator=(const AutocastRestore&) = delete;
+
+ private:
+  AutocastState state_, previous_;
+};
+
 // Runs a model's repeated blocks (the U-Net's ResNets and Transformer2Ds) when the model's weights are not all
 // resident: full sharding gathers a block's weights just before it runs and recomputes it in backward
 // (src/dist/sharded_units.h). `module` is the block, `params` the tensors it reads besides its inputs.

@@ -291,8 +291,7 @@ DataParallel::MemoryPlan DataParallel::plan_memory(int64_t frozen_bytes, int64_t
       const int64_t shard_bytes = unit.master.numel() * static_cast<int64_t>(unit.master.element_size());
       (unit.trainable ? plan.trained : plan.frozen) += shard_bytes;
     }
-    // The block that runs: its whole weights, and in backward their gradient.
-    plan.buffers += 2 * units_->largest_unit_bytes();
+    plan.buffers += units_->running_block_bytes();
   }
   return plan;
 }

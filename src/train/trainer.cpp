@@ -482,7 +482,10 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       hooks.after_gather = [lora, inside](size_t u) { lora->merge(inside->at(u)); };
       hooks.before_release = [lora, inside](size_t u) { lora->unmerge(inside->at(u)); };
     }
-    units = std::make_unique<ShardedUnits>(blocks, kept_whole, *communicator, std::move(hooks));
+    // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
+    std::optional<at::ScalarType> gather_dtype;
+    if (mode == TrainMode::full && precision.autocast && precision.trained == at::kFloat) gather_dtype = precision.autocast;
+    units = std::make_unique<ShardedUnits>(blocks, kept_whole, *communicator, std::move(hooks), gather_dtype);
     unet->block_runner = units.get();
   }
   DataParallel parallel(trained.groups, *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024, std::move(units));

@@ -24,6 +24,11 @@ add_executable(bench_train_step bench/bench_train_step.cpp)
 target_link_libraries(bench_train_step PRIVATE sdt_trainer)
 target_precompile_headers(bench_train_step REUSE_FROM sdt_torch)
 
+# Memory plan, measured peak and step time per rank in every --sharding mode, one process or under mpiexec (not run by ctest).
+add_executable(bench_train_sharding bench/bench_train_sharding.cpp)
+target_link_libraries(bench_train_sharding PRIVATE sdt_trainer)
+target_precompile_headers(bench_train_sharding REUSE_FROM sdt_torch)
+
 # N ranks train like one process (LoRA and full fine-tuning), only rank 0 writes, a 2-rank state resumes on 3 ranks:
 # run as one process and as mpiexec jobs of 2 and 3 ranks (the np3 job resumes what the np2 job saved).
 add_executable(test_trainer_distributed tests/train/test_trainer_distributed.cpp)

@@ -110,6 +110,22 @@ TEST(Communicator, AllGatherStacksEveryRanksTensor) {
   }
 }
 
+TEST(Communicator, AsyncAllGatherFillsTheGivenOutput) {
+  auto communicator = cpu_communicator();
+  const int size = communicator->size();
+  for (at::ScalarType dtype : kFloatTypes) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const at::Tensor mine = rank_values(communicator->rank(), dtype);
+    const at::Tensor all = at::full({size, mine.numel()}, -1, mine.options());
+    auto pending = communicator->all_gather_async(mine, all);
+    pending->wait();
+    for (int r = 0; r < size; ++r) EXPECT_TRUE(at::equal(all[r], rank_values(r, dtype)));
+  }
+  const at::Tensor mine = rank_values(0, at::kFloat);
+  EXPECT_THROW(communicator->all_gather_async(mine, at::empty({size + 1, mine.numel()})), Error);
+  EXPECT_THROW(communicator->all_gather_async(mine, at::empty({size, mine.numel()}, at::kDouble)), Error);
+}
+
 TEST(Communicator, BroadcastCopiesTheRootsTensor) {
   auto communicator = cpu_communicator();
   const int root = communicator->size() - 1;
