@@ -37,6 +37,7 @@ struct BlockStack::Slot {
 // One block's full parameters in the compute dtype, assembled for (block, pass).
 struct BlockStack::GatherBuffer {
   at::Tensor full;
+  at::Tensor sending;  // with sharding: this rank's shard in the compute dtype, a snapshot the gather sends
   int64_t block = -1;
   uint64_t pass = 0;
   std::unique_ptr<PendingCollective> pending;
@@ -201,6 +202,7 @@ BlockStack::BlockStack(std::vector<torch::nn::AnyModule> blocks, Communicator& c
     for (int k = 0; k < 2; ++k) {  // the running block's, and the next one's arriving
       gather_buffers_.push_back(std::make_unique<GatherBuffer>());
       gather_buffers_.back()->full = at::empty({padded}, compute_options);
+      if (shard_ranks_ > 1) gather_buffers_.back()->sending = at::empty({layout_.shard_numel(shard_ranks_)}, compute_options);
     }
   }
   if (trainable_) {
@@ -359,12 +361,8 @@ void BlockStack::start_gather(int64_t block) {
   if (shard_ranks_ == 1) {
     buffer.full.copy_(source);  // no sharding: only the cast to the compute dtype
   } else {
-    // The communicator's one asynchronous collective is all-reduce; a sum in which every other rank
-    // contributes zeros is an all-gather, exactly (x + 0 = x), at twice the bytes on the wire.
-    const int64_t shard = source.numel();
-    buffer.full.zero_();
-    buffer.full.narrow(0, shard_index() * shard, shard).copy_(source);
-    buffer.pending = communicator_.all_reduce_async(buffer.full, ReduceOp::sum);
+    buffer.sending.copy_(source);
+    buffer.pending = communicator_.all_gather_async(buffer.sending, buffer.full.view({shard_ranks_, -1}));
     traffic_.gathered += static_cast<int64_t>(buffer.full.nbytes());
   }
   buffer.block = block;
@@ -398,7 +396,10 @@ StackMemory BlockStack::memory() const {
     (schedule_.on_host(b) ? m.host_gradients : m.device_gradients) += grad;
   }
   for (const auto& slot : slots_) m.swap_slots += static_cast<int64_t>(slot->storage.nbytes());
-  for (const auto& buffer : gather_buffers_) m.gather_buffers += static_cast<int64_t>(buffer->full.nbytes());
+  for (const auto& buffer : gather_buffers_) {
+    m.gather_buffers += static_cast<int64_t>(buffer->full.nbytes());
+    if (buffer->sending.defined()) m.gather_buffers += static_cast<int64_t>(buffer->sending.nbytes());
+  }
   for (const auto& buffer : gradient_buffers_) m.gradient_buffers += static_cast<int64_t>(buffer->full.nbytes());
   return m;
 }

@@ -38,7 +38,8 @@ MemoryPlan plan_memory(const MemoryPlanConfig& c) {
     s.gradient_buffers = (c.world_size > 1 ? 2 : 1) * padded * compute_size;
   }
   s.swap_slots = schedule.shared_slots() * shard * master_size;
-  if (ranks > 1 || c.compute_dtype != c.master_dtype) s.gather_buffers = 2 * padded * compute_size;
+  // Two whole blocks (the running one, the next arriving), and with sharding the shard each sends.
+  if (ranks > 1 || c.compute_dtype != c.master_dtype) s.gather_buffers = 2 * (padded + (ranks > 1 ? shard : 0)) * compute_size;
   return plan;
 }
 

@@ -25,7 +25,7 @@ TEST(MemoryPlan, FullShardingIsZeroStage3) {
   c.optimizer_bytes_per_param = kAdamWBytes;
   const MemoryPlan full = plan_memory(c);
   EXPECT_EQ(full.stack.device_masters + full.stack.device_gradients + full.device_optimizer_state, 16 * 10 * 1000 / 4);
-  EXPECT_EQ(full.stack.gather_buffers, 2 * 1000 * 4);
+  EXPECT_EQ(full.stack.gather_buffers, 2 * (1000 + 250) * 4);  // two whole blocks and the two shards they gather
   EXPECT_EQ(full.stack.gradient_buffers, 2 * 1000 * 4);
   EXPECT_EQ(full.host_total(), 0);
 
