@@ -1,5 +1,7 @@
 // `sdt train` in every --sharding mode on a mid-size random SD 1.x U-Net (the tiny fixture's text encoder and VAE):
 // per mode, each rank's memory plan, its measured peak of live CPU tensor bytes, and the step time with its split.
+// `none+ckpt` is plain data parallel with --gradient_checkpointing: the same recomputation as `full`, so the two
+// differ by the sharding alone.
 // Run it as one process and under mpiexec -np 2 / -np 3 to see the per-rank figures shrink. Asserts nothing.
 //   [mpiexec -np N] bench_train_sharding <source dir> [steps=6] [channels=64,128,256]
 #include <mpi.h>
@@ -88,7 +90,8 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::warn);
 
   for (sdt::TrainMode mode : {sdt::TrainMode::network, sdt::TrainMode::full}) {
-    for (const char* sharding : {"none", "optimizer", "gradients", "full"}) {
+    for (const std::string setting : {"none", "none+ckpt", "optimizer", "gradients", "full"}) {
+      const std::string sharding = setting.substr(0, setting.find('+'));
       sdt::TrainArgs args;
       args.pretrained_model_name_or_path = (work / "model").string();
       args.tokenizer = (source / "tests/fixtures/sd/sampling/tokenizer").string();
@@ -107,6 +110,7 @@ int main(int argc, char** argv) {
       args.max_data_loader_n_workers = 1;
       args.log_time_every_n_steps = 0;
       args.sharding = sharding;
+      args.gradient_checkpointing = setting.ends_with("+ckpt");
       const sdt::TrainSummary summary = sdt::train(args, world, mode);
       const sdt::StepTimes& t = summary.times;
       const double n = static_cast<double>(t.steps);
@@ -118,7 +122,7 @@ int main(int argc, char** argv) {
       if (world.rank == 0) {
         fmt::print("{:7s} ranks {}  --sharding {:9s}  plan {:7.1f} MiB  peak {:7.1f} MiB  ms/step {:7.1f} "
                    "(forward {:.1f}, backward {:.1f}, communication {:.1f}, optimizer {:.1f})\n",
-                   mode == sdt::TrainMode::network ? "LoRA" : "full FT", world.size, sharding, plan, peak, total,
+                   mode == sdt::TrainMode::network ? "LoRA" : "full FT", world.size, setting, plan, peak, total,
                    1e3 * t.forward / n, backward, communication, 1e3 * t.optimizer / n);
         std::fflush(stdout);
       }

@@ -150,12 +150,15 @@ void DataParallel::clip_grad_norm(double max_norm) {
     return;
   }
   // torch's rule on the norm of all ranks' shards together: multiply by min(1, max / (norm + 1e-6)).
+  // As torch: each tensor's norm in its own dtype, then the norm of those (here: of every rank's).
   at::NoGradGuard no_grad;
-  at::Tensor sum = at::zeros({1}, at::TensorOptions(at::kDouble));
+  double squares = 0;
   for (const auto& m : stepped()) {
-    if (m.grad().defined()) sum += m.grad().to(at::kDouble).pow(2).sum().cpu();
+    if (!m.grad().defined()) continue;
+    const double norm = m.grad().norm().item<double>();
+    squares += norm * norm;
   }
-  sum = sum.to(communicator_.device());
+  at::Tensor sum = torch::tensor({squares}, at::TensorOptions(at::kDouble)).to(communicator_.device());
   communicator_.all_reduce(sum, ReduceOp::sum);
   const double coefficient = std::min(1.0, max_norm / (std::sqrt(sum.item<double>()) + 1e-6));
   for (const auto& m : stepped()) {

@@ -163,7 +163,24 @@ void expect_ranks_train_like_one_process(TrainMode mode, const std::string& tag)
     plain.output_dir = (root / fmt::format("plain_{}_rank{}", sharding, world.rank)).string();
     const TrainSummary reference = sharded.gradient_accumulation_steps == 1 ? ranks : train(plain, world, mode);
     sharded.output_dir = (root / fmt::format("{}_rank{}", sharding, world.rank)).string();
+    if (sharded.sharding == "full") {  // rank 0 samples from blocks it gathers for the moment
+      const fs::path prompts = root / fmt::format("prompts{}.txt", world.rank);
+      std::ofstream(prompts) << "a red square --w 32 --h 32 --s 2 --d 5\n";
+      sharded.sample_prompts = prompts.string();
+      sharded.sample_every_n_steps = 2;
+    }
     const TrainSummary zero = train(sharded, world, mode);
+    if (sharded.sample_prompts) {
+      size_t images = 0;
+      if (fs::exists(fs::path(sharded.output_dir.value()) / "sample")) {
+        for (const auto& e : fs::directory_iterator(fs::path(sharded.output_dir.value()) / "sample")) images += e.path().extension() == ".png";
+      }
+      if (world.rank == 0) {
+        EXPECT_GE(images, 2u) << "samples at steps 2 and 4";
+      } else {
+        EXPECT_EQ(images, 0u) << "only rank 0 samples";
+      }
+    }
     if (world.rank == 0) {
       expect_same_losses(zero.losses, reference.losses, sharding);
       const double difference = max_relative_difference(zero.weights_path, reference.weights_path);
