@@ -19,6 +19,7 @@
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
 #include "src/train/trainer.h"
+#include "tests/run_tests_on_every_rank.h"
 
 namespace sdt {
 namespace {
@@ -269,11 +270,5 @@ int main(int argc, char** argv) {
   sdt::DistributedSession session;
   sdt::the_world = &session.world();
   ::testing::InitGoogleTest(&argc, argv);
-  if (session.world().rank != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  int failed = RUN_ALL_TESTS();
-  if (session.uses_mpi()) MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return failed;
+  return sdt::run_tests_on_every_rank(session);
 }
