@@ -61,7 +61,7 @@ at::Generator keyed_generator(uint64_t seed, int64_t update, int64_t place, RngP
 at::Tensor encode_latents(const Family& family, const at::Tensor& images, LatentSampling sampling, uint64_t seed, int64_t update,
                           int64_t first_place, RngPurpose purpose) {
   torch::NoGradGuard no_grad;
-  if (sampling == LatentSampling::mean) return family.latents_caching_strategy().encode(images, false, sampling).latents.to(at::kFloat);
+  if (sampling == LatentSampling::mean || images.size(0) == 0) return family.latents_caching_strategy().encode(images, false, sampling).latents.to(at::kFloat);
   std::vector<at::Tensor> latents;
   for (int64_t i = 0; i < images.size(0); ++i) {
     at::Generator gen = keyed_generator(seed, update, first_place + i, purpose);
@@ -74,6 +74,7 @@ at::Tensor encode_latents(const Family& family, const at::Tensor& images, Latent
 // stream of the pyramid-noise scales).
 NoisedLatents noise_batch(const DdpmSchedule& schedule, const at::Tensor& latents, const NoiseOptions& options, uint64_t seed,
                           int64_t update, int64_t first_place, RngPurpose purpose) {
+  if (latents.size(0) == 0) return {at::empty_like(latents), at::empty_like(latents), at::empty({0}, latents.options().dtype(at::kLong))};
   std::vector<at::Tensor> noise, noisy, timesteps;
   for (int64_t i = 0; i < latents.size(0); ++i) {
     const int64_t place = first_place + i;
@@ -86,6 +87,13 @@ NoisedLatents noise_batch(const DdpmSchedule& schedule, const at::Tensor& latent
     timesteps.push_back(n.timesteps);
   }
   return {at::cat(noise), at::cat(noisy), at::cat(timesteps)};
+}
+
+// The text conditioning of a batch; a rank whose share of a short global batch is empty gets (0, ...) rows, from one
+// placeholder caption, so it still runs the denoiser (whose collectives every rank must join) on an empty batch.
+at::Tensor encode_captions(const Family& family, const std::vector<std::string>& captions, bool weighted) {
+  if (!captions.empty()) return family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize(captions, weighted)).at(0);
+  return family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize({""}, false)).at(0).narrow(0, 0, 0);
 }
 
 std::optional<at::ScalarType> save_dtype(const TrainArgs& args) {
@@ -781,8 +789,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       const int64_t key = batch->update * 5;  // the latents' streams, then one per validation timestep
       const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), vae_latents, validation_seed, key,
                                                 batch->update_offset, RngPurpose::ValidationLatents);
-      const at::Tensor conditioning =
-          family->text_encoding_strategy().encode(family->tokenize_strategy().tokenize(batch->captions, args.weighted_captions)).at(0);
+      const at::Tensor conditioning = encode_captions(*family, batch->captions, args.weighted_captions);
       for (int k = 1; k <= 4; ++k) {
         NoiseOptions fixed = ddpm.noise;
         fixed.min_timestep = fixed.max_timestep = min_t + static_cast<int64_t>(static_cast<double>(max_t - min_t) * k / 5.0);
@@ -792,6 +799,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
         std::optional<at::Tensor> mask;
         if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
+        if (latents.size(0) == 0) continue;  // an empty share of a short batch: it ran for the collectives only
         const double n = static_cast<double>(latents.size(0));
         sum += n * ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask).item<double>();
         count += latents.size(0);
@@ -842,11 +850,13 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       // every micro-step of the update.
       const int64_t update_key = global_step;
       const bool last_micro = batch->micro + 1 == batch->micros;
+      const auto local_samples = static_cast<int64_t>(batch->captions.size());
+      const bool empty_share = local_samples == 0;  // this rank's share of a short global batch
       at::Tensor loss;
       {
         AutocastScope autocast(precision.autocast);
         at::Tensor latents;
-        if (latent_cache) {
+        if (latent_cache && !empty_share) {
           std::vector<LatentKey> keys;
           for (size_t i = 0; i < batch->image_paths.size(); ++i) {
             keys.push_back(latent_keys->key(batch->dataset, batch->image_paths[i], batch->flipped[i]));
@@ -855,7 +865,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
           latents = cached.latents.to(at::kFloat);
           if (cached.alpha_masks.defined()) batch->alpha_masks = cached.alpha_masks;
         } else {
-          latents = encode_latents(*family, batch->images.to(precision.vae), vae_latents, seed, update_key, batch->update_offset,
+          const at::Tensor images =
+              batch->images.defined() ? batch->images : at::empty({0, 3, batch->bucket.height, batch->bucket.width});
+          latents = encode_latents(*family, images.to(precision.vae), vae_latents, seed, update_key, batch->update_offset,
                                    RngPurpose::Latents);
         }
         // The LoRA enters the text encoder's and the U-Net's weights here, with this step's autograd graph.
@@ -864,14 +876,13 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         {
           std::optional<torch::NoGradGuard> no_grad;
           if (!train_text_encoder) no_grad.emplace();
-          if (text_cache) {
+          if (text_cache && !empty_share) {
             conditioning = family->text_encoder_outputs_caching_strategy()
                                .outputs_from_cache(text_cache->read_batch(batch->captions))
                                .at(0)
                                .to(at::kFloat);
           } else {
-            const Tokens tokens = family->tokenize_strategy().tokenize(batch->captions, weighted);
-            conditioning = family->text_encoding_strategy().encode(tokens).at(0);
+            conditioning = encode_captions(*family, batch->captions, weighted);
           }
         }
         const NoisedLatents noised =
@@ -880,16 +891,21 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
         std::optional<at::Tensor> mask;
         if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
-        loss = ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask);
+        // An empty share contributes nothing, but its backward still runs (sharded models gather in it).
+        loss = empty_share ? pred.sum() * 0.0
+                           : ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask);
       }
       step_times.forward += seconds_since(phase);
       phase = Clock::now();
-      at::Tensor scaled = loss / static_cast<double>(batch->micros);
+      // Each rank's mean weighs by its share of the global batch (1 when the shares are equal), so N ranks compute the
+      // gradient of the global batch's mean, as one process does; micro-steps weigh equally, as in kohya.
+      const double share = static_cast<double>(local_samples * world.size) / static_cast<double>(batch->global_batch_size);
+      at::Tensor scaled = loss * (share / static_cast<double>(batch->micros));
       if (precision.loss_scaling) scaled = scaled * scaler.scale;
       parallel.set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
       scaled.backward();
       step_times.backward += seconds_since(phase);
-      accumulated += loss.item<double>();
+      accumulated += loss.item<double>() * static_cast<double>(local_samples) / static_cast<double>(batch->global_batch_size);
       phase = Clock::now();
       parallel.finish();
       if (!last_micro) {
@@ -898,13 +914,13 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       }
       const bool last_of_epoch = batch->step + 1 == batches_per_epoch;
 
-      // The logged loss is the update's: the mean over its micro-steps and over the ranks. The same collective tells
-      // every rank whether any rank was asked to stop, so they all stop after this update.
+      // The logged loss is the update's: the mean over its micro-steps of each global batch's mean (each rank adds its
+      // share). The same collective tells every rank whether any rank was asked to stop, so they all stop after it.
       const at::Tensor update_loss = torch::tensor({accumulated / static_cast<double>(batch->micros), stop_requested ? 1.0 : 0.0},
                                                    at::TensorOptions(at::kDouble))
                                          .to(communicator->device());
       communicator->all_reduce(update_loss, ReduceOp::sum);
-      const double step_loss = update_loss[0].item<double>() / static_cast<double>(world.size);
+      const double step_loss = update_loss[0].item<double>();
       const bool stop_now = update_loss[1].item<double>() > 0;
       step_times.communication += seconds_since(phase);
 

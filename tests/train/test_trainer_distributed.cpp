@@ -196,6 +196,57 @@ void expect_ranks_train_like_one_process(TrainMode mode, const std::string& tag)
 TEST(DistributedTrainer, LoraOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::network, "lora"); }
 TEST(DistributedTrainer, FullFineTuneOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::full, "full"); }
 
+// One image with 5 repeats to train on and one held out: with N ranks x batch 1 the last global batch of an epoch
+// is short and some ranks' shares of it are empty, as are all but one rank's shares of the validation batch. Those
+// ranks still run the model on an empty batch (sharded models gather in forward and backward), and each rank's mean
+// weighs by its share: N ranks train and validate like one process with batch N, plain and fully sharded.
+TEST(DistributedTrainer, EmptySharesOfShortBatchesTrainLikeOneProcess) {
+  const World& world = *the_world;
+  if (world.size == 1) GTEST_SKIP() << "needs several ranks";
+  const fs::path root = scratch("short");
+  if (world.rank == 0) {
+    fs::remove_all(root);
+    const fs::path dir = root / "train" / "5_toy";
+    fs::create_directories(dir);
+    for (int i = 0; i < 2; ++i) {
+      cv::Mat m(32, 32, CV_8UC3, cv::Scalar(40 + 150 * i, 60, 220 - 150 * i));
+      cv::rectangle(m, cv::Rect(4 + 14 * i, 8, 10, 10), cv::Scalar(250, 250, 250), cv::FILLED);
+      cv::imwrite((dir / fmt::format("{}.png", i)).string(), m);
+      std::ofstream(dir / fmt::format("{}.txt", i)) << "a square number " << i;
+    }
+  }
+  barrier();
+  for (const char* sharding : {"none", "full"}) {
+    TrainArgs args = tiny_run(root, TrainMode::full);
+    args.train_data_dir = (root / "train").string();
+    args.train_batch_size = 1;
+    args.max_train_steps = 0;
+    args.max_train_epochs = 1;
+    args.validation_split = 0.5;
+    args.validate_every_n_steps = 1;
+    args.sharding = sharding;
+    args.output_dir = (root / fmt::format("{}_rank{}", sharding, world.rank)).string();
+    const TrainSummary ranks = train(args, world, TrainMode::full);
+    if (world.rank == 0) {
+      TrainArgs one = args;
+      one.sharding = "none";
+      one.train_batch_size = world.size;
+      one.output_dir = (root / fmt::format("{}_one", sharding)).string();
+      const TrainSummary single = train(one, World{}, TrainMode::full);
+      expect_same_losses(ranks.losses, single.losses, sharding);
+      ASSERT_EQ(ranks.validation_losses.size(), single.validation_losses.size());
+      for (size_t i = 0; i < single.validation_losses.size(); ++i) {
+        EXPECT_NEAR(ranks.validation_losses[i].second, single.validation_losses[i].second, 1e-5 * single.validation_losses[i].second);
+      }
+      const double difference = max_relative_difference(ranks.weights_path, single.weights_path);
+      std::cout << "short batches with empty shares on " << world.size << " ranks (--sharding " << sharding
+                << "): max relative weight difference to one process " << difference << "\n";
+      EXPECT_LT(difference, 1e-5);
+    }
+    barrier();
+  }
+}
+
 // The np2 job trains 2 steps of a 4-step run with 2 ranks x batch 3 and saves its state where the np3 job finds
 // it; the np3 job resumes it on 3 ranks x batch 2 (the same 6 samples per update), in another sharding mode when
 // asked, and compares the end with one uninterrupted process of batch 6.
