@@ -67,6 +67,19 @@ void check_gather_output(const at::Tensor& input, const at::Tensor& output, int 
   }
 }
 
+// reduce_scatter_async's output: input.shape[1:], contiguous, the input's dtype and device.
+void check_scatter_output(const at::Tensor& input, const at::Tensor& output, int size, const at::Device& device, ReduceOp op) {
+  check_collective_tensor(input, "reduce_scatter", op);
+  check_device(input, device, "reduce_scatter");
+  check_leading_dim(input, size, "reduce_scatter");
+  if (output.sizes() != input.sizes().slice(1) || !output.is_contiguous() || output.scalar_type() != input.scalar_type() ||
+      output.device() != input.device()) {
+    fail("communicator: reduce_scatter", "the output must be a contiguous {} tensor of shape {} on {}; got {} {}",
+         c10::toString(input.scalar_type()), c10::str(input.sizes().slice(1)), input.device().str(),
+         c10::toString(output.scalar_type()), c10::str(output.sizes()));
+  }
+}
+
 // ---------------------------------------------------------------- single process
 
 class DonePending final : public PendingCollective {
@@ -93,6 +106,12 @@ class SingleProcessCommunicator final : public Communicator {
     check_device(input, device_, "reduce_scatter");
     check_leading_dim(input, 1, "reduce_scatter");
     return input[0].clone();
+  }
+  std::unique_ptr<PendingCollective> reduce_scatter_async(const at::Tensor& input, const at::Tensor& output, ReduceOp op) override {
+    check_scatter_output(input, output, 1, device_, op);
+    at::NoGradGuard no_grad;
+    output.copy_(input[0]);
+    return std::make_unique<DonePending>();
   }
   at::Tensor all_gather(const at::Tensor& input) override {
     check_collective_tensor(input, "all_gather", std::nullopt);
@@ -269,6 +288,18 @@ class MpiCommunicator final : public Communicator {
       result = mine.to(input.scalar_type());
     }).get();
     return result;
+  }
+
+  std::unique_ptr<PendingCollective> reduce_scatter_async(const at::Tensor& input, const at::Tensor& output, ReduceOp op) override {
+    check_scatter_output(input, output, size_, at::kCPU, op);
+    const int count = mpi_count(input[0].numel(), "reduce_scatter");
+    return std::make_unique<FuturePending>(thread_.submit([comm = comm_, size = size_, input, output, op, count] {
+      const at::Tensor buffer = reducible(input);
+      at::Tensor mine = buffer.scalar_type() == output.scalar_type() ? output : at::empty(output.sizes(), buffer.options());
+      MPI_Reduce_scatter_block(buffer.data_ptr(), mine.data_ptr(), count, mpi_type(buffer.scalar_type()), MPI_SUM, comm);
+      if (op == ReduceOp::average) mine.div_(size);
+      if (!mine.is_same(output)) output.copy_(mine);
+    }));
   }
 
   at::Tensor all_gather(const at::Tensor& input) override {

@@ -51,6 +51,11 @@ class Communicator {
 
   // `input` has shape (size, ...) on every rank; returns input[rank] reduced over the ranks.
   virtual at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) = 0;
+  // The same into `output`: contiguous, shape input.shape[1:], input's dtype, on this communicator's
+  // device. Both tensors must stay alive and untouched until wait() returns (ZeRO-2 reduces a bucket
+  // this way while backward computes the next).
+  virtual std::unique_ptr<PendingCollective> reduce_scatter_async(const at::Tensor& input, const at::Tensor& output,
+                                                                  ReduceOp op) = 0;
 
   // Returns shape (size, ...input.shape): row r is rank r's `input`.
   virtual at::Tensor all_gather(const at::Tensor& input) = 0;

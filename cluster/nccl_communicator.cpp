@@ -136,6 +136,22 @@ class NcclCommunicator final : public Communicator {
     return mine;
   }
 
+  std::unique_ptr<PendingCollective> reduce_scatter_async(const at::Tensor& input, const at::Tensor& output, ReduceOp op) override {
+    check(input, "reduce_scatter", op);
+    if (input.dim() == 0 || input.size(0) != size_ || output.numel() * size_ != input.numel() || !output.is_contiguous() ||
+        output.scalar_type() != input.scalar_type() || output.device() != device_) {
+      fail("communicator: reduce_scatter", "the input needs shape ({}, ...) and the output its row's shape, contiguous, "
+           "same dtype, on {}; got {} and {}", size_, device_.str(), c10::str(input.sizes()), c10::str(output.sizes()));
+    }
+    const at::Tensor buffer = input.contiguous();
+    StreamEvent done = on_nccl_stream({buffer, output}, [&](cudaStream_t stream) {
+      nccl_check(ncclReduceScatter(buffer.data_ptr(), output.data_ptr(), output.numel(), nccl_type(buffer.scalar_type()),
+                                   nccl_op(op), comm_, stream),
+                 "ncclReduceScatter");
+    });
+    return std::make_unique<EventPending>(std::move(done), device_.index());
+  }
+
   at::Tensor all_gather(const at::Tensor& input) override {
     check(input, "all_gather", std::nullopt);
     const at::Tensor buffer = input.contiguous();

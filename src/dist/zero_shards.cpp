@@ -97,30 +97,42 @@ void ZeroShards::mark_ready(size_t bucket) {
   --buckets_[bucket].waiting;
   // In bucket order, so that every rank's i-th collective is the same bucket.
   while (next_bucket_ < buckets_.size() && (!active(next_bucket_) || buckets_[next_bucket_].waiting == 0)) {
-    if (active(next_bucket_)) reduce(buckets_[next_bucket_]);
+    if (active(next_bucket_)) reduce(next_bucket_);
     ++next_bucket_;
   }
 }
 
-// The bucket's gradients, flattened (zeros for a tensor without one), reduce-scattered: this rank's
-// shard of the average goes into its master's .grad, and the whole gradients are freed.
-void ZeroShards::reduce(Bucket& bucket) {
+// The bucket's gradients, flattened (zeros for a tensor without one), reduce-scattered: the whole gradients are
+// freed now, and this rank's shard of the average goes into its master's .grad when it lands.
+void ZeroShards::reduce(size_t b) {
   at::NoGradGuard no_grad;
+  Bucket& bucket = buckets_[b];
   const int ranks = communicator_.size();
-  const size_t index = static_cast<size_t>(&bucket - buckets_.data());
-  at::Tensor flat = at::zeros({bucket.layout.padded_numel(ranks)}, bucket.flat.options());
-  const std::vector<at::Tensor> views = bucket.layout.views(flat);
+  Reduction r{.bucket = b};
+  r.flat = at::zeros({bucket.layout.padded_numel(ranks)}, bucket.flat.options());
+  const std::vector<at::Tensor> views = bucket.layout.views(r.flat);
   for (size_t k = 0; k < views.size(); ++k) {
-    at::Tensor& tensor = bucket_tensors_[index][k];
+    at::Tensor& tensor = bucket_tensors_[b][k];
     if (!tensor.grad().defined()) continue;
     views[k].copy_(tensor.grad());
     tensor.mutable_grad().reset();
   }
-  at::Tensor shard = communicator_.reduce_scatter(flat.view({ranks, -1}), ReduceOp::average).reshape({-1});
-  if (bucket.master.grad().defined()) {
-    bucket.master.mutable_grad().add_(shard);
+  r.shard = at::empty({bucket.layout.shard_numel(ranks)}, r.flat.options());
+  r.pending = communicator_.reduce_scatter_async(r.flat.view({ranks, -1}), r.shard, ReduceOp::average);
+  in_flight_.push_back(std::move(r));
+  if (in_flight_.size() > 2) land_oldest();
+}
+
+void ZeroShards::land_oldest() {
+  Reduction r = std::move(in_flight_.front());
+  in_flight_.pop_front();
+  r.pending->wait();
+  at::NoGradGuard no_grad;
+  at::Tensor& master = buckets_[r.bucket].master;
+  if (master.grad().defined()) {
+    master.mutable_grad().add_(r.shard);
   } else {
-    bucket.master.mutable_grad() = shard.clone();
+    master.mutable_grad() = r.shard;
   }
 }
 
@@ -129,14 +141,16 @@ void ZeroShards::finish() {
   if (stage_ == ZeroStage::optimizer) {
     if (!sync_) return;
     for (size_t b = 0; b < buckets_.size(); ++b) {
-      if (active(b)) reduce(buckets_[b]);
+      if (active(b)) reduce(b);
     }
+    while (!in_flight_.empty()) land_oldest();
     return;
   }
   // Stage 2: the buckets some of whose tensors got no gradient in this backward, then a fresh count.
   for (; next_bucket_ < buckets_.size(); ++next_bucket_) {
-    if (active(next_bucket_)) reduce(buckets_[next_bucket_]);
+    if (active(next_bucket_)) reduce(next_bucket_);
   }
+  while (!in_flight_.empty()) land_oldest();
   next_bucket_ = 0;
   for (size_t b = 0; b < buckets_.size(); ++b) {
     buckets_[b].waiting = 0;

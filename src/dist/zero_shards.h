@@ -9,10 +9,11 @@
 //   stage 1 (optimizer)  backward accumulates whole gradients in the tensors' .grad as plain data
 //                        parallel does; finish() reduce-scatters each bucket, so a rank receives the
 //                        averaged gradient of its shard only, and the optimizer steps the masters.
-//   stage 2 (gradients)  every backward (accumulation micro-steps too) reduce-scatters a bucket as soon
-//                        as autograd has produced all its gradients, adds the shard into the master's
-//                        .grad and frees the whole gradients: a rank keeps 1/N of the gradients between
-//                        backward passes.
+//   stage 2 (gradients)  every backward (accumulation micro-steps too) starts a bucket's reduce-scatter
+//                        as soon as autograd has produced all its gradients and frees the whole
+//                        gradients; the reduction travels while backward computes the next buckets (at
+//                        most two in flight), and its shard is added into the master's .grad when it
+//                        lands: a rank keeps 1/N of the gradients between backward passes.
 //   after the step       gather_parameters() all-gathers the updated shards into every rank's buffers.
 //
 // The masters are what the optimizer steps, so it must be elementwise (AdamW, Lion, SGD): stepping a
@@ -27,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -76,9 +78,16 @@ class ZeroShards {
 
  private:
   class ReadyHook;
+  // A bucket's reduce-scatter in flight: its flattened gradients and this rank's shard of the average.
+  struct Reduction {
+    size_t bucket;
+    at::Tensor flat, shard;
+    std::unique_ptr<PendingCollective> pending;
+  };
   bool active(size_t bucket) const;  // some tensor of the bucket requires grad
   void mark_ready(size_t bucket);
-  void reduce(Bucket& bucket);
+  void reduce(size_t bucket);        // starts it; lands the oldest when more than two are in flight
+  void land_oldest();
 
   Communicator& communicator_;
   ZeroStage stage_;
@@ -87,6 +96,7 @@ class ZeroShards {
   std::vector<at::Tensor> hooked_;  // tensors with our post-accumulate-grad hook
   std::vector<std::vector<at::Tensor>> bucket_tensors_;  // per bucket, the tensors in layout order
   size_t next_bucket_ = 0;  // stage 2: the first bucket not yet reduced in this backward
+  std::deque<Reduction> in_flight_;
   bool sync_ = true;
   std::mutex mutex_;
 };

@@ -286,8 +286,9 @@ DataParallel::MemoryPlan DataParallel::plan_memory(int64_t frozen_bytes, int64_t
     plan.optimizer_state += s.master.numel() * bytes_per_element;
   }
   if (shards_->stage() == ZeroStage::optimizer) plan.gradients += bytes;  // whole gradients until finish()
+  // Up to three buckets' flattened gradients while their reduce-scatters are in flight.
   for (const auto& bucket : shards_->buckets()) {
-    plan.buffers = std::max(plan.buffers, bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size()));
+    plan.buffers = std::max(plan.buffers, 3 * bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size()));
   }
   if (units_) {
     for (const auto& unit : units_->units()) {

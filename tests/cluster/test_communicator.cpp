@@ -110,6 +110,23 @@ TEST(Communicator, AllGatherStacksEveryRanksTensor) {
   }
 }
 
+TEST(Communicator, AsyncReduceScatterFillsTheGivenOutput) {
+  auto communicator = cpu_communicator();
+  const int size = communicator->size();
+  for (at::ScalarType dtype : kFloatTypes) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const at::Tensor input = at::arange(size * 64, at::TensorOptions(dtype)).view({size, 64}) + communicator->rank();
+    const at::Tensor mine = at::empty({64}, input.options());
+    communicator->reduce_scatter_async(input, mine, ReduceOp::sum)->wait();
+    EXPECT_TRUE(at::equal(mine, communicator->reduce_scatter(input, ReduceOp::sum)));
+    communicator->reduce_scatter_async(input, mine, ReduceOp::average)->wait();
+    EXPECT_TRUE(at::equal(mine, communicator->reduce_scatter(input, ReduceOp::average)));
+  }
+  const at::Tensor input = at::zeros({size, 8});
+  EXPECT_THROW(communicator->reduce_scatter_async(input, at::empty({9}), ReduceOp::sum), Error);
+  EXPECT_THROW(communicator->reduce_scatter_async(input, at::empty({8}, at::kDouble), ReduceOp::sum), Error);
+}
+
 TEST(Communicator, AsyncAllGatherFillsTheGivenOutput) {
   auto communicator = cpu_communicator();
   const int size = communicator->size();
