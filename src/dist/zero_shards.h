@@ -50,7 +50,6 @@ class ZeroShards {
     FlatLayout layout;
     at::Tensor flat;              // the whole buffer (padded_numel(ranks)); the tensors are views of it
     at::Tensor master;            // this rank's shard of `flat`, a leaf that requires grad
-    at::Tensor gradient;          // stage 1: built at finish(); stage 2: while its tensors' gradients arrive
     size_t waiting = 0;           // stage 2: tensors whose gradient has not arrived in this backward
   };
 
