@@ -49,6 +49,14 @@ std::string part_file_name(const PartName& name);  // "latents.r0001-of-0004.p00
 // The committed parts of `kind` in `dir`, sorted by name; none when the folder does not exist.
 std::vector<std::string> committed_parts(const std::string& dir, CacheKind kind);
 
+// A committed part opened for reading, after checking it was made as `expected` says (sdt::Error naming
+// the file and the differing attribute otherwise), with the number of entries its commit recorded.
+struct CommittedPart {
+  h5::Handle file;
+  int64_t entries = 0;
+};
+CommittedPart open_committed_part(const std::string& path, const CacheIdentity& expected);
+
 // One part file being written. The constructor creates "<name>.tmp" with the identity and `info`
 // (attributes for people reading the file, not checked) at its root; commit() records the number
 // of entries, closes the file, syncs it and renames it to its name. A part destroyed before its

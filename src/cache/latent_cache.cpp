@@ -207,14 +207,10 @@ LatentCacheReader::LatentCacheReader(const std::string& dir, const CacheIdentity
   for (const std::string& path : committed_parts(dir, CacheKind::latents)) {
     auto part = std::make_unique<Part>();
     part->path = path;
-    part->file = h5::open_file_read_only(path);
+    CommittedPart committed = open_committed_part(path, expected);
+    part->file = std::move(committed.file);
     const hid_t file = part->file.get();
-    if (auto mismatch = identity_mismatch(file, expected)) {
-      fail(path, "this cache part was made differently from what this run needs ({}); rebuild it with --rebuild_cache, "
-                 "or give another --cache_dir", *mismatch);
-    }
-    const std::optional<int64_t> committed_entries = h5::read_int_attribute(file, "entries");
-    if (!committed_entries) fail(path, "no 'entries' attribute: not a committed cache part");
+    const int64_t committed_entries = committed.entries;
     int64_t entries = 0;
     if (h5::has_member(file, "latents")) {
       h5::Handle latents_group = h5::open_group(file, "latents");
@@ -255,9 +251,9 @@ LatentCacheReader::LatentCacheReader(const std::string& dir, const CacheIdentity
         part->groups.push_back(std::move(group));
       }
     }
-    if (entries != *committed_entries) {
+    if (entries != committed_entries) {
       fail(path, "holds {} entries but its commit recorded {}: the file is damaged; delete it and cache again", entries,
-           *committed_entries);
+           committed_entries);
     }
     files_.push_back(path);
     parts_.push_back(std::move(part));

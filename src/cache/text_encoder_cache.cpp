@@ -91,14 +91,10 @@ TextEncoderCacheReader::TextEncoderCacheReader(const std::string& dir, const Cac
   for (const std::string& path : committed_parts(dir, CacheKind::text_encoder_outputs)) {
     auto part = std::make_unique<Part>();
     part->path = path;
-    part->file = h5::open_file_read_only(path);
+    CommittedPart committed = open_committed_part(path, expected);
+    part->file = std::move(committed.file);
     const hid_t file = part->file.get();
-    if (auto mismatch = identity_mismatch(file, expected)) {
-      fail(path, "this cache part was made differently from what this run needs ({}); rebuild it with --rebuild_cache, "
-                 "or give another --cache_dir", *mismatch);
-    }
-    const std::optional<int64_t> committed_entries = h5::read_int_attribute(file, "entries");
-    if (!committed_entries) fail(path, "no 'entries' attribute: not a committed cache part");
+    const int64_t committed_entries = committed.entries;
     std::vector<std::string> captions;
     if (h5::has_member(file, kGroup)) {
       h5::Handle group = h5::open_group(file, kGroup);
@@ -112,9 +108,9 @@ TextEncoderCacheReader::TextEncoderCacheReader(const std::string& dir, const Cac
         part->outputs.emplace_back(name, std::move(table));
       }
     }
-    if (static_cast<int64_t>(captions.size()) != *committed_entries) {
+    if (static_cast<int64_t>(captions.size()) != committed_entries) {
       fail(path, "holds {} entries but its commit recorded {}: the file is damaged; delete it and cache again", captions.size(),
-           *committed_entries);
+           committed_entries);
     }
     if (!parts_.empty() && !captions.empty()) {
       const Part& first = *parts_.front();
