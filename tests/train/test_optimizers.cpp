@@ -82,6 +82,7 @@ struct Problem {
 
 struct Deviation {
   double max_abs = 0, rel = 0;  // rel: max |actual - reference| / max |reference - initial| (the distance moved)
+  double ulps_per_step = 0;     // max |actual - reference| in ulp of the parameter's magnitude, per step taken
   bool bitwise = true;
 };
 
@@ -100,11 +101,14 @@ Deviation replay(const std::string& name) {
       const double abs = (actual - reference).abs().max().item<double>();
       error.max_abs = std::max(error.max_abs, abs);
       if (moved > 0) error.rel = std::max(error.rel, abs / moved);
+      const double ulp = reference.abs().max().item<double>() / (1 << 23);
+      error.ulps_per_step = std::max(error.ulps_per_step, abs / ulp / (step + 1));
       error.bitwise = error.bitwise && at::equal(problem.params[i].detach(), expected[i]);
     }
   }
   std::cout << "[conformance] " << name << " vs " << run.reference << ": max abs err " << error.max_abs
-            << ", max err / distance moved " << error.rel << (error.bitwise ? " (bitwise equal)" : "") << "\n";
+            << ", max err / distance moved " << error.rel << ", " << error.ulps_per_step << " ulp per step"
+            << (error.bitwise ? " (bitwise equal)" : "") << "\n";
   ::testing::Test::RecordProperty(name + ".max_abs_err", std::to_string(error.max_abs));
   ::testing::Test::RecordProperty(name + ".max_rel_err", std::to_string(error.rel));
   return error;
@@ -117,10 +121,12 @@ const std::vector<std::string> kExactRuns = {
     "adamw", "adamw8bit_exact", "adamw8bit_32bit_states", "lion", "sgd_nesterov", "adafactor_relative",
     "adafactor_warmup_init", "adafactor_fixed_lr", "prodigy", "prodigy_options"};
 
-// The same operations in the same order as each reference: the parameters agree to float32 rounding
-// of the update (measured: every run bitwise equal).
+// The same operations in the same order as each reference, in fp32. The kernels may still round differently (AVX2
+// or AVX-512, fused multiply-adds, the order of a reduction such as Prodigy's sums), by an ulp of the values each
+// time: the parameters may drift from the reference by an ulp or two of their magnitude per step (2 allowed; a wrong
+// formula (bias correction, decay, the lr a group takes) moves them by about lr per step, thousands of ulp).
 TEST(Optimizers, EachMatchesItsReferenceAfterEveryStep) {
-  for (const std::string& name : kExactRuns) EXPECT_LE(replay(name).rel, 1e-6) << name;
+  for (const std::string& name : kExactRuns) EXPECT_LE(replay(name).ulps_per_step, 2.0) << name;
 }
 
 TEST(Optimizers, SsOptimizerIsKohyas) {
