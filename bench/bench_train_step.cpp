@@ -95,7 +95,6 @@ double bare_seconds_per_step(const sdt::TrainArgs& args, int64_t steps) {
       latents = family->latents_caching_strategy().encode(images, false, sdt::LatentSampling::sample, gen).latents;
       conditioning = family->text_encoding_strategy().encode(family->tokenize_strategy().tokenize(captions, false)).at(0);
     }
-    network->update_weights(gen);
     const sdt::NoisedLatents noised = sdt::noise_latents(schedule, latents, ddpm.noise, gen, uniform);
     const at::Tensor target = sdt::training_target(schedule, latents, noised, false);
     const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning);

@@ -13,12 +13,12 @@ namespace {
 constexpr const char* kWhere = "--sharding full";
 
 struct UnitCall : torch::CustomClassHolder {
-  UnitCall(ShardedUnits* units, size_t unit, Block block, AutocastState autocast)
-      : units(units), unit(unit), block(std::move(block)), autocast(autocast) {}
+  UnitCall(ShardedUnits* units, size_t unit, Block block, RecomputeState state)
+      : units(units), unit(unit), block(std::move(block)), state(std::move(state)) {}
   ShardedUnits* units;
   size_t unit;
   Block block;
-  AutocastState autocast;  // of the forward pass, for the recomputation
+  RecomputeState state;  // of the forward pass, for the recomputation
 };
 
 }  // namespace
@@ -34,7 +34,6 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     ctx->save_for_backward(tensors.vec());
     const size_t next = call->unit + 1;
     call->units->acquire(call->unit, next < call->units->units_.size() ? std::optional<size_t>(next) : std::nullopt);
-    if (call->units->hooks_.after_gather) call->units->hooks_.after_gather(call->unit);
     at::Tensor out = call->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
     call->units->release(call->unit);
     return {out};
@@ -65,8 +64,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     at::Tensor out;
     {
       torch::AutoGradMode enable(true);
-      AutocastRestore autocast(call->autocast);
-      if (units.hooks_.after_gather) units.hooks_.after_gather(call->unit);
+      RecomputeState::Replay replay(call->state);
       out = call->block(inputs);
     }
     // Two undefined gradients for the two non-tensor arguments of forward, then one per tensor.
@@ -87,9 +85,9 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
 };
 
 ShardedUnits::ShardedUnits(const std::vector<std::shared_ptr<torch::nn::Module>>& units,
-                           const std::vector<at::Tensor>& kept_whole, Communicator& communicator, UnitHooks hooks,
+                           const std::vector<at::Tensor>& kept_whole, Communicator& communicator,
                            std::optional<at::ScalarType> compute_dtype)
-    : communicator_(communicator), hooks_(std::move(hooks)), compute_dtype_(compute_dtype) {
+    : communicator_(communicator), compute_dtype_(compute_dtype) {
   std::unordered_set<const void*> whole;
   for (const auto& t : kept_whole) whole.insert(t.unsafeGetTensorImpl());
   const int ranks = communicator_.size();
@@ -149,7 +147,6 @@ void ShardedUnits::acquire(size_t u, std::optional<size_t> next) {
 }
 
 void ShardedUnits::release(size_t u) {
-  if (hooks_.before_release) hooks_.before_release(u);
   at::NoGradGuard no_grad;
   for (at::Tensor& p : units_[u].parameters) p.set_data(at::empty({0}, p.options().requires_grad(false)));
 }
@@ -173,10 +170,8 @@ at::Tensor ShardedUnits::run(const torch::nn::Module& module, Block block, const
   const size_t u = found->second;
   const Unit& unit = units_[u];
   if (whole_) {  // rank 0 holds every block's whole weights: saving or sampling
-    if (hooks_.after_gather) hooks_.after_gather(u);
     at::Tensor out = block(inputs);
-    if (hooks_.before_release) hooks_.before_release(u);
-    return out;
+      return out;
   }
   std::unordered_set<const void*> own;
   for (const auto& p : unit.parameters) own.insert(p.unsafeGetTensorImpl());
@@ -190,14 +185,13 @@ at::Tensor ShardedUnits::run(const torch::nn::Module& module, Block block, const
   }
   if (!differentiate || !torch::GradMode::is_enabled()) {
     acquire(u, u + 1 < units_.size() ? std::optional<size_t>(u + 1) : std::nullopt);
-    if (hooks_.after_gather) hooks_.after_gather(u);
     at::Tensor out = block(inputs);
     release(u);
     return out;
   }
   if (unit.trainable) tensors.push_back(unit.master);
   auto holder = c10::IValue::make_capsule(
-      c10::make_intrusive<UnitCall>(this, u, std::move(block), AutocastState::current(inputs.front().device().type())));
+      c10::make_intrusive<UnitCall>(this, u, std::move(block), RecomputeState::capture(inputs.front().device().type())));
   return UnitFunction::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors))[0];
 }
 

@@ -11,9 +11,10 @@
 //             rank receives the average of its shard, which autograd accumulates into the master's
 //             .grad (accumulation micro-steps work).
 //
-// So a rank holds 1/N of every block plus the block that runs and the one being prefetched. Other tensors a block reads (a LoRA's weights, registered under
-// its targets) stay whole and are differentiated as with gradient checkpointing; `hooks` lets a
-// network merge its weights into a block's once they are gathered (LoRANetwork::merge).
+// So a rank holds 1/N of every block plus the block that runs and the one being prefetched. Other tensors a block
+// reads (a LoRA's weights, registered under its targets) stay whole and are differentiated as with gradient
+// checkpointing; a LoRA acts as an adapter on the forward of whatever weights its layer holds, so it needs nothing
+// from the gather. The recomputation replays the forward's autocast and generator state (RecomputeState).
 //
 // Under mixed precision the blocks can run in a compute dtype (bf16) other than their masters' (fp32):
 // the shard is cast before the all-gather (half the bytes), and the gradient is reduced in the
@@ -38,11 +39,6 @@
 
 namespace sdt {
 
-struct UnitHooks {
-  std::function<void(size_t unit)> after_gather;    // the weights are in place (grad mode as the run needs)
-  std::function<void(size_t unit)> before_release;  // the block has run; its weights are about to go
-};
-
 class ShardedUnits final : public BlockRunner {
  public:
   struct Unit {
@@ -56,7 +52,7 @@ class ShardedUnits final : public BlockRunner {
   // `units`: the blocks; their parameters except `kept_whole` are sharded (all trainable or all frozen per
   // block, one dtype). Every rank starts from rank 0's values; the modules' parameters are emptied.
   ShardedUnits(const std::vector<std::shared_ptr<torch::nn::Module>>& units, const std::vector<at::Tensor>& kept_whole,
-               Communicator& communicator, UnitHooks hooks = {}, std::optional<at::ScalarType> compute_dtype = std::nullopt);
+               Communicator& communicator, std::optional<at::ScalarType> compute_dtype = std::nullopt);
 
   at::Tensor run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
                  const std::vector<at::Tensor>& params) override;
@@ -93,7 +89,6 @@ class ShardedUnits final : public BlockRunner {
   std::vector<Unit> units_;
   std::unordered_map<const torch::nn::Module*, size_t> unit_of_;
   Communicator& communicator_;
-  UnitHooks hooks_;
   std::optional<at::ScalarType> compute_dtype_;
   std::unique_ptr<Prefetch> prefetch_;  // at most one gather in flight
   bool whole_ = false;

@@ -20,10 +20,10 @@ ClipTextConfig ClipTextConfig::sd2() {
 }
 
 ClipAttentionImpl::ClipAttentionImpl(int64_t hidden, int64_t heads) : heads(heads) {
-  q_proj = register_module("q_proj", nn::Linear(hidden, hidden));
-  k_proj = register_module("k_proj", nn::Linear(hidden, hidden));
-  v_proj = register_module("v_proj", nn::Linear(hidden, hidden));
-  out_proj = register_module("out_proj", nn::Linear(hidden, hidden));
+  q_proj = register_module("q_proj", Linear(hidden, hidden));
+  k_proj = register_module("k_proj", Linear(hidden, hidden));
+  v_proj = register_module("v_proj", Linear(hidden, hidden));
+  out_proj = register_module("out_proj", Linear(hidden, hidden));
 }
 
 at::Tensor ClipAttentionImpl::forward(const at::Tensor& x) {
@@ -32,8 +32,8 @@ at::Tensor ClipAttentionImpl::forward(const at::Tensor& x) {
 
 ClipMlpImpl::ClipMlpImpl(int64_t hidden, int64_t intermediate, std::string act) : act(std::move(act)) {
   if (this->act != "quick_gelu" && this->act != "gelu") fail("CLIP text config", "hidden_act '{}' is not quick_gelu or gelu", this->act);
-  fc1 = register_module("fc1", nn::Linear(hidden, intermediate));
-  fc2 = register_module("fc2", nn::Linear(intermediate, hidden));
+  fc1 = register_module("fc1", Linear(hidden, intermediate));
+  fc2 = register_module("fc2", Linear(intermediate, hidden));
 }
 
 at::Tensor ClipMlpImpl::forward(const at::Tensor& x) {

@@ -10,6 +10,8 @@
 
 #include <torch/torch.h>
 
+#include "src/models/layers.h"
+
 namespace sdt {
 
 struct ClipTextConfig {
@@ -39,7 +41,7 @@ struct ClipAttentionImpl : torch::nn::Module {
   ClipAttentionImpl(int64_t hidden, int64_t heads);
   at::Tensor forward(const at::Tensor& x);  // (B, S, D) -> (B, S, D), causal
 
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
   int64_t heads;
 };
 TORCH_MODULE(ClipAttention);
@@ -48,7 +50,7 @@ struct ClipMlpImpl : torch::nn::Module {
   ClipMlpImpl(int64_t hidden, int64_t intermediate, std::string act);
   at::Tensor forward(const at::Tensor& x);
 
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  Linear fc1{nullptr}, fc2{nullptr};
   std::string act;
 };
 TORCH_MODULE(ClipMlp);

@@ -1,21 +1,38 @@
 #include "src/models/layers.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
+
+#include <mutex>
 
 namespace sdt {
 
 namespace nn = torch::nn;
 namespace F = torch::nn::functional;
 
+at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  at::Tensor y = torch::nn::LinearImpl::forward(x);
+  if (!adapter) return y;
+  at::Tensor d = adapter->delta(x);
+  return d.defined() ? y + d : y;
+}
+
+at::Tensor Conv2dImpl::forward(const at::Tensor& x) {
+  at::Tensor y = torch::nn::Conv2dImpl::forward(x);
+  if (!adapter) return y;
+  at::Tensor d = adapter->delta(x);
+  return d.defined() ? y + d : y;
+}
+
 ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels, int64_t groups,
                                      double eps) {
   norm1 = register_module("norm1", nn::GroupNorm(nn::GroupNormOptions(groups, in_channels).eps(eps)));
-  conv1 = register_module("conv1", nn::Conv2d(nn::Conv2dOptions(in_channels, out_channels, 3).padding(1)));
-  if (temb_channels > 0) time_emb_proj = register_module("time_emb_proj", nn::Linear(temb_channels, out_channels));
+  conv1 = register_module("conv1", Conv2d(nn::Conv2dOptions(in_channels, out_channels, 3).padding(1)));
+  if (temb_channels > 0) time_emb_proj = register_module("time_emb_proj", Linear(temb_channels, out_channels));
   norm2 = register_module("norm2", nn::GroupNorm(nn::GroupNormOptions(groups, out_channels).eps(eps)));
-  conv2 = register_module("conv2", nn::Conv2d(nn::Conv2dOptions(out_channels, out_channels, 3).padding(1)));
+  conv2 = register_module("conv2", Conv2d(nn::Conv2dOptions(out_channels, out_channels, 3).padding(1)));
   if (in_channels != out_channels) {
-    conv_shortcut = register_module("conv_shortcut", nn::Conv2d(nn::Conv2dOptions(in_channels, out_channels, 1)));
+    conv_shortcut = register_module("conv_shortcut", Conv2d(nn::Conv2dOptions(in_channels, out_channels, 1)));
   }
 }
 
@@ -28,7 +45,7 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
 
 Downsample2DImpl::Downsample2DImpl(int64_t channels, bool asymmetric_padding) : asymmetric_padding(asymmetric_padding) {
   conv = register_module(
-      "conv", nn::Conv2d(nn::Conv2dOptions(channels, channels, 3).stride(2).padding(asymmetric_padding ? 0 : 1)));
+      "conv", Conv2d(nn::Conv2dOptions(channels, channels, 3).stride(2).padding(asymmetric_padding ? 0 : 1)));
 }
 
 at::Tensor Downsample2DImpl::forward(const at::Tensor& x) {
@@ -37,7 +54,7 @@ at::Tensor Downsample2DImpl::forward(const at::Tensor& x) {
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels) {
-  conv = register_module("conv", nn::Conv2d(nn::Conv2dOptions(channels, channels, 3).padding(1)));
+  conv = register_module("conv", Conv2d(nn::Conv2dOptions(channels, channels, 3).padding(1)));
 }
 
 at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::vector<int64_t> size) {
@@ -72,10 +89,34 @@ AutocastRestore::~AutocastRestore() {
 
 namespace {
 
+at::Tensor cpu_rng_state() {
+  at::Generator generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+void set_cpu_rng_state(const at::Tensor& state) {
+  at::Generator generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+}  // namespace
+
+RecomputeState RecomputeState::capture(c10::DeviceType device) { return {AutocastState::current(device), cpu_rng_state()}; }
+
+RecomputeState::Replay::Replay(const RecomputeState& state) : autocast_(state.autocast), saved_cpu_rng_(cpu_rng_state()) {
+  set_cpu_rng_state(state.cpu_rng);
+}
+
+RecomputeState::Replay::~Replay() { set_cpu_rng_state(saved_cpu_rng_); }
+
+namespace {
+
 struct BlockHolder : torch::CustomClassHolder {
-  BlockHolder(Block block, AutocastState autocast) : block(std::move(block)), autocast(autocast) {}
+  BlockHolder(Block block, RecomputeState state) : block(std::move(block)), state(std::move(state)) {}
   Block block;
-  AutocastState autocast;
+  RecomputeState state;
 };
 
 // The recompute-in-backward node. Its variable inputs are the block's inputs followed by the parameters, so autograd
@@ -111,7 +152,7 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
     at::Tensor out;
     {
       torch::AutoGradMode enable(true);
-      AutocastRestore autocast(block->autocast);
+      RecomputeState::Replay replay(block->state);
       out = block->block(inputs);
     }
     // Two undefined gradients for the two non-tensor arguments of forward, then one per tensor.
@@ -130,7 +171,7 @@ at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, cons
   std::vector<at::Tensor> tensors = inputs;
   tensors.insert(tensors.end(), params.begin(), params.end());
   auto holder = c10::IValue::make_capsule(
-      c10::make_intrusive<BlockHolder>(std::move(block), AutocastState::current(inputs.front().device().type())));
+      c10::make_intrusive<BlockHolder>(std::move(block), RecomputeState::capture(inputs.front().device().type())));
   return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors))[0];
 }
 

@@ -1,5 +1,6 @@
-// Building blocks shared by the VAE and the U-Net (diffusers names and semantics): the ResNet block, down- and
-// up-sampling, multi-head attention on top of at::scaled_dot_product_attention, and gradient checkpointing.
+// Building blocks shared by the models (diffusers names and semantics): the adaptable Linear and Conv2d every model
+// is made of, the ResNet block, down- and up-sampling, multi-head attention on top of at::scaled_dot_product_attention,
+// and gradient checkpointing.
 #pragma once
 
 #include <functional>
@@ -9,6 +10,35 @@
 
 namespace sdt {
 
+// Something that adds to a layer's output from the layer's input: y = layer(x) + adapter(x). A LoRA is one
+// (src/networks/lora.h: scale * up(down(x)), with its dropouts). An undefined result adds nothing (a module dropped
+// for this forward).
+class Adapter {
+ public:
+  virtual ~Adapter() = default;
+  virtual at::Tensor delta(const at::Tensor& x) = 0;
+};
+
+// The layers an adapter can attach to. LibTorch's C++ modules have no forward hooks and a parent calls its children
+// through typed members, so the hook lives in the layer: every model builds its Linear and Conv2d from these. They are
+// torch's modules (same options, parameters `weight` / `bias`, same init) plus one `adapter` pointer (not owned; set
+// and cleared by whoever attaches it).
+struct Adaptable {
+  Adapter* adapter = nullptr;
+};
+
+struct LinearImpl : torch::nn::LinearImpl, Adaptable {
+  using torch::nn::LinearImpl::LinearImpl;
+  at::Tensor forward(const at::Tensor& x);
+};
+TORCH_MODULE(Linear);
+
+struct Conv2dImpl : torch::nn::Conv2dImpl, Adaptable {
+  using torch::nn::Conv2dImpl::Conv2dImpl;
+  at::Tensor forward(const at::Tensor& x);
+};
+TORCH_MODULE(Conv2d);
+
 // diffusers ResnetBlock2D: GroupNorm -> SiLU -> conv3x3 (+ projected time embedding) -> GroupNorm -> SiLU -> conv3x3,
 // plus a 1x1 `conv_shortcut` when the channel count changes. temb_channels == 0: no time embedding (the VAE).
 struct ResnetBlock2DImpl : torch::nn::Module {
@@ -16,8 +46,8 @@ struct ResnetBlock2DImpl : torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& temb = {});  // (B, C_in, H, W), (B, T) -> (B, C_out, H, W)
 
   torch::nn::GroupNorm norm1{nullptr}, norm2{nullptr};
-  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
-  torch::nn::Linear time_emb_proj{nullptr};
+  Conv2d conv1{nullptr}, conv2{nullptr}, conv_shortcut{nullptr};
+  Linear time_emb_proj{nullptr};
 };
 TORCH_MODULE(ResnetBlock2D);
 
@@ -27,7 +57,7 @@ struct Downsample2DImpl : torch::nn::Module {
   Downsample2DImpl(int64_t channels, bool asymmetric_padding);
   at::Tensor forward(const at::Tensor& x);  // (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))
 
-  torch::nn::Conv2d conv{nullptr};
+  Conv2d conv{nullptr};
   bool asymmetric_padding;
 };
 TORCH_MODULE(Downsample2D);
@@ -39,7 +69,7 @@ struct Upsample2DImpl : torch::nn::Module {
   explicit Upsample2DImpl(int64_t channels);
   at::Tensor forward(const at::Tensor& x, std::vector<int64_t> size = {});
 
-  torch::nn::Conv2d conv{nullptr};
+  Conv2d conv{nullptr};
 };
 TORCH_MODULE(Upsample2D);
 
@@ -49,7 +79,8 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
 
 // Gradient checkpointing: runs `block(inputs)` without keeping its activations, and in backward runs it again with
 // grad enabled to get the gradients of `inputs` and `params` (the tensors the block reads besides its inputs).
-// The block must be deterministic (no dropout): it is evaluated twice. Inputs must be defined tensors.
+// The recomputation sees the forward's autocast state and random-generator state (RecomputeState), so a block with
+// dropout (a LoRA's) draws the same masks twice. Inputs must be defined tensors.
 using Block = std::function<at::Tensor(const std::vector<at::Tensor>& inputs)>;
 at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params);
 
@@ -71,6 +102,28 @@ class AutocastRestore {
 
  private:
   AutocastState state_, previous_;
+};
+
+// What a block's recomputation in backward must see as its forward saw it: the autocast state and the state of the
+// default CPU generator (torch.utils.checkpoint's preserve_rng_state), so dropout draws the same masks. `capture` when
+// the block first runs; `Replay` while backward recomputes it, putting the generator back afterwards so the
+// recomputation draws nothing from the stream of the rest of the step.
+struct RecomputeState {
+  AutocastState autocast;
+  at::Tensor cpu_rng;
+  static RecomputeState capture(c10::DeviceType device);
+
+  class Replay {
+   public:
+    explicit Replay(const RecomputeState& state);
+    ~Replay();
+    Replay(const Replay&) = delete;
+    Replay& operator=(const Replay&) = delete;
+
+   private:
+    AutocastRestore autocast_;
+    at::Tensor saved_cpu_rng_;
+  };
 };
 
 // Runs a model's repeated blocks (the U-Net's ResNets and Transformer2Ds) when the model's weights are not all

@@ -19,16 +19,16 @@ UNetConfig UNetConfig::sd2() {
 }
 
 CrossAttentionImpl::CrossAttentionImpl(int64_t dim, int64_t context_dim, int64_t heads) : heads(heads) {
-  to_q = register_module("to_q", nn::Linear(nn::LinearOptions(dim, dim).bias(false)));
-  to_k = register_module("to_k", nn::Linear(nn::LinearOptions(context_dim, dim).bias(false)));
-  to_v = register_module("to_v", nn::Linear(nn::LinearOptions(context_dim, dim).bias(false)));
-  to_out = register_module("to_out", nn::ModuleList(nn::Linear(dim, dim)));
+  to_q = register_module("to_q", Linear(nn::LinearOptions(dim, dim).bias(false)));
+  to_k = register_module("to_k", Linear(nn::LinearOptions(context_dim, dim).bias(false)));
+  to_v = register_module("to_v", Linear(nn::LinearOptions(context_dim, dim).bias(false)));
+  to_out = register_module("to_out", nn::ModuleList(Linear(dim, dim)));
 }
 
 at::Tensor CrossAttentionImpl::forward(const at::Tensor& x, const at::Tensor& context) {
   const at::Tensor& kv = context.defined() ? context : x;
   at::Tensor out = multi_head_attention(to_q(x), to_k(kv), to_v(kv), heads);  // (B, N, C)
-  return to_out[0]->as<nn::Linear>()->forward(out);
+  return to_out[0]->as<Linear>()->forward(out);
 }
 
 namespace {
@@ -39,8 +39,8 @@ struct GegluImpl : nn::Module {};
 FeedForwardImpl::FeedForwardImpl(int64_t dim) {
   const int64_t inner = 4 * dim;
   auto geglu = std::make_shared<GegluImpl>();
-  proj = geglu->register_module("proj", nn::Linear(dim, 2 * inner));
-  out = nn::Linear(inner, dim);
+  proj = geglu->register_module("proj", Linear(dim, 2 * inner));
+  out = Linear(inner, dim);
   net = register_module("net", nn::ModuleList());
   net->push_back(geglu);
   net->push_back(nn::Dropout(0.0));
@@ -73,15 +73,15 @@ Transformer2DImpl::Transformer2DImpl(int64_t channels, int64_t context_dim, int6
   if (channels % heads != 0) fail("U-Net config", "{} channels do not split into {} attention heads", channels, heads);
   norm = register_module("norm", nn::GroupNorm(nn::GroupNormOptions(groups, channels).eps(1e-6)));
   if (linear_projection) {
-    proj_in_linear = register_module("proj_in", nn::Linear(channels, channels));
+    proj_in_linear = register_module("proj_in", Linear(channels, channels));
   } else {
-    proj_in_conv = register_module("proj_in", nn::Conv2d(nn::Conv2dOptions(channels, channels, 1)));
+    proj_in_conv = register_module("proj_in", Conv2d(nn::Conv2dOptions(channels, channels, 1)));
   }
   transformer_blocks = register_module("transformer_blocks", nn::ModuleList(BasicTransformerBlock(channels, context_dim, heads)));
   if (linear_projection) {
-    proj_out_linear = register_module("proj_out", nn::Linear(channels, channels));
+    proj_out_linear = register_module("proj_out", Linear(channels, channels));
   } else {
-    proj_out_conv = register_module("proj_out", nn::Conv2d(nn::Conv2dOptions(channels, channels, 1)));
+    proj_out_conv = register_module("proj_out", Conv2d(nn::Conv2dOptions(channels, channels, 1)));
   }
 }
 
@@ -97,8 +97,8 @@ at::Tensor Transformer2DImpl::forward(const at::Tensor& x, const at::Tensor& con
 }
 
 TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t channels, int64_t dim) {
-  linear_1 = register_module("linear_1", nn::Linear(channels, dim));
-  linear_2 = register_module("linear_2", nn::Linear(dim, dim));
+  linear_1 = register_module("linear_1", Linear(channels, dim));
+  linear_2 = register_module("linear_2", Linear(dim, dim));
 }
 
 at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& x) { return linear_2(at::silu(linear_1(x))); }
@@ -149,7 +149,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(s
   };
 
   time_embedding = register_module("time_embedding", TimestepEmbedding(c0, temb));
-  conv_in = register_module("conv_in", nn::Conv2d(nn::Conv2dOptions(c.in_channels, c0, 3).padding(1)));
+  conv_in = register_module("conv_in", Conv2d(nn::Conv2dOptions(c.in_channels, c0, 3).padding(1)));
 
   down_blocks = register_module("down_blocks", nn::ModuleList());
   for (int64_t i = 0; i < levels; ++i) {
@@ -190,7 +190,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(s
   }
 
   conv_norm_out = register_module("conv_norm_out", nn::GroupNorm(nn::GroupNormOptions(groups, c0).eps(c.norm_eps)));
-  conv_out = register_module("conv_out", nn::Conv2d(nn::Conv2dOptions(c0, c.out_channels, 3).padding(1)));
+  conv_out = register_module("conv_out", Conv2d(nn::Conv2dOptions(c0, c.out_channels, 3).padding(1)));
 }
 
 std::vector<std::shared_ptr<torch::nn::Module>> UNet2DConditionModelImpl::blocks() const {

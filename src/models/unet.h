@@ -38,7 +38,7 @@ struct CrossAttentionImpl : torch::nn::Module {
   CrossAttentionImpl(int64_t dim, int64_t context_dim, int64_t heads);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context = {});  // (B, N, C), (B, S, D) -> (B, N, C)
 
-  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+  Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
   torch::nn::ModuleList to_out;  // [Linear]
   int64_t heads;
 };
@@ -50,7 +50,7 @@ struct FeedForwardImpl : torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
 
   torch::nn::ModuleList net;
-  torch::nn::Linear proj{nullptr}, out{nullptr};  // net[0].proj, net[2]
+  Linear proj{nullptr}, out{nullptr};  // net[0].proj, net[2]
 };
 TORCH_MODULE(FeedForward);
 
@@ -71,8 +71,8 @@ struct Transformer2DImpl : torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context);  // (B, C, H, W), (B, S, D) -> (B, C, H, W)
 
   torch::nn::GroupNorm norm{nullptr};
-  torch::nn::Conv2d proj_in_conv{nullptr}, proj_out_conv{nullptr};        // SD1, registered as proj_in / proj_out
-  torch::nn::Linear proj_in_linear{nullptr}, proj_out_linear{nullptr};    // SD2, registered as proj_in / proj_out
+  Conv2d proj_in_conv{nullptr}, proj_out_conv{nullptr};        // SD1, registered as proj_in / proj_out
+  Linear proj_in_linear{nullptr}, proj_out_linear{nullptr};    // SD2, registered as proj_in / proj_out
   torch::nn::ModuleList transformer_blocks;
 };
 TORCH_MODULE(Transformer2D);
@@ -82,7 +82,7 @@ struct TimestepEmbeddingImpl : torch::nn::Module {
   TimestepEmbeddingImpl(int64_t channels, int64_t dim);
   at::Tensor forward(const at::Tensor& x);
 
-  torch::nn::Linear linear_1{nullptr}, linear_2{nullptr};
+  Linear linear_1{nullptr}, linear_2{nullptr};
 };
 TORCH_MODULE(TimestepEmbedding);
 
@@ -119,7 +119,7 @@ struct UNet2DConditionModelImpl : torch::nn::Module {
   BlockRunner* block_runner = nullptr;  // not owned; see BlockRunner
 
   TimestepEmbedding time_embedding{nullptr};
-  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::ModuleList down_blocks, up_blocks;
   UNetLevel mid_block{nullptr};
   torch::nn::GroupNorm conv_norm_out{nullptr};

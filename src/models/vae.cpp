@@ -18,17 +18,17 @@ at::Tensor DiagonalGaussian::sample(std::optional<at::Generator> generator) cons
 
 VaeAttentionImpl::VaeAttentionImpl(int64_t channels, int64_t groups) {
   group_norm = register_module("group_norm", nn::GroupNorm(nn::GroupNormOptions(groups, channels).eps(kVaeEps)));
-  to_q = register_module("to_q", nn::Linear(channels, channels));
-  to_k = register_module("to_k", nn::Linear(channels, channels));
-  to_v = register_module("to_v", nn::Linear(channels, channels));
-  to_out = register_module("to_out", nn::ModuleList(nn::Linear(channels, channels)));
+  to_q = register_module("to_q", Linear(channels, channels));
+  to_k = register_module("to_k", Linear(channels, channels));
+  to_v = register_module("to_v", Linear(channels, channels));
+  to_out = register_module("to_out", nn::ModuleList(Linear(channels, channels)));
 }
 
 at::Tensor VaeAttentionImpl::forward(const at::Tensor& x) {
   const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   at::Tensor tokens = group_norm(x).view({b, c, h * w}).transpose(1, 2);  // (B, HW, C)
   at::Tensor out = multi_head_attention(to_q(tokens), to_k(tokens), to_v(tokens), /*heads=*/1);
-  out = to_out[0]->as<nn::Linear>()->forward(out);                        // (B, HW, C)
+  out = to_out[0]->as<Linear>()->forward(out);                        // (B, HW, C)
   return out.transpose(1, 2).reshape({b, c, h, w}) + x;
 }
 
@@ -65,7 +65,7 @@ at::Tensor VaeLevelImpl::forward(const at::Tensor& x) {
 VaeEncoderImpl::VaeEncoderImpl(const VaeConfig& c) {
   const auto& channels = c.block_out_channels;
   const auto levels = static_cast<int64_t>(channels.size());
-  conv_in = register_module("conv_in", nn::Conv2d(nn::Conv2dOptions(c.in_channels, channels[0], 3).padding(1)));
+  conv_in = register_module("conv_in", Conv2d(nn::Conv2dOptions(c.in_channels, channels[0], 3).padding(1)));
   down_blocks = register_module("down_blocks", nn::ModuleList());
   for (int64_t i = 0; i < levels; ++i) {
     down_blocks->push_back(VaeLevel(channels[i == 0 ? 0 : i - 1], channels[i], c.layers_per_block, c.norm_num_groups,
@@ -75,7 +75,7 @@ VaeEncoderImpl::VaeEncoderImpl(const VaeConfig& c) {
   conv_norm_out =
       register_module("conv_norm_out", nn::GroupNorm(nn::GroupNormOptions(c.norm_num_groups, channels.back()).eps(kVaeEps)));
   conv_out = register_module("conv_out",
-                             nn::Conv2d(nn::Conv2dOptions(channels.back(), 2 * c.latent_channels, 3).padding(1)));
+                             Conv2d(nn::Conv2dOptions(channels.back(), 2 * c.latent_channels, 3).padding(1)));
 }
 
 at::Tensor VaeEncoderImpl::forward(const at::Tensor& x) {
@@ -88,7 +88,7 @@ at::Tensor VaeEncoderImpl::forward(const at::Tensor& x) {
 VaeDecoderImpl::VaeDecoderImpl(const VaeConfig& c) {
   const std::vector<int64_t> channels(c.block_out_channels.rbegin(), c.block_out_channels.rend());  // deepest first
   const auto levels = static_cast<int64_t>(channels.size());
-  conv_in = register_module("conv_in", nn::Conv2d(nn::Conv2dOptions(c.latent_channels, channels[0], 3).padding(1)));
+  conv_in = register_module("conv_in", Conv2d(nn::Conv2dOptions(c.latent_channels, channels[0], 3).padding(1)));
   mid_block = register_module("mid_block", VaeMidBlock(channels[0], c.norm_num_groups));
   up_blocks = register_module("up_blocks", nn::ModuleList());
   for (int64_t i = 0; i < levels; ++i) {
@@ -97,7 +97,7 @@ VaeDecoderImpl::VaeDecoderImpl(const VaeConfig& c) {
   }
   conv_norm_out =
       register_module("conv_norm_out", nn::GroupNorm(nn::GroupNormOptions(c.norm_num_groups, channels.back()).eps(kVaeEps)));
-  conv_out = register_module("conv_out", nn::Conv2d(nn::Conv2dOptions(channels.back(), c.out_channels, 3).padding(1)));
+  conv_out = register_module("conv_out", Conv2d(nn::Conv2dOptions(channels.back(), c.out_channels, 3).padding(1)));
 }
 
 at::Tensor VaeDecoderImpl::forward(const at::Tensor& z) {
@@ -110,8 +110,8 @@ AutoencoderKLImpl::AutoencoderKLImpl(VaeConfig config) : config(std::move(config
   const int64_t latent = this->config.latent_channels;
   encoder = register_module("encoder", VaeEncoder(this->config));
   decoder = register_module("decoder", VaeDecoder(this->config));
-  quant_conv = register_module("quant_conv", nn::Conv2d(nn::Conv2dOptions(2 * latent, 2 * latent, 1)));
-  post_quant_conv = register_module("post_quant_conv", nn::Conv2d(nn::Conv2dOptions(latent, latent, 1)));
+  quant_conv = register_module("quant_conv", Conv2d(nn::Conv2dOptions(2 * latent, 2 * latent, 1)));
+  post_quant_conv = register_module("post_quant_conv", Conv2d(nn::Conv2dOptions(latent, latent, 1)));
 }
 
 int64_t AutoencoderKLImpl::downscale_factor() const { return int64_t{1} << (config.block_out_channels.size() - 1); }

@@ -50,7 +50,7 @@ struct VaeAttentionImpl : torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);  // (B, C, H, W) -> (B, C, H, W)
 
   torch::nn::GroupNorm group_norm{nullptr};
-  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+  Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
   torch::nn::ModuleList to_out;  // [Linear]
 };
 TORCH_MODULE(VaeAttention);
@@ -77,7 +77,7 @@ struct VaeEncoderImpl : torch::nn::Module {
   explicit VaeEncoderImpl(const VaeConfig& config);
   at::Tensor forward(const at::Tensor& x);  // (B, 3, H, W) -> (B, 2 * latent_channels, H/f, W/f)
 
-  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::ModuleList down_blocks;
   VaeMidBlock mid_block{nullptr};
   torch::nn::GroupNorm conv_norm_out{nullptr};
@@ -88,7 +88,7 @@ struct VaeDecoderImpl : torch::nn::Module {
   explicit VaeDecoderImpl(const VaeConfig& config);
   at::Tensor forward(const at::Tensor& z);  // (B, latent_channels, h, w) -> (B, 3, h*f, w*f)
 
-  torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
+  Conv2d conv_in{nullptr}, conv_out{nullptr};
   VaeMidBlock mid_block{nullptr};
   torch::nn::ModuleList up_blocks;
   torch::nn::GroupNorm conv_norm_out{nullptr};
@@ -105,7 +105,7 @@ struct AutoencoderKLImpl : torch::nn::Module {
   VaeConfig config;
   VaeEncoder encoder{nullptr};
   VaeDecoder decoder{nullptr};
-  torch::nn::Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};
+  Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};
 
  private:
   at::Tensor encode_moments(const at::Tensor& images, const VaeSplit& split);  // (B, 2 * latent_channels, h, w)

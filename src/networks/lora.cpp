@@ -178,39 +178,43 @@ double LoRAModuleImpl::alpha_value() const { return alpha.to(at::kDouble).item<d
 const at::Tensor& LoRAModuleImpl::lora_down_weight() const { return is_conv() ? conv_down->weight : linear_down->weight; }
 const at::Tensor& LoRAModuleImpl::lora_up_weight() const { return is_conv() ? conv_up->weight : linear_up->weight; }
 
-at::Tensor LoRAModuleImpl::target_weight() const { return target->named_parameters(false)["weight"]; }
-
-at::Tensor LoRAModuleImpl::target_forward(const at::Tensor& x) {
-  if (auto* linear = dynamic_cast<nn::LinearImpl*>(target.get())) {
-    return at::linear(x, target_weight(), linear->bias.defined() ? linear->bias : at::Tensor());
-  }
-  auto* conv = dynamic_cast<nn::Conv2dImpl*>(target.get());
-  const auto& o = conv->options;
-  return at::conv2d(x, target_weight(), conv->bias.defined() ? conv->bias : at::Tensor(), *o.stride(),
-                    *std::get<torch::ExpandingArray<2>>(o.padding()), *o.dilation(), o.groups());
+Adaptable& LoRAModuleImpl::adaptable_target() const {
+  auto* adaptable = dynamic_cast<Adaptable*>(target.get());
+  if (!adaptable) fail(lora_name, "the target layer takes no adapter (a model must build it from sdt::Linear / sdt::Conv2d)");
+  return *adaptable;
 }
 
-at::Tensor LoRAModuleImpl::forward(const at::Tensor& x, std::optional<at::Generator> generator) {
-  at::Tensor base = target_forward(x);
-  if (module_dropout && is_training()) {
-    if (at::rand({1}, generator).item<float>() < *module_dropout) return base;
-  }
+void LoRAModuleImpl::apply_to_target() {
+  Adaptable& layer = adaptable_target();
+  if (layer.adapter && layer.adapter != this) fail(lora_name, "its layer already has another adapter");
+  layer.adapter = this;
+  // Registered under the layer too, so a block's parameters() (what gradient checkpointing and full sharding
+  // differentiate against) include the LoRA weights inside it.
+  if (!target->named_children().contains("lora")) target->register_module("lora", shared_from_this());
+}
+
+void LoRAModuleImpl::remove_from_target() {
+  Adaptable& layer = adaptable_target();
+  if (layer.adapter != this) return;
+  layer.adapter = nullptr;
+  target->unregister_module("lora");
+}
+
+at::Tensor LoRAModuleImpl::delta(const at::Tensor& x) {
+  // kohya's LoRAModule.forward, less the layer's own output; every draw is from the default generator, as kohya's.
+  if (module_dropout && is_training() && at::rand({1}).item<float>() < *module_dropout) return {};
   at::Tensor h = is_conv() ? conv_down(x) : linear_down(x);
-  if (dropout && is_training()) {
-    // F.dropout: keep with probability 1 - p, scale the kept values by 1 / (1 - p).
-    at::Tensor keep = at::empty_like(h).bernoulli_(1.0 - *dropout, generator);
-    h = h * keep / (1.0 - *dropout);
-  }
+  if (dropout && is_training()) h = at::dropout(h, *dropout, /*train=*/true);
   double scale = scale_;
   if (rank_dropout && is_training()) {
-    at::Tensor mask = at::rand({h.size(0), dim_}, generator, h.options()) > *rank_dropout;  // (B, r)
-    if (h.dim() == 3) mask = mask.unsqueeze(1);                                               // (B, 1, r): tokens
-    if (h.dim() == 4) mask = mask.unsqueeze(-1).unsqueeze(-1);                                // (B, r, 1, 1): pixels
+    at::Tensor mask = at::rand({h.size(0), dim_}, h.options().dtype(at::kFloat)) > *rank_dropout;  // (B, r): per sample
+    if (h.dim() == 3) mask = mask.unsqueeze(1);                                                       // (B, 1, r): tokens
+    if (h.dim() == 4) mask = mask.unsqueeze(-1).unsqueeze(-1);                                        // (B, r, 1, 1): pixels
     h = h * mask;
     scale = scale * (1.0 / (1.0 - *rank_dropout));  // as if the rank had shrunk
   }
   h = is_conv() ? conv_up(h) : linear_up(h);
-  return base + h * multiplier * scale;
+  return h * (multiplier * scale);
 }
 
 at::Tensor LoRAModuleImpl::delta_weight() const {
@@ -437,84 +441,21 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, ClipTextModel 
 
   if (!apply_text_encoder) text_encoder_loras.clear();
   if (!apply_unet) unet_loras.clear();
-  const bool drops_ranks = config.dropout.value_or(0) > 0 || config.rank_dropout.value_or(0) > 0;
-  if (drops_ranks && !(text_encoder_loras.empty() && unet_loras.empty())) {
-    fail("network_dropout / rank_dropout",
-         "they drop parts of down(x) per token and per sample, and this build applies LoRA to the models as merged "
-         "weights (see src/networks/lora.h), which cannot express that; train without them");
-  }
   for (auto* list : {&text_encoder_loras, &unet_loras}) {
     for (auto& lora : *list) {
       if (named_children().contains(lora->lora_name)) fail(lora->lora_name, "duplicated LoRA name");
       register_module(lora->lora_name, lora);
-      lora->target->register_module("lora", lora);
+      lora->apply_to_target();
     }
   }
-  applied_ = true;
 }
 
 LoRANetworkImpl::~LoRANetworkImpl() { remove(); }
 
-namespace {
-
-void set_target_weight(LoRAModuleImpl& lora, const at::Tensor& weight) {
-  if (auto* linear = dynamic_cast<nn::LinearImpl*>(lora.target.get())) {
-    linear->weight = weight;
-  } else {
-    dynamic_cast<nn::Conv2dImpl*>(lora.target.get())->weight = weight;
-  }
-}
-
-}  // namespace
-
-std::vector<size_t> LoRANetworkImpl::defer_inside(const torch::nn::Module& block) {
-  std::set<const torch::nn::Module*> inside;
-  for (const auto& m : block.modules(/*include_self=*/true)) inside.insert(m.get());
-  deferred_.resize(unet_loras.size(), 0);
-  std::vector<size_t> found;
-  for (size_t i = 0; i < unet_loras.size(); ++i) {
-    if (!inside.contains(unet_loras[i]->target.get())) continue;
-    if (unet_loras[i]->module_dropout) fail("--network_args module_dropout", "not supported with --sharding full");
-    deferred_[i] = 1;
-    found.push_back(i);
-  }
-  return found;
-}
-
-void LoRANetworkImpl::merge(const std::vector<size_t>& unet_indices) {
-  for (size_t i : unet_indices) {
-    LoRAModuleImpl& lora = *unet_loras[i];
-    const at::Tensor base = lora.target_weight();
-    set_target_weight(lora, base + lora.delta_weight().to(base.scalar_type()));
-  }
-}
-
-void LoRANetworkImpl::unmerge(const std::vector<size_t>& unet_indices) {
-  for (size_t i : unet_indices) set_target_weight(*unet_loras[i], unet_loras[i]->target_weight());
-}
-
-void LoRANetworkImpl::update_weights(std::optional<at::Generator> generator) {
-  for (auto* list : {&text_encoder_loras, &unet_loras}) {
-    for (size_t i = 0; i < list->size(); ++i) {
-      if (list == &unet_loras && i < deferred_.size() && deferred_[i]) continue;
-      auto& lora = (*list)[i];
-      at::Tensor base = lora->target_weight();
-      bool dropped = lora->module_dropout && lora->is_training() &&
-                     at::rand({1}, generator).item<float>() < *lora->module_dropout;
-      set_target_weight(*lora, dropped ? base : base + lora->delta_weight().to(base.scalar_type()));
-    }
-  }
-}
-
 void LoRANetworkImpl::remove() {
-  if (!applied_) return;
   for (auto* list : {&text_encoder_loras, &unet_loras}) {
-    for (auto& lora : *list) {
-      set_target_weight(*lora, lora->target_weight());
-      lora->target->unregister_module("lora");
-    }
+    for (auto& lora : *list) lora->remove_from_target();
   }
-  applied_ = false;
 }
 
 void LoRANetworkImpl::set_multiplier(double multiplier) {

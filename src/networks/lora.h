@@ -11,22 +11,17 @@
 // network_dim), a 3x3 one takes conv_dim. Names are `lora_unet_` / `lora_te_` + the diffusers module path with every
 // `.` replaced by `_`; file keys are `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
 //
-// How a LoRA reaches the model's forward. LibTorch's C++ modules have no forward hooks, and a parent calls its
-// children through typed members (`to_q(x)` is a static call of LinearImpl::forward), so neither a hook nor swapping
-// the child in its parent's registry changes what the model runs. What every Linear and Conv2d forward does read at
-// call time is its `weight` member. So the network reparametrises each target: `update_weights()` sets the member to
-// W + multiplier * scale * dW(up, down) (kohya's merge math: up @ down for linear and 1x1, the composed kernel for
-// 3x3), a tensor in the autograd graph of lora_up / lora_down. The registered parameter stays W, so the model's state
-// dict is unchanged. Each LoRA is also registered as the child `lora` of its target: gradient checkpointing recomputes
-// a block against the block's parameters(), and this is how it finds the LoRA weights.
+// How a LoRA reaches the model's forward: as an adapter on its target layer (src/models/layers.h: every model builds its
+// Linear and Conv2d as sdt's adaptable layers), the layer computing W x + b + delta(x) with
+// delta(x) = multiplier * scale * up(dropouts(down(x))), kohya's LoRAModule.forward exactly. No merged copy of W is
+// made, backward forms only the low-rank gradients, and the LoRA acts on whatever weights the layer holds at the moment
+// (gathered shards under --sharding full, swapped-in blocks). The LoRA is also registered as the child `lora` of its
+// target, so a block's parameters() include the LoRA weights inside it (gradient checkpointing differentiates them).
+// The merged form W + multiplier * scale * dW is for export and merging only (delta_weight, src/networks/merge.h).
 //
-// Consequences of the reparametrisation, all measured against kohya's forward y = W x + s * up(down(x)):
-//   - the outputs are equal up to float rounding (the tests pin 1e-6 relative in fp32);
-//   - backward forms the full dW' = dy^T x of each target before projecting it onto up and down, about one more
-//     matmul per target than kohya's low-rank backward;
-//   - module_dropout works as kohya's (one draw per module per forward); network_dropout and rank_dropout act on
-//     down(x), per token and per sample, which a weight cannot express: creating a network with them applied to
-//     models is an error. LoRAModule::forward implements them, for a model that calls its layers through it.
+// Dropouts (training mode only), drawn from the default generator as kohya draws them: module_dropout skips the whole
+// LoRA for one forward, network_dropout drops elements of down(x), rank_dropout drops ranks per sample (all tokens or
+// pixels of a sample alike) and scales the rest by 1 / (1 - p).
 #pragma once
 
 #include <map>
@@ -45,17 +40,20 @@
 namespace sdt {
 
 // One LoRA over one Linear or Conv2d (kohya's LoRAModule).
-struct LoRAModuleImpl : torch::nn::Module {
-  // `target` is a torch::nn::LinearImpl or Conv2dImpl. alpha: nullopt or 0 means alpha = dim (kohya stores that as
+struct LoRAModuleImpl : torch::nn::Module, Adapter {
+  // `target` is an sdt::LinearImpl or Conv2dImpl. alpha: nullopt or 0 means alpha = dim (kohya stores that as
   // an integer tensor). Initial weights are drawn from `generator` in the order torch's constructors and kohya's
   // re-init draw them, so a network built after torch.manual_seed(s) in Python and with a generator seeded s here
   // starts from the same weights.
   LoRAModuleImpl(std::string lora_name, std::shared_ptr<torch::nn::Module> target, int64_t dim,
                  std::optional<double> alpha, at::Generator generator);
 
-  // kohya's LoRAModule.forward: target(x) + multiplier * scale * up(dropouts(down(x))); the dropouts act in training
-  // mode only and draw from `generator`.
-  at::Tensor forward(const at::Tensor& x, std::optional<at::Generator> generator = std::nullopt);
+  // Makes the target layer add delta(x) to its output (kohya's apply_to), and stops it.
+  void apply_to_target();
+  void remove_from_target();
+
+  // multiplier * scale * up(dropouts(down(x))); undefined when module_dropout drops the module for this forward.
+  at::Tensor delta(const at::Tensor& x) override;
 
   // multiplier * scale * dW in fp32, the shape of the target's weight (kohya's LoRAInfModule.get_weight).
   at::Tensor delta_weight() const;
@@ -67,7 +65,6 @@ struct LoRAModuleImpl : torch::nn::Module {
   double scale() const { return scale_; }
   const at::Tensor& lora_down_weight() const;
   const at::Tensor& lora_up_weight() const;
-  at::Tensor target_weight() const;  // the registered W of the target
 
   std::string lora_name;
   double multiplier = 1.0;
@@ -79,7 +76,7 @@ struct LoRAModuleImpl : torch::nn::Module {
   at::Tensor alpha;
 
  private:
-  at::Tensor target_forward(const at::Tensor& x);
+  Adaptable& adaptable_target() const;
   int64_t dim_;
   double scale_;
 };
@@ -145,19 +142,8 @@ struct LoRANetworkImpl : torch::nn::Module {
                   bool apply_text_encoder, bool apply_unet, at::Generator generator);
   ~LoRANetworkImpl() override;
 
-  // Sets every target's weight member to W + delta (see the header comment). Call before each forward of the models;
-  // in training mode it draws module_dropout from `generator`. Under NoGradGuard the merged weights carry no graph.
-  void update_weights(std::optional<at::Generator> generator = std::nullopt);
-  // Puts the targets back to their own weights and unregisters the LoRAs from them.
+  // Takes every LoRA off its layer (the models compute without it again).
   void remove();
-
-  // --sharding full: a U-Net block's weights exist only while it runs (src/dist/sharded_units.h). defer_inside
-  // returns the U-Net LoRAs whose targets lie inside `block` and takes them out of update_weights; the block's runner
-  // calls merge(them) once the weights are gathered (with the autograd graph to the LoRA weights when grad mode is
-  // on) and unmerge(them) before it releases the weights.
-  std::vector<size_t> defer_inside(const torch::nn::Module& block);
-  void merge(const std::vector<size_t>& unet_indices);
-  void unmerge(const std::vector<size_t>& unet_indices);
 
   void set_multiplier(double multiplier);
 
@@ -183,9 +169,6 @@ struct LoRANetworkImpl : torch::nn::Module {
   std::vector<LoRAModule> text_encoder_loras, unet_loras;  // kohya's creation order
   std::vector<std::string> skipped;                        // modules a dim of 0 left out
 
- private:
-  bool applied_ = false;
-  std::vector<char> deferred_;  // per U-Net LoRA: merged by its block's runner, not by update_weights
 };
 TORCH_MODULE(LoRANetwork);
 

@@ -1,5 +1,6 @@
 #include "src/train/trainer.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 
 #include <atomic>
@@ -9,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <mutex>
 #include <random>
 #include <set>
 #include <sstream>
@@ -54,6 +56,13 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 at::Generator keyed_generator(uint64_t seed, int64_t update, int64_t place, RngPurpose purpose) {
   Rng rng(seed, static_cast<uint64_t>(update), static_cast<uint64_t>(place), purpose);
   return at::make_generator<at::CPUGeneratorImpl>(rng.next());
+}
+
+void seed_default_generator(uint64_t seed, int64_t update, int64_t place, RngPurpose purpose) {
+  Rng rng(seed, static_cast<uint64_t>(update), static_cast<uint64_t>(place), purpose);
+  at::Generator generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_current_seed(rng.next());
 }
 
 // A batch's latents: the VAE posterior's mean, or each sample drawn from the posterior with its own keyed stream;
@@ -476,24 +485,14 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // gradients into one shard per rank, and the optimizer steps this rank's shards.
   const ShardingMode sharding = parse_sharding_mode(args.sharding);
   // --sharding full: each U-Net block (ResNet, Transformer2D) keeps 1/N of its weights on a rank, trained or frozen;
-  // the U-Net gathers a block as it runs it. A LoRA inside a block merges into its weights once they are gathered.
+  // the U-Net gathers a block as it runs it. The LoRA weights stay whole; they act on the gathered weights' forward.
   std::unique_ptr<ShardedUnits> units;
   if (sharding == ShardingMode::full) {
-    const std::vector<std::shared_ptr<torch::nn::Module>> blocks = unet->blocks();
-    std::vector<at::Tensor> kept_whole;
-    UnitHooks hooks;
-    if (network) {
-      kept_whole = network->parameters();
-      auto inside = std::make_shared<std::vector<std::vector<size_t>>>();
-      for (const auto& block : blocks) inside->push_back(network->defer_inside(*block));
-      std::shared_ptr<LoRANetworkImpl> lora = network.ptr();
-      hooks.after_gather = [lora, inside](size_t u) { lora->merge(inside->at(u)); };
-      hooks.before_release = [lora, inside](size_t u) { lora->unmerge(inside->at(u)); };
-    }
+    const std::vector<at::Tensor> kept_whole = network ? network->parameters() : std::vector<at::Tensor>{};
     // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
     std::optional<at::ScalarType> gather_dtype;
     if (mode == TrainMode::full && precision.autocast && precision.trained == at::kFloat) gather_dtype = precision.autocast;
-    units = std::make_unique<ShardedUnits>(blocks, kept_whole, *communicator, std::move(hooks), gather_dtype);
+    units = std::make_unique<ShardedUnits>(unet->blocks(), kept_whole, *communicator, gather_dtype);
     unet->block_runner = units.get();
   }
   DataParallel parallel(trained.groups, *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024, std::move(units));
@@ -737,15 +736,11 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     const fs::path path = is_state ? output_dir / (name + "-state") : fs::path(weights_file(name));
     if (fs::remove_all(path) > 0) spdlog::info("removed {}", path.string());
   };
-  // The network's LoRA is in the model weights only after update_weights; the sampler needs it there, without
-  // autograd, and in evaluation mode (no module dropout).
+  // The sampler runs the network in evaluation mode (no dropouts).
   auto sample_images = [&](int64_t step, std::optional<int64_t> epoch) {
     if (prompts.empty()) return;
     torch::NoGradGuard no_grad;
-    if (network) {
-      network->eval();
-      network->update_weights();
-    }
+    if (network) network->eval();
     const fs::path dir = output_dir / "sample";
     fs::create_directories(dir);
     for (const auto& p : prompts) {
@@ -770,10 +765,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // counts. The value is the mean over all held-out samples of all ranks.
   auto validate = [&]() -> double {
     torch::NoGradGuard no_grad;
-    if (network) {
-      network->eval();
-      network->update_weights();
-    }
+    if (network) network->eval();
     denoiser.eval();
     text_encoder.eval();
     const int64_t min_t = ddpm.noise.min_timestep.value_or(0);
@@ -870,8 +862,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
           latents = encode_latents(*family, images.to(precision.vae), vae_latents, seed, update_key, batch->update_offset,
                                    RngPurpose::Latents);
         }
-        // The LoRA enters the text encoder's and the U-Net's weights here, with this step's autograd graph.
-        if (network) network->update_weights(keyed_generator(seed, update_key, 0, RngPurpose::NetworkDropout));
+        // The network's dropouts draw from the default generator, as kohya's do; it is keyed like every other stream
+        // (here by this rank's first sample of the micro-step), so a resumed run draws the same masks.
+        seed_default_generator(seed, update_key, batch->update_offset, RngPurpose::NetworkDropout);
         at::Tensor conditioning;
         {
           std::optional<torch::NoGradGuard> no_grad;

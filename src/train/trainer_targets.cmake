@@ -24,6 +24,12 @@ add_executable(bench_train_step bench/bench_train_step.cpp)
 target_link_libraries(bench_train_step PRIVATE sdt_trainer)
 target_precompile_headers(bench_train_step REUSE_FROM sdt_torch)
 
+# One LoRA step of a full-size SD 1.x U-Net from cached latents: step time split and peak memory, beside kohya's
+# (bench/bench_lora_step_kohya.py runs the same step with kohya's networks/lora.py). Not run by ctest.
+add_executable(bench_lora_step bench/bench_lora_step.cpp)
+target_link_libraries(bench_lora_step PRIVATE sdt_trainer)
+target_precompile_headers(bench_lora_step REUSE_FROM sdt_torch)
+
 # Memory plan, measured peak and step time per rank in every --sharding mode, one process or under mpiexec (not run by ctest).
 add_executable(bench_train_sharding bench/bench_train_sharding.cpp)
 target_link_libraries(bench_train_sharding PRIVATE sdt_trainer)

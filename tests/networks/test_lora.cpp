@@ -1,6 +1,6 @@
 // LoRA modules and networks against kohya's networks/lora.py run on the same tiny diffusers models: which modules,
 // their names, dims and alphas, the initial weights for a seed, the optimizer groups, the forward (kohya's patched
-// forward vs our merged-weight reparametrisation), gradients, dropouts and max-norm regularisation.
+// forward vs our adapters), gradients and max-norm regularisation. The dropouts: test_lora_dropout.cpp.
 #include <gtest/gtest.h>
 
 #include "src/core/error.h"
@@ -83,8 +83,8 @@ TEST(LoRANetwork, InitialWeightsEqualKohyasForTheSameSeed) {
 
 class KohyaForward : public ::testing::TestWithParam<std::string> {};
 
-// kohya applies LoRA by patching each layer's forward (org(x) + s * up(down(x))); we reparametrise the weights. The
-// LoRA's own contribution (output with LoRA minus output without) is compared, so the base models' own conformance
+// kohya applies LoRA by patching each layer's forward (org(x) + s * up(down(x))); ours is an adapter on the layer.
+// The LoRA's own contribution (output with LoRA minus output without) is compared, so the base models' own conformance
 // error (diffusers vs ours, ~1e-6) does not hide a LoRA error.
 TEST_P(KohyaForward, UNetAndTextEncoderOutputsMatchKohyasLoRAForward) {
   const std::string variant = GetParam();
@@ -94,10 +94,6 @@ TEST_P(KohyaForward, UNetAndTextEncoderOutputsMatchKohyasLoRAForward) {
   const double multiplier = variant == "sd1" ? 0.75 : 1.0;
   LoRANetwork network = network_from_file(kNetworks + "lora_" + variant + ".safetensors", models, multiplier);
   network->eval();
-  {
-    torch::NoGradGuard no_grad;
-    network->update_weights();
-  }
   Outputs with_lora = run_models(models, ref);
   expect_close(variant + " unet with LoRA", with_lora.unet, ref.at("unet_out_lora"), 2e-5);
   expect_close(variant + " text encoder with LoRA", with_lora.text, ref.at("text_out_lora"), 2e-5);
@@ -113,92 +109,50 @@ TEST_P(KohyaForward, UNetAndTextEncoderOutputsMatchKohyasLoRAForward) {
 
 INSTANTIATE_TEST_SUITE_P(Sd, KohyaForward, ::testing::Values("sd1", "sd2"));
 
-// One layer: the reparametrised model layer, kohya's forward (LoRAModule::forward) and the formula agree.
-TEST(LoRAModule, MergedWeightForwardEqualsBasePlusScaledUpDown) {
+// One layer: the adapted layer, the formula and the merged weight (export's form) agree; removing the LoRA restores
+// the layer bit for bit.
+TEST(LoRAModule, AdaptedForwardEqualsBasePlusScaledUpDownAndTheMergedWeight) {
   auto gen = seeded(3);
   for (bool conv : {false, true}) {
     std::shared_ptr<torch::nn::Module> target;
     at::Tensor x;
     if (conv) {
-      target = torch::nn::Conv2d(torch::nn::Conv2dOptions(6, 5, 3).padding(1)).ptr();
+      target = Conv2d(torch::nn::Conv2dOptions(6, 5, 3).padding(1)).ptr();
       x = at::randn({2, 6, 7, 7}, gen);
     } else {
-      target = torch::nn::Linear(6, 5).ptr();
+      target = Linear(6, 5).ptr();
       x = at::randn({2, 4, 6}, gen);
     }
+    auto run = [&](const at::Tensor& input) {
+      return conv ? std::dynamic_pointer_cast<Conv2dImpl>(target)->forward(input) : std::dynamic_pointer_cast<LinearImpl>(target)->forward(input);
+    };
     LoRAModule lora("lora_test", target, 3, 1.5, gen);
     lora->multiplier = 0.6;
     torch::NoGradGuard no_grad;
     lora->lora_up_weight().normal_(0, 0.5, gen);
-    at::Tensor base, low_rank;
-    if (conv) {
-      auto c = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(target);
-      base = c->forward(x);
-      low_rank = lora->conv_up(lora->conv_down(x));
-      c->weight = c->weight + lora->delta_weight();
-      expect_close("conv merged weight", c->forward(x), base + 0.6 * 0.5 * low_rank, 1e-6);
-    } else {
-      auto l = std::dynamic_pointer_cast<torch::nn::LinearImpl>(target);
-      base = l->forward(x);
-      low_rank = lora->linear_up(lora->linear_down(x));
-      l->weight = l->weight + lora->delta_weight();
-      expect_close("linear merged weight", l->forward(x), base + 0.6 * 0.5 * low_rank, 1e-6);
-    }
-    expect_close(conv ? "conv LoRAModule::forward" : "linear LoRAModule::forward", lora->forward(x),
-                 base + 0.6 * 0.5 * low_rank, 1e-6);
+    const at::Tensor base = run(x);
+    const at::Tensor low_rank = conv ? lora->conv_up(lora->conv_down(x)) : lora->linear_up(lora->linear_down(x));
+    lora->apply_to_target();
+    const at::Tensor adapted = run(x);
+    expect_close(conv ? "conv adapted" : "linear adapted", adapted, base + 0.6 * 0.5 * low_rank, 1e-6);
+    at::Tensor& weight = conv ? std::dynamic_pointer_cast<Conv2dImpl>(target)->weight : std::dynamic_pointer_cast<LinearImpl>(target)->weight;
+    const at::Tensor original = weight;
+    lora->remove_from_target();
+    EXPECT_TRUE(at::equal(run(x), base)) << "removed";
+    weight = original + lora->delta_weight();
+    expect_close(conv ? "conv merged weight" : "linear merged weight", run(x), adapted, 1e-6);
+    weight = original;
   }
 }
 
-TEST(LoRAModule, DropoutsActOnlyInTraining) {
+TEST(LoRAModule, ALayerTakesOneAdapter) {
   auto gen = seeded(4);
-  auto target = torch::nn::Linear(8, 8).ptr();
-  LoRAModule lora("lora_test", target, 4, 4.0, gen);
-  torch::NoGradGuard no_grad;
-  lora->lora_up_weight().normal_(0, 1, gen);
-  at::Tensor x = at::randn({3, 5, 8}, gen);
-  at::Tensor plain = lora->forward(x);
-  lora->dropout = 0.5;
-  lora->rank_dropout = 0.5;
-  lora->module_dropout = 0.5;
-  lora->eval();
-  EXPECT_TRUE(at::equal(lora->forward(x, gen), plain)) << "eval mode ignores every dropout";
-  lora->train();
-  lora->dropout.reset();
-  lora->module_dropout = 1.0;
-  at::Tensor base = at::linear(x, lora->target_weight(), std::dynamic_pointer_cast<torch::nn::LinearImpl>(target)->bias);
-  EXPECT_TRUE(at::equal(lora->forward(x, gen), base)) << "module_dropout 1 drops the whole LoRA";
-  lora->module_dropout.reset();
-  // rank_dropout: each sample keeps a subset of ranks, the survivors scaled by 1 / (1 - p).
-  at::Tensor dropped = lora->forward(x, gen);
-  at::Tensor h = lora->linear_down(x);
-  bool some_differ = false;
-  for (int64_t b = 0; b < 3; ++b) {
-    // Some subset of the 4 ranks reproduces sample b exactly.
-    bool found = false;
-    for (int mask = 0; mask < 16 && !found; ++mask) {
-      at::Tensor m = at::tensor({mask & 1, (mask >> 1) & 1, (mask >> 2) & 1, (mask >> 3) & 1}, at::kFloat);
-      at::Tensor y = base[b] + lora->linear_up(h[b] * m) * 2.0;  // scale 1 / (1 - 0.5)
-      found = at::allclose(dropped[b], y, 1e-5, 1e-5);
-    }
-    EXPECT_TRUE(found) << "sample " << b;
-    some_differ |= !at::allclose(dropped[b], plain[b]);
-  }
-  EXPECT_TRUE(some_differ);
-}
-
-TEST(LoRANetwork, NeuronAndRankDropoutOnModelsAreRefusedWithAReason) {
-  SdModels models = load_diffusers_folder(kSd + "sd1");
-  for (const char* arg : {"rank_dropout=0.1", ""}) {
-    LoRANetworkConfig config = parse_lora_network_args(4, 1.0, std::string(arg).empty() ? 0.1 : std::optional<double>(),
-                                                       std::string(arg).empty() ? std::vector<std::string>{}
-                                                                                : std::vector<std::string>{arg});
-    try {
-      LoRANetwork network(config, models.text_encoder, models.unet, true, true, seeded(0));
-      ADD_FAILURE() << "expected an error for " << arg;
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("merged weights"), std::string::npos) << e.what();
-    }
-  }
+  auto target = Linear(4, 4).ptr();
+  LoRAModule a("lora_a", target, 2, 1.0, gen), b("lora_b", target, 2, 1.0, gen);
+  a->apply_to_target();
+  EXPECT_THROW(b->apply_to_target(), Error);
+  EXPECT_THROW(LoRAModule("lora_plain", torch::nn::Linear(4, 4).ptr(), 2, 1.0, gen)->apply_to_target(), Error)
+      << "a torch Linear has no adapter hook";
 }
 
 TEST(LoRANetwork, UnknownNetworkArgIsAnErrorWithASuggestion) {
@@ -210,25 +164,25 @@ TEST(LoRANetwork, UnknownNetworkArgIsAnErrorWithASuggestion) {
   }
 }
 
-// Gradients through the reparametrised weights equal those of kohya's explicit forward, also under gradient
+// Gradients through the adapter equal those of the merged weight W + s * up @ down, and survive gradient
 // checkpointing (which recomputes blocks against their parameters(), where the LoRAs are registered).
-TEST(LoRANetwork, GradientsEqualExplicitForwardAndSurviveGradientCheckpointing) {
+TEST(LoRANetwork, GradientsEqualTheMergedWeightsAndSurviveGradientCheckpointing) {
   auto gen = seeded(5);
-  auto target = torch::nn::Linear(6, 5).ptr();
-  LoRAModule lora("lora_test", target, 2, 1.0, gen);
+  auto linear = Linear(6, 5);
+  LoRAModule lora("lora_test", linear.ptr(), 2, 1.0, gen);
   {
     torch::NoGradGuard no_grad;
     lora->lora_up_weight().normal_(0, 1, gen);
   }
   at::Tensor x = at::randn({4, 6}, gen);
-  lora->forward(x).pow(2).sum().backward();
-  at::Tensor explicit_down = lora->lora_down_weight().grad().clone(), explicit_up = lora->lora_up_weight().grad().clone();
-  lora->zero_grad();
-  auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(target);
-  linear->weight = lora->target_weight() + lora->delta_weight();
+  lora->apply_to_target();
   linear->forward(x).pow(2).sum().backward();
-  expect_close("d lora_down", lora->lora_down_weight().grad(), explicit_down, 1e-6);
-  expect_close("d lora_up", lora->lora_up_weight().grad(), explicit_up, 1e-6);
+  at::Tensor adapter_down = lora->lora_down_weight().grad().clone(), adapter_up = lora->lora_up_weight().grad().clone();
+  lora->remove_from_target();
+  lora->zero_grad();
+  at::linear(x, linear->weight + lora->delta_weight(), linear->bias).pow(2).sum().backward();
+  expect_close("d lora_down", adapter_down, lora->lora_down_weight().grad(), 1e-6);
+  expect_close("d lora_up", adapter_up, lora->lora_up_weight().grad(), 1e-6);
 
   auto ref = read_tensors(kNetworks + "reference_sd1.safetensors");
   std::map<bool, std::vector<at::Tensor>> grads;
@@ -238,7 +192,6 @@ TEST(LoRANetwork, GradientsEqualExplicitForwardAndSurviveGradientCheckpointing) 
     LoRANetwork network = network_from_file(kNetworks + "lora_sd1.safetensors", models, 1.0);
     for (auto& p : network->parameters()) p.requires_grad_(true);
     models.unet->gradient_checkpointing = checkpointing;
-    network->update_weights();
     models.unet->forward(ref.at("sample"), ref.at("timesteps"), ref.at("context")).pow(2).mean().backward();
     for (auto& lora_module : network->unet_loras) grads[checkpointing].push_back(lora_module->lora_down_weight().grad().clone());
   }

@@ -1,5 +1,5 @@
 // For tests/check_lora_with_diffusers.py: writes a LoRA (U-Net with conv LoRA, and text encoder) for the tiny SD 1.x
-// model with random non-zero weights, and the outputs of our models with it applied as merged weights.
+// model with random non-zero weights, and the outputs of our models with it applied (its adapters on the layers).
 //   write_lora_check_files SD1_DIFFUSERS_FOLDER OUT_DIR  ->  OUT_DIR/lora.safetensors, OUT_DIR/ours.safetensors
 #include <cstdio>
 
@@ -32,15 +32,16 @@ int main(int argc, char** argv) {
     at::Tensor timesteps = at::tensor({10.0, 700.0});
     at::Tensor ids = at::tensor({998, 5, 17, 300, 999, 999, 998, 42, 999, 999, 999, 999}, at::kLong).reshape({2, 6});
     torch::NoGradGuard no_grad;
-    at::Tensor unet_base = models.unet->forward(sample, timesteps, context);
-    at::Tensor text_base = models.text_encoder->forward(ids).last_hidden_state;
     network->eval();
-    network->update_weights();
+    const at::Tensor unet_lora = models.unet->forward(sample, timesteps, context);
+    const at::Tensor text_lora = models.text_encoder->forward(ids).last_hidden_state;
+    network->remove();
+    const at::Tensor unet_base = models.unet->forward(sample, timesteps, context);
+    const at::Tensor text_base = models.text_encoder->forward(ids).last_hidden_state;
     sdt::save_safetensors(out + "/ours.safetensors",
                           {{"sample", sample}, {"timesteps", timesteps}, {"context", context}, {"input_ids", ids},
                            {"unet_base", unet_base}, {"text_base", text_base},
-                           {"unet_lora", models.unet->forward(sample, timesteps, context)},
-                           {"text_lora", models.text_encoder->forward(ids).last_hidden_state}});
+                           {"unet_lora", unet_lora}, {"text_lora", text_lora}});
   } catch (const sdt::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

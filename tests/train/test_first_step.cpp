@@ -3,7 +3,7 @@
 // tests/fixtures/train/gen_first_step.py runs kohya's own NetworkTrainer.process_batch and networks/lora.py on the same
 // model, LoRA weights, latents and token ids, in fp32 and in fp64 (the same noise and timesteps: kohya's fp32 draws),
 // and records what each step computed on the way, the loss and the gradients. Here the same step runs as the trainer
-// runs it: the family's text encoding, the network's merged weights, add_noise, the U-Net, ddpm_batch_loss, backward.
+// runs it: the family's text encoding, the network's adapters, add_noise, the U-Net, ddpm_batch_loss, backward.
 //
 // An error is relative to the largest magnitude of its reference tensor (max |ours - kohya's| / max |kohya's|): single
 // elements can be near zero, where sums taken in another order keep an absolute error.
@@ -99,8 +99,6 @@ StepResults first_step(const safetensors::File& reference, at::ScalarType dtype)
   network->train();
   network->prepare_optimizer_params(std::nullopt, std::nullopt, 1e-4);  // makes every LoRA weight require grad
 
-  // kohya's step: the text encoder runs with its LoRA, so the merged weights must be in place before it.
-  network->update_weights();
   StepResults out;
   out["text_conditioning"] = family->text_encoding_strategy().encode(Tokens{{fixture("input_ids")}, {}}).at(0);
   const DdpmSchedule schedule = make_ddpm_schedule(false);

@@ -4,6 +4,8 @@
 // --save_last_n_steps do what they say.
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include <filesystem>
 #include <fstream>
 #include <cmath>
@@ -106,7 +108,7 @@ TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
 // 2N steps in one run, and N steps + --resume + N steps, give the same weights bit for bit: the state carries the
 // weights, the optimizer moments, the data position (here mid-epoch, with accumulation), both random streams and the
 // loss window. Text-encoder and U-Net LoRA, pyramid noise (Python's stream), AdamW.
-void expect_bitwise_resume(TrainMode mode, const std::string& tag) {
+void expect_bitwise_resume(TrainMode mode, const std::string& tag, const std::function<void(TrainArgs&)>& configure = {}) {
   const fs::path root = fs::path(testing::TempDir()) / ("sdt_resume_" + tag);
   fs::remove_all(root);
   TrainArgs args = tiny_run(root);
@@ -120,6 +122,7 @@ void expect_bitwise_resume(TrainMode mode, const std::string& tag) {
   args.lr_scheduler = "cosine";
   args.save_every_n_steps = 3;
   args.save_state = true;
+  if (configure) configure(args);
   args.output_dir = (root / "straight").string();
   const TrainSummary straight = train(args, World{}, mode);
   ASSERT_EQ(straight.steps, 6);
@@ -139,6 +142,16 @@ void expect_bitwise_resume(TrainMode mode, const std::string& tag) {
 
 TEST(Trainer, LoraResumeIsBitwise) { expect_bitwise_resume(TrainMode::network, "lora"); }
 TEST(Trainer, FullFineTuneResumeIsBitwise) { expect_bitwise_resume(TrainMode::full, "full"); }
+
+// kohya's three LoRA dropouts draw from the default generator, which the trainer keys by (update, sample place) before
+// each micro-step, and gradient checkpointing replays the forward's draws: a resumed run draws the same masks.
+TEST(Trainer, LoraWithDropoutsAndCheckpointingResumesBitwise) {
+  expect_bitwise_resume(TrainMode::network, "lora_dropout", [](TrainArgs& args) {
+    args.network_dropout = 0.1;
+    args.network_args = {"rank_dropout=0.2", "module_dropout=0.1"};
+    args.gradient_checkpointing = true;
+  });
+}
 
 TEST(Trainer, ResumeRefusesAStateOfAnotherMode) {
   const fs::path root = fs::path(testing::TempDir()) / "sdt_resume_mode";
