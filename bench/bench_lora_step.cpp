@@ -17,9 +17,10 @@
 #include <torch/torch.h>
 
 #include "src/dist/memory_plan.h"
+#include "src/families/sd/sd_family.h"
 #include "src/models/unet.h"
 #include "src/networks/lora.h"
-#include "src/train/diffusion.h"
+#include "src/objectives/ddpm.h"
 #include "src/train/make_optimizer.h"
 
 using Clock = std::chrono::steady_clock;
@@ -55,8 +56,8 @@ int main(int argc, char** argv) {
   int64_t parameters = 0;
   for (const auto& p : unet->parameters()) parameters += p.numel();
 
-  sdt::LoRANetwork network(sdt::parse_lora_network_args(dim, static_cast<double>(dim) / 2, std::nullopt, {}), nullptr, unet,
-                           false, true, at::make_generator<at::CPUGeneratorImpl>(0));
+  sdt::LoRANetwork network(sdt::parse_lora_network_args(dim, static_cast<double>(dim) / 2, std::nullopt, {}),
+                           sdt::sd_network_targets(nullptr, unet, false), false, true, at::make_generator<at::CPUGeneratorImpl>(0));
   network->train();
   int64_t lora_parameters = 0;
   std::vector<sdt::ParamGroup> groups;

@@ -16,7 +16,6 @@
 
 #include "src/families/family.h"
 #include "src/networks/lora.h"
-#include "src/train/diffusion.h"
 #include "src/train/make_optimizer.h"
 #include "src/train/trainer.h"
 
@@ -59,46 +58,40 @@ sdt::TrainArgs demo_args(const fs::path& source, const fs::path& work, int64_t s
   return args;
 }
 
-// The trainer's work per step with nothing around it: VAE encode, text encode, LoRA merge, noise, U-Net forward,
-// loss, backward, AdamW step, on one fixed batch.
+// The trainer's work per step with nothing around it: VAE encode, text encode, noise, the denoiser with its LoRA,
+// loss, backward, AdamW step, on one fixed batch, through the family's hooks.
 double bare_seconds_per_step(const sdt::TrainArgs& args, int64_t steps) {
-  sdt::FamilyOptions options;
-  options.pretrained_model_name_or_path = *args.pretrained_model_name_or_path;
-  options.tokenizer = *args.tokenizer;
-  std::unique_ptr<sdt::Family> family = sdt::load_family("sd", options);
+  std::unique_ptr<sdt::Family> family = sdt::load_family_for_training(args);
   const sdt::ModelBundle& bundle = family->models();
   for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
     m->eval();
     for (auto& p : m->parameters()) p.requires_grad_(false);
   }
-  sdt::UNet2DConditionModel unet(std::dynamic_pointer_cast<sdt::UNet2DConditionModelImpl>(bundle.denoiser));
-  sdt::ClipTextModel clip(std::dynamic_pointer_cast<sdt::ClipTextModelImpl>(bundle.text_encoders.at(0)));
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(42);
-  sdt::LoRANetwork network(sdt::parse_lora_network_args(args.network_dim, args.network_alpha, std::nullopt, {}), clip, unet,
-                           false, true, gen);
+  sdt::LoRANetwork network(sdt::parse_lora_network_args(args.network_dim, args.network_alpha, std::nullopt, {}),
+                           family->network_targets(false), false, true, gen);
   network->train();
   std::vector<sdt::ParamGroup> groups;
   for (const auto& g : network->prepare_optimizer_params(std::nullopt, std::nullopt, args.learning_rate)) groups.push_back({g.params, g.lr});
   sdt::MadeOptimizer made = sdt::make_optimizer(args, groups);
-  const sdt::DdpmSchedule schedule = sdt::make_ddpm_schedule(false);
-  const sdt::DdpmOptions ddpm = sdt::ddpm_options_from_args(args);
+  const std::unique_ptr<sdt::TrainingObjective> objective = family->make_objective(args);
   const at::Tensor images = torch::rand({4, 3, 64, 64}) * 2 - 1;
   const std::vector<std::string> captions(4, "a square, number 1");
-  std::mt19937_64 python_random(0);
-  std::uniform_real_distribution<double> unit(0.0, 1.0);
-  const sdt::UniformDraw uniform = [&] { return unit(python_random); };
+  auto python_random = std::make_shared<std::mt19937_64>(0);
+  const sdt::SampleRandoms randoms = [&](int64_t) {
+    return sdt::SampleRandom{gen, [python_random] { return std::uniform_real_distribution<double>(0.0, 1.0)(*python_random); }};
+  };
   const auto start = Clock::now();
   for (int64_t i = 0; i < steps; ++i) {
-    at::Tensor latents, conditioning;
+    at::Tensor latents;
+    std::vector<at::Tensor> conditioning;
     {
       torch::NoGradGuard no_grad;
       latents = family->latents_caching_strategy().encode(images, false, sdt::LatentSampling::sample, gen).latents;
-      conditioning = family->text_encoding_strategy().encode(family->tokenize_strategy().tokenize(captions, false)).at(0);
+      conditioning = family->text_encoding_strategy().encode(family->tokenize_strategy().tokenize(captions, false));
     }
-    const sdt::NoisedLatents noised = sdt::noise_latents(schedule, latents, ddpm.noise, gen, uniform);
-    const at::Tensor target = sdt::training_target(schedule, latents, noised, false);
-    const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning);
-    const at::Tensor loss = sdt::ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, torch::ones({4}), std::nullopt);
+    const sdt::NoisedBatch noised = objective->noise(latents, randoms);
+    const at::Tensor loss = objective->loss(family->predict(noised, conditioning), noised, torch::ones({4}), std::nullopt);
     loss.backward();
     torch::nn::utils::clip_grad_norm_(groups.at(0).params, args.max_grad_norm);
     made.optimizer->step();

@@ -5,6 +5,7 @@
 
 #include "launcher/commands.h"
 #include "src/core/error.h"
+#include "src/families/sd/sd_family.h"
 #include "src/models/sd_checkpoint.h"
 #include "src/networks/lora_metadata.h"
 #include "src/networks/merge.h"
@@ -47,7 +48,7 @@ int run_merge_lora(const MergeLoraCommand& command) {
     const SdConfig config = command.v2 ? SdConfig::sd2() : SdConfig::sd1();
     spdlog::info("loading SD model: {}", command.sd_model);
     SdModels models = load_ldm_checkpoint(command.sd_model, config, merge_dtype);
-    merge_loras_into_models(models, command.models, command.ratios, merge_dtype);
+    merge_loras_into_targets(sd_network_targets(models.text_encoder, models.unet, true), command.models, command.ratios, merge_dtype);
     spdlog::info("saving SD model to: {}", command.save_to);
     save_ldm_checkpoint(command.save_to, models, config, save_dtype);
     return 0;

@@ -14,6 +14,8 @@ CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
   cmd->add_option("--pretrained_model_name_or_path", m.pretrained_model_name_or_path,
                   "single-file checkpoint (.safetensors) or diffusers folder")
       ->required();
+  cmd->add_option_function<std::string>("--family", [&c](const std::string& name) { c.family = name; },
+                                        "the model family (default: the one that recognises the checkpoint)");
   cmd->add_flag("--v2", m.v2, "SD 2.x checkpoint (OpenCLIP text encoder, padding token \"!\")");
   cmd->add_flag("--v_parameterization", m.v_parameterization, "the model predicts v (SD 2.x 768-v)");
   cmd->add_option_function<std::string>("--vae", [&m](const std::string& path) { m.vae = path; },
@@ -42,7 +44,8 @@ CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
 
 int run_sample(const SampleCommand& command) {
   init_logging({}, 0, 1);
-  sample_to_png("sd", command.model, command.sample, command.output);
+  sample_to_png(family_of_checkpoint(command.family, command.model.pretrained_model_name_or_path), command.model,
+                command.sample, command.output);
   return 0;
 }
 

@@ -2,6 +2,7 @@
 // them; no logic of its own lives here.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@ int run_train(const std::vector<std::string>& argv, const World& world, TrainMod
 
 // `sdt sample`: its options are added to `app` as a subcommand bound to `command`; run_sample runs it once parsed.
 struct SampleCommand {
+  std::optional<std::string> family;  // --family
   FamilyOptions model;
   SampleOptions sample;
   std::string output;

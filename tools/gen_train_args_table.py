@@ -39,6 +39,7 @@ SDT_ARGS = [
     ("check_replicas_every_n_steps", "Int", "0", [], "data parallel: every N steps compare a checksum of the trained weights across ranks and stop, naming the ranks, if a replica diverged (0: never)", "training"),
     ("sharding", "Str", '"none"', ["none", "optimizer", "gradients", "full"], "data parallel: what each rank keeps only 1/N of: none (plain data parallel), optimizer (its state, ZeRO-1), gradients (and the gradients, ZeRO-2), full (and the weights, ZeRO-3/FSDP; block-stack models only)", "training"),
     ("blocks_to_swap", "OptInt", "std::nullopt", [], "kohya's block swap for the transformer families: keep this many blocks' weights in host memory and copy each in just before use (SD 1.x/2.x have no block stack)", "training"),
+    ("family", "OptStr", "std::nullopt", [], "the model family to train (sd, ...); default: the family that recognises the checkpoint given by --pretrained_model_name_or_path", "model"),
     ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
 ]
 

@@ -281,18 +281,16 @@ std::string weights_sha256(const std::vector<const torch::nn::Module*>& modules)
   return hex;
 }
 
-CacheIdentity latent_cache_identity(const Family& family, const std::string& family_name, const CacheOptions& options) {
-  return {CacheKind::latents, family_name, weights_sha256({family.models().vae.get()}), options.dtype, "latent_sampling=mean"};
+CacheIdentity latent_cache_identity(const Family& family, const CacheOptions& options) {
+  return {CacheKind::latents, family.name(), weights_sha256({family.models().vae.get()}), options.dtype, "latent_sampling=mean"};
 }
 
-CacheIdentity text_encoder_cache_identity(const Family& family, const std::string& family_name, const TrainArgs& args,
+CacheIdentity text_encoder_cache_identity(const Family& family, const TrainArgs& args,
                                           const CacheOptions& options) {
   std::vector<const torch::nn::Module*> encoders;
   for (const auto& e : family.models().text_encoders) encoders.push_back(e.get());
-  const std::string settings = fmt::format("v2={} clip_skip={} max_token_length={} weighted_captions={}", args.v2,
-                                           args.clip_skip ? std::to_string(*args.clip_skip) : "none",
-                                           args.max_token_length ? std::to_string(*args.max_token_length) : "75", args.weighted_captions);
-  return {CacheKind::text_encoder_outputs, family_name, weights_sha256(encoders), options.dtype, settings};
+  const std::string settings = fmt::format("{} weighted_captions={}", family.text_encoder_settings(), args.weighted_captions);
+  return {CacheKind::text_encoder_outputs, family.name(), weights_sha256(encoders), options.dtype, settings};
 }
 
 std::string default_cache_dir(const TrainArgs& args) {
@@ -303,13 +301,13 @@ std::string default_cache_dir(const TrainArgs& args) {
 
 // ---------------------------------------------------------------- latents
 
-CacheBuildSummary build_latent_cache(const Family& family, const std::string& family_name, const TrainArgs& args,
+CacheBuildSummary build_latent_cache(const Family& family, const TrainArgs& args,
                                      const CacheOptions& options, const DatasetBlueprint& blueprint,
                                      const std::vector<DatasetIndex>& indexes, const World& world) {
   const Clock::time_point start = Clock::now();
   torch::NoGradGuard no_grad;
   const LatentPlan plan =
-      plan_latents(family, latent_cache_identity(family, family_name, options), args, options, blueprint, indexes);
+      plan_latents(family, latent_cache_identity(family, options), args, options, blueprint, indexes);
 
   // This rank's items that need work, in batches of one bucket of up to vae_batch_size.
   std::vector<std::vector<const LatentItem*>> batches;
@@ -385,12 +383,12 @@ CacheBuildSummary build_latent_cache(const Family& family, const std::string& fa
   return {static_cast<int64_t>(plan.entries), plan.valid, progress.done, seconds_since(start)};
 }
 
-void wait_for_latent_cache(const Family& family, const std::string& family_name, const TrainArgs& args, const CacheOptions& options,
+void wait_for_latent_cache(const Family& family, const TrainArgs& args, const CacheOptions& options,
                            const DatasetBlueprint& blueprint, const std::vector<DatasetIndex>& indexes, double timeout_seconds,
                            double poll_seconds) {
   CacheOptions reading = options;
   reading.rebuild = false;  // deleting is for the builders
-  const CacheIdentity identity = latent_cache_identity(family, family_name, options);
+  const CacheIdentity identity = latent_cache_identity(family, options);
   wait_until_complete(options.cache_dir, timeout_seconds, poll_seconds, [&] {
     const LatentPlan plan = plan_latents(family, identity, args, reading, blueprint, indexes);
     std::string example;
@@ -403,12 +401,12 @@ void wait_for_latent_cache(const Family& family, const std::string& family_name,
 
 // ---------------------------------------------------------------- text-encoder outputs
 
-CacheBuildSummary build_text_encoder_cache(const Family& family, const std::string& family_name, const TrainArgs& args,
+CacheBuildSummary build_text_encoder_cache(const Family& family, const TrainArgs& args,
                                            const CacheOptions& options, const DatasetBlueprint& blueprint,
                                            const std::vector<DatasetIndex>& indexes, const World& world) {
   const Clock::time_point start = Clock::now();
   torch::NoGradGuard no_grad;
-  const CaptionPlan plan = plan_captions(text_encoder_cache_identity(family, family_name, args, options), options, blueprint, indexes);
+  const CaptionPlan plan = plan_captions(text_encoder_cache_identity(family, args, options), options, blueprint, indexes);
   const int64_t batch_size = std::max<int64_t>(
       1, options.text_encoder_batch_size.value_or(blueprint.datasets.empty() ? 1 : blueprint.datasets.front().batch_size));
 
@@ -443,12 +441,12 @@ CacheBuildSummary build_text_encoder_cache(const Family& family, const std::stri
   return {static_cast<int64_t>(plan.captions.size()), plan.valid, progress.done, seconds_since(start)};
 }
 
-void wait_for_text_encoder_cache(const Family& family, const std::string& family_name, const TrainArgs& args,
+void wait_for_text_encoder_cache(const Family& family, const TrainArgs& args,
                                  const CacheOptions& options, const DatasetBlueprint& blueprint,
                                  const std::vector<DatasetIndex>& indexes, double timeout_seconds, double poll_seconds) {
   CacheOptions reading = options;
   reading.rebuild = false;
-  const CacheIdentity identity = text_encoder_cache_identity(family, family_name, args, options);
+  const CacheIdentity identity = text_encoder_cache_identity(family, args, options);
   wait_until_complete(options.cache_dir, timeout_seconds, poll_seconds, [&] {
     const CaptionPlan plan = plan_captions(identity, reading, blueprint, indexes);
     std::string example;
@@ -472,8 +470,8 @@ CacheBuildSummary run_cache_command(const TrainArgs& args, CacheOptions options,
   // The dataset first: its mistakes are found in a second, the model takes longer to load.
   const DatasetBlueprint blueprint = resolve_dataset_config(args);
   const std::vector<DatasetIndex> indexes = index_datasets(blueprint, {.skip_bad_images = args.skip_bad_images});
-  const std::unique_ptr<Family> family = load_family("sd", family_options_from_args(args));
-  const CacheBuildSummary summary = build(*family, "sd", args, options, blueprint, indexes, world);
+  const std::unique_ptr<Family> family = load_family_for_training(args);
+  const CacheBuildSummary summary = build(*family, args, options, blueprint, indexes, world);
   if (summary.encoded > 0 && world.rank == 0) fmt::print(stderr, "\n");
   spdlog::info("{}: {} entries needed, {} were valid; this rank encoded {} items in {:.1f} s", label, summary.items,
                summary.valid_before, summary.encoded, summary.seconds);

@@ -66,30 +66,30 @@ struct CacheBuildSummary {
 // latents have the shape the bucket needs, its original size matches the image's and it has an
 // alpha mask exactly when the subset asks for one. Subsets with color_aug or random_crop are
 // refused: their pixels change every epoch, so there is nothing to cache (kohya refuses them too).
-CacheBuildSummary build_latent_cache(const Family& family, const std::string& family_name, const TrainArgs& args,
+CacheBuildSummary build_latent_cache(const Family& family, const TrainArgs& args,
                                      const CacheOptions& options, const DatasetBlueprint& blueprint,
                                      const std::vector<DatasetIndex>& indexes, const World& world);
 
 // The text-encoder outputs of every caption variant, with the captions processed as training will
 // (prefix, suffix, first line...). Subsets whose captions change between epochs (shuffle, dropout,
 // wildcards, token warm-up) are refused, as kohya refuses them.
-CacheBuildSummary build_text_encoder_cache(const Family& family, const std::string& family_name, const TrainArgs& args,
+CacheBuildSummary build_text_encoder_cache(const Family& family, const TrainArgs& args,
                                            const CacheOptions& options, const DatasetBlueprint& blueprint,
                                            const std::vector<DatasetIndex>& indexes, const World& world);
 
 // Returns once every entry the datasets need is in the cache (other ranks' shares included),
 // checking every `poll_seconds`; an sdt::Error after `timeout_seconds` says how many are missing and
 // names one.
-void wait_for_latent_cache(const Family& family, const std::string& family_name, const TrainArgs& args, const CacheOptions& options,
+void wait_for_latent_cache(const Family& family, const TrainArgs& args, const CacheOptions& options,
                            const DatasetBlueprint& blueprint, const std::vector<DatasetIndex>& indexes, double timeout_seconds,
                            double poll_seconds = 2);
-void wait_for_text_encoder_cache(const Family& family, const std::string& family_name, const TrainArgs& args,
+void wait_for_text_encoder_cache(const Family& family, const TrainArgs& args,
                                  const CacheOptions& options, const DatasetBlueprint& blueprint,
                                  const std::vector<DatasetIndex>& indexes, double timeout_seconds, double poll_seconds = 2);
 
 // What the readers of a cache built with these settings expect (LatentCacheReader, TextEncoderCacheReader).
-CacheIdentity latent_cache_identity(const Family& family, const std::string& family_name, const CacheOptions& options);
-CacheIdentity text_encoder_cache_identity(const Family& family, const std::string& family_name, const TrainArgs& args,
+CacheIdentity latent_cache_identity(const Family& family, const CacheOptions& options);
+CacheIdentity text_encoder_cache_identity(const Family& family, const TrainArgs& args,
                                           const CacheOptions& options);
 
 // SHA-256 (hex) over a module's parameters and buffers: each one's name, dtype, shape and bytes, in

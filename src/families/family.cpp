@@ -20,12 +20,18 @@
 namespace sdt {
 namespace {
 
-using FamilyLoader = std::unique_ptr<Family> (*)(const FamilyOptions&);
+namespace fs = std::filesystem;
 
-// Every family this build has, under the name the trainer and `sdt sample` look it up by. A new family adds its line.
-const std::map<std::string, FamilyLoader>& registry() {
-  static const std::map<std::string, FamilyLoader> families{
-      {"sd", &load_sd_family},  // SD 1.x / 2.x (--v2, --v_parameterization)
+// A family's row: how to load it, and whether a checkpoint (a single file or a diffusers folder) is one of its models.
+struct FamilyRow {
+  std::unique_ptr<Family> (*load)(const FamilyOptions&);
+  bool (*recognises)(const std::string& checkpoint);
+};
+
+// Every family this build has, under the name --family takes and caches record. A new family adds its line.
+const std::map<std::string, FamilyRow>& registry() {
+  static const std::map<std::string, FamilyRow> families{
+      {"sd", {&load_sd_family, &is_sd_checkpoint}},  // SD 1.x / 2.x (--v2, --v_parameterization)
   };
   return families;
 }
@@ -34,8 +40,31 @@ const std::map<std::string, FamilyLoader>& registry() {
 
 std::vector<std::string> family_names() {
   std::vector<std::string> names;
-  for (const auto& [name, loader] : registry()) names.push_back(name);
+  for (const auto& [name, row] : registry()) names.push_back(name);
   return names;
+}
+
+std::string family_of_checkpoint(const std::optional<std::string>& family, const std::string& checkpoint) {
+  if (family) {
+    if (!registry().contains(*family)) fail("--family", "unknown family '{}': this build has {}", *family, fmt::join(family_names(), ", "));
+    return *family;
+  }
+  if (!fs::exists(checkpoint)) fail(checkpoint, "no such checkpoint file or diffusers folder");
+  std::vector<std::string> found;
+  for (const auto& [name, row] : registry()) {
+    if (row.recognises(checkpoint)) found.push_back(name);
+  }
+  if (found.size() == 1) return found.front();
+  if (found.empty()) {
+    fail(checkpoint, "no model family of this build ({}) recognises it as a checkpoint file or diffusers folder; name the "
+                     "family with --family", fmt::join(family_names(), ", "));
+  }
+  fail(checkpoint, "it could be a model of {}: name one with --family", fmt::join(found, " or "));
+}
+
+std::unique_ptr<Family> load_family_for_training(const TrainArgs& args) {
+  const FamilyOptions options = family_options_from_args(args);
+  return load_family(family_of_checkpoint(args.family, options.pretrained_model_name_or_path), options);
 }
 
 FamilyOptions family_options_from_args(const TrainArgs& args) {
@@ -56,7 +85,7 @@ std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions
   if (it == registry().end()) {
     fail("model family", "unknown family '{}': this build has {}", name, fmt::join(family_names(), ", "));
   }
-  return it->second(options);
+  return it->second.load(options);
 }
 
 void write_png(const std::string& path, const at::Tensor& image) {

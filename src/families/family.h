@@ -1,11 +1,13 @@
-// A model family: its models and the four strategies through which the trainer, the caches and the sampler use
-// them (kohya-ss/sd-scripts' strategy_base.py), found by name in a registry. Nothing above this layer branches on a
-// family's name: it asks the family.
+// A model family: its models, the four strategies through which the trainer, the caches and the sampler use them
+// (kohya-ss/sd-scripts' strategy_base.py), and its training hooks (what kohya's per-family NetworkTrainer subclasses
+// override), found by name in a registry. Nothing above this layer branches on a family's name: it asks the family.
 //
 //   TokenizeStrategy                   captions -> token ids (and per-token weights for "(word:1.2)" captions)
 //   TextEncodingStrategy               token ids -> the denoiser's text conditioning
 //   LatentsCachingStrategy             images -> the denoiser's latents, and what a cache entry holds
 //   TextEncoderOutputsCachingStrategy  captions -> the text-encoder outputs a cache stores, and back
+//   training hooks                     the objective, the denoiser call, the network targets, the parallel plan,
+//                                      the training metadata, the text-encoder cache's settings
 #pragma once
 
 #include <memory>
@@ -18,6 +20,9 @@
 #include "src/core/tensor_io.h"
 #include "src/core/train_args.h"
 #include "src/families/options.h"
+#include "src/models/layers.h"
+#include "src/networks/network_target.h"
+#include "src/objectives/objective.h"
 
 namespace sdt {
 
@@ -94,9 +99,19 @@ struct ModelBundle {
   std::vector<std::shared_ptr<torch::nn::Module>> text_encoders;
 };
 
+// How a family's denoiser runs when its weights are not all resident, and what it can swap.
+struct ParallelPlan {
+  // The blocks a BlockRunner runs (--sharding full gathers each as it runs): all weights but the stem and head.
+  std::vector<std::shared_ptr<torch::nn::Module>> blocks;
+  // Why --blocks_to_swap is refused; empty when the denoiser has a stack of identical blocks to swap.
+  std::string no_block_swap_reason;
+};
+
 class Family {
  public:
   virtual ~Family() = default;
+  // The registry's name of the family ("sd"), which caches record.
+  virtual std::string name() const = 0;
   virtual const ModelBundle& models() const = 0;
   virtual const TokenizeStrategy& tokenize_strategy() const = 0;
   virtual const TextEncodingStrategy& text_encoding_strategy() const = 0;
@@ -107,6 +122,25 @@ class Family {
   // The whole model as the single file users load (full fine-tuning's output), in `dtype` or each weight's own.
   virtual void save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
                                const safetensors::Metadata& metadata) const = 0;
+
+  // ---- training hooks
+
+  // The objective kohya's scripts for this family train with, from their arguments (SD: DDPM with the noise, timestep
+  // and loss flags of train_network.py, --v_parameterization, --zero_terminal_snr). Argument errors are sdt::Errors.
+  virtual std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const = 0;
+  // The denoiser's prediction for a noised batch, given TextEncodingStrategy::encode's outputs for its captions.
+  virtual at::Tensor predict(const NoisedBatch& batch, const std::vector<at::Tensor>& conditioning) const = 0;
+  // The layers a network (LoRA) adapts, in kohya's creation order; the convolution blocks' too with `conv_blocks`.
+  virtual std::vector<NetworkTarget> network_targets(bool conv_blocks) const = 0;
+  virtual ParallelPlan parallel_plan() const = 0;
+  // Runs the denoiser's blocks through `runner` (not owned; null: plain), or recomputes them in backward.
+  virtual void set_block_runner(BlockRunner* runner) = 0;
+  virtual void set_gradient_checkpointing(bool on) = 0;
+  // What kohya's scripts write about the base model into a trained file (ss_v2, ss_base_model_version, ...).
+  virtual safetensors::Metadata training_metadata() const = 0;
+  // The settings besides the weights that decide the text encoders' outputs, recorded in and checked against a
+  // text-encoder-output cache ("v2=False clip_skip=2 max_token_length=225").
+  virtual std::string text_encoder_settings() const = 0;
 };
 
 // kohya's model arguments (--pretrained_model_name_or_path, --vae, --v2, --clip_skip, ...) as FamilyOptions;
@@ -115,6 +149,10 @@ FamilyOptions family_options_from_args(const TrainArgs& args);
 
 // The names of the families this build has, sorted.
 std::vector<std::string> family_names();
+
+// The family `sdt train` / `train_db` / the cache commands train with: --family or the checkpoint's, loaded from the
+// model arguments.
+std::unique_ptr<Family> load_family_for_training(const TrainArgs& args);
 
 // The family registered as `name`, its models loaded as `options` say. An unknown name is an sdt::Error that lists
 // the known ones.

@@ -33,6 +33,10 @@ struct SampleOptions {
   int height = 512;
 };
 
+// The family to load: `family` (--family) when given, else the one family whose checkpoints `checkpoint` looks like
+// (from its tensor names or its diffusers config). Neither, or a checkpoint several families recognise: an sdt::Error.
+std::string family_of_checkpoint(const std::optional<std::string>& family, const std::string& checkpoint);
+
 // `sdt sample`: loads the family registered as `family` and writes the image `sample` describes as a PNG.
 void sample_to_png(const std::string& family, const FamilyOptions& model, const SampleOptions& sample,
                    const std::string& output_png);

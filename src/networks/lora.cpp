@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <numbers>
-#include <regex>
 #include <set>
 
 #include "src/core/error.h"
@@ -16,68 +15,11 @@ namespace nn = torch::nn;
 
 namespace {
 
-// diffusers and transformers register some children in another order than our models do, and kohya creates its
-// modules in their named_modules() order (which decides the initial weights drawn and the order of parameter
-// groups): up_blocks before mid_block, attentions before resnets, CLIP's k_proj, v_proj, q_proj, out_proj.
-int diffusers_child_rank(const std::string& name) {
-  static const std::map<std::string, int> rank{{"up_blocks", 1}, {"mid_block", 2}, {"attentions", 0},
-                                               {"resnets", 1},    {"downsamplers", 2}, {"upsamplers", 2},
-                                               {"k_proj", 0},     {"v_proj", 1},       {"q_proj", 2},
-                                               {"out_proj", 3}};
-  auto it = rank.find(name);
-  return it == rank.end() ? 0 : it->second;
-}
-
-std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> children_in_diffusers_order(const nn::Module& module) {
-  std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> children;
-  for (const auto& item : module.named_children()) children.emplace_back(item.key(), item.value());
-  std::stable_sort(children.begin(), children.end(), [](const auto& a, const auto& b) {
-    return diffusers_child_rank(a.first) < diffusers_child_rank(b.first);
-  });
-  return children;
-}
-
 bool is_linear(const nn::Module& m) { return dynamic_cast<const nn::LinearImpl*>(&m) != nullptr; }
-bool is_conv(const nn::Module& m) { return dynamic_cast<const nn::Conv2dImpl*>(&m) != nullptr; }
 
 bool is_conv_1x1(const nn::Module& m) {
   auto* conv = dynamic_cast<const nn::Conv2dImpl*>(&m);
   return conv && (*conv->options.kernel_size())[0] == 1 && (*conv->options.kernel_size())[1] == 1;
-}
-
-// Every Linear / Conv2d below `module` (named_modules order, the module itself included).
-void collect_layers(const std::shared_ptr<nn::Module>& module, const std::string& path,
-                    std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>>& out) {
-  if (is_linear(*module) || is_conv(*module)) out.emplace_back(path, module);
-  for (const auto& [name, child] : children_in_diffusers_order(*module)) {
-    if (name == "lora") continue;  // a LoRA already applied to this layer
-    collect_layers(child, path.empty() ? name : path + "." + name, out);
-  }
-}
-
-using ParentTest = bool (*)(const nn::Module&);
-
-void find_targets(const std::shared_ptr<nn::Module>& module, const std::string& path, const std::string& prefix,
-                  const std::vector<ParentTest>& parent_tests, bool is_unet, std::vector<LoRATarget>& out) {
-  for (const auto& [name, child] : children_in_diffusers_order(*module)) {
-    const std::string child_path = path.empty() ? name : path + "." + name;
-    bool is_target = std::any_of(parent_tests.begin(), parent_tests.end(), [&](ParentTest t) { return t(*child); });
-    if (is_target) {
-      std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> layers;
-      collect_layers(child, "", layers);
-      for (auto& [layer_path, layer] : layers) {
-        std::string lora_name = prefix + "." + child_path + "." + layer_path;
-        std::replace(lora_name.begin(), lora_name.end(), '.', '_');
-        out.push_back({lora_name, layer, is_unet});
-      }
-    }
-    find_targets(child, child_path, prefix, parent_tests, is_unet, out);
-  }
-}
-
-template <typename T>
-bool is_a(const nn::Module& m) {
-  return dynamic_cast<const T*>(&m) != nullptr;
 }
 
 // torch's default init of a Linear / Conv2d weight, kaiming_uniform_(a = sqrt(5)), with the same double arithmetic
@@ -231,37 +173,6 @@ at::Tensor LoRAModuleImpl::delta_weight() const {
   return delta * (multiplier * scale_);
 }
 
-// ---------------------------------------------------------------------------------------------------- names, blocks
-
-int lora_block_index(const std::string& lora_name) {
-  static const std::regex updown(R"((up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_)");
-  std::smatch m;
-  if (std::regex_search(lora_name, m, updown)) {
-    const int i = std::stoi(m[2]), j = std::stoi(m[4]);
-    const int idx = (m[3] == "upsamplers" || m[3] == "downsamplers") ? 3 * i + 2 : 3 * i + j;
-    return m[1] == "down" ? 1 + idx : kNumBlocks + 1 + idx;
-  }
-  if (lora_name.find("mid_block_") != std::string::npos) return kNumBlocks;
-  return -1;
-}
-
-std::vector<LoRATarget> lora_targets(ClipTextModel text_encoder, UNet2DConditionModel unet, bool conv_targets) {
-  std::vector<LoRATarget> targets;
-  if (text_encoder) {
-    find_targets(text_encoder.ptr(), "", "lora_te", {&is_a<ClipAttentionImpl>, &is_a<ClipMlpImpl>}, false, targets);
-  }
-  if (unet) {
-    std::vector<ParentTest> parents{&is_a<Transformer2DImpl>};
-    if (conv_targets) {
-      parents.push_back(&is_a<ResnetBlock2DImpl>);
-      parents.push_back(&is_a<Downsample2DImpl>);
-      parents.push_back(&is_a<Upsample2DImpl>);
-    }
-    find_targets(unet.ptr(), "", "lora_unet", parents, true, targets);
-  }
-  return targets;
-}
-
 // ---------------------------------------------------------------------------------------------------- configuration
 
 std::optional<std::vector<double>> block_lr_weight(const std::optional<std::string>& down, const std::optional<std::string>& mid,
@@ -399,19 +310,18 @@ std::map<std::string, std::pair<int64_t, std::optional<double>>> lora_dims_from_
 
 // ---------------------------------------------------------------------------------------------------- LoRANetwork
 
-LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, ClipTextModel text_encoder, UNet2DConditionModel unet,
+LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, const std::vector<NetworkTarget>& targets,
                                  bool apply_text_encoder, bool apply_unet, at::Generator generator)
     : config(config) {
-  const bool conv_targets = config.modules_dim_alpha || config.conv_dim || config.conv_block_dims;
-  for (const LoRATarget& t : lora_targets(text_encoder, unet, conv_targets)) {
+  for (const NetworkTarget& t : targets) {
     const bool linear_like = is_linear(*t.module) || is_conv_1x1(*t.module);
     std::optional<int64_t> dim;
     std::optional<double> alpha;
     if (config.modules_dim_alpha) {
       auto it = config.modules_dim_alpha->find(t.lora_name);
       if (it != config.modules_dim_alpha->end()) std::tie(dim, alpha) = it->second;
-    } else if (t.is_unet && config.block_dims) {
-      int idx = lora_block_index(t.lora_name);
+    } else if (t.in_denoiser && config.block_dims) {
+      int idx = t.block;
       if (idx < 0) idx = kNumTotalBlocks - 1;  // Python's list[-1]
       if (linear_like) {
         dim = (*config.block_dims)[idx];
@@ -432,11 +342,12 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, ClipTextModel 
       continue;
     }
     auto lora = LoRAModule(t.lora_name, t.module, *dim, alpha, generator);
+    lora->block = t.block;
     lora->multiplier = config.multiplier;
     lora->dropout = config.dropout;
     lora->rank_dropout = config.rank_dropout;
     lora->module_dropout = config.module_dropout;
-    (t.is_unet ? unet_loras : text_encoder_loras).push_back(lora);
+    (t.in_denoiser ? unet_loras : text_encoder_loras).push_back(lora);
   }
 
   if (!apply_text_encoder) text_encoder_loras.clear();
@@ -498,7 +409,7 @@ std::vector<LoraParamGroup> LoRANetworkImpl::prepare_optimizer_params(std::optio
       std::vector<int> order;
       std::map<int, std::vector<LoRAModule>> by_block;
       for (const auto& lora : unet_loras) {
-        int idx = lora_block_index(lora->lora_name);
+        const int idx = lora->block;
         if (!by_block.contains(idx)) order.push_back(idx);
         by_block[idx].push_back(lora);
       }

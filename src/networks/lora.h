@@ -5,11 +5,9 @@
 // both without bias, and `alpha` (a 0-dim buffer). The layer computes W x + multiplier * (alpha / r) * up(down(x)).
 // down starts as torch's default Linear / Conv2d init (kaiming_uniform with a = sqrt(5)), up starts at zero.
 //
-// Which layers (kohya's create_modules): every Linear and Conv2d inside a Transformer2DModel of the U-Net, inside
-// ResnetBlock2D / Downsample2D / Upsample2D as well when conv LoRA is on (conv_dim, conv_block_dims, or a file that
-// has such modules), and inside CLIPAttention / CLIPMLP of the text encoder. A 1x1 Conv2d counts as linear (it takes
-// network_dim), a 3x3 one takes conv_dim. Names are `lora_unet_` / `lora_te_` + the diffusers module path with every
-// `.` replaced by `_`; file keys are `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
+// Which layers: the family's network targets (network_target.h, e.g. SD's in src/families/sd/sd_family.h), in kohya's
+// creation order. A 1x1 Conv2d counts as linear (it takes network_dim), a 3x3 one takes conv_dim. File keys are
+// `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
 //
 // How a LoRA reaches the model's forward: as an adapter on its target layer (src/models/layers.h: every model builds its
 // Linear and Conv2d as sdt's adaptable layers), the layer computing W x + b + delta(x) with
@@ -34,8 +32,8 @@
 
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
-#include "src/models/clip_text.h"
-#include "src/models/unet.h"
+#include "src/models/layers.h"
+#include "src/networks/network_target.h"
 
 namespace sdt {
 
@@ -67,6 +65,7 @@ struct LoRAModuleImpl : torch::nn::Module, Adapter {
   const at::Tensor& lora_up_weight() const;
 
   std::string lora_name;
+  int block = -1;  // kohya's block index (block dims and lrs); -1: none
   double multiplier = 1.0;
   std::optional<double> dropout, rank_dropout, module_dropout;
 
@@ -82,11 +81,10 @@ struct LoRAModuleImpl : torch::nn::Module, Adapter {
 };
 TORCH_MODULE(LoRAModule);
 
-// kohya's block layout for SD 1.x / 2.x: 25 blocks, 0 unused, 1..12 the down side (3 per level: two resnets or
-// attentions, then the downsampler), 12 also the mid block, 13..24 the up side. -1 for names outside the U-Net blocks.
+// kohya's block layout of networks/lora.py (SD 1.x / 2.x): 25 blocks, 0 unused, 1..12 the down side, 12 also the mid
+// block, 13..24 the up side; the family gives each target its index (NetworkTarget::block).
 inline constexpr int kNumBlocks = 12;
 inline constexpr int kNumTotalBlocks = 2 * kNumBlocks + 1;
-int lora_block_index(const std::string& lora_name);
 
 // `--network_dim`, `--network_alpha`, `--network_dropout` and `--network_args` as create_network reads them.
 struct LoRANetworkConfig {
@@ -103,6 +101,10 @@ struct LoRANetworkConfig {
   std::optional<double> loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio;
   // Per module, from a file (create_network_from_weights / --dim_from_weights): only these modules are created.
   std::optional<std::map<std::string, std::pair<int64_t, std::optional<double>>>> modules_dim_alpha;
+
+  // Whether the network adapts the convolution blocks too (kohya's conv LoRA: a conv dim, or a file that may have
+  // such modules): the family then adds those blocks' layers to the targets.
+  bool adapts_conv_blocks() const { return modules_dim_alpha || conv_dim || conv_block_dims; }
 };
 
 // network_args ("key=value" strings, kohya's --network_args) on top of dim / alpha / dropout; an unknown key is an
@@ -134,12 +136,12 @@ struct LoadResult {
   std::vector<std::string> unexpected;  // file keys the network lacks
 };
 
-// kohya's LoRANetwork: creates the modules for the given models, applies them (te_loras only with apply_text_encoder,
-// unet_loras only with apply_unet), and owns them under their names, so named_parameters() / named_buffers() are the
-// file's keys.
+// kohya's LoRANetwork: creates a module for each target (in their order; those a dim of 0 leaves out are `skipped`),
+// applies them (text encoders' only with apply_text_encoder, the denoiser's only with apply_unet), and owns them under
+// their names, so named_parameters() / named_buffers() are the file's keys.
 struct LoRANetworkImpl : torch::nn::Module {
-  LoRANetworkImpl(const LoRANetworkConfig& config, ClipTextModel text_encoder, UNet2DConditionModel unet,
-                  bool apply_text_encoder, bool apply_unet, at::Generator generator);
+  LoRANetworkImpl(const LoRANetworkConfig& config, const std::vector<NetworkTarget>& targets, bool apply_text_encoder,
+                  bool apply_unet, at::Generator generator);
   ~LoRANetworkImpl() override;
 
   // Takes every LoRA off its layer (the models compute without it again).
@@ -171,14 +173,5 @@ struct LoRANetworkImpl : torch::nn::Module {
 
 };
 TORCH_MODULE(LoRANetwork);
-
-// The U-Net / text-encoder Linear and Conv2d modules kohya's merge_lora.py and create_modules see, in kohya's order:
-// (lora name, module, parent kind). `conv_targets` adds ResnetBlock2D / Downsample2D / Upsample2D.
-struct LoRATarget {
-  std::string lora_name;
-  std::shared_ptr<torch::nn::Module> module;  // LinearImpl or Conv2dImpl
-  bool is_unet;
-};
-std::vector<LoRATarget> lora_targets(ClipTextModel text_encoder, UNet2DConditionModel unet, bool conv_targets);
 
 }  // namespace sdt

@@ -163,8 +163,6 @@ safetensors::Metadata LoRATrainingMetadata::to_metadata() const {
       {"ss_network_dropout", network_dropout},
       {"ss_mixed_precision", mixed_precision},
       {"ss_full_fp16", full_fp16},
-      {"ss_v2", v2},
-      {"ss_base_model_version", base_model_version},
       {"ss_clip_skip", clip_skip},
       {"ss_max_token_length", max_token_length},
       {"ss_cache_latents", cache_latents},
@@ -206,6 +204,7 @@ safetensors::Metadata LoRATrainingMetadata::to_metadata() const {
   for (const auto& [key, value] : dataset) {
     if (!value.empty()) m[key] = value;
   }
+  for (const auto& [key, value] : base_model) m[key] = value;
   auto put = [&](const char* key, const std::optional<std::string>& value) {
     if (value) m[key] = *value;
   };

@@ -59,7 +59,7 @@ struct LoRATrainingMetadata {
   std::string gradient_checkpointing = "False", gradient_accumulation_steps = "1";
   std::string max_train_steps = "1600", lr_warmup_steps = "0", lr_scheduler = "constant";
   std::string network_module = "networks.lora", network_dim = "None", network_alpha = "1.0", network_dropout = "None";
-  std::string mixed_precision = "no", full_fp16 = "False", v2 = "False", base_model_version = "sd_v1";
+  std::string mixed_precision = "no", full_fp16 = "False";
   std::string clip_skip = "None", max_token_length = "None", cache_latents = "False", seed = "None", lowram = "False";
   std::string noise_offset = "None", multires_noise_iterations = "None", multires_noise_discount = "0.3";
   std::string adaptive_noise_scale = "None", zero_terminal_snr = "False", training_comment = "None";
@@ -76,6 +76,8 @@ struct LoRATrainingMetadata {
   // Dataset description: with a dataset config ss_datasets / ss_tag_frequency / ss_dataset_dirs (JSON); without one
   // the flat ss_batch_size_per_device ... ss_bucket_info keys. Empty values are left out.
   safetensors::Metadata dataset;
+  // What the model's family writes about the base model (Family::training_metadata: ss_v2, ss_base_model_version).
+  safetensors::Metadata base_model;
   std::optional<std::string> network_args_json;      // ss_network_args, when --network_args was given
   std::optional<std::string> sd_model_name, sd_model_hash, new_sd_model_hash;  // ss_sd_model_*: basename, hashes
   std::optional<std::string> vae_name, vae_hash, new_vae_hash;

@@ -27,11 +27,11 @@ std::string file_tensor(const std::string& path, const std::string& key) { retur
 
 }  // namespace
 
-std::vector<std::string> merge_loras_into_models(SdModels& models, const std::vector<std::string>& lora_paths,
-                                                 const std::vector<double>& ratios, at::ScalarType merge_dtype) {
+std::vector<std::string> merge_loras_into_targets(const std::vector<NetworkTarget>& targets, const std::vector<std::string>& lora_paths,
+                                                  const std::vector<double>& ratios, at::ScalarType merge_dtype) {
   check_ratios(lora_paths, ratios);
   std::map<std::string, std::shared_ptr<nn::Module>> name_to_module;
-  for (const LoRATarget& t : lora_targets(models.text_encoder, models.unet, /*conv_targets=*/true)) {
+  for (const NetworkTarget& t : targets) {
     name_to_module.emplace(t.lora_name, t.module);
   }
 

@@ -10,16 +10,16 @@
 
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
-#include "src/models/sd_checkpoint.h"
+#include "src/networks/network_target.h"
 
 namespace sdt {
 
-// kohya's merge_to_sd_model: for each file and its ratio, every `<name>.lora_down.weight` whose module exists in the
-// text encoder (CLIPAttention / CLIPMLP layers) or the U-Net (Transformer2D, ResnetBlock2D, Downsample2D,
-// Upsample2D layers) adds ratio * (alpha / dim) * dW to that module's weight, computed in `merge_dtype` (the models'
-// dtype): up @ down for Linear and 1x1 Conv2d, the composed kernel for 3x3. Keys for modules the models lack are
-// reported (returned) and skipped, as kohya does.
-std::vector<std::string> merge_loras_into_models(SdModels& models, const std::vector<std::string>& lora_paths,
+// kohya's merge_to_sd_model: for each file and its ratio, every `<name>.lora_down.weight` whose module is one of
+// `targets` (the family's network targets with the convolution blocks, e.g. sd_network_targets(te, unet, true)) adds
+// ratio * (alpha / dim) * dW to that module's weight, computed in `merge_dtype` (the models' dtype): up @ down for
+// Linear and 1x1 Conv2d, the composed kernel for 3x3. Keys for modules the models lack are reported (returned) and
+// skipped, as kohya does.
+std::vector<std::string> merge_loras_into_targets(const std::vector<NetworkTarget>& targets, const std::vector<std::string>& lora_paths,
                                                  const std::vector<double>& ratios, at::ScalarType merge_dtype);
 
 struct MergedLoRA {

@@ -17,7 +17,7 @@ add_executable(test_networks
   tests/networks/test_lora_file.cpp
   tests/networks/test_merge.cpp
 )
-target_link_libraries(test_networks PRIVATE sdt_networks GTest::gtest_main)
+target_link_libraries(test_networks PRIVATE sdt_networks sdt_families GTest::gtest_main)
 target_compile_definitions(test_networks PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")
 target_precompile_headers(test_networks REUSE_FROM sdt_torch)
 # One thread: the models are tiny, and OpenMP workers on a busy 2-core machine cost ten times the work.
@@ -27,7 +27,7 @@ gtest_discover_tests(test_networks DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "
 # pipeline: its U-Net and text encoder outputs must equal ours with merged weights. Skipped (exit 77) when the
 # configured Python cannot import diffusers and peft.
 add_executable(write_lora_check_files tests/networks/write_lora_check_files.cpp)
-target_link_libraries(write_lora_check_files PRIVATE sdt_networks)
+target_link_libraries(write_lora_check_files PRIVATE sdt_networks sdt_families)
 target_precompile_headers(write_lora_check_files REUSE_FROM sdt_torch)
 add_test(NAME lora_diffusers_loads_ours
   COMMAND bash ${CMAKE_SOURCE_DIR}/tests/check_lora_with_diffusers.sh $<TARGET_FILE:write_lora_check_files>

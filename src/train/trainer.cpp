@@ -33,8 +33,8 @@
 #include "src/families/family.h"
 #include "src/networks/lora.h"
 #include "src/networks/lora_metadata.h"
+#include "src/objectives/objective.h"
 #include "src/train/data_parallel.h"
-#include "src/train/diffusion.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/make_optimizer.h"
 #include "src/train/metrics.h"
@@ -79,30 +79,25 @@ at::Tensor encode_latents(const Family& family, const at::Tensor& images, Latent
   return at::cat(latents).to(at::kFloat);
 }
 
-// kohya's noise, timesteps and noised latents, sample by sample with keyed streams (torch's, and the Python-random
-// stream of the pyramid-noise scales).
-NoisedLatents noise_batch(const DdpmSchedule& schedule, const at::Tensor& latents, const NoiseOptions& options, uint64_t seed,
-                          int64_t update, int64_t first_place, RngPurpose purpose) {
-  if (latents.size(0) == 0) return {at::empty_like(latents), at::empty_like(latents), at::empty({0}, latents.options().dtype(at::kLong))};
-  std::vector<at::Tensor> noise, noisy, timesteps;
-  for (int64_t i = 0; i < latents.size(0); ++i) {
-    const int64_t place = first_place + i;
-    at::Generator gen = keyed_generator(seed, update, place, purpose);
-    std::mt19937_64 python_random(Rng(seed, static_cast<uint64_t>(update), static_cast<uint64_t>(place), RngPurpose::PyramidScales).next());
-    std::uniform_real_distribution<double> unit(0.0, 1.0);
-    const NoisedLatents n = noise_latents(schedule, latents.narrow(0, i, 1), options, gen, [&] { return unit(python_random); });
-    noise.push_back(n.noise);
-    noisy.push_back(n.noisy_latents);
-    timesteps.push_back(n.timesteps);
-  }
-  return {at::cat(noise), at::cat(noisy), at::cat(timesteps)};
+// The random sources of a batch's samples for the objective: torch's stream and a Python-random stream (kohya draws
+// pyramid-noise scales from it), both keyed by the sample's place in its update.
+SampleRandoms keyed_randoms(uint64_t seed, int64_t update, int64_t first_place, RngPurpose purpose) {
+  return [=](int64_t sample) {
+    const int64_t place = first_place + sample;
+    auto python_random = std::make_shared<std::mt19937_64>(
+        Rng(seed, static_cast<uint64_t>(update), static_cast<uint64_t>(place), RngPurpose::PyramidScales).next());
+    return SampleRandom{keyed_generator(seed, update, place, purpose),
+                        [python_random] { return std::uniform_real_distribution<double>(0.0, 1.0)(*python_random); }};
+  };
 }
 
 // The text conditioning of a batch; a rank whose share of a short global batch is empty gets (0, ...) rows, from one
 // placeholder caption, so it still runs the denoiser (whose collectives every rank must join) on an empty batch.
-at::Tensor encode_captions(const Family& family, const std::vector<std::string>& captions, bool weighted) {
-  if (!captions.empty()) return family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize(captions, weighted)).at(0);
-  return family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize({""}, false)).at(0).narrow(0, 0, 0);
+std::vector<at::Tensor> encode_captions(const Family& family, const std::vector<std::string>& captions, bool weighted) {
+  if (!captions.empty()) return family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize(captions, weighted));
+  std::vector<at::Tensor> placeholder = family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize({""}, false));
+  for (at::Tensor& c : placeholder) c = c.narrow(0, 0, 0);
+  return placeholder;
 }
 
 std::optional<at::ScalarType> save_dtype(const TrainArgs& args) {
@@ -137,12 +132,8 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.full_fp16 && args.mixed_precision != "fp16") fail("--full_fp16", "requires --mixed_precision fp16, as in kohya");
   if (args.full_bf16 && args.mixed_precision != "bf16") fail("--full_bf16", "requires --mixed_precision bf16, as in kohya");
   if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
-  if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions to 77 tokens as kohya does by default");
+  if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
-  if (args.blocks_to_swap && *args.blocks_to_swap != 0) {
-    fail("--blocks_to_swap", "SD 1.x/2.x have no stack of transformer blocks to swap (kohya offers block swap for FLUX, "
-                             "SD3 and the other transformer families only)");
-  }
   parse_sharding_mode(args.sharding);
 }
 
@@ -429,7 +420,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   const Precision precision = precision_from_args(args);
 
   // ---------------------------------------------------------------- models
-  std::unique_ptr<Family> family = load_family("sd", family_options_from_args(args));
+  std::unique_ptr<Family> family = load_family_for_training(args);
   const ModelBundle& bundle = family->models();
   torch::nn::Module& denoiser = *bundle.denoiser;
   torch::nn::Module& text_encoder = *bundle.text_encoders.at(0);
@@ -437,8 +428,10 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     m->eval();
     for (auto& p : m->parameters()) p.requires_grad_(false);
   }
-  UNet2DConditionModel unet(std::dynamic_pointer_cast<UNet2DConditionModelImpl>(bundle.denoiser));
-  unet->gradient_checkpointing = args.gradient_checkpointing;
+  family->set_gradient_checkpointing(args.gradient_checkpointing);
+  const std::unique_ptr<TrainingObjective> objective = family->make_objective(args);
+  const ParallelPlan parallel_plan = family->parallel_plan();
+  if (args.blocks_to_swap && *args.blocks_to_swap != 0) fail("--blocks_to_swap", "{}", parallel_plan.no_block_swap_reason);
 
   // ---------------------------------------------------------------- what is trained, and the optimizer
   TrainedWeights trained;
@@ -452,8 +445,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     denoiser.to(precision.frozen);
     text_encoder.to(precision.frozen);
     lora_config = parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args);
-    ClipTextModel clip(std::dynamic_pointer_cast<ClipTextModelImpl>(bundle.text_encoders.at(0)));
-    network = LoRANetwork(lora_config, clip, unet, train_text_encoder, train_unet, gen);
+    network = LoRANetwork(lora_config, family->network_targets(lora_config.adapts_conv_blocks()), train_text_encoder, train_unet, gen);
     if (args.network_weights) {
       LoadResult loaded = network->load_weights(*args.network_weights);
       spdlog::info("loaded {}: {} keys missing, {} unexpected", *args.network_weights, loaded.missing.size(), loaded.unexpected.size());
@@ -484,16 +476,16 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // ranks while backward runs (one process: no communication at all); --sharding cuts the optimizer state and the
   // gradients into one shard per rank, and the optimizer steps this rank's shards.
   const ShardingMode sharding = parse_sharding_mode(args.sharding);
-  // --sharding full: each U-Net block (ResNet, Transformer2D) keeps 1/N of its weights on a rank, trained or frozen;
-  // the U-Net gathers a block as it runs it. The LoRA weights stay whole; they act on the gathered weights' forward.
+  // --sharding full: each block of the family's parallel plan keeps 1/N of its weights on a rank, trained or frozen;
+  // the denoiser gathers a block as it runs it. The LoRA weights stay whole; they act on the gathered weights' forward.
   std::unique_ptr<ShardedUnits> units;
   if (sharding == ShardingMode::full) {
     const std::vector<at::Tensor> kept_whole = network ? network->parameters() : std::vector<at::Tensor>{};
     // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
     std::optional<at::ScalarType> gather_dtype;
     if (mode == TrainMode::full && precision.autocast && precision.trained == at::kFloat) gather_dtype = precision.autocast;
-    units = std::make_unique<ShardedUnits>(unet->blocks(), kept_whole, *communicator, gather_dtype);
-    unet->block_runner = units.get();
+    units = std::make_unique<ShardedUnits>(parallel_plan.blocks, kept_whole, *communicator, gather_dtype);
+    family->set_block_runner(units.get());
   }
   DataParallel parallel(trained.groups, *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024, std::move(units));
   MadeOptimizer made = make_optimizer(args, parallel.optimizer_groups());
@@ -579,9 +571,9 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     }
     if (cache_options.cache_dir.empty()) fail("--cache_latents_to_disk", "no cache folder: give --train_data_dir or --dataset_config");
     cache_options.on_progress = cache_progress_line("caching latents", world);
-    const CacheBuildSummary built = build_latent_cache(*family, "sd", args, cache_options, blueprint, indexes, world);
-    wait_for_latent_cache(*family, "sd", args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
-    latent_cache = std::make_unique<LatentCacheReader>(cache_options.cache_dir, latent_cache_identity(*family, "sd", cache_options));
+    const CacheBuildSummary built = build_latent_cache(*family, args, cache_options, blueprint, indexes, world);
+    wait_for_latent_cache(*family, args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
+    latent_cache = std::make_unique<LatentCacheReader>(cache_options.cache_dir, latent_cache_identity(*family, cache_options));
     latent_keys.emplace(blueprint, indexes);
     spdlog::info("latents from the cache {} ({} entries; {} were valid, {} encoded by this rank)", cache_options.cache_dir,
                  latent_cache->size(), built.valid_before, built.encoded);
@@ -604,10 +596,10 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     }
     if (cache_options.cache_dir.empty()) fail("--cache_text_encoder_outputs_to_disk", "no cache folder: give --train_data_dir or --dataset_config");
     cache_options.on_progress = cache_progress_line("caching text-encoder outputs", world);
-    build_text_encoder_cache(*family, "sd", args, cache_options, blueprint, indexes, world);
-    wait_for_text_encoder_cache(*family, "sd", args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
+    build_text_encoder_cache(*family, args, cache_options, blueprint, indexes, world);
+    wait_for_text_encoder_cache(*family, args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
     text_cache = std::make_unique<TextEncoderCacheReader>(cache_options.cache_dir,
-                                                          text_encoder_cache_identity(*family, "sd", args, cache_options));
+                                                          text_encoder_cache_identity(*family, args, cache_options));
     spdlog::info("text-encoder outputs from the cache {} ({} captions)", cache_options.cache_dir, text_cache->size());
   }
 
@@ -621,9 +613,6 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   LoaderOptions train_loader_options = loader_options;
   train_loader_options.load_pixels = !latent_cache;
   DataLoader loader(loader_datasets, planner, train_loader_options);
-
-  const DdpmOptions ddpm = ddpm_options_from_args(args);
-  const DdpmSchedule schedule = make_ddpm_schedule(ddpm.zero_terminal_snr);
 
   // The held-out images (--validation_split or the datasets' validation_split), in a fixed order.
   DatasetBlueprint validation_blueprint;
@@ -688,8 +677,8 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   meta.network_alpha = python_str(lora_config.alpha);
   meta.mixed_precision = args.mixed_precision;
   meta.full_fp16 = python_str(args.full_fp16);
-  meta.v2 = python_str(args.v2);
-  meta.base_model_version = args.v2 ? (args.v_parameterization ? "sd_v2_768_v" : "sd_v2_512") : "sd_v1";
+  meta.network_dropout = python_str(args.network_dropout);
+  meta.base_model = family->training_metadata();
   meta.seed = python_str(static_cast<int64_t>(seed));
   meta.optimizer = made.ss_optimizer();
   meta.max_grad_norm = python_str(args.max_grad_norm);
@@ -768,8 +757,6 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     if (network) network->eval();
     denoiser.eval();
     text_encoder.eval();
-    const int64_t min_t = ddpm.noise.min_timestep.value_or(0);
-    const int64_t max_t = ddpm.noise.max_timestep.value_or(schedule.num_train_timesteps());
     validation_loader->start_epoch(1, 0, position.global_step);
     double sum = 0;
     int64_t count = 0, batches = 0;  // samples x timesteps; validation batches
@@ -778,22 +765,20 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       if (!batch) break;
       ++batches;
       AutocastScope autocast(precision.autocast);
-      const int64_t key = batch->update * 5;  // the latents' streams, then one per validation timestep
+      const int points = objective->validation_points();
+      const int64_t key = batch->update * (points + 1);  // the latents' streams, then one per validation point
       const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), vae_latents, validation_seed, key,
                                                 batch->update_offset, RngPurpose::ValidationLatents);
-      const at::Tensor conditioning = encode_captions(*family, batch->captions, args.weighted_captions);
-      for (int k = 1; k <= 4; ++k) {
-        NoiseOptions fixed = ddpm.noise;
-        fixed.min_timestep = fixed.max_timestep = min_t + static_cast<int64_t>(static_cast<double>(max_t - min_t) * k / 5.0);
-        const NoisedLatents noised =
-            noise_batch(schedule, latents, fixed, validation_seed, key + k, batch->update_offset, RngPurpose::ValidationNoise);
-        const at::Tensor target = training_target(schedule, latents, noised, ddpm.loss.v_parameterization);
-        const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
+      const std::vector<at::Tensor> conditioning = encode_captions(*family, batch->captions, args.weighted_captions);
+      for (int k = 0; k < points; ++k) {
+        const NoisedBatch noised = objective->noise_at_validation_point(
+            latents, k, keyed_randoms(validation_seed, key + k + 1, batch->update_offset, RngPurpose::ValidationNoise));
+        const at::Tensor pred = family->predict(noised, conditioning).to(at::kFloat);
         std::optional<at::Tensor> mask;
         if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
         if (latents.size(0) == 0) continue;  // an empty share of a short batch: it ran for the collectives only
         const double n = static_cast<double>(latents.size(0));
-        sum += n * ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask).item<double>();
+        sum += n * objective->loss(pred, noised, batch->loss_weights, mask).item<double>();
         count += latents.size(0);
       }
     }
@@ -865,28 +850,24 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         // The network's dropouts draw from the default generator, as kohya's do; it is keyed like every other stream
         // (here by this rank's first sample of the micro-step), so a resumed run draws the same masks.
         seed_default_generator(seed, update_key, batch->update_offset, RngPurpose::NetworkDropout);
-        at::Tensor conditioning;
+        std::vector<at::Tensor> conditioning;
         {
           std::optional<torch::NoGradGuard> no_grad;
           if (!train_text_encoder) no_grad.emplace();
           if (text_cache && !empty_share) {
-            conditioning = family->text_encoder_outputs_caching_strategy()
-                               .outputs_from_cache(text_cache->read_batch(batch->captions))
-                               .at(0)
-                               .to(at::kFloat);
+            conditioning = family->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache->read_batch(batch->captions));
+            for (at::Tensor& c : conditioning) c = c.to(at::kFloat);
           } else {
             conditioning = encode_captions(*family, batch->captions, weighted);
           }
         }
-        const NoisedLatents noised =
-            noise_batch(schedule, latents, ddpm.noise, seed, update_key, batch->update_offset, RngPurpose::Noise);
-        const at::Tensor target = training_target(schedule, latents, noised, ddpm.loss.v_parameterization);
-        const at::Tensor pred = unet->forward(noised.noisy_latents, noised.timesteps, conditioning).to(at::kFloat);
+        const NoisedBatch noised =
+            objective->noise(latents, keyed_randoms(seed, update_key, batch->update_offset, RngPurpose::Noise));
+        const at::Tensor pred = family->predict(noised, conditioning).to(at::kFloat);
         std::optional<at::Tensor> mask;
         if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
         // An empty share contributes nothing, but its backward still runs (sharded models gather in it).
-        loss = empty_share ? pred.sum() * 0.0
-                           : ddpm_batch_loss(schedule, ddpm.loss, pred, target, noised.timesteps, batch->loss_weights, mask);
+        loss = empty_share ? pred.sum() * 0.0 : objective->loss(pred, noised, batch->loss_weights, mask);
       }
       step_times.forward += seconds_since(phase);
       phase = Clock::now();

@@ -1,7 +1,7 @@
 # The training loop (`sdt train` for networks) on top of the families, networks, optimizers and the
 # DDPM math, and its end-to-end test on the tiny SD 1.x fixture model.
 add_library(sdt_trainer STATIC src/train/trainer.cpp src/train/data_parallel.cpp)
-target_link_libraries(sdt_trainer PUBLIC sdt_families sdt_networks sdt_train_optim sdt_train_diffusion sdt_train_metrics
+target_link_libraries(sdt_trainer PUBLIC sdt_families sdt_networks sdt_train_optim sdt_objectives sdt_train_metrics
                                          sdt_data_loader sdt_cluster_comm sdt_cache sdt_dist)
 target_precompile_headers(sdt_trainer REUSE_FROM sdt_torch)
 
@@ -14,7 +14,7 @@ gtest_discover_tests(test_trainer DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "O
 # The first training step (loss and every LoRA gradient) against kohya's own step on the tiny SD 1.x model
 # (tests/fixtures/train/gen_first_step.py). It runs the trainer's pieces, not train_network, so it links just those.
 add_executable(test_first_step tests/train/test_first_step.cpp)
-target_link_libraries(test_first_step PRIVATE sdt_families sdt_networks sdt_train_diffusion GTest::gtest_main)
+target_link_libraries(test_first_step PRIVATE sdt_families sdt_networks sdt_objectives GTest::gtest_main)
 target_compile_definitions(test_first_step PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")
 target_precompile_headers(test_first_step REUSE_FROM sdt_torch)
 gtest_discover_tests(test_first_step DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")

@@ -116,7 +116,7 @@ Data load_data(const TrainArgs& args) {
 
 CacheBuildSummary build_latents(const Toy& toy, const World& world = World{}, const CacheOptions* options = nullptr) {
   const Data d = load_data(toy.args);
-  return build_latent_cache(tiny_family(), "sd", toy.args, options ? *options : toy.options, d.blueprint, d.indexes, world);
+  return build_latent_cache(tiny_family(), toy.args, options ? *options : toy.options, d.blueprint, d.indexes, world);
 }
 
 // Every entry the toy dataset needs: each image unflipped, and flipped in the flip_aug subset.
@@ -134,7 +134,7 @@ std::vector<LatentKey> expected_keys(const Data& d) {
 
 void expect_same_caches(const std::string& dir, const std::string& reference_dir, const Toy& toy) {
   const Data d = load_data(toy.args);
-  const CacheIdentity identity = latent_cache_identity(tiny_family(), "sd", toy.options);
+  const CacheIdentity identity = latent_cache_identity(tiny_family(), toy.options);
   const LatentCacheReader cache(dir, identity), reference(reference_dir, identity);
   const std::vector<LatentKey> keys = expected_keys(d);
   ASSERT_EQ(keys.size(), 10u);
@@ -186,7 +186,7 @@ TEST(BuildCache, EntriesEqualWhatTrainingEncodesOnTheFly) {
   EXPECT_EQ(summary.encoded, 6);
 
   const Data d = load_data(toy.args);
-  const LatentCacheReader cache(toy.options.cache_dir, latent_cache_identity(tiny_family(), "sd", toy.options));
+  const LatentCacheReader cache(toy.options.cache_dir, latent_cache_identity(tiny_family(), toy.options));
   const LatentsCachingStrategy& strategy = tiny_family().latents_caching_strategy();
   DatasetConfig unflipped = d.blueprint.datasets[0];
   for (auto& s : unflipped.subsets) s.flip_aug = false;
@@ -264,7 +264,7 @@ TEST(BuildCache, KilledBuildThenRerunEqualsUninterruptedBuild) {
   ASSERT_TRUE(WIFSIGNALED(status));
   close(ready[0]);
 
-  const CacheIdentity identity = latent_cache_identity(tiny_family(), "sd", toy.options);
+  const CacheIdentity identity = latent_cache_identity(tiny_family(), toy.options);
   const size_t committed = LatentCacheReader(toy.options.cache_dir, identity).size();
   EXPECT_GT(committed, 0u);
   EXPECT_LT(committed, 10u);
@@ -336,7 +336,7 @@ TEST(BuildCache, CacheOfOtherVaeWeightsIsRefusedOrRebuilt) {
   const std::unique_ptr<Family> other_family = load_family("sd", o);
   const Data d = load_data(other.args);
   try {
-    build_latent_cache(*other_family, "sd", other.args, other.options, d.blueprint, d.indexes, World{});
+    build_latent_cache(*other_family, other.args, other.options, d.blueprint, d.indexes, World{});
     FAIL() << "expected a refusal";
   } catch (const Error& e) {
     EXPECT_EQ(e.where(), part);
@@ -344,10 +344,10 @@ TEST(BuildCache, CacheOfOtherVaeWeightsIsRefusedOrRebuilt) {
     EXPECT_NE(std::string(e.what()).find("--rebuild_cache"), std::string::npos) << e.what();
   }
   other.options.rebuild = true;
-  const CacheBuildSummary rebuilt = build_latent_cache(*other_family, "sd", other.args, other.options, d.blueprint, d.indexes, World{});
+  const CacheBuildSummary rebuilt = build_latent_cache(*other_family, other.args, other.options, d.blueprint, d.indexes, World{});
   EXPECT_EQ(rebuilt.valid_before, 0);
   EXPECT_EQ(rebuilt.encoded, 6);
-  const CacheIdentity new_identity = latent_cache_identity(*other_family, "sd", other.options);
+  const CacheIdentity new_identity = latent_cache_identity(*other_family, other.options);
   for (const std::string& p : committed_parts(toy.options.cache_dir, CacheKind::latents)) {
     EXPECT_EQ(h5::read_string_attribute(h5::open_file_read_only(p).get(), "weights_sha256"), new_identity.weights_sha256) << p;
   }
@@ -357,15 +357,15 @@ TEST(BuildCache, CacheOfOtherVaeWeightsIsRefusedOrRebuilt) {
 TEST(BuildCache, WaitReturnsOnlyOnceEveryRankHasWrittenItsShare) {
   const Toy toy = make_toy("wait");
   const Data d = load_data(toy.args);
-  build_latent_cache(tiny_family(), "sd", toy.args, toy.options, d.blueprint, d.indexes, World{1, 2});
+  build_latent_cache(tiny_family(), toy.args, toy.options, d.blueprint, d.indexes, World{1, 2});
   try {
-    wait_for_latent_cache(tiny_family(), "sd", toy.args, toy.options, d.blueprint, d.indexes, 0.2, 0.05);
+    wait_for_latent_cache(tiny_family(), toy.args, toy.options, d.blueprint, d.indexes, 0.2, 0.05);
     FAIL() << "rank 0's share is missing";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("entries still missing"), std::string::npos) << e.what();
   }
-  build_latent_cache(tiny_family(), "sd", toy.args, toy.options, d.blueprint, d.indexes, World{0, 2});
-  wait_for_latent_cache(tiny_family(), "sd", toy.args, toy.options, d.blueprint, d.indexes, 5, 0.05);
+  build_latent_cache(tiny_family(), toy.args, toy.options, d.blueprint, d.indexes, World{0, 2});
+  wait_for_latent_cache(tiny_family(), toy.args, toy.options, d.blueprint, d.indexes, 5, 0.05);
 }
 
 TEST(BuildCache, SubsetsWithColourAugmentationAreRefused) {
@@ -384,15 +384,15 @@ TEST(BuildCache, TextEncoderOutputsEqualTheStrategysAndSplitAcrossRanks) {
   const Family& family = tiny_family();
   Toy split = toy;
   split.options.cache_dir = (toy.root / "split").string();
-  const CacheBuildSummary one = build_text_encoder_cache(family, "sd", toy.args, toy.options, d.blueprint, d.indexes, World{});
+  const CacheBuildSummary one = build_text_encoder_cache(family, toy.args, toy.options, d.blueprint, d.indexes, World{});
   EXPECT_EQ(one.items, 5);  // six images, one caption shared
   EXPECT_EQ(one.encoded, 5);
   for (int rank = 0; rank < 2; ++rank) {
-    build_text_encoder_cache(family, "sd", split.args, split.options, d.blueprint, d.indexes, World{rank, 2});
+    build_text_encoder_cache(family, split.args, split.options, d.blueprint, d.indexes, World{rank, 2});
   }
-  EXPECT_EQ(build_text_encoder_cache(family, "sd", toy.args, toy.options, d.blueprint, d.indexes, World{}).encoded, 0);
+  EXPECT_EQ(build_text_encoder_cache(family, toy.args, toy.options, d.blueprint, d.indexes, World{}).encoded, 0);
 
-  const CacheIdentity identity = text_encoder_cache_identity(family, "sd", toy.args, toy.options);
+  const CacheIdentity identity = text_encoder_cache_identity(family, toy.args, toy.options);
   const TextEncoderCacheReader cache(toy.options.cache_dir, identity), split_cache(split.options.cache_dir, identity);
   const std::vector<std::string> captions{"a masked square", "a red square", "another masked square"};
   const std::vector<at::Tensor> cached = family.text_encoder_outputs_caching_strategy().outputs_from_cache(cache.read_batch(captions));

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "src/core/tensor_io.h"
+#include "src/families/sd/sd_family.h"
 #include "src/models/sd_checkpoint.h"
 #include "src/networks/lora.h"
 #include "tests/models/compare.h"
@@ -49,7 +50,7 @@ inline LoRANetwork network_from_file(const std::string& path, SdModels& models, 
   LoRANetworkConfig config;
   config.modules_dim_alpha = lora_dims_from_file(safetensors::File(path));
   config.multiplier = multiplier;
-  LoRANetwork network(config, models.text_encoder, models.unet, true, true, seeded(0));
+  LoRANetwork network(config, sd_network_targets(models.text_encoder, models.unet, config.adapts_conv_blocks()), true, true, seeded(0));
   LoadResult loaded = network->load_weights(path);
   EXPECT_TRUE(loaded.missing.empty() && loaded.unexpected.empty()) << path;
   return network;

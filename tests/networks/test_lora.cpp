@@ -36,7 +36,7 @@ TEST_P(KohyaNetworks, ModulesNamesDimsAlphasAndParamGroupsMatchKohya) {
   SdModels models = load_diffusers_folder(kSd + variant);
   const double alpha = config_name == "conv" ? 2.0 : 1.0;
   LoRANetworkConfig config = parse_lora_network_args(4, alpha, std::nullopt, generator_args(config_name));
-  LoRANetwork network(config, models.text_encoder, models.unet, true, true, seeded(0));
+  LoRANetwork network(config, sd_network_targets(models.text_encoder, models.unet, config.adapts_conv_blocks()), true, true, seeded(0));
 
   auto check = [&](const std::vector<LoRAModule>& loras, const nlohmann::json& want, const std::string& what) {
     ASSERT_EQ(loras.size(), want.size()) << what;
@@ -74,7 +74,8 @@ TEST(LoRANetwork, InitialWeightsEqualKohyasForTheSameSeed) {
   const nlohmann::json expected = read_json(kNetworks + "names.json").at("init_sd1");
   SdModels models = load_diffusers_folder(kSd + "sd1");
   LoRANetworkConfig config = parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=0.5"});
-  LoRANetwork network(config, models.text_encoder, models.unet, true, true, seeded(expected.at("seed").get<uint64_t>()));
+  LoRANetwork network(config, sd_network_targets(models.text_encoder, models.unet, config.adapts_conv_blocks()), true, true,
+                      seeded(expected.at("seed").get<uint64_t>()));
   // Equal hashes of the fp32 bytes in safetensors layout: every initial weight is bit-identical to kohya's.
   SafetensorsHashes hashes = precalculate_safetensors_hashes(network->state_dict(), {});
   EXPECT_EQ(hashes.model_hash, expected.at("sshs_model_hash").get<std::string>());

@@ -47,7 +47,7 @@ TEST(LoRAHashes, EqualKohyasPrecalculatedHashes) {
 TEST(LoRAFile, SaveWritesKohyasKeysMetadataAndHashesAndLoadsBack) {
   SdModels models = load_diffusers_folder(kSd + "sd1");
   LoRANetworkConfig config = parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2"});
-  LoRANetwork network(config, models.text_encoder, models.unet, true, true, seeded(7));
+  LoRANetwork network(config, sd_network_targets(models.text_encoder, models.unet, config.adapts_conv_blocks()), true, true, seeded(7));
   {
     torch::NoGradGuard no_grad;
     for (auto& lora : network->unet_loras) lora->lora_up_weight().normal_(0, 0.1, seeded(8));
@@ -93,7 +93,7 @@ TEST(LoRAFile, SaveWritesKohyasKeysMetadataAndHashesAndLoadsBack) {
 
   // --network_weights into a network with other initial weights: every value comes back (fp16-exact).
   SdModels other = load_diffusers_folder(kSd + "sd1");
-  LoRANetwork loaded(config, other.text_encoder, other.unet, true, true, seeded(99));
+  LoRANetwork loaded(config, sd_network_targets(other.text_encoder, other.unet, config.adapts_conv_blocks()), true, true, seeded(99));
   LoadResult result = loaded->load_weights(path);
   EXPECT_TRUE(result.missing.empty());
   EXPECT_TRUE(result.unexpected.empty());
@@ -105,7 +105,8 @@ TEST(LoRAFile, SaveWritesKohyasKeysMetadataAndHashesAndLoadsBack) {
   LoRANetworkConfig from_file;
   from_file.modules_dim_alpha = lora_dims_from_file(file);
   SdModels third = load_diffusers_folder(kSd + "sd1");
-  LoRANetwork recreated(from_file, third.text_encoder, third.unet, true, true, seeded(0));
+  LoRANetwork recreated(from_file, sd_network_targets(third.text_encoder, third.unet, from_file.adapts_conv_blocks()), true, true,
+                        seeded(0));
   EXPECT_EQ(recreated->unet_loras.size(), network->unet_loras.size());
   EXPECT_EQ(recreated->text_encoder_loras.size(), network->text_encoder_loras.size());
   std::remove(path.c_str());
@@ -113,7 +114,7 @@ TEST(LoRAFile, SaveWritesKohyasKeysMetadataAndHashesAndLoadsBack) {
 
 TEST(LoRAFile, TrainUnetOnlySavesNoTextEncoderModules) {
   SdModels models = load_diffusers_folder(kSd + "sd1");
-  LoRANetwork network(parse_lora_network_args(4, 1.0, std::nullopt, {}), models.text_encoder, models.unet,
+  LoRANetwork network(parse_lora_network_args(4, 1.0, std::nullopt, {}), sd_network_targets(models.text_encoder, models.unet, false),
                       /*apply_text_encoder=*/false, /*apply_unet=*/true, seeded(0));
   EXPECT_TRUE(network->text_encoder_loras.empty());
   for (const auto& [key, t] : network->state_dict()) EXPECT_EQ(key.rfind("lora_unet_", 0), 0u) << key;

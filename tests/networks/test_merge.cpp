@@ -22,7 +22,7 @@ TEST(MergeIntoModel, LdmCheckpointMergedEqualsKohyaAndSurvivesSaving) {
   auto ref = read_tensors(kNetworks + "reference_sd1.safetensors");
   const SdConfig config = fixture_config(false);
   SdModels models = load_ldm_checkpoint(kSd + "sd1/model_ldm.safetensors", config, at::kFloat);
-  std::vector<std::string> unmatched = merge_loras_into_models(models, kLoras, kRatios, at::kFloat);
+  std::vector<std::string> unmatched = merge_loras_into_targets(sd_network_targets(models.text_encoder, models.unet, true), kLoras, kRatios, at::kFloat);
   EXPECT_TRUE(unmatched.empty());
   Outputs merged = run_models(models, ref);
   expect_close("unet merged", merged.unet, ref.at("unet_out_merged"), 2e-5);
@@ -42,7 +42,7 @@ TEST(MergeIntoModel, LdmCheckpointMergedEqualsKohyaAndSurvivesSaving) {
 TEST(MergeIntoModel, EqualsTheNetworkAppliedWithTheSameMultiplier) {
   auto ref = read_tensors(kNetworks + "reference_sd1.safetensors");
   SdModels merged_models = load_diffusers_folder(kSd + "sd1");
-  merge_loras_into_models(merged_models, {kLoras[0]}, {0.75}, at::kFloat);
+  merge_loras_into_targets(sd_network_targets(merged_models.text_encoder, merged_models.unet, true), {kLoras[0]}, {0.75}, at::kFloat);
   expect_close("unet merged vs kohya LoRA forward", run_models(merged_models, ref).unet, ref.at("unet_out_lora"), 2e-5);
 
   SdModels applied = load_diffusers_folder(kSd + "sd1");

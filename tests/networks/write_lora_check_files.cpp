@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "src/core/error.h"
+#include "src/families/sd/sd_family.h"
 #include "src/models/sd_checkpoint.h"
 #include "src/networks/lora.h"
 #include "src/networks/lora_metadata.h"
@@ -20,7 +21,7 @@ int main(int argc, char** argv) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(17);
     sdt::SdModels models = sdt::load_diffusers_folder(folder);
     auto config = sdt::parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"});
-    sdt::LoRANetwork network(config, models.text_encoder, models.unet, true, true, gen);
+    sdt::LoRANetwork network(config, sdt::sd_network_targets(models.text_encoder, models.unet, config.adapts_conv_blocks()), true, true, gen);
     {
       torch::NoGradGuard no_grad;
       for (auto& p : network->parameters()) p.normal_(0, 0.3, gen);

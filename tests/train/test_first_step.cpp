@@ -39,7 +39,7 @@
 #include "src/models/clip_text.h"
 #include "src/models/unet.h"
 #include "src/networks/lora.h"
-#include "src/train/diffusion.h"
+#include "src/objectives/ddpm.h"
 
 namespace sdt {
 namespace {
@@ -90,7 +90,8 @@ StepResults first_step(const safetensors::File& reference, at::ScalarType dtype)
     model->eval();
     for (auto& p : model->parameters()) p.requires_grad_(false);
   }
-  LoRANetwork network(network_config(reference.metadata()), text_encoder, unet, true, true,
+  const LoRANetworkConfig config = network_config(reference.metadata());
+  LoRANetwork network(config, family->network_targets(config.adapts_conv_blocks()), true, true,
                       at::make_generator<at::CPUGeneratorImpl>(0));
   network->to(dtype);
   const LoadResult loaded = network->load_weights(kFixtures + "train/first_step_lora.safetensors");

@@ -3,10 +3,16 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
 #include <utility>
+
+#include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
 #include "src/families/sd/sampling.h"
+#include "src/objectives/ddpm.h"
 #include "src/tokenizers/kohya_prompt.h"
 
 namespace sdt {
@@ -35,6 +41,105 @@ ClipTokenizer load_clip_tokenizer(const FamilyOptions& options) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- network targets (kohya's networks/lora.py)
+
+namespace {
+
+namespace nn = torch::nn;
+
+// kohya's block index of a U-Net module name: 25 blocks, 0 unused, 1..12 the down side (3 per level: two resnets or
+// attentions, then the downsampler), 12 also the mid block, 13..24 the up side; -1 outside the blocks.
+constexpr int kBlocksPerSide = 12;
+
+int lora_block_index(const std::string& lora_name) {
+  static const std::regex updown(R"((up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_)");
+  std::smatch m;
+  if (std::regex_search(lora_name, m, updown)) {
+    const int i = std::stoi(m[2]), j = std::stoi(m[4]);
+    const int idx = (m[3] == "upsamplers" || m[3] == "downsamplers") ? 3 * i + 2 : 3 * i + j;
+    return m[1] == "down" ? 1 + idx : kBlocksPerSide + 1 + idx;
+  }
+  if (lora_name.find("mid_block_") != std::string::npos) return kBlocksPerSide;
+  return -1;
+}
+
+// diffusers and transformers register some children in another order than our models do, and kohya creates its
+// modules in their named_modules() order (which decides the initial weights drawn and the order of parameter
+// groups): up_blocks before mid_block, attentions before resnets, CLIP's k_proj, v_proj, q_proj, out_proj.
+int diffusers_child_rank(const std::string& name) {
+  static const std::map<std::string, int> rank{{"up_blocks", 1}, {"mid_block", 2}, {"attentions", 0},
+                                               {"resnets", 1},    {"downsamplers", 2}, {"upsamplers", 2},
+                                               {"k_proj", 0},     {"v_proj", 1},       {"q_proj", 2},
+                                               {"out_proj", 3}};
+  auto it = rank.find(name);
+  return it == rank.end() ? 0 : it->second;
+}
+
+std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> children_in_diffusers_order(const nn::Module& module) {
+  std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> children;
+  for (const auto& item : module.named_children()) children.emplace_back(item.key(), item.value());
+  std::stable_sort(children.begin(), children.end(), [](const auto& a, const auto& b) {
+    return diffusers_child_rank(a.first) < diffusers_child_rank(b.first);
+  });
+  return children;
+}
+
+bool is_layer(const nn::Module& m) { return dynamic_cast<const Adaptable*>(&m) != nullptr; }
+
+// Every Linear / Conv2d below `module` (named_modules order, the module itself included).
+void collect_layers(const std::shared_ptr<nn::Module>& module, const std::string& path,
+                    std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>>& out) {
+  if (is_layer(*module)) out.emplace_back(path, module);
+  for (const auto& [name, child] : children_in_diffusers_order(*module)) {
+    if (name == "lora") continue;  // a LoRA already applied to this layer
+    collect_layers(child, path.empty() ? name : path + "." + name, out);
+  }
+}
+
+using ParentTest = bool (*)(const nn::Module&);
+
+void find_targets(const std::shared_ptr<nn::Module>& module, const std::string& path, const std::string& prefix,
+                  const std::vector<ParentTest>& parent_tests, bool in_denoiser, std::vector<NetworkTarget>& out) {
+  for (const auto& [name, child] : children_in_diffusers_order(*module)) {
+    const std::string child_path = path.empty() ? name : path + "." + name;
+    bool is_target = std::any_of(parent_tests.begin(), parent_tests.end(), [&](ParentTest t) { return t(*child); });
+    if (is_target) {
+      std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> layers;
+      collect_layers(child, "", layers);
+      for (auto& [layer_path, layer] : layers) {
+        std::string lora_name = prefix + "." + child_path + "." + layer_path;
+        std::replace(lora_name.begin(), lora_name.end(), '.', '_');
+        out.push_back({lora_name, layer, in_denoiser, in_denoiser ? lora_block_index(lora_name) : -1});
+      }
+    }
+    find_targets(child, child_path, prefix, parent_tests, in_denoiser, out);
+  }
+}
+
+template <typename T>
+bool is_a(const nn::Module& m) {
+  return dynamic_cast<const T*>(&m) != nullptr;
+}
+
+}  // namespace
+
+std::vector<NetworkTarget> sd_network_targets(ClipTextModel text_encoder, UNet2DConditionModel unet, bool conv_blocks) {
+  std::vector<NetworkTarget> targets;
+  if (text_encoder) {
+    find_targets(text_encoder.ptr(), "", "lora_te", {&is_a<ClipAttentionImpl>, &is_a<ClipMlpImpl>}, false, targets);
+  }
+  if (unet) {
+    std::vector<ParentTest> parents{&is_a<Transformer2DImpl>};
+    if (conv_blocks) {
+      parents.push_back(&is_a<ResnetBlock2DImpl>);
+      parents.push_back(&is_a<Downsample2DImpl>);
+      parents.push_back(&is_a<Upsample2DImpl>);
+    }
+    find_targets(unet.ptr(), "", "lora_unet", parents, true, targets);
+  }
+  return targets;
+}
 
 // ---------------------------------------------------------------- tokenize
 
@@ -139,6 +244,7 @@ SdFamily::SdFamily(SdModels models, ClipTokenizer tokenizer, const FamilyOptions
       bundle_{models_.unet.ptr(), models_.vae.ptr(), {models_.text_encoder.ptr()}},
       v_parameterization_(options.v_parameterization),
       clip_skip_(options.clip_skip ? std::optional<int64_t>(*options.clip_skip) : std::nullopt),
+      max_token_length_(options.max_token_length),
       tokenize_(std::move(tokenizer), options.max_token_length),
       encode_(models_.text_encoder, clip_skip_),
       latents_(models_.vae),
@@ -154,6 +260,57 @@ void SdFamily::save_checkpoint(const std::string& path, std::optional<at::Scalar
                                const safetensors::Metadata& metadata) const {
   SdConfig config{v2_, models_.text_encoder->config, models_.vae->config, models_.unet->config};
   save_ldm_checkpoint(path, models_, config, dtype, metadata);
+}
+
+// ---------------------------------------------------------------- training hooks (kohya's train_network.py for SD)
+
+std::unique_ptr<TrainingObjective> SdFamily::make_objective(const TrainArgs& args) const {
+  return std::make_unique<DdpmObjective>(ddpm_options_from_args(args));
+}
+
+at::Tensor SdFamily::predict(const NoisedBatch& batch, const std::vector<at::Tensor>& conditioning) const {
+  UNet2DConditionModel unet = models_.unet;  // a handle: the holder's const-ness is not the model's
+  return unet->forward(batch.model_input, batch.timesteps, conditioning.at(0));
+}
+
+std::vector<NetworkTarget> SdFamily::network_targets(bool conv_blocks) const {
+  return sd_network_targets(models_.text_encoder, models_.unet, conv_blocks);
+}
+
+ParallelPlan SdFamily::parallel_plan() const {
+  return {models_.unet->blocks(), "SD 1.x/2.x have no stack of transformer blocks to swap (kohya offers block swap for "
+                                  "FLUX, SD3 and the other transformer families only)"};
+}
+
+void SdFamily::set_block_runner(BlockRunner* runner) { models_.unet->block_runner = runner; }
+
+void SdFamily::set_gradient_checkpointing(bool on) { models_.unet->gradient_checkpointing = on; }
+
+safetensors::Metadata SdFamily::training_metadata() const {
+  return {{"ss_v2", v2_ ? "True" : "False"},
+          {"ss_base_model_version", v2_ ? (v_parameterization_ ? "sd_v2_768_v" : "sd_v2_512") : "sd_v1"}};
+}
+
+std::string SdFamily::text_encoder_settings() const {
+  return fmt::format("v2={} clip_skip={} max_token_length={}", v2_, clip_skip_ ? std::to_string(*clip_skip_) : "none",
+                     max_token_length_ ? std::to_string(*max_token_length_) : "75");
+}
+
+bool is_sd_checkpoint(const std::string& checkpoint) {
+  if (fs::is_directory(checkpoint)) {
+    const fs::path config = fs::path(checkpoint) / "unet" / "config.json";
+    if (!fs::exists(config)) return false;
+    std::ifstream in(config);
+    const nlohmann::json unet = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    return unet.is_object() && (!unet.contains("addition_embed_type") || unet["addition_embed_type"].is_null());
+  }
+  const safetensors::File file(checkpoint);
+  bool denoiser = false;
+  for (const auto& t : file.tensors()) {
+    if (t.name.starts_with("conditioner.")) return false;
+    denoiser = denoiser || t.name.starts_with("model.diffusion_model.input_blocks.");
+  }
+  return denoiser;
 }
 
 std::unique_ptr<Family> load_sd_family(const FamilyOptions& options) {

@@ -8,9 +8,16 @@
 
 #include "src/families/family.h"
 #include "src/models/sd_checkpoint.h"
+#include "src/networks/network_target.h"
 #include "src/tokenizers/clip_tokenizer.h"
 
 namespace sdt {
+
+// The layers kohya's networks/lora.py adapts, in its creation order (diffusers' named_modules order): every Linear and
+// Conv2d inside a Transformer2DModel of the U-Net (inside ResnetBlock2D / Downsample2D / Upsample2D as well with
+// `conv_blocks`) and inside CLIPAttention / CLIPMLP of the text encoder, named `lora_unet_` / `lora_te_` + the
+// diffusers module path with `.` replaced by `_`, with kohya's block indices. Either model may be null.
+std::vector<NetworkTarget> sd_network_targets(ClipTextModel text_encoder, UNet2DConditionModel unet, bool conv_blocks);
 
 // kohya's SdTokenizeStrategy(v2, max_token_length): (B, n, 77) ids, n = max_token_length / 75 windows (1 without
 // it), with SD 1.x's padding (EOS) or SD 2.x's ("!", id 0) and its window rules (kohya_prompt.h).
@@ -81,12 +88,23 @@ class SdFamily : public Family {
   void save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
                        const safetensors::Metadata& metadata) const override;
 
+  std::string name() const override { return "sd"; }
+  std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const override;  // DdpmObjective
+  at::Tensor predict(const NoisedBatch& batch, const std::vector<at::Tensor>& conditioning) const override;
+  std::vector<NetworkTarget> network_targets(bool conv_blocks) const override;
+  ParallelPlan parallel_plan() const override;  // the U-Net's ResNets and Transformer2Ds; no block swap
+  void set_block_runner(BlockRunner* runner) override;
+  void set_gradient_checkpointing(bool on) override;
+  safetensors::Metadata training_metadata() const override;
+  std::string text_encoder_settings() const override;
+
  private:
   SdModels models_;
   bool v2_;
   ModelBundle bundle_;
   bool v_parameterization_;
   std::optional<int64_t> clip_skip_;
+  std::optional<int> max_token_length_;
   SdTokenizeStrategy tokenize_;
   SdTextEncodingStrategy encode_;
   SdLatentsCachingStrategy latents_;
@@ -97,5 +115,9 @@ class SdFamily : public Family {
 // or a diffusers folder, the --vae replacement, and the CLIP tokenizer (options.tokenizer, or the model folder's
 // tokenizer/).
 std::unique_ptr<Family> load_sd_family(const FamilyOptions& options);
+
+// Whether `checkpoint` is an SD 1.x/2.x model: an LDM single file (`model.diffusion_model.*` without SGM's
+// `conditioner.*`), or a diffusers folder whose U-Net has no added conditioning (SDXL's text_time).
+bool is_sd_checkpoint(const std::string& checkpoint);
 
 }  // namespace sdt

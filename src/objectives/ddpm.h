@@ -14,6 +14,8 @@
 
 #include <ATen/ATen.h>
 
+#include "src/objectives/objective.h"
+
 namespace sdt {
 
 struct TrainArgs;
@@ -159,5 +161,29 @@ at::Tensor post_process_loss(const at::Tensor& loss, const at::Tensor& timesteps
 at::Tensor ddpm_batch_loss(const DdpmSchedule& schedule, const LossOptions& options, const at::Tensor& model_pred,
                            const at::Tensor& target, const at::Tensor& timesteps, const at::Tensor& loss_weights,
                            const std::optional<at::Tensor>& mask = std::nullopt);
+
+// ---------------------------------------------------------------- the objective
+
+// DDPM as kohya trains SD 1.x/2.x and SDXL: the noise variants and timesteps of `options`, ε or v targets, the loss
+// type and weights. Sample i of a batch is noised with randoms(i) alone. Validation points: the timesteps
+// linspace(min_t, max_t, 6)[1:-1] (200, 400, 600, 800 by default), as kohya's validation loss.
+class DdpmObjective final : public TrainingObjective {
+ public:
+  explicit DdpmObjective(const DdpmOptions& options);
+
+  NoisedBatch noise(const at::Tensor& latents, const SampleRandoms& randoms) const override;
+  int validation_points() const override { return 4; }
+  NoisedBatch noise_at_validation_point(const at::Tensor& latents, int point, const SampleRandoms& randoms) const override;
+  at::Tensor loss(const at::Tensor& prediction, const NoisedBatch& batch, const at::Tensor& loss_weights,
+                  const std::optional<at::Tensor>& mask) const override;
+
+  const DdpmSchedule& schedule() const { return schedule_; }
+
+ private:
+  NoisedBatch noise_with(const at::Tensor& latents, const NoiseOptions& noise, const SampleRandoms& randoms) const;
+
+  DdpmOptions options_;
+  DdpmSchedule schedule_;
+};
 
 }  // namespace sdt

@@ -1,4 +1,4 @@
-#include "src/train/diffusion.h"
+#include "src/objectives/ddpm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -340,6 +340,45 @@ at::Tensor ddpm_batch_loss(const DdpmSchedule& schedule, const LossOptions& opti
   for (int64_t d = 1; d < loss.dim(); ++d) non_batch_dims.push_back(d);
   loss = loss.mean(non_batch_dims) * loss_weights.to(loss.device());  // (B,)
   return post_process_loss(loss, timesteps, schedule, options).mean();
+}
+
+// ---------------------------------------------------------------- the objective
+
+DdpmObjective::DdpmObjective(const DdpmOptions& options)
+    : options_(options), schedule_(make_ddpm_schedule(options.zero_terminal_snr)) {}
+
+NoisedBatch DdpmObjective::noise_with(const at::Tensor& latents, const NoiseOptions& noise, const SampleRandoms& randoms) const {
+  if (latents.size(0) == 0) {
+    return {at::empty_like(latents), at::empty({0}, latents.options().dtype(at::kLong)), at::empty_like(latents)};
+  }
+  std::vector<at::Tensor> inputs, timesteps, targets;
+  for (int64_t i = 0; i < latents.size(0); ++i) {
+    const SampleRandom random = randoms(i);
+    const at::Tensor sample = latents.narrow(0, i, 1);
+    const NoisedLatents noised = noise_latents(schedule_, sample, noise, random.torch, random.python_uniform);
+    inputs.push_back(noised.noisy_latents);
+    timesteps.push_back(noised.timesteps);
+    targets.push_back(training_target(schedule_, sample, noised, options_.loss.v_parameterization));
+  }
+  return {at::cat(inputs), at::cat(timesteps), at::cat(targets)};
+}
+
+NoisedBatch DdpmObjective::noise(const at::Tensor& latents, const SampleRandoms& randoms) const {
+  return noise_with(latents, options_.noise, randoms);
+}
+
+NoisedBatch DdpmObjective::noise_at_validation_point(const at::Tensor& latents, int point, const SampleRandoms& randoms) const {
+  const int64_t min_t = options_.noise.min_timestep.value_or(0);
+  const int64_t max_t = options_.noise.max_timestep.value_or(schedule_.num_train_timesteps());
+  NoiseOptions fixed = options_.noise;
+  fixed.min_timestep = fixed.max_timestep =
+      min_t + static_cast<int64_t>(static_cast<double>(max_t - min_t) * (point + 1) / (validation_points() + 1.0));
+  return noise_with(latents, fixed, randoms);
+}
+
+at::Tensor DdpmObjective::loss(const at::Tensor& prediction, const NoisedBatch& batch, const at::Tensor& loss_weights,
+                               const std::optional<at::Tensor>& mask) const {
+  return ddpm_batch_loss(schedule_, options_.loss, prediction, batch.target, batch.timesteps, loss_weights, mask);
 }
 
 }  // namespace sdt

@@ -14,7 +14,7 @@
 #include "src/core/error.h"
 #include "src/core/tensor_io.h"
 #include "src/core/train_args.h"
-#include "src/train/diffusion.h"
+#include "src/objectives/ddpm.h"
 
 namespace sdt {
 namespace {
