@@ -74,6 +74,34 @@ TEST(FamilyRegistry, UnknownNameIsAnErrorListingTheKnownOnes) {
   EXPECT_NE(message.find("unknown family 'flux': this build has sd"), std::string::npos) << message;
 }
 
+// The family comes from the checkpoint (its tensor names, or its diffusers U-Net config) unless --family names it.
+TEST(FamilyRegistry, RecognisesSdCheckpointsAndNamesTheFamilyOtherwise) {
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, SDT_FIXTURES "/sd/sd1"), "sd") << "a diffusers folder";
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, SDT_FIXTURES "/sd/sd1/model_ldm.safetensors"), "sd") << "an LDM single file";
+  EXPECT_EQ(family_of_checkpoint(std::string("sd"), SDT_FIXTURES "/networks/lora_sd1.safetensors"), "sd") << "--family wins";
+  std::string message = error_of([] { family_of_checkpoint(std::nullopt, SDT_FIXTURES "/networks/lora_sd1.safetensors"); });
+  EXPECT_NE(message.find("no model family of this build (sd) recognises it"), std::string::npos) << message;
+  EXPECT_NE(message.find("--family"), std::string::npos) << message;
+  message = error_of([] { family_of_checkpoint(std::string("flux"), SDT_FIXTURES "/sd/sd1"); });
+  EXPECT_NE(message.find("unknown family 'flux': this build has sd"), std::string::npos) << message;
+  message = error_of([] { family_of_checkpoint(std::nullopt, SDT_FIXTURES "/sd/no_such_model"); });
+  EXPECT_NE(message.find("no such checkpoint file or diffusers folder"), std::string::npos) << message;
+}
+
+// What kohya's train_network.py writes about the base model, and what decides the text encoder's outputs.
+TEST(SdFamilyTraining, BaseModelMetadataAndTextEncoderSettingsAreKohyas) {
+  const Family& sd1 = family(false);
+  EXPECT_EQ(sd1.training_metadata().at("ss_v2"), "False");
+  EXPECT_EQ(sd1.training_metadata().at("ss_base_model_version"), "sd_v1");
+  EXPECT_EQ(sd1.text_encoder_settings(), "v2=false clip_skip=none max_token_length=75");
+  const Family& sd2 = family(true, 225);
+  EXPECT_EQ(sd2.training_metadata().at("ss_v2"), "True");
+  EXPECT_EQ(sd2.training_metadata().at("ss_base_model_version"), "sd_v2_512");
+  EXPECT_EQ(sd2.text_encoder_settings(), "v2=true clip_skip=none max_token_length=225");
+  EXPECT_FALSE(sd1.parallel_plan().no_block_swap_reason.empty());
+  EXPECT_EQ(sd1.parallel_plan().blocks.size(), std::dynamic_pointer_cast<UNet2DConditionModelImpl>(sd1.models().denoiser)->blocks().size());
+}
+
 TEST(SdFamilyLoading, VocabularyTooLargeForTheTextEncoderIsAnError) {
   FamilyOptions options = tiny_options(false);
   options.tokenizer = SDT_FIXTURES "/../../../shared/tokenizers/clip/bpe_simple_vocab_16e6.txt.gz";
