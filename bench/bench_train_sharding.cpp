@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
   if (world.size > 1) MPI_Barrier(MPI_COMM_WORLD);
   spdlog::set_level(spdlog::level::warn);
 
-  for (sdt::TrainMode mode : {sdt::TrainMode::network, sdt::TrainMode::full}) {
+  for (sdt::TrainMode mode : {sdt::TrainMode::network, sdt::TrainMode::whole_model}) {
     for (const std::string setting : {"none", "none+ckpt", "optimizer", "gradients", "full"}) {
       const std::string sharding = setting.substr(0, setting.find('+'));
       sdt::TrainArgs args;

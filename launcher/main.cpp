@@ -51,7 +51,7 @@ int main(int argc, char** argv) {
       return sdt::run_inspect(inspect_path);
     }
     if (*train) return sdt::run_train(train->remaining(), session.world(), sdt::TrainMode::network);
-    if (*train_db) return sdt::run_train(train_db->remaining(), session.world(), sdt::TrainMode::full);
+    if (*train_db) return sdt::run_train(train_db->remaining(), session.world(), sdt::TrainMode::whole_model);
     if (*sample) return sdt::run_sample(sample_command);
     if (*merge_lora) return sdt::run_merge_lora(merge_lora_command);
     if (cache_commands.chosen()) return sdt::run_cache_command(cache_commands, session.world());

@@ -38,7 +38,10 @@
 #include "src/train/lr_schedule.h"
 #include "src/train/make_optimizer.h"
 #include "src/train/metrics.h"
+#include "src/train/precision.h"
 #include "src/train/sample_prompts.h"
+#include "src/train/train_state.h"
+#include "src/train/trained_model.h"
 
 namespace sdt {
 namespace {
@@ -100,14 +103,6 @@ std::vector<at::Tensor> encode_captions(const Family& family, const std::vector<
   return placeholder;
 }
 
-std::optional<at::ScalarType> save_dtype(const TrainArgs& args) {
-  const std::string p = args.save_precision.value_or("float");
-  if (p == "float") return at::kFloat;
-  if (p == "fp16") return at::kHalf;
-  if (p == "bf16") return at::kBFloat16;
-  fail("--save_precision", "'{}' is not one of float, fp16, bf16", p);
-}
-
 std::string timestamp(const char* format) {
   const std::time_t now = std::time(nullptr);
   char buf[32];
@@ -137,239 +132,10 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   parse_sharding_mode(args.sharding);
 }
 
-// ---------------------------------------------------------------- precision
-
-// kohya's --mixed_precision: frozen models are stored in the weight dtype and run under autocast; trained weights
-// stay fp32 unless --full_fp16 / --full_bf16; fp16 scales the loss so small gradients survive.
-struct Precision {
-  std::optional<at::ScalarType> autocast;  // the compute dtype of matmuls and convolutions
-  at::ScalarType frozen = at::kFloat;      // the dtype of weights nobody trains
-  at::ScalarType trained = at::kFloat;     // the dtype of trained weights and their gradients
-  at::ScalarType vae = at::kFloat;
-  bool loss_scaling = false;
-};
-
-Precision precision_from_args(const TrainArgs& args) {
-  Precision p;
-  if (args.mixed_precision == "no") return p;
-  const at::ScalarType weight = args.mixed_precision == "fp16" ? at::kHalf : at::kBFloat16;
-  p.autocast = weight;
-  p.frozen = weight;
-  p.vae = args.no_half_vae ? at::kFloat : weight;
-  if (args.full_fp16 || args.full_bf16) p.trained = weight;
-  p.loss_scaling = weight == at::kHalf;
-  return p;
-}
-
-// torch.autocast for the CPU over a scope: ops on its lower-precision list run in `dtype`.
-class AutocastScope {
- public:
-  explicit AutocastScope(std::optional<at::ScalarType> dtype) : enabled_(dtype.has_value()) {
-    if (!enabled_) return;
-    at::autocast::set_autocast_dtype(at::kCPU, *dtype);
-    at::autocast::set_autocast_enabled(at::kCPU, true);
-    at::autocast::increment_nesting();
-  }
-  ~AutocastScope() {
-    if (!enabled_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(at::kCPU, false);
-  }
-  AutocastScope(const AutocastScope&) = delete;
-  AutocastScope& operator=(const AutocastScope&) = delete;
-
- private:
-  bool enabled_;
-};
-
-// torch.amp.GradScaler with its defaults: the loss is multiplied by `scale` before backward; before the update the
-// gradients are divided by it, and a step whose gradients hold inf or NaN is skipped and halves the scale; 2000
-// good steps in a row double it (DataParallel::unscale divides the gradients).
-struct LossScaler {
-  double scale = 65536.0;
-  int64_t growth_tracker = 0;
-
-  void update(bool finite) {
-    if (!finite) {
-      scale *= 0.5;
-      growth_tracker = 0;
-    } else if (++growth_tracker == 2000) {
-      scale *= 2.0;
-      growth_tracker = 0;
-    }
-  }
-};
-
-// ---------------------------------------------------------------- what is trained
-
-struct TrainedWeights {
-  std::vector<ParamGroup> groups;
-  std::vector<std::pair<std::string, at::Tensor>> named;  // every trained tensor by a stable name, for the state
-  std::vector<at::Tensor> params;                         // the same tensors, in optimizer order
-};
-
-void add_group(TrainedWeights& trained, const std::string& prefix, torch::nn::Module& module, double lr) {
-  ParamGroup group{{}, lr};
-  for (const auto& item : module.named_parameters()) {
-    at::Tensor p = item.value();
-    p.requires_grad_(true);
-    group.params.push_back(p);
-    trained.named.emplace_back(prefix + item.key(), p);
-    trained.params.push_back(p);
-  }
-  trained.groups.push_back(std::move(group));
-}
-
-// ---------------------------------------------------------------- resume state
-
-// Where a run stands after an optimizer step: the batch it trains next and the loss window of its average.
-struct RunPosition {
-  int64_t global_step = 0;
-  int64_t epoch = 1;       // 1-based, as kohya counts
-  int64_t epoch_step = 0;  // batches of `epoch` already trained
-  std::vector<double> recent_losses;
-};
-
-const char* mode_name(TrainMode mode) { return mode == TrainMode::network ? "network" : "full"; }
-
-// A state folder, as kohya's save_state names it, holds: trained.safetensors (the trained tensors, exact),
-// optimizer.safetensors and train_state.json (kohya's current_epoch / current_step, and sdt's position). Random
-// streams are keyed by position (keyed_generator), so there is no generator state, and nothing differs between
-// ranks: rank 0 writes it alone (a sharded optimizer state is gathered to it, in the unsharded layout), and any
-// number of ranks can resume from it. It is written under a temporary name and renamed when complete, so a folder
-// with the final name is always whole. Collective: every rank calls it.
-void save_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, const Optimizer& optimizer,
-                      DataParallel& parallel, const RunPosition& position, uint64_t seed, int64_t samples_per_update,
-                      const World& world, const LossScaler& scaler) {
-  const fs::path partial = dir.string() + ".partial";
-  if (world.rank == 0) {
-    fs::remove_all(partial);
-    fs::create_directories(partial);
-    NamedTensors tensors;
-    for (const auto& [name, p] : trained.named) tensors.emplace_back(name, p.detach());
-    save_safetensors((partial / "trained.safetensors").string(), tensors, {});
-  }
-  parallel.save_optimizer_state(optimizer, (partial / "optimizer.safetensors").string());
-  if (world.rank != 0) return;
-  nlohmann::json state = {
-      {"current_epoch", position.epoch - (position.epoch_step == 0 ? 1 : 0)},
-      {"current_step", position.global_step},
-      {"sdt",
-       {{"format", 1},
-        {"mode", mode_name(mode)},
-        {"seed", seed},
-        {"world_size", world.size},
-        {"samples_per_update", samples_per_update},
-        {"global_step", position.global_step},
-        {"epoch", position.epoch},
-        {"epoch_step", position.epoch_step},
-        {"recent_losses", position.recent_losses},
-        {"loss_scale", scaler.scale},
-        {"loss_scale_growth_tracker", scaler.growth_tracker}}}};
-  std::ofstream((partial / "train_state.json").string()) << state.dump(1) << "\n";
-  fs::remove_all(dir);
-  fs::rename(partial, dir);
-}
-
-struct LoadedState {
-  RunPosition position;
-  uint64_t seed = 0;
-};
-
-nlohmann::json read_state_json(const fs::path& dir) {
-  const fs::path path = dir / "train_state.json";
-  if (!fs::is_directory(dir)) fail("--resume " + dir.string(), "no such folder: expected a state folder written by --save_state");
-  std::ifstream in(path);
-  if (!in) fail(path.string(), "missing: '{}' is not a complete state folder", dir.string());
-  try {
-    nlohmann::json j = nlohmann::json::parse(in);
-    if (!j.contains("sdt")) fail(path.string(), "no 'sdt' section: a state folder of another tool (kohya's Accelerate states cannot be read)");
-    return j;
-  } catch (const nlohmann::json::exception& e) {
-    fail(path.string(), "not valid JSON: {}", e.what());
-  }
-}
-
-// --resume latest: the state folder in `output_dir` with the highest step (an unfinished `.partial` folder is never
-// one); nullopt when there is none, so the first run of a requeued job starts from scratch.
-std::optional<fs::path> newest_state(const fs::path& output_dir) {
-  std::optional<fs::path> newest;
-  int64_t newest_step = -1;
-  if (!fs::is_directory(output_dir)) return newest;
-  for (const auto& entry : fs::directory_iterator(output_dir)) {
-    const std::string name = entry.path().filename().string();
-    if (!entry.is_directory() || !name.ends_with("-state") || !fs::exists(entry.path() / "train_state.json")) continue;
-    const int64_t step = read_state_json(entry.path()).at("sdt").at("global_step").get<int64_t>();
-    if (step > newest_step) {
-      newest_step = step;
-      newest = entry.path();
-    }
-  }
-  return newest;
-}
-
 // SIGUSR1 / SIGTERM (Slurm's warning before preemption or the time limit, `scancel --signal`): the run saves its
 // state at the next update, on every rank at the same update, and stops.
 std::atomic<bool> stop_requested{false};
 extern "C" void request_stop(int) { stop_requested = true; }
-
-LoadedState load_train_state(const fs::path& dir, TrainMode mode, const TrainedWeights& trained, Optimizer& optimizer,
-                             DataParallel& parallel, int64_t samples_per_update, LossScaler& scaler) {
-  const nlohmann::json j = read_state_json(dir);
-  const nlohmann::json& s = j.at("sdt");
-  const std::string where = (dir / "train_state.json").string();
-  if (s.at("mode").get<std::string>() != mode_name(mode)) {
-    fail(where, "written by a '{}' run, but this run trains '{}'", s.at("mode").get<std::string>(), mode_name(mode));
-  }
-  if (s.at("samples_per_update").get<int64_t>() != samples_per_update) {
-    fail(where,
-         "written by a run with {} samples per optimizer update ({} ranks), this run has {}: the data position cannot "
-         "carry over; keep train_batch_size x ranks x gradient_accumulation_steps the same",
-         s.at("samples_per_update").get<int64_t>(), s.at("world_size").get<int>(), samples_per_update);
-  }
-  LoadedState loaded;
-  loaded.seed = s.at("seed").get<uint64_t>();
-  loaded.position.global_step = s.at("global_step").get<int64_t>();
-  loaded.position.epoch = s.at("epoch").get<int64_t>();
-  loaded.position.epoch_step = s.at("epoch_step").get<int64_t>();
-  loaded.position.recent_losses = s.at("recent_losses").get<std::vector<double>>();
-  scaler.scale = s.at("loss_scale").get<double>();
-  scaler.growth_tracker = s.at("loss_scale_growth_tracker").get<int64_t>();
-
-  const std::string trained_path = (dir / "trained.safetensors").string();
-  safetensors::File file(trained_path);
-  torch::NoGradGuard no_grad;
-  std::map<const void*, std::string> name_of;
-  for (const auto& [name, p] : trained.named) {
-    if (!parallel.is_sharded_block_weight(p)) continue;
-    name_of[p.unsafeGetTensorImpl()] = name;
-  }
-  // --sharding full: each rank cuts its shards of the blocks' weights out of the (memory-mapped) file.
-  parallel.load_weights([&](const at::Tensor& p) { return load_tensor(file, name_of.at(p.unsafeGetTensorImpl())); });
-  for (const auto& [name, p] : trained.named) {
-    if (name_of.contains(p.unsafeGetTensorImpl())) continue;
-    const at::Tensor saved = load_tensor(file, name);
-    if (saved.sizes() != p.sizes() || saved.scalar_type() != p.scalar_type()) {
-      fail(trained_path, "'{}' is {} {}, this run trains {} {}", name, c10::toString(saved.scalar_type()),
-           fmt::join(saved.sizes(), "x"), c10::toString(p.scalar_type()), fmt::join(p.sizes(), "x"));
-    }
-    p.copy_(saved);
-  }
-  if (file.tensors().size() != trained.named.size()) {
-    fail(trained_path, "holds {} tensors, this run trains {}: another network or model", file.tensors().size(), trained.named.size());
-  }
-  parallel.load_optimizer_state(optimizer, (dir / "optimizer.safetensors").string());
-  return loaded;
-}
-
-// kohya's --save_last_n_*: after saving at step k every N steps, the save of step (k - S - 1) rounded down to a
-// multiple of N goes; after epoch e (every N epochs, keeping K), the save of epoch e - N*K goes.
-std::optional<int64_t> step_to_remove(int64_t step, int64_t every, std::optional<int64_t> keep_steps, bool is_state) {
-  if (!keep_steps) return std::nullopt;
-  const int64_t r = (step - *keep_steps - 1) - ((step - *keep_steps - 1) % every);
-  if (r < 0 || (is_state && r == 0) || step - *keep_steps - 1 < 0) return std::nullopt;
-  return r;
-}
 
 // ---------------------------------------------------------------- the step time split
 
@@ -422,8 +188,6 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // ---------------------------------------------------------------- models
   std::unique_ptr<Family> family = load_family_for_training(args);
   const ModelBundle& bundle = family->models();
-  torch::nn::Module& denoiser = *bundle.denoiser;
-  torch::nn::Module& text_encoder = *bundle.text_encoders.at(0);
   for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
     m->eval();
     for (auto& p : m->parameters()) p.requires_grad_(false);
@@ -434,43 +198,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   if (args.blocks_to_swap && *args.blocks_to_swap != 0) fail("--blocks_to_swap", "{}", parallel_plan.no_block_swap_reason);
 
   // ---------------------------------------------------------------- what is trained, and the optimizer
-  TrainedWeights trained;
-  LoRANetwork network{nullptr};
-  LoRANetworkConfig lora_config;
-  std::optional<double> te_lr;
-  bool train_text_encoder = false;
-  if (mode == TrainMode::network) {
-    const bool train_unet = !args.network_train_text_encoder_only;
-    train_text_encoder = !args.network_train_unet_only;
-    denoiser.to(precision.frozen);
-    text_encoder.to(precision.frozen);
-    lora_config = parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args);
-    network = LoRANetwork(lora_config, family->network_targets(lora_config.adapts_conv_blocks()), train_text_encoder, train_unet, gen);
-    if (args.network_weights) {
-      LoadResult loaded = network->load_weights(*args.network_weights);
-      spdlog::info("loaded {}: {} keys missing, {} unexpected", *args.network_weights, loaded.missing.size(), loaded.unexpected.size());
-    }
-    network->to(precision.trained);
-    network->train();
-    te_lr = args.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args.text_encoder_lr[0]);
-    for (const auto& g : network->prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)) {
-      trained.groups.push_back({g.params, g.lr});
-      trained.params.insert(trained.params.end(), g.params.begin(), g.params.end());
-    }
-    for (const auto& item : network->named_parameters()) trained.named.emplace_back(item.key(), item.value());
-  } else {
-    // train_db.py: the U-Net at --learning_rate, the text encoder (unless --stop_text_encoder_training -1) at
-    // --learning_rate_te or the same rate.
-    train_text_encoder = !args.stop_text_encoder_training || *args.stop_text_encoder_training >= 0;
-    denoiser.to(precision.trained);
-    text_encoder.to(train_text_encoder ? precision.trained : precision.frozen);
-    denoiser.train();
-    add_group(trained, "unet.", denoiser, args.learning_rate);
-    if (train_text_encoder) {
-      text_encoder.train();
-      add_group(trained, "text_encoder.", text_encoder, args.learning_rate_te.value_or(args.learning_rate));
-    }
-  }
+  const std::unique_ptr<TrainedModel> trained = make_trained_model(mode, args, *family, precision, gen);
   bundle.vae->to(precision.vae);
   // Data parallel: rank 0's trained weights go to every rank, then each backward's gradients are averaged over the
   // ranks while backward runs (one process: no communication at all); --sharding cuts the optimizer state and the
@@ -480,14 +208,13 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // the denoiser gathers a block as it runs it. The LoRA weights stay whole; they act on the gathered weights' forward.
   std::unique_ptr<ShardedUnits> units;
   if (sharding == ShardingMode::full) {
-    const std::vector<at::Tensor> kept_whole = network ? network->parameters() : std::vector<at::Tensor>{};
     // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
     std::optional<at::ScalarType> gather_dtype;
-    if (mode == TrainMode::full && precision.autocast && precision.trained == at::kFloat) gather_dtype = precision.autocast;
-    units = std::make_unique<ShardedUnits>(parallel_plan.blocks, kept_whole, *communicator, gather_dtype);
+    if (trained->trains_denoiser_weights() && precision.autocast && precision.trained == at::kFloat) gather_dtype = precision.autocast;
+    units = std::make_unique<ShardedUnits>(parallel_plan.blocks, trained->kept_whole(), *communicator, gather_dtype);
     family->set_block_runner(units.get());
   }
-  DataParallel parallel(trained.groups, *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024, std::move(units));
+  DataParallel parallel(trained->groups(), *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024, std::move(units));
   MadeOptimizer made = make_optimizer(args, parallel.optimizer_groups());
   DataParallel::check_optimizer(sharding, made.optimizer->kind());
   LossScaler scaler;
@@ -495,13 +222,14 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   {
     int64_t frozen_bytes = 0;
     std::set<const void*> trained_storage;
-    for (const auto& p : trained.params) trained_storage.insert(p.unsafeGetTensorImpl());
+    const std::vector<at::Tensor> trained_params = trained->params();
+    for (const auto& p : trained_params) trained_storage.insert(p.unsafeGetTensorImpl());
     for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
       for (const auto& p : m->parameters()) {
         if (!trained_storage.contains(p.unsafeGetTensorImpl())) frozen_bytes += p.numel() * static_cast<int64_t>(p.element_size());
       }
     }
-    const int64_t element = trained.params.empty() ? 4 : static_cast<int64_t>(trained.params.front().element_size());
+    const int64_t element = trained_params.empty() ? 4 : static_cast<int64_t>(trained_params.front().element_size());
     memory_plan = parallel.plan_memory(frozen_bytes, optimizer_bytes_per_element(made.optimizer->kind(), element));
     if (world.rank == 0) spdlog::info("{}", DataParallel::describe(memory_plan, sharding, world.size));
   }
@@ -546,7 +274,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
 
   RunPosition position;
   if (resume_dir) {
-    position = load_train_state(*resume_dir, mode, trained, *made.optimizer, parallel, samples_per_update, scaler).position;
+    position = load_train_state(*resume_dir, *trained, *made.optimizer, parallel, samples_per_update, scaler);
     spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *resume_dir, position.global_step, position.epoch,
                  position.epoch_step);
   }
@@ -583,7 +311,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   std::unique_ptr<TextEncoderCacheReader> text_cache;
   std::optional<fs::path> run_text_cache_dir;
   if (args.cache_text_encoder_outputs || args.cache_text_encoder_outputs_to_disk) {
-    if (train_text_encoder) {
+    if (trained->trains_text_encoder()) {
       fail("--cache_text_encoder_outputs", "the text encoder is trained, so its outputs change every step: add "
                                            "--network_train_unet_only, or do not cache them");
     }
@@ -654,10 +382,10 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   const std::vector<SamplePrompt> prompts = args.sample_prompts ? load_sample_prompts(*args.sample_prompts) : std::vector<SamplePrompt>{};
 
   LoRATrainingMetadata meta;
-  meta.training_started_at = std::to_string(std::time(nullptr));
+  meta.training_started_at = python_str(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
   meta.output_name = output_name;
   meta.learning_rate = python_str(args.learning_rate);
-  meta.text_encoder_lr = python_str(te_lr);
+  meta.text_encoder_lr = python_str(args.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args.text_encoder_lr[0]));
   meta.unet_lr = python_str(args.unet_lr);
   meta.num_train_images = python_str(num_train_images);
   meta.num_reg_images = python_str(num_reg_images);
@@ -673,8 +401,8 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   meta.gradient_accumulation_steps = python_str(accumulation);
   meta.max_train_steps = python_str(max_train_steps);
   meta.lr_scheduler = args.lr_scheduler;
-  meta.network_dim = python_str(lora_config.dim);
-  meta.network_alpha = python_str(lora_config.alpha);
+  meta.network_dim = python_str(args.network_dim.value_or(4));  // kohya's create_network defaults
+  meta.network_alpha = python_str(args.network_alpha);
   meta.mixed_precision = args.mixed_precision;
   meta.full_fp16 = python_str(args.full_fp16);
   meta.network_dropout = python_str(args.network_dropout);
@@ -689,16 +417,12 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   auto weights_file = [&](const std::string& name) { return (output_dir / (name + ".safetensors")).string(); };
   auto save_weights = [&](const std::string& name, int64_t step, int64_t epoch) {
     const std::string path = weights_file(name);
-    if (mode == TrainMode::network) {
-      LoRATrainingMetadata m = meta;
-      m.num_epochs = python_str(epoch);
-      safetensors::Metadata metadata = m.to_metadata();
-      metadata["ss_steps"] = std::to_string(step);
-      metadata["ss_epoch"] = std::to_string(epoch);
-      network->save_weights(path, save_dtype(args), args.no_metadata ? minimum_network_metadata(metadata) : metadata);
-    } else {
-      family->save_checkpoint(path, save_dtype(args), {{"ss_steps", std::to_string(step)}, {"ss_epoch", std::to_string(epoch)}});
-    }
+    LoRATrainingMetadata m = meta;
+    m.num_epochs = python_str(epoch);
+    m.steps = std::to_string(step);
+    m.epoch = std::to_string(epoch);
+    m.training_finished_at = python_str(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
+    trained->save(path, m);
     spdlog::info("saved {}", path);
     return path;
   };
@@ -711,11 +435,11 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
     if (world.rank == 0) work();
     if (reads_sharded_weights) parallel.release_whole();
   };
-  const bool weights_sharded = mode == TrainMode::full;  // a LoRA file holds no block weights
+  const bool weights_sharded = trained->trains_denoiser_weights();  // a LoRA file holds no block weights
   auto save_state = [&](const std::string& name) {
     const fs::path dir = output_dir / (name + "-state");
     if (weights_sharded) parallel.gather_whole_to_root();
-    save_train_state(dir, mode, trained, *made.optimizer, parallel, position, seed, samples_per_update, world, scaler);
+    save_train_state(dir, *trained, *made.optimizer, parallel, position, seed, samples_per_update, world, scaler);
     if (weights_sharded) parallel.release_whole();
     if (world.rank == 0) spdlog::info("saved state {}", dir.string());
     communicator->barrier();  // no rank goes on (or exits) before the state is complete
@@ -729,7 +453,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   auto sample_images = [&](int64_t step, std::optional<int64_t> epoch) {
     if (prompts.empty()) return;
     torch::NoGradGuard no_grad;
-    if (network) network->eval();
+    trained->set_training(false);
     const fs::path dir = output_dir / "sample";
     fs::create_directories(dir);
     for (const auto& p : prompts) {
@@ -745,7 +469,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       AutocastScope autocast(precision.autocast);
       write_png((dir / sample_image_name(args.output_name, epoch, step, p, timestamp("%Y%m%d%H%M%S"))).string(), family->sample(o));
     }
-    if (network) network->train();
+    trained->set_training(true);
   };
 
   // kohya's validation: the models in evaluation mode; each held-out batch at the timesteps
@@ -754,9 +478,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
   // counts. The value is the mean over all held-out samples of all ranks.
   auto validate = [&]() -> double {
     torch::NoGradGuard no_grad;
-    if (network) network->eval();
-    denoiser.eval();
-    text_encoder.eval();
+    trained->set_training(false);
     validation_loader->start_epoch(1, 0, position.global_step);
     double sum = 0;
     int64_t count = 0, batches = 0;  // samples x timesteps; validation batches
@@ -782,12 +504,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         count += latents.size(0);
       }
     }
-    if (network) {
-      network->train();
-    } else {
-      denoiser.train();
-      if (train_text_encoder) text_encoder.train();
-    }
+    trained->set_training(true);
     const at::Tensor totals = torch::tensor({sum, static_cast<double>(count)}, at::TensorOptions(at::kDouble)).to(communicator->device());
     communicator->all_reduce(totals, ReduceOp::sum);
     return totals[1].item<double>() > 0 ? totals[0].item<double>() / totals[1].item<double>() : 0.0;
@@ -853,7 +570,7 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
         std::vector<at::Tensor> conditioning;
         {
           std::optional<torch::NoGradGuard> no_grad;
-          if (!train_text_encoder) no_grad.emplace();
+          if (!trained->trains_text_encoder()) no_grad.emplace();
           if (text_cache && !empty_share) {
             conditioning = family->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache->read_batch(batch->captions));
             for (at::Tensor& c : conditioning) c = c.to(at::kFloat);
@@ -911,16 +628,11 @@ TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
       made.optimizer->zero_grad();
       ++global_step;
       scheduler.set_step(global_step * world.size);
-      if (network && args.scale_weight_norms) network->apply_max_norm_regularization(*args.scale_weight_norms);
-      if (mode == TrainMode::full && args.stop_text_encoder_training && global_step == *args.stop_text_encoder_training) {
-        spdlog::info("step {}: the text encoder stops training (--stop_text_encoder_training)", global_step);
-        for (auto& p : text_encoder.parameters()) p.requires_grad_(false);
-        train_text_encoder = false;
-      }
+      trained->after_update(global_step);
       step_times.optimizer += seconds_since(phase);
       step_times.steps = 1;
       if (args.check_replicas_every_n_steps > 0 && global_step % args.check_replicas_every_n_steps == 0) {
-        replica_checksum(trained.params, *communicator);  // fails on every rank alike, naming the diverged ranks
+        replica_checksum(trained->params(), *communicator);  // fails on every rank alike, naming the diverged ranks
       }
 
       accumulated = 0;

@@ -16,7 +16,7 @@ namespace sdt {
 
 // What is trained: a network (LoRA) on frozen models (train_network.py), or the models themselves (train_db.py:
 // DreamBooth and fine-tuning).
-enum class TrainMode { network, full };
+enum class TrainMode { network, whole_model };
 
 // Seconds spent per phase, summed over the run's optimizer steps on this rank.
 struct StepTimes {

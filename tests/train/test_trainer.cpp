@@ -141,7 +141,7 @@ void expect_bitwise_resume(TrainMode mode, const std::string& tag, const std::fu
 }
 
 TEST(Trainer, LoraResumeIsBitwise) { expect_bitwise_resume(TrainMode::network, "lora"); }
-TEST(Trainer, FullFineTuneResumeIsBitwise) { expect_bitwise_resume(TrainMode::full, "full"); }
+TEST(Trainer, FullFineTuneResumeIsBitwise) { expect_bitwise_resume(TrainMode::whole_model, "full"); }
 
 // kohya's three LoRA dropouts draw from the default generator, which the trainer keys by (update, sample place) before
 // each micro-step, and gradient checkpointing replays the forward's draws: a resumed run draws the same masks.
@@ -163,7 +163,7 @@ TEST(Trainer, ResumeRefusesAStateOfAnotherMode) {
   ASSERT_TRUE(fs::exists(lora.state_path));
   args.resume = lora.state_path;
   try {
-    train(args, World{}, TrainMode::full);
+    train(args, World{}, TrainMode::whole_model);
     FAIL() << "a LoRA state resumed a full fine-tune";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("'network' run"), std::string::npos) << e.what();
@@ -179,7 +179,7 @@ TEST(Trainer, FullFineTuneLossFallsAndWritesOneCheckpoint) {
   args.learning_rate = 3e-4;
   args.learning_rate_te = 1e-5;
   args.max_train_steps = 150;
-  const TrainSummary summary = train(args, World{}, TrainMode::full);
+  const TrainSummary summary = train(args, World{}, TrainMode::whole_model);
   auto mean = [](auto begin, auto end) { return std::accumulate(begin, end, 0.0) / static_cast<double>(end - begin); };
   const double first = mean(summary.losses.begin(), summary.losses.begin() + 20);
   const double last = mean(summary.losses.end() - 20, summary.losses.end());
@@ -233,10 +233,10 @@ TEST(Trainer, FullShardingGathersBlocksInTheMixedPrecisionDtype) {
   args.mixed_precision = "bf16";
   args.learning_rate = 3e-4;
   args.max_train_steps = 6;
-  const TrainSummary plain = train(args, World{}, TrainMode::full);
+  const TrainSummary plain = train(args, World{}, TrainMode::whole_model);
   args.sharding = "full";
   args.output_dir = (root / "sharded").string();
-  const TrainSummary sharded = train(args, World{}, TrainMode::full);
+  const TrainSummary sharded = train(args, World{}, TrainMode::whole_model);
   ASSERT_EQ(sharded.losses.size(), plain.losses.size());
   for (size_t i = 0; i < plain.losses.size(); ++i) {
     std::cout << "step " << i + 1 << ": loss " << plain.losses[i] << " unsharded, " << sharded.losses[i] << " sharded\n";

@@ -194,7 +194,7 @@ void expect_ranks_train_like_one_process(TrainMode mode, const std::string& tag)
 }
 
 TEST(DistributedTrainer, LoraOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::network, "lora"); }
-TEST(DistributedTrainer, FullFineTuneOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::full, "full"); }
+TEST(DistributedTrainer, FullFineTuneOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::whole_model, "full"); }
 
 // One image with 5 repeats to train on and one held out: with N ranks x batch 1 the last global batch of an epoch
 // is short and some ranks' shares of it are empty, as are all but one rank's shares of the validation batch. Those
@@ -217,7 +217,7 @@ TEST(DistributedTrainer, EmptySharesOfShortBatchesTrainLikeOneProcess) {
   }
   barrier();
   for (const char* sharding : {"none", "full"}) {
-    TrainArgs args = tiny_run(root, TrainMode::full);
+    TrainArgs args = tiny_run(root, TrainMode::whole_model);
     args.train_data_dir = (root / "train").string();
     args.train_batch_size = 1;
     args.max_train_steps = 0;
@@ -226,13 +226,13 @@ TEST(DistributedTrainer, EmptySharesOfShortBatchesTrainLikeOneProcess) {
     args.validate_every_n_steps = 1;
     args.sharding = sharding;
     args.output_dir = (root / fmt::format("{}_rank{}", sharding, world.rank)).string();
-    const TrainSummary ranks = train(args, world, TrainMode::full);
+    const TrainSummary ranks = train(args, world, TrainMode::whole_model);
     if (world.rank == 0) {
       TrainArgs one = args;
       one.sharding = "none";
       one.train_batch_size = world.size;
       one.output_dir = (root / fmt::format("{}_one", sharding)).string();
-      const TrainSummary single = train(one, World{}, TrainMode::full);
+      const TrainSummary single = train(one, World{}, TrainMode::whole_model);
       expect_same_losses(ranks.losses, single.losses, sharding);
       ASSERT_EQ(ranks.validation_losses.size(), single.validation_losses.size());
       for (size_t i = 0; i < single.validation_losses.size(); ++i) {
@@ -305,13 +305,13 @@ TEST(DistributedTrainer, AZeroTwoLoraStateResumesOnThreeRanksWithZeroOne) {
   expect_two_rank_state_resumes_on_three(TrainMode::network, "gradients", "optimizer", "lora_zero");
 }
 TEST(DistributedTrainer, AZeroOneFullFineTuneStateResumesOnThreeRanksWithZeroTwo) {
-  expect_two_rank_state_resumes_on_three(TrainMode::full, "optimizer", "gradients", "full_zero");
+  expect_two_rank_state_resumes_on_three(TrainMode::whole_model, "optimizer", "gradients", "full_zero");
 }
 TEST(DistributedTrainer, AFullyShardedLoraStateResumesOnThreeRanks) {
   expect_two_rank_state_resumes_on_three(TrainMode::network, "full", "full", "lora_fsdp");
 }
 TEST(DistributedTrainer, AFullyShardedFineTuneStateResumesOnThreeRanks) {
-  expect_two_rank_state_resumes_on_three(TrainMode::full, "full", "full", "full_fsdp");
+  expect_two_rank_state_resumes_on_three(TrainMode::whole_model, "full", "full", "full_fsdp");
 }
 
 }  // namespace
