@@ -155,605 +155,711 @@ void log_times(const StepTimes& t, Communicator& communicator, const char* what)
   }
 }
 
-}  // namespace
 
-TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) {
+// ---------------------------------------------------------------- the trainer
+
+// One run of kohya's train_network.py / train_db.py loop, on this rank. The constructor sets everything up (models,
+// what is trained, data parallelism, optimizer, data, caches, outputs, the resumed position); run() trains; step()
+// is one micro-step of it.
+class Trainer {
+ public:
+  Trainer(const TrainArgs& args, const World& world, TrainMode mode);
+  TrainSummary run();
+
+ private:
+  // ---- the step
+  void step(TrainBatch& batch, StepTimes& times);
+  at::Tensor batch_latents(TrainBatch& batch, int64_t update_key) const;
+  std::vector<at::Tensor> batch_conditioning(const TrainBatch& batch) const;
+  std::optional<at::Tensor> loss_mask(const TrainBatch& batch) const;
+  double optimizer_update(StepTimes& times, bool& stop_now);
+  double validation_loss();
+  // ---- bookkeeping and outputs
+  void record_update(double loss, const TrainBatch& batch, int64_t epoch, StepTimes& times);
+  void outputs_after_update(int64_t epoch);
+  void outputs_after_epoch(int64_t epoch);
+  void finish();
+  std::string save_weights(const std::string& name, int64_t epoch);
+  void save_state(const std::string& name);
+  void remove_saved(const std::string& name, bool is_state) const;
+  void sample_images(std::optional<int64_t> epoch);
+  void log_validation(const char* which, double value, int64_t epoch);
+  void on_rank0_with_whole_models(bool reads_sharded_weights, const std::function<void()>& work);
+  double average_loss() const;
+  // ---- set-up
+  void load_models(TrainMode mode);
+  void set_up_data();
+  void set_up_caches();
+  void set_up_outputs();
+
+  const TrainArgs& args_;
+  const World& world_;
+  std::unique_ptr<Communicator> communicator_;
+  std::optional<std::string> resume_dir_;
+  uint64_t seed_ = 0;
+  Precision precision_;
+  std::unique_ptr<Family> family_;
+  std::unique_ptr<TrainingObjective> objective_;
+  std::unique_ptr<TrainedModel> trained_;
+  std::unique_ptr<DataParallel> parallel_;
+  MadeOptimizer made_;
+  LossScaler scaler_;
+  DataParallel::MemoryPlan memory_plan_;
+  int64_t bytes_before_run_ = 0;
+
+  DatasetBlueprint blueprint_;
+  std::vector<DatasetIndex> indexes_;
+  uint64_t validation_seed_ = 0;
+  int64_t num_train_images_ = 0, num_reg_images_ = 0, num_validation_images_ = 0;
+  std::unique_ptr<BatchPlanner> planner_;
+  int64_t batches_per_epoch_ = 0, updates_per_epoch_ = 0, samples_per_update_ = 0;
+  int64_t max_train_steps_ = 0, num_epochs_ = 0;
+  std::unique_ptr<LrScheduler> scheduler_;
+  LoaderOptions loader_options_;
+  std::unique_ptr<DataLoader> loader_;
+  DatasetBlueprint validation_blueprint_;
+  std::vector<DatasetIndex> validation_indexes_;
+  std::unique_ptr<BatchPlanner> validation_planner_;
+  std::unique_ptr<DataLoader> validation_loader_;
+
+  LatentSampling vae_latents_ = LatentSampling::sample;
+  std::unique_ptr<LatentCacheReader> latent_cache_;
+  std::optional<LatentKeyIndex> latent_keys_;
+  std::unique_ptr<TextEncoderCacheReader> text_cache_;
+  std::vector<fs::path> run_cache_dirs_;  // --cache_latents / --cache_text_encoder_outputs: removed at the end
+
+  fs::path output_dir_;
+  std::string output_name_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
+  std::unique_ptr<JsonlWriter> jsonl_;
+  std::vector<SamplePrompt> prompts_;
+  LoRATrainingMetadata meta_;
+
+  RunPosition position_;
+  double accumulated_ = 0;  // this rank's share of the current update's loss (the mean of its micro-steps')
+  double recent_sum_ = 0;   // of position_.recent_losses
+  StepTimes window_;        // since the last time-split log line
+  std::vector<std::pair<int64_t, double>> curve_;
+  std::unique_ptr<ProgressBar> progress_;
+  TrainSummary summary_;
+};
+
+Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : args_(args), world_(world) {
   check_supported(args, mode);
   // Every CPU tensor's bytes are counted from here, so the run's peak can be set against its memory plan.
   CpuTensorMeter::install();
   CpuTensorMeter::reset_peak();
-  const int64_t bytes_before_run = CpuTensorMeter::live_bytes();
-  std::unique_ptr<Communicator> communicator = make_communicator(world, at::Device(at::kCPU));
-  std::optional<std::string> resume_dir = args.resume;
-  if (resume_dir == "latest") {
+  bytes_before_run_ = CpuTensorMeter::live_bytes();
+  communicator_ = make_communicator(world, at::Device(at::kCPU));
+  resume_dir_ = args.resume;
+  if (resume_dir_ == "latest") {
     const std::optional<fs::path> newest = newest_state(*args.output_dir);
-    resume_dir = newest ? std::optional<std::string>(newest->string()) : std::nullopt;
+    resume_dir_ = newest ? std::optional<std::string>(newest->string()) : std::nullopt;
     spdlog::info("--resume latest: {}", newest ? newest->string() : "no state in " + *args.output_dir + " yet, starting from the beginning");
   }
-  std::optional<nlohmann::json> resume_json;
-  if (resume_dir) resume_json = read_state_json(*resume_dir);
+  // A resumed run keeps its seed: the data order, augmentations and noise all derive from it.
+  seed_ = args.seed ? static_cast<uint64_t>(*args.seed) : std::random_device{}();
+  if (resume_dir_) {
+    const uint64_t saved = read_state_json(*resume_dir_).at("sdt").at("seed").get<uint64_t>();
+    if (args.seed && saved != seed_) spdlog::warn("--seed {} differs from the resumed run's seed {}; using {}", seed_, saved, saved);
+    seed_ = saved;
+  }
   std::signal(SIGUSR1, request_stop);
   std::signal(SIGTERM, request_stop);
-  // A resumed run keeps its seed: the data order, augmentations and noise all derive from it.
-  uint64_t seed = args.seed ? static_cast<uint64_t>(*args.seed) : std::random_device{}();
-  if (resume_json) {
-    const uint64_t saved = resume_json->at("sdt").at("seed").get<uint64_t>();
-    if (args.seed && saved != seed) spdlog::warn("--seed {} differs from the resumed run's seed {}; using {}", seed, saved, saved);
-    seed = saved;
+  spdlog::info("seed {}", seed_);
+  precision_ = precision_from_args(args);
+  load_models(mode);
+  set_up_data();
+  if (resume_dir_) {
+    position_ = load_train_state(*resume_dir_, *trained_, *made_.optimizer, *parallel_, samples_per_update_, scaler_);
+    spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *resume_dir_, position_.global_step, position_.epoch,
+                 position_.epoch_step);
   }
-  spdlog::info("seed {}", seed);
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);  // initialisation only: LoRA weights
-  const Precision precision = precision_from_args(args);
+  // kohya's schedule spans max_train_steps x processes and Accelerate advances it once per process at each
+  // update, so on N ranks it sits at step N x global_step (an integer warm-up is thus N times shorter, as in kohya).
+  scheduler_->set_step(position_.global_step * world.size);
+  set_up_caches();
+  set_up_outputs();
+}
 
-  // ---------------------------------------------------------------- models
-  std::unique_ptr<Family> family = load_family_for_training(args);
-  const ModelBundle& bundle = family->models();
+// The models, what is trained, data parallelism in the chosen --sharding mode, the optimizer and the memory plan.
+void Trainer::load_models(TrainMode mode) {
+  family_ = load_family_for_training(args_);
+  const ModelBundle& bundle = family_->models();
   for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
     m->eval();
     for (auto& p : m->parameters()) p.requires_grad_(false);
   }
-  family->set_gradient_checkpointing(args.gradient_checkpointing);
-  const std::unique_ptr<TrainingObjective> objective = family->make_objective(args);
-  const ParallelPlan parallel_plan = family->parallel_plan();
-  if (args.blocks_to_swap && *args.blocks_to_swap != 0) fail("--blocks_to_swap", "{}", parallel_plan.no_block_swap_reason);
+  family_->set_gradient_checkpointing(args_.gradient_checkpointing);
+  objective_ = family_->make_objective(args_);
+  const ParallelPlan parallel_plan = family_->parallel_plan();
+  if (args_.blocks_to_swap && *args_.blocks_to_swap != 0) fail("--blocks_to_swap", "{}", parallel_plan.no_block_swap_reason);
+  at::Generator init = at::make_generator<at::CPUGeneratorImpl>(seed_);  // a network's initial weights
+  trained_ = make_trained_model(mode, args_, *family_, precision_, init);
+  bundle.vae->to(precision_.vae);
 
-  // ---------------------------------------------------------------- what is trained, and the optimizer
-  const std::unique_ptr<TrainedModel> trained = make_trained_model(mode, args, *family, precision, gen);
-  bundle.vae->to(precision.vae);
   // Data parallel: rank 0's trained weights go to every rank, then each backward's gradients are averaged over the
   // ranks while backward runs (one process: no communication at all); --sharding cuts the optimizer state and the
   // gradients into one shard per rank, and the optimizer steps this rank's shards.
-  const ShardingMode sharding = parse_sharding_mode(args.sharding);
+  const ShardingMode sharding = parse_sharding_mode(args_.sharding);
   // --sharding full: each block of the family's parallel plan keeps 1/N of its weights on a rank, trained or frozen;
   // the denoiser gathers a block as it runs it. The LoRA weights stay whole; they act on the gathered weights' forward.
   std::unique_ptr<ShardedUnits> units;
   if (sharding == ShardingMode::full) {
     // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
     std::optional<at::ScalarType> gather_dtype;
-    if (trained->trains_denoiser_weights() && precision.autocast && precision.trained == at::kFloat) gather_dtype = precision.autocast;
-    units = std::make_unique<ShardedUnits>(parallel_plan.blocks, trained->kept_whole(), *communicator, gather_dtype);
-    family->set_block_runner(units.get());
+    if (trained_->trains_denoiser_weights() && precision_.autocast && precision_.trained == at::kFloat) gather_dtype = precision_.autocast;
+    units = std::make_unique<ShardedUnits>(parallel_plan.blocks, trained_->kept_whole(), *communicator_, gather_dtype);
+    family_->set_block_runner(units.get());
   }
-  DataParallel parallel(trained->groups(), *communicator, sharding, args.ddp_bucket_mb * 1024 * 1024, std::move(units));
-  MadeOptimizer made = make_optimizer(args, parallel.optimizer_groups());
-  DataParallel::check_optimizer(sharding, made.optimizer->kind());
-  LossScaler scaler;
-  DataParallel::MemoryPlan memory_plan;
-  {
-    int64_t frozen_bytes = 0;
-    std::set<const void*> trained_storage;
-    const std::vector<at::Tensor> trained_params = trained->params();
-    for (const auto& p : trained_params) trained_storage.insert(p.unsafeGetTensorImpl());
-    for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
-      for (const auto& p : m->parameters()) {
-        if (!trained_storage.contains(p.unsafeGetTensorImpl())) frozen_bytes += p.numel() * static_cast<int64_t>(p.element_size());
-      }
-    }
-    const int64_t element = trained_params.empty() ? 4 : static_cast<int64_t>(trained_params.front().element_size());
-    memory_plan = parallel.plan_memory(frozen_bytes, optimizer_bytes_per_element(made.optimizer->kind(), element));
-    if (world.rank == 0) spdlog::info("{}", DataParallel::describe(memory_plan, sharding, world.size));
-  }
+  parallel_ = std::make_unique<DataParallel>(trained_->groups(), *communicator_, sharding, args_.ddp_bucket_mb * 1024 * 1024,
+                                             std::move(units));
+  made_ = make_optimizer(args_, parallel_->optimizer_groups());
+  DataParallel::check_optimizer(sharding, made_.optimizer->kind());
 
-  // ---------------------------------------------------------------- data
-  DatasetBlueprint blueprint = resolve_dataset_config(args);
-  const uint64_t validation_seed = args.validation_seed ? static_cast<uint64_t>(*args.validation_seed) : seed;
-  const std::vector<DatasetIndex> indexes = index_datasets(
-      blueprint, {.skip_bad_images = args.skip_bad_images, .part = DatasetPart::training, .validation_seed = validation_seed});
-  std::vector<LoaderDataset> loader_datasets;
-  int64_t num_train_images = 0, num_reg_images = 0;
-  for (size_t i = 0; i < indexes.size(); ++i) {
-    loader_datasets.push_back({&blueprint.datasets[i], &indexes[i]});
-    num_train_images += indexes[i].num_train_images;
-    num_reg_images += indexes[i].num_reg_images;
+  int64_t frozen_bytes = 0;
+  std::set<const void*> trained_storage;
+  const std::vector<at::Tensor> trained_params = trained_->params();
+  for (const auto& p : trained_params) trained_storage.insert(p.unsafeGetTensorImpl());
+  for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
+    for (const auto& p : m->parameters()) {
+      if (!trained_storage.contains(p.unsafeGetTensorImpl())) frozen_bytes += p.numel() * static_cast<int64_t>(p.element_size());
+    }
   }
-  const int64_t accumulation = args.gradient_accumulation_steps;
-  BatchPlanner planner(indexes, blueprint, world.size, seed, accumulation);
-  const int64_t batches_per_epoch = planner.steps_per_epoch();
-  const int64_t updates_per_epoch = planner.updates_per_epoch();
-  int64_t samples_per_update = 0;
-  for (const auto& d : blueprint.datasets) samples_per_update = std::max(samples_per_update, d.batch_size * world.size * accumulation);
-  if (world.rank == 0) {
+  const int64_t element = trained_params.empty() ? 4 : static_cast<int64_t>(trained_params.front().element_size());
+  memory_plan_ = parallel_->plan_memory(frozen_bytes, optimizer_bytes_per_element(made_.optimizer->kind(), element));
+  if (world_.rank == 0) spdlog::info("{}", DataParallel::describe(memory_plan_, sharding, world_.size));
+}
+
+// The datasets, the batch plan (global batches of batch x ranks, split into micro-steps), the lr schedule, the
+// loader, and the held-out images of validation.
+void Trainer::set_up_data() {
+  blueprint_ = resolve_dataset_config(args_);
+  validation_seed_ = args_.validation_seed ? static_cast<uint64_t>(*args_.validation_seed) : seed_;
+  indexes_ = index_datasets(blueprint_, {.skip_bad_images = args_.skip_bad_images, .part = DatasetPart::training,
+                                         .validation_seed = validation_seed_});
+  std::vector<LoaderDataset> loader_datasets;
+  for (size_t i = 0; i < indexes_.size(); ++i) {
+    loader_datasets.push_back({&blueprint_.datasets[i], &indexes_[i]});
+    num_train_images_ += indexes_[i].num_train_images;
+    num_reg_images_ += indexes_[i].num_reg_images;
+  }
+  const int64_t accumulation = args_.gradient_accumulation_steps;
+  planner_ = std::make_unique<BatchPlanner>(indexes_, blueprint_, world_.size, seed_, accumulation);
+  batches_per_epoch_ = planner_->steps_per_epoch();
+  updates_per_epoch_ = planner_->updates_per_epoch();
+  for (const auto& d : blueprint_.datasets) samples_per_update_ = std::max(samples_per_update_, d.batch_size * world_.size * accumulation);
+  if (world_.rank == 0) {
+    const int64_t global_batch = samples_per_update_ / accumulation;
     std::string shares;
-    for (int r = 0; r < world.size; ++r) {
-      shares += fmt::format("{}{}", r ? ", " : "", (samples_per_update / accumulation) * (r + 1) / world.size -
-                                                     (samples_per_update / accumulation) * r / world.size);
+    for (int r = 0; r < world_.size; ++r) {
+      shares += fmt::format("{}{}", r ? ", " : "", global_batch * (r + 1) / world_.size - global_batch * r / world_.size);
     }
     spdlog::info("{} ranks on {} nodes; global batch {} = batch {} x {} ranks, x {} accumulation steps = {} samples per "
                  "update; rank shares of each global batch: {}",
-                 world.size, world.node_count, samples_per_update / accumulation, samples_per_update / accumulation / world.size,
-                 world.size, accumulation, samples_per_update, shares);
+                 world_.size, world_.node_count, global_batch, global_batch / world_.size, world_.size, accumulation,
+                 samples_per_update_, shares);
   }
-  const int64_t max_train_steps = args.max_train_epochs ? *args.max_train_epochs * updates_per_epoch : args.max_train_steps;
-  const int64_t num_epochs = (max_train_steps + updates_per_epoch - 1) / updates_per_epoch;
+  max_train_steps_ = args_.max_train_epochs ? *args_.max_train_epochs * updates_per_epoch_ : args_.max_train_steps;
+  num_epochs_ = (max_train_steps_ + updates_per_epoch_ - 1) / updates_per_epoch_;
   spdlog::info("{} training images with repeats, {} regularization; {} batches per epoch, {} optimizer steps per epoch, "
                "{} steps over {} epochs",
-               num_train_images, num_reg_images, batches_per_epoch, updates_per_epoch, max_train_steps, num_epochs);
-  TrainArgs schedule_args = args;
-  schedule_args.max_train_steps = max_train_steps;
-  LrScheduler scheduler(*made.optimizer, make_lr_schedule(schedule_args, world.size, made.uses_adafactor_schedule));
+               num_train_images_, num_reg_images_, batches_per_epoch_, updates_per_epoch_, max_train_steps_, num_epochs_);
+  TrainArgs schedule_args = args_;
+  schedule_args.max_train_steps = max_train_steps_;
+  scheduler_ = std::make_unique<LrScheduler>(*made_.optimizer, make_lr_schedule(schedule_args, world_.size, made_.uses_adafactor_schedule));
 
-  RunPosition position;
-  if (resume_dir) {
-    position = load_train_state(*resume_dir, *trained, *made.optimizer, parallel, samples_per_update, scaler);
-    spdlog::info("resumed from {} at step {} (epoch {}, batch {})", *resume_dir, position.global_step, position.epoch,
-                 position.epoch_step);
+  loader_options_.seed = seed_;
+  loader_options_.rank = world_.rank;
+  loader_options_.world_size = world_.size;
+  loader_options_.workers = static_cast<int>(args_.max_data_loader_n_workers);
+  loader_options_.queue_depth = 2 * std::max<int>(1, static_cast<int>(args_.max_data_loader_n_workers));
+  loader_options_.max_train_steps = max_train_steps_;
+  LoaderOptions train_loader_options = loader_options_;
+  train_loader_options.load_pixels = !(args_.cache_latents || args_.cache_latents_to_disk);
+  loader_ = std::make_unique<DataLoader>(loader_datasets, *planner_, train_loader_options);
+
+  // The held-out images (--validation_split or the datasets' validation_split), in a fixed order.
+  std::vector<DatasetIndex> parts = index_datasets(
+      blueprint_, {.skip_bad_images = args_.skip_bad_images, .part = DatasetPart::validation, .validation_seed = validation_seed_});
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (parts[i].images.empty()) continue;
+    validation_blueprint_.datasets.push_back(blueprint_.datasets[i]);
+    validation_indexes_.push_back(std::move(parts[i]));
   }
-  // kohya's schedule spans max_train_steps x processes and Accelerate advances it once per process at each
-  // update, so on N ranks it sits at step N x global_step (an integer warm-up is thus N times shorter, as in kohya).
-  scheduler.set_step(position.global_step * world.size);
+  std::vector<LoaderDataset> validation_datasets;
+  for (size_t i = 0; i < validation_indexes_.size(); ++i) {
+    validation_datasets.push_back({&validation_blueprint_.datasets[i], &validation_indexes_[i]});
+    num_validation_images_ += validation_indexes_[i].num_train_images;
+  }
+  if (!validation_datasets.empty()) {
+    validation_planner_ = std::make_unique<BatchPlanner>(validation_indexes_, validation_blueprint_, world_.size, validation_seed_);
+    validation_loader_ = std::make_unique<DataLoader>(validation_datasets, *validation_planner_, loader_options_);
+    spdlog::info("{} validation images, {} validation batches", num_validation_images_, validation_planner_->steps_per_epoch());
+  }
+}
 
-  // --cache_latents_to_disk: the HDF5 latent cache in the cache folder (made by `sdt cache-latents`, or here, every
-  // rank encoding its share, then waiting until all shares are in); --cache_latents: the same, in a folder of the
-  // run that is deleted at the end. Training then reads each rank's items from it and loads no pixels.
-  const LatentSampling vae_latents = args.vae_latents == "mean" ? LatentSampling::mean : LatentSampling::sample;
-  std::unique_ptr<LatentCacheReader> latent_cache;
-  std::optional<LatentKeyIndex> latent_keys;
-  std::optional<fs::path> run_cache_dir;
-  if (args.cache_latents || args.cache_latents_to_disk) {
-    CacheOptions cache_options;
-    if (args.cache_latents_to_disk) {
-      cache_options.cache_dir = default_cache_dir(args);
+// --cache_latents_to_disk: the HDF5 latent cache in the cache folder (made by `sdt cache-latents`, or here, every rank
+// encoding its share, then waiting until all shares are in); --cache_latents: the same, in a folder of the run that is
+// deleted at the end. Training then reads each rank's items from it and loads no pixels. The text-encoder outputs
+// likewise (--cache_text_encoder_outputs(_to_disk)), by processed caption.
+void Trainer::set_up_caches() {
+  vae_latents_ = args_.vae_latents == "mean" ? LatentSampling::mean : LatentSampling::sample;
+  auto cache_options = [&](bool to_disk, const char* run_folder, const char* flag, const char* what) {
+    CacheOptions options;
+    if (to_disk) {
+      options.cache_dir = default_cache_dir(args_);
     } else {
-      run_cache_dir = fs::path(*args.output_dir) / ".sdt_latent_cache";
-      cache_options.cache_dir = run_cache_dir->string();
+      run_cache_dirs_.push_back(fs::path(*args_.output_dir) / run_folder);
+      options.cache_dir = run_cache_dirs_.back().string();
     }
-    if (cache_options.cache_dir.empty()) fail("--cache_latents_to_disk", "no cache folder: give --train_data_dir or --dataset_config");
-    cache_options.on_progress = cache_progress_line("caching latents", world);
-    const CacheBuildSummary built = build_latent_cache(*family, args, cache_options, blueprint, indexes, world);
-    wait_for_latent_cache(*family, args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
-    latent_cache = std::make_unique<LatentCacheReader>(cache_options.cache_dir, latent_cache_identity(*family, cache_options));
-    latent_keys.emplace(blueprint, indexes);
-    spdlog::info("latents from the cache {} ({} entries; {} were valid, {} encoded by this rank)", cache_options.cache_dir,
-                 latent_cache->size(), built.valid_before, built.encoded);
+    if (options.cache_dir.empty()) fail(flag, "no cache folder: give --train_data_dir or --dataset_config");
+    options.on_progress = cache_progress_line(what, world_);
+    return options;
+  };
+  if (args_.cache_latents || args_.cache_latents_to_disk) {
+    const CacheOptions options = cache_options(args_.cache_latents_to_disk, ".sdt_latent_cache", "--cache_latents_to_disk", "caching latents");
+    const CacheBuildSummary built = build_latent_cache(*family_, args_, options, blueprint_, indexes_, world_);
+    wait_for_latent_cache(*family_, args_, options, blueprint_, indexes_, 7 * 24 * 3600.0);
+    latent_cache_ = std::make_unique<LatentCacheReader>(options.cache_dir, latent_cache_identity(*family_, options));
+    latent_keys_.emplace(blueprint_, indexes_);
+    spdlog::info("latents from the cache {} ({} entries; {} were valid, {} encoded by this rank)", options.cache_dir,
+                 latent_cache_->size(), built.valid_before, built.encoded);
   }
-
-  // --cache_text_encoder_outputs(_to_disk): the text conditioning of each processed caption, from the cache.
-  std::unique_ptr<TextEncoderCacheReader> text_cache;
-  std::optional<fs::path> run_text_cache_dir;
-  if (args.cache_text_encoder_outputs || args.cache_text_encoder_outputs_to_disk) {
-    if (trained->trains_text_encoder()) {
+  if (args_.cache_text_encoder_outputs || args_.cache_text_encoder_outputs_to_disk) {
+    if (trained_->trains_text_encoder()) {
       fail("--cache_text_encoder_outputs", "the text encoder is trained, so its outputs change every step: add "
                                            "--network_train_unet_only, or do not cache them");
     }
-    CacheOptions cache_options;
-    if (args.cache_text_encoder_outputs_to_disk) {
-      cache_options.cache_dir = default_cache_dir(args);
-    } else {
-      run_text_cache_dir = fs::path(*args.output_dir) / ".sdt_text_encoder_cache";
-      cache_options.cache_dir = run_text_cache_dir->string();
-    }
-    if (cache_options.cache_dir.empty()) fail("--cache_text_encoder_outputs_to_disk", "no cache folder: give --train_data_dir or --dataset_config");
-    cache_options.on_progress = cache_progress_line("caching text-encoder outputs", world);
-    build_text_encoder_cache(*family, args, cache_options, blueprint, indexes, world);
-    wait_for_text_encoder_cache(*family, args, cache_options, blueprint, indexes, 7 * 24 * 3600.0);
-    text_cache = std::make_unique<TextEncoderCacheReader>(cache_options.cache_dir,
-                                                          text_encoder_cache_identity(*family, args, cache_options));
-    spdlog::info("text-encoder outputs from the cache {} ({} captions)", cache_options.cache_dir, text_cache->size());
+    const CacheOptions options = cache_options(args_.cache_text_encoder_outputs_to_disk, ".sdt_text_encoder_cache",
+                                               "--cache_text_encoder_outputs_to_disk", "caching text-encoder outputs");
+    build_text_encoder_cache(*family_, args_, options, blueprint_, indexes_, world_);
+    wait_for_text_encoder_cache(*family_, args_, options, blueprint_, indexes_, 7 * 24 * 3600.0);
+    text_cache_ = std::make_unique<TextEncoderCacheReader>(options.cache_dir, text_encoder_cache_identity(*family_, args_, options));
+    spdlog::info("text-encoder outputs from the cache {} ({} captions)", options.cache_dir, text_cache_->size());
   }
+}
 
-  LoaderOptions loader_options;
-  loader_options.seed = seed;
-  loader_options.rank = world.rank;
-  loader_options.world_size = world.size;
-  loader_options.workers = static_cast<int>(args.max_data_loader_n_workers);
-  loader_options.queue_depth = 2 * std::max<int>(1, static_cast<int>(args.max_data_loader_n_workers));
-  loader_options.max_train_steps = max_train_steps;
-  LoaderOptions train_loader_options = loader_options;
-  train_loader_options.load_pixels = !latent_cache;
-  DataLoader loader(loader_datasets, planner, train_loader_options);
+// The output folder, logs (rank 0 alone writes files), sample prompts and kohya's ss_* metadata.
+void Trainer::set_up_outputs() {
+  output_dir_ = *args_.output_dir;
+  fs::create_directories(output_dir_);
+  output_name_ = args_.output_name.value_or("last");
+  const std::string log_dir = args_.logging_dir.value_or((output_dir_ / "logs").string());
+  if (world_.rank == 0) {
+    tensorboard_ = std::make_unique<TensorBoardWriter>(log_dir);
+    jsonl_ = std::make_unique<JsonlWriter>((fs::path(log_dir) / "metrics.jsonl").string());
+  }
+  if (args_.sample_prompts) prompts_ = load_sample_prompts(*args_.sample_prompts);
 
-  // The held-out images (--validation_split or the datasets' validation_split), in a fixed order.
-  DatasetBlueprint validation_blueprint;
-  std::vector<DatasetIndex> validation_indexes;
+  const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  meta_.training_started_at = python_str(now);
+  meta_.output_name = output_name_;
+  meta_.learning_rate = python_str(args_.learning_rate);
+  meta_.text_encoder_lr = python_str(args_.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args_.text_encoder_lr[0]));
+  meta_.unet_lr = python_str(args_.unet_lr);
+  meta_.num_train_images = python_str(num_train_images_);
+  meta_.num_reg_images = python_str(num_reg_images_);
+  meta_.num_validation_images = python_str(num_validation_images_);
+  meta_.validation_seed = python_str(args_.validation_seed);
+  meta_.validation_split = python_str(args_.validation_split);
+  meta_.max_validation_steps = python_str(args_.max_validation_steps);
+  meta_.validate_every_n_steps = python_str(args_.validate_every_n_steps);
+  meta_.validate_every_n_epochs = python_str(args_.validate_every_n_epochs);
+  meta_.num_batches_per_epoch = python_str(batches_per_epoch_);
+  meta_.num_epochs = python_str(num_epochs_);
+  meta_.gradient_checkpointing = python_str(args_.gradient_checkpointing);
+  meta_.gradient_accumulation_steps = python_str(args_.gradient_accumulation_steps);
+  meta_.max_train_steps = python_str(max_train_steps_);
+  meta_.lr_scheduler = args_.lr_scheduler;
+  meta_.network_dim = python_str(args_.network_dim.value_or(4));  // kohya's create_network default
+  meta_.network_alpha = python_str(args_.network_alpha);
+  meta_.network_dropout = python_str(args_.network_dropout);
+  meta_.mixed_precision = args_.mixed_precision;
+  meta_.full_fp16 = python_str(args_.full_fp16);
+  meta_.base_model = family_->training_metadata();
+  meta_.seed = python_str(static_cast<int64_t>(seed_));
+  meta_.optimizer = made_.ss_optimizer();
+  meta_.max_grad_norm = python_str(args_.max_grad_norm);
+  meta_.min_snr_gamma = python_str(args_.min_snr_gamma);
+  meta_.loss_type = args_.loss_type;
+}
+
+// ---------------------------------------------------------------- the step
+
+// One micro-step: the batch's latents and text conditioning, the objective's noised input and target, the family's
+// prediction, the loss, backward. Each rank's mean loss weighs by its share of the global batch (1 when the shares are
+// equal), so N ranks compute the gradient of the global batch's mean as one process does; micro-steps weigh equally,
+// as in kohya. Every random stream is keyed by the update (the number of updates before it) and the sample's place in
+// it, so how samples are split among ranks and micro-steps changes nothing.
+void Trainer::step(TrainBatch& batch, StepTimes& times) {
+  Clock::time_point phase = Clock::now();
+  const int64_t update_key = position_.global_step;
+  const auto samples = static_cast<int64_t>(batch.captions.size());  // 0: an empty share of a short global batch
+  at::Tensor loss;
   {
-    std::vector<DatasetIndex> parts = index_datasets(
-        blueprint, {.skip_bad_images = args.skip_bad_images, .part = DatasetPart::validation, .validation_seed = validation_seed});
-    for (size_t i = 0; i < parts.size(); ++i) {
-      if (parts[i].images.empty()) continue;
-      validation_blueprint.datasets.push_back(blueprint.datasets[i]);
-      validation_indexes.push_back(std::move(parts[i]));
+    AutocastScope autocast(precision_.autocast);
+    const at::Tensor latents = batch_latents(batch, update_key);
+    // The network's dropouts draw from the default generator, as kohya's do, keyed here like every other stream.
+    seed_default_generator(seed_, update_key, batch.update_offset, RngPurpose::NetworkDropout);
+    const std::vector<at::Tensor> conditioning = batch_conditioning(batch);
+    const NoisedBatch noised = objective_->noise(latents, keyed_randoms(seed_, update_key, batch.update_offset, RngPurpose::Noise));
+    const at::Tensor prediction = family_->predict(noised, conditioning).to(at::kFloat);
+    // An empty share contributes nothing, but its backward still runs (sharded models gather in it).
+    loss = samples == 0 ? prediction.sum() * 0.0 : objective_->loss(prediction, noised, batch.loss_weights, loss_mask(batch));
+  }
+  times.forward += seconds_since(phase);
+
+  phase = Clock::now();
+  const double share = static_cast<double>(samples * world_.size) / static_cast<double>(batch.global_batch_size);
+  at::Tensor scaled = loss * (share / static_cast<double>(batch.micros));
+  if (precision_.loss_scaling) scaled = scaled * scaler_.scale;
+  const bool last_micro = batch.micro + 1 == batch.micros;
+  parallel_->set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
+  scaled.backward();
+  times.backward += seconds_since(phase);
+  accumulated_ += loss.item<double>() * static_cast<double>(samples) / static_cast<double>(batch.global_batch_size) /
+                  static_cast<double>(batch.micros);
+
+  phase = Clock::now();
+  parallel_->finish();
+  times.communication += seconds_since(phase);
+}
+
+at::Tensor Trainer::batch_latents(TrainBatch& batch, int64_t update_key) const {
+  if (latent_cache_ && !batch.captions.empty()) {
+    std::vector<LatentKey> keys;
+    for (size_t i = 0; i < batch.image_paths.size(); ++i) keys.push_back(latent_keys_->key(batch.dataset, batch.image_paths[i], batch.flipped[i]));
+    LatentBatch cached = latent_cache_->read_batch(keys);
+    if (cached.alpha_masks.defined()) batch.alpha_masks = cached.alpha_masks;
+    return cached.latents.to(at::kFloat);
+  }
+  const at::Tensor images = batch.images.defined() ? batch.images : at::empty({0, 3, batch.bucket.height, batch.bucket.width});
+  return encode_latents(*family_, images.to(precision_.vae), vae_latents_, seed_, update_key, batch.update_offset, RngPurpose::Latents);
+}
+
+// The text conditioning, through a trained text encoder with its graph, else without.
+std::vector<at::Tensor> Trainer::batch_conditioning(const TrainBatch& batch) const {
+  std::optional<torch::NoGradGuard> no_grad;
+  if (!trained_->trains_text_encoder()) no_grad.emplace();
+  if (!text_cache_ || batch.captions.empty()) return encode_captions(*family_, batch.captions, args_.weighted_captions);
+  std::vector<at::Tensor> conditioning =
+      family_->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache_->read_batch(batch.captions));
+  for (at::Tensor& c : conditioning) c = c.to(at::kFloat);
+  return conditioning;
+}
+
+std::optional<at::Tensor> Trainer::loss_mask(const TrainBatch& batch) const {
+  if (batch.alpha_masks.defined() && args_.masked_loss) return batch.alpha_masks;
+  return std::nullopt;
+}
+
+// At the update's last micro-step: the update's loss (the mean over its micro-steps of each global batch's mean, each
+// rank adding its share) gathered with every rank's stop request, so all ranks stop after the same update; then
+// unscale and overflow check, clipping, the optimizer, the lr schedule and the trained model's after-update rules.
+double Trainer::optimizer_update(StepTimes& times, bool& stop_now) {
+  Clock::time_point phase = Clock::now();
+  const at::Tensor update = torch::tensor({accumulated_, stop_requested ? 1.0 : 0.0}, at::TensorOptions(at::kDouble)).to(communicator_->device());
+  communicator_->all_reduce(update, ReduceOp::sum);
+  accumulated_ = 0;
+  stop_now = update[1].item<double>() > 0;
+  times.communication += seconds_since(phase);
+
+  phase = Clock::now();
+  const bool finite = !precision_.loss_scaling || parallel_->unscale(scaler_.scale);
+  if (finite) {
+    if (args_.max_grad_norm > 0) parallel_->clip_grad_norm(args_.max_grad_norm);
+    made_.optimizer->step();
+    parallel_->after_step();
+  } else {
+    spdlog::warn("step {}: gradients overflowed at loss scale {}; skipping the update", position_.global_step + 1, scaler_.scale);
+  }
+  if (precision_.loss_scaling) scaler_.update(finite);
+  made_.optimizer->zero_grad();
+  ++position_.global_step;
+  scheduler_->set_step(position_.global_step * world_.size);
+  trained_->after_update(position_.global_step);
+  times.optimizer += seconds_since(phase);
+  if (args_.check_replicas_every_n_steps > 0 && position_.global_step % args_.check_replicas_every_n_steps == 0) {
+    replica_checksum(trained_->params(), *communicator_);  // fails on every rank alike, naming the diverged ranks
+  }
+  return update[0].item<double>();
+}
+
+// kohya's validation: what is trained in evaluation mode; each held-out batch at the objective's validation points
+// (DDPM: the timesteps linspace(min_t, max_t, 6)[1:-1]), with latents and noise from streams keyed by
+// --validation_seed (else --seed), the batch and the sample, so values compare across validations, runs and rank
+// counts. The value is the mean over all held-out samples of all ranks.
+double Trainer::validation_loss() {
+  torch::NoGradGuard no_grad;
+  trained_->set_training(false);
+  validation_loader_->start_epoch(1, 0, position_.global_step);
+  double sum = 0;
+  int64_t count = 0, batches = 0;  // samples x points; validation batches
+  while (!args_.max_validation_steps || batches < *args_.max_validation_steps) {
+    std::optional<TrainBatch> batch = validation_loader_->next();
+    if (!batch) break;
+    ++batches;
+    AutocastScope autocast(precision_.autocast);
+    const int points = objective_->validation_points();
+    const int64_t key = batch->update * (points + 1);  // the latents' streams, then one per validation point
+    const at::Tensor latents = encode_latents(*family_, batch->images.to(precision_.vae), vae_latents_, validation_seed_, key,
+                                              batch->update_offset, RngPurpose::ValidationLatents);
+    const std::vector<at::Tensor> conditioning = encode_captions(*family_, batch->captions, args_.weighted_captions);
+    for (int k = 0; k < points; ++k) {
+      const NoisedBatch noised = objective_->noise_at_validation_point(
+          latents, k, keyed_randoms(validation_seed_, key + k + 1, batch->update_offset, RngPurpose::ValidationNoise));
+      const at::Tensor prediction = family_->predict(noised, conditioning).to(at::kFloat);
+      if (latents.size(0) == 0) continue;  // an empty share of a short batch: it ran for the collectives only
+      sum += static_cast<double>(latents.size(0)) * objective_->loss(prediction, noised, batch->loss_weights, loss_mask(*batch)).item<double>();
+      count += latents.size(0);
     }
   }
-  std::vector<LoaderDataset> validation_datasets;
-  int64_t num_validation_images = 0;
-  for (size_t i = 0; i < validation_indexes.size(); ++i) {
-    validation_datasets.push_back({&validation_blueprint.datasets[i], &validation_indexes[i]});
-    num_validation_images += validation_indexes[i].num_train_images;
-  }
-  std::optional<BatchPlanner> validation_planner;
-  std::unique_ptr<DataLoader> validation_loader;
-  if (!validation_datasets.empty()) {
-    validation_planner.emplace(validation_indexes, validation_blueprint, world.size, validation_seed);
-    validation_loader = std::make_unique<DataLoader>(validation_datasets, *validation_planner, loader_options);
-    spdlog::info("{} validation images, {} validation batches", num_validation_images, validation_planner->steps_per_epoch());
-  }
+  trained_->set_training(true);
+  const at::Tensor totals = torch::tensor({sum, static_cast<double>(count)}, at::TensorOptions(at::kDouble)).to(communicator_->device());
+  communicator_->all_reduce(totals, ReduceOp::sum);
+  return totals[1].item<double>() > 0 ? totals[0].item<double>() / totals[1].item<double>() : 0.0;
+}
 
-  // ---------------------------------------------------------------- outputs
-  fs::create_directories(*args.output_dir);
-  const std::string output_name = args.output_name.value_or("last");
-  const std::string log_dir = args.logging_dir.value_or((fs::path(*args.output_dir) / "logs").string());
-  // Logs and weight files come from rank 0 alone.
-  std::unique_ptr<TensorBoardWriter> tensorboard;
-  std::unique_ptr<JsonlWriter> jsonl;
-  if (world.rank == 0) {
-    tensorboard = std::make_unique<TensorBoardWriter>(log_dir);
-    jsonl = std::make_unique<JsonlWriter>((fs::path(log_dir) / "metrics.jsonl").string());
-  }
-  const std::vector<SamplePrompt> prompts = args.sample_prompts ? load_sample_prompts(*args.sample_prompts) : std::vector<SamplePrompt>{};
+// ---------------------------------------------------------------- the loop
 
-  LoRATrainingMetadata meta;
-  meta.training_started_at = python_str(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
-  meta.output_name = output_name;
-  meta.learning_rate = python_str(args.learning_rate);
-  meta.text_encoder_lr = python_str(args.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args.text_encoder_lr[0]));
-  meta.unet_lr = python_str(args.unet_lr);
-  meta.num_train_images = python_str(num_train_images);
-  meta.num_reg_images = python_str(num_reg_images);
-  meta.num_validation_images = python_str(num_validation_images);
-  meta.validation_seed = python_str(args.validation_seed);
-  meta.validation_split = python_str(args.validation_split);
-  meta.max_validation_steps = python_str(args.max_validation_steps);
-  meta.validate_every_n_steps = python_str(args.validate_every_n_steps);
-  meta.validate_every_n_epochs = python_str(args.validate_every_n_epochs);
-  meta.num_batches_per_epoch = python_str(batches_per_epoch);
-  meta.num_epochs = python_str(num_epochs);
-  meta.gradient_checkpointing = python_str(args.gradient_checkpointing);
-  meta.gradient_accumulation_steps = python_str(accumulation);
-  meta.max_train_steps = python_str(max_train_steps);
-  meta.lr_scheduler = args.lr_scheduler;
-  meta.network_dim = python_str(args.network_dim.value_or(4));  // kohya's create_network defaults
-  meta.network_alpha = python_str(args.network_alpha);
-  meta.mixed_precision = args.mixed_precision;
-  meta.full_fp16 = python_str(args.full_fp16);
-  meta.network_dropout = python_str(args.network_dropout);
-  meta.base_model = family->training_metadata();
-  meta.seed = python_str(static_cast<int64_t>(seed));
-  meta.optimizer = made.ss_optimizer();
-  meta.max_grad_norm = python_str(args.max_grad_norm);
-  meta.min_snr_gamma = python_str(args.min_snr_gamma);
-  meta.loss_type = args.loss_type;
-
-  const fs::path output_dir(*args.output_dir);
-  auto weights_file = [&](const std::string& name) { return (output_dir / (name + ".safetensors")).string(); };
-  auto save_weights = [&](const std::string& name, int64_t step, int64_t epoch) {
-    const std::string path = weights_file(name);
-    LoRATrainingMetadata m = meta;
-    m.num_epochs = python_str(epoch);
-    m.steps = std::to_string(step);
-    m.epoch = std::to_string(epoch);
-    m.training_finished_at = python_str(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
-    trained->save(path, m);
-    spdlog::info("saved {}", path);
-    return path;
-  };
-  TrainSummary summary;
-  summary.first_step = position.global_step;
-  // What rank 0 alone does with the models (write the trained weights, sample): under --sharding full it runs
-  // between a gather of every block's weights to rank 0 and their release, in which all ranks take part.
-  auto on_rank0_with_whole_models = [&](bool reads_sharded_weights, const std::function<void()>& work) {
-    if (reads_sharded_weights) parallel.gather_whole_to_root();
-    if (world.rank == 0) work();
-    if (reads_sharded_weights) parallel.release_whole();
-  };
-  const bool weights_sharded = trained->trains_denoiser_weights();  // a LoRA file holds no block weights
-  auto save_state = [&](const std::string& name) {
-    const fs::path dir = output_dir / (name + "-state");
-    if (weights_sharded) parallel.gather_whole_to_root();
-    save_train_state(dir, *trained, *made.optimizer, parallel, position, seed, samples_per_update, world, scaler);
-    if (weights_sharded) parallel.release_whole();
-    if (world.rank == 0) spdlog::info("saved state {}", dir.string());
-    communicator->barrier();  // no rank goes on (or exits) before the state is complete
-    summary.state_path = dir.string();
-  };
-  auto remove_saved = [&](const std::string& name, bool is_state) {
-    const fs::path path = is_state ? output_dir / (name + "-state") : fs::path(weights_file(name));
-    if (fs::remove_all(path) > 0) spdlog::info("removed {}", path.string());
-  };
-  // The sampler runs the network in evaluation mode (no dropouts).
-  auto sample_images = [&](int64_t step, std::optional<int64_t> epoch) {
-    if (prompts.empty()) return;
-    torch::NoGradGuard no_grad;
-    trained->set_training(false);
-    const fs::path dir = output_dir / "sample";
-    fs::create_directories(dir);
-    for (const auto& p : prompts) {
-      SampleOptions o;
-      o.prompt = p.prompt;
-      o.negative_prompt = p.negative_prompt;
-      o.sampler = p.sampler.value_or(args.sample_sampler);
-      if (p.steps) o.steps = static_cast<int>(*p.steps);
-      if (p.scale) o.scale = *p.scale;
-      if (p.seed) o.seed = static_cast<uint64_t>(*p.seed);
-      if (p.width) o.width = static_cast<int>(*p.width);
-      if (p.height) o.height = static_cast<int>(*p.height);
-      AutocastScope autocast(precision.autocast);
-      write_png((dir / sample_image_name(args.output_name, epoch, step, p, timestamp("%Y%m%d%H%M%S"))).string(), family->sample(o));
-    }
-    trained->set_training(true);
-  };
-
-  // kohya's validation: the models in evaluation mode; each held-out batch at the timesteps
-  // linspace(min_t, max_t, 6)[1:-1] (200, 400, 600, 800), with latents and noise from streams keyed by
-  // --validation_seed (else --seed), the batch and the sample, so values compare across validations, runs and rank
-  // counts. The value is the mean over all held-out samples of all ranks.
-  auto validate = [&]() -> double {
-    torch::NoGradGuard no_grad;
-    trained->set_training(false);
-    validation_loader->start_epoch(1, 0, position.global_step);
-    double sum = 0;
-    int64_t count = 0, batches = 0;  // samples x timesteps; validation batches
-    while (!args.max_validation_steps || batches < *args.max_validation_steps) {
-      std::optional<TrainBatch> batch = validation_loader->next();
+TrainSummary Trainer::run() {
+  summary_.first_step = position_.global_step;
+  progress_ = std::make_unique<ProgressBar>(max_train_steps_, position_.global_step);
+  for (double l : position_.recent_losses) recent_sum_ += l;
+  const int64_t first_epoch = position_.epoch, first_batch = position_.epoch_step;
+  for (int64_t epoch = first_epoch; epoch <= num_epochs_ && position_.global_step < max_train_steps_; ++epoch) {
+    loader_->start_epoch(epoch, epoch == first_epoch ? first_batch : 0, position_.global_step);
+    StepTimes times;
+    while (position_.global_step < max_train_steps_) {
+      const Clock::time_point waiting = Clock::now();
+      std::optional<TrainBatch> batch = loader_->next();
       if (!batch) break;
-      ++batches;
-      AutocastScope autocast(precision.autocast);
-      const int points = objective->validation_points();
-      const int64_t key = batch->update * (points + 1);  // the latents' streams, then one per validation point
-      const at::Tensor latents = encode_latents(*family, batch->images.to(precision.vae), vae_latents, validation_seed, key,
-                                                batch->update_offset, RngPurpose::ValidationLatents);
-      const std::vector<at::Tensor> conditioning = encode_captions(*family, batch->captions, args.weighted_captions);
-      for (int k = 0; k < points; ++k) {
-        const NoisedBatch noised = objective->noise_at_validation_point(
-            latents, k, keyed_randoms(validation_seed, key + k + 1, batch->update_offset, RngPurpose::ValidationNoise));
-        const at::Tensor pred = family->predict(noised, conditioning).to(at::kFloat);
-        std::optional<at::Tensor> mask;
-        if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
-        if (latents.size(0) == 0) continue;  // an empty share of a short batch: it ran for the collectives only
-        const double n = static_cast<double>(latents.size(0));
-        sum += n * objective->loss(pred, noised, batch->loss_weights, mask).item<double>();
-        count += latents.size(0);
-      }
-    }
-    trained->set_training(true);
-    const at::Tensor totals = torch::tensor({sum, static_cast<double>(count)}, at::TensorOptions(at::kDouble)).to(communicator->device());
-    communicator->all_reduce(totals, ReduceOp::sum);
-    return totals[1].item<double>() > 0 ? totals[0].item<double>() / totals[1].item<double>() : 0.0;
-  };
-  auto log_validation = [&](const char* which, double value, double train_average, int64_t step, int64_t epoch) {
-    summary.validation_losses.emplace_back(step, value);
-    spdlog::info("step {}: validation loss {:.6f} ({} average; training moving average {:.6f})", step, value, which, train_average);
-    if (world.rank != 0) return;
-    const std::string prefix = std::string("loss/validation/") + which;
-    jsonl->write(step, epoch, {{prefix + "_average", value}, {prefix + "_divergence", value - train_average}});
-    tensorboard->add_scalar(prefix + "_average", static_cast<float>(value), which == std::string("epoch") ? epoch : step);
-    tensorboard->add_scalar(prefix + "_divergence", static_cast<float>(value - train_average), which == std::string("epoch") ? epoch : step);
-  };
-
-  // ---------------------------------------------------------------- the loop
-  std::vector<std::pair<int64_t, double>> curve;
-  ProgressBar progress(max_train_steps, position.global_step);
-  double recent_sum = 0;
-  for (double l : position.recent_losses) recent_sum += l;
-  StepTimes window;  // since the last time-split log line
-  const bool weighted = args.weighted_captions;
-  const bool state_on_save = args.save_state;
-  int64_t& global_step = position.global_step;
-  for (int64_t epoch = position.epoch; epoch <= num_epochs && global_step < max_train_steps; ++epoch) {
-    const int64_t first_batch = epoch == position.epoch ? position.epoch_step : 0;
-    loader.start_epoch(epoch, first_batch, global_step);
-    double accumulated = 0;
-    StepTimes step_times;
-    while (global_step < max_train_steps) {
-      Clock::time_point phase = Clock::now();
-      std::optional<TrainBatch> batch = loader.next();
-      if (!batch) break;
-      step_times.data += seconds_since(phase);
-      phase = Clock::now();
-
-      // The update's key for the random streams: the number of updates before it, the same on every rank and
-      // every micro-step of the update.
-      const int64_t update_key = global_step;
-      const bool last_micro = batch->micro + 1 == batch->micros;
-      const auto local_samples = static_cast<int64_t>(batch->captions.size());
-      const bool empty_share = local_samples == 0;  // this rank's share of a short global batch
-      at::Tensor loss;
-      {
-        AutocastScope autocast(precision.autocast);
-        at::Tensor latents;
-        if (latent_cache && !empty_share) {
-          std::vector<LatentKey> keys;
-          for (size_t i = 0; i < batch->image_paths.size(); ++i) {
-            keys.push_back(latent_keys->key(batch->dataset, batch->image_paths[i], batch->flipped[i]));
-          }
-          LatentBatch cached = latent_cache->read_batch(keys);
-          latents = cached.latents.to(at::kFloat);
-          if (cached.alpha_masks.defined()) batch->alpha_masks = cached.alpha_masks;
-        } else {
-          const at::Tensor images =
-              batch->images.defined() ? batch->images : at::empty({0, 3, batch->bucket.height, batch->bucket.width});
-          latents = encode_latents(*family, images.to(precision.vae), vae_latents, seed, update_key, batch->update_offset,
-                                   RngPurpose::Latents);
-        }
-        // The network's dropouts draw from the default generator, as kohya's do; it is keyed like every other stream
-        // (here by this rank's first sample of the micro-step), so a resumed run draws the same masks.
-        seed_default_generator(seed, update_key, batch->update_offset, RngPurpose::NetworkDropout);
-        std::vector<at::Tensor> conditioning;
-        {
-          std::optional<torch::NoGradGuard> no_grad;
-          if (!trained->trains_text_encoder()) no_grad.emplace();
-          if (text_cache && !empty_share) {
-            conditioning = family->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache->read_batch(batch->captions));
-            for (at::Tensor& c : conditioning) c = c.to(at::kFloat);
-          } else {
-            conditioning = encode_captions(*family, batch->captions, weighted);
-          }
-        }
-        const NoisedBatch noised =
-            objective->noise(latents, keyed_randoms(seed, update_key, batch->update_offset, RngPurpose::Noise));
-        const at::Tensor pred = family->predict(noised, conditioning).to(at::kFloat);
-        std::optional<at::Tensor> mask;
-        if (batch->alpha_masks.defined() && args.masked_loss) mask = batch->alpha_masks;
-        // An empty share contributes nothing, but its backward still runs (sharded models gather in it).
-        loss = empty_share ? pred.sum() * 0.0 : objective->loss(pred, noised, batch->loss_weights, mask);
-      }
-      step_times.forward += seconds_since(phase);
-      phase = Clock::now();
-      // Each rank's mean weighs by its share of the global batch (1 when the shares are equal), so N ranks compute the
-      // gradient of the global batch's mean, as one process does; micro-steps weigh equally, as in kohya.
-      const double share = static_cast<double>(local_samples * world.size) / static_cast<double>(batch->global_batch_size);
-      at::Tensor scaled = loss * (share / static_cast<double>(batch->micros));
-      if (precision.loss_scaling) scaled = scaled * scaler.scale;
-      parallel.set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
-      scaled.backward();
-      step_times.backward += seconds_since(phase);
-      accumulated += loss.item<double>() * static_cast<double>(local_samples) / static_cast<double>(batch->global_batch_size);
-      phase = Clock::now();
-      parallel.finish();
-      if (!last_micro) {
-        step_times.communication += seconds_since(phase);
-        continue;
-      }
-      const bool last_of_epoch = batch->step + 1 == batches_per_epoch;
-
-      // The logged loss is the update's: the mean over its micro-steps of each global batch's mean (each rank adds its
-      // share). The same collective tells every rank whether any rank was asked to stop, so they all stop after it.
-      const at::Tensor update_loss = torch::tensor({accumulated / static_cast<double>(batch->micros), stop_requested ? 1.0 : 0.0},
-                                                   at::TensorOptions(at::kDouble))
-                                         .to(communicator->device());
-      communicator->all_reduce(update_loss, ReduceOp::sum);
-      const double step_loss = update_loss[0].item<double>();
-      const bool stop_now = update_loss[1].item<double>() > 0;
-      step_times.communication += seconds_since(phase);
-
-      phase = Clock::now();
-      const bool finite = !precision.loss_scaling || parallel.unscale(scaler.scale);
-      if (finite) {
-        if (args.max_grad_norm > 0) parallel.clip_grad_norm(args.max_grad_norm);
-        made.optimizer->step();
-        parallel.after_step();
-      } else {
-        spdlog::warn("step {}: gradients overflowed at loss scale {}; skipping the update", global_step + 1, scaler.scale);
-      }
-      if (precision.loss_scaling) scaler.update(finite);
-      made.optimizer->zero_grad();
-      ++global_step;
-      scheduler.set_step(global_step * world.size);
-      trained->after_update(global_step);
-      step_times.optimizer += seconds_since(phase);
-      step_times.steps = 1;
-      if (args.check_replicas_every_n_steps > 0 && global_step % args.check_replicas_every_n_steps == 0) {
-        replica_checksum(trained->params(), *communicator);  // fails on every rank alike, naming the diverged ranks
-      }
-
-      accumulated = 0;
-      summary.losses.push_back(step_loss);
-      curve.emplace_back(global_step, step_loss);
-      position.recent_losses.push_back(step_loss);
-      recent_sum += step_loss;
-      if (static_cast<int64_t>(position.recent_losses.size()) > updates_per_epoch) {
-        recent_sum -= position.recent_losses.front();
-        position.recent_losses.erase(position.recent_losses.begin());
-      }
-      for (StepTimes* t : {&summary.times, &window}) {
-        t->data += step_times.data;
-        t->forward += step_times.forward;
-        t->backward += step_times.backward;
-        t->communication += step_times.communication;
-        t->optimizer += step_times.optimizer;
-        t->steps += 1;
-      }
-      step_times = StepTimes{};
-      if (args.log_time_every_n_steps > 0 && global_step % args.log_time_every_n_steps == 0) {
-        log_times(window, *communicator, "the last steps");
-        window = StepTimes{};
-      }
-
-      position.epoch = epoch;
-      position.epoch_step = batch->step + 1;
-      if (last_of_epoch) {
-        position.epoch = epoch + 1;
-        position.epoch_step = 0;
-      }
-      const double average = recent_sum / static_cast<double>(position.recent_losses.size());
-      const double lr = made.optimizer->param_groups().at(0).options().get_lr();
-      if (world.rank == 0) {
-        progress.update(global_step, average, lr);
-        std::map<std::string, double> metrics = {{"loss", step_loss}, {"avr_loss", average}, {"lr", lr}};
-        if (precision.loss_scaling) metrics["loss_scale"] = scaler.scale;
-        jsonl->write(global_step, epoch, metrics);
-        tensorboard->add_scalar("loss/current", static_cast<float>(step_loss), global_step);
-        tensorboard->add_scalar("loss/average", static_cast<float>(average), global_step);
-        tensorboard->add_scalar("lr/group0", static_cast<float>(lr), global_step);
-      }
-      if (args.save_every_n_steps && global_step % *args.save_every_n_steps == 0 && global_step < max_train_steps) {
-        const int64_t every = *args.save_every_n_steps;
-        const std::string name = fmt::format("{}-step{:08d}", output_name, global_step);
-        on_rank0_with_whole_models(weights_sharded, [&] {
-          summary.weights_path = save_weights(name, global_step, epoch);
-          if (auto r = step_to_remove(global_step, every, args.save_last_n_steps, false)) {
-            remove_saved(fmt::format("{}-step{:08d}", output_name, *r), false);
-          }
-        });
-        if (state_on_save) {
-          save_state(name);
-          const std::optional<int64_t> keep = args.save_last_n_steps_state ? args.save_last_n_steps_state : args.save_last_n_steps;
-          if (auto r = step_to_remove(global_step, every, keep, true)) remove_saved(fmt::format("{}-step{:08d}", output_name, *r), true);
-        }
-      }
-      if (!prompts.empty() && args.sample_every_n_steps && global_step % *args.sample_every_n_steps == 0) {
-        on_rank0_with_whole_models(true, [&] { sample_images(global_step, std::nullopt); });
-      }
-      if (validation_loader && args.validate_every_n_steps && global_step % *args.validate_every_n_steps == 0) {
-        log_validation("step", validate(), average, global_step, epoch);
-      }
-      if (stop_now && global_step < max_train_steps) {
-        spdlog::warn("step {}: asked to stop (SIGUSR1/SIGTERM); saving the state and stopping", global_step);
-        save_state(fmt::format("{}-step{:08d}", output_name, global_step));
-        summary.interrupted = true;
+      times.data += seconds_since(waiting);
+      step(*batch, times);
+      if (batch->micro + 1 < batch->micros) continue;
+      bool stop_now = false;
+      const double loss = optimizer_update(times, stop_now);
+      record_update(loss, *batch, epoch, times);
+      outputs_after_update(epoch);
+      if (stop_now && position_.global_step < max_train_steps_) {
+        spdlog::warn("step {}: asked to stop (SIGUSR1/SIGTERM); saving the state and stopping", position_.global_step);
+        save_state(fmt::format("{}-step{:08d}", output_name_, position_.global_step));
+        summary_.interrupted = true;
         break;
       }
     }
-    if (summary.interrupted) break;
-    if (validation_loader && (!args.validate_every_n_epochs || epoch % *args.validate_every_n_epochs == 0)) {
-      const double average = position.recent_losses.empty() ? 0.0 : recent_sum / static_cast<double>(position.recent_losses.size());
-      log_validation("epoch", validate(), average, global_step, epoch);
-    }
-    if (epoch < num_epochs && args.save_every_n_epochs && epoch % *args.save_every_n_epochs == 0) {
-      const int64_t every = *args.save_every_n_epochs;
-      on_rank0_with_whole_models(weights_sharded, [&] {
-        summary.weights_path = save_weights(fmt::format("{}-{:06d}", output_name, epoch), global_step, epoch);
-        if (args.save_last_n_epochs && epoch - every * *args.save_last_n_epochs > 0) {
-          remove_saved(fmt::format("{}-{:06d}", output_name, epoch - every * *args.save_last_n_epochs), false);
-        }
-      });
-      if (state_on_save) {
-        save_state(fmt::format("{}-{:06d}", output_name, epoch));
-        const std::optional<int64_t> keep = args.save_last_n_epochs_state ? args.save_last_n_epochs_state : args.save_last_n_epochs;
-        if (keep && epoch - every * *keep > 0) remove_saved(fmt::format("{}-{:06d}", output_name, epoch - every * *keep), true);
+    if (summary_.interrupted) break;
+    outputs_after_epoch(epoch);
+  }
+  finish();
+  return summary_;
+}
+
+double Trainer::average_loss() const {
+  return position_.recent_losses.empty() ? 0.0 : recent_sum_ / static_cast<double>(position_.recent_losses.size());
+}
+
+// The update's loss into the moving average (over an epoch's updates, as kohya's), the step times, the position
+// (the next batch), the progress line and the logs.
+void Trainer::record_update(double loss, const TrainBatch& batch, int64_t epoch, StepTimes& times) {
+  const int64_t global_step = position_.global_step;
+  summary_.losses.push_back(loss);
+  curve_.emplace_back(global_step, loss);
+  position_.recent_losses.push_back(loss);
+  recent_sum_ += loss;
+  if (static_cast<int64_t>(position_.recent_losses.size()) > updates_per_epoch_) {
+    recent_sum_ -= position_.recent_losses.front();
+    position_.recent_losses.erase(position_.recent_losses.begin());
+  }
+  times.steps = 1;
+  for (StepTimes* t : {&summary_.times, &window_}) {
+    t->data += times.data;
+    t->forward += times.forward;
+    t->backward += times.backward;
+    t->communication += times.communication;
+    t->optimizer += times.optimizer;
+    t->steps += 1;
+  }
+  times = StepTimes{};
+  if (args_.log_time_every_n_steps > 0 && global_step % args_.log_time_every_n_steps == 0) {
+    log_times(window_, *communicator_, "the last steps");
+    window_ = StepTimes{};
+  }
+  const bool last_of_epoch = batch.step + 1 == batches_per_epoch_;
+  position_.epoch = last_of_epoch ? epoch + 1 : epoch;
+  position_.epoch_step = last_of_epoch ? 0 : batch.step + 1;
+  const double lr = made_.optimizer->param_groups().at(0).options().get_lr();
+  if (world_.rank != 0) return;
+  progress_->update(global_step, average_loss(), lr);
+  std::map<std::string, double> metrics = {{"loss", loss}, {"avr_loss", average_loss()}, {"lr", lr}};
+  if (precision_.loss_scaling) metrics["loss_scale"] = scaler_.scale;
+  jsonl_->write(global_step, epoch, metrics);
+  tensorboard_->add_scalar("loss/current", static_cast<float>(loss), global_step);
+  tensorboard_->add_scalar("loss/average", static_cast<float>(average_loss()), global_step);
+  tensorboard_->add_scalar("lr/group0", static_cast<float>(lr), global_step);
+}
+
+// --save_every_n_steps (with --save_state and kohya's --save_last_n_steps), --sample_every_n_steps,
+// --validate_every_n_steps.
+void Trainer::outputs_after_update(int64_t epoch) {
+  const int64_t global_step = position_.global_step;
+  if (args_.save_every_n_steps && global_step % *args_.save_every_n_steps == 0 && global_step < max_train_steps_) {
+    const int64_t every = *args_.save_every_n_steps;
+    const std::string name = fmt::format("{}-step{:08d}", output_name_, global_step);
+    on_rank0_with_whole_models(trained_->trains_denoiser_weights(), [&] {
+      summary_.weights_path = save_weights(name, epoch);
+      if (auto r = step_to_remove(global_step, every, args_.save_last_n_steps, false)) {
+        remove_saved(fmt::format("{}-step{:08d}", output_name_, *r), false);
       }
-    }
-    if (!prompts.empty() && epoch < num_epochs && args.sample_every_n_epochs && epoch % *args.sample_every_n_epochs == 0) {
-      on_rank0_with_whole_models(true, [&] { sample_images(global_step, epoch); });
+    });
+    if (args_.save_state) {
+      save_state(name);
+      const std::optional<int64_t> keep = args_.save_last_n_steps_state ? args_.save_last_n_steps_state : args_.save_last_n_steps;
+      if (auto r = step_to_remove(global_step, every, keep, true)) remove_saved(fmt::format("{}-step{:08d}", output_name_, *r), true);
     }
   }
-  summary.steps = global_step;
-  log_times(summary.times, *communicator, "the run");
-  summary.planned_bytes = memory_plan.total();
-  summary.peak_bytes = CpuTensorMeter::peak_bytes() - bytes_before_run;
+  if (!prompts_.empty() && args_.sample_every_n_steps && global_step % *args_.sample_every_n_steps == 0) {
+    on_rank0_with_whole_models(true, [&] { sample_images(std::nullopt); });
+  }
+  if (validation_loader_ && args_.validate_every_n_steps && global_step % *args_.validate_every_n_steps == 0) {
+    log_validation("step", validation_loss(), epoch);
+  }
+}
+
+// Validation each --validate_every_n_epochs, --save_every_n_epochs (kohya's --save_last_n_epochs), --sample_every_n_epochs.
+void Trainer::outputs_after_epoch(int64_t epoch) {
+  if (validation_loader_ && (!args_.validate_every_n_epochs || epoch % *args_.validate_every_n_epochs == 0)) {
+    log_validation("epoch", validation_loss(), epoch);
+  }
+  if (epoch < num_epochs_ && args_.save_every_n_epochs && epoch % *args_.save_every_n_epochs == 0) {
+    const int64_t every = *args_.save_every_n_epochs;
+    on_rank0_with_whole_models(trained_->trains_denoiser_weights(), [&] {
+      summary_.weights_path = save_weights(fmt::format("{}-{:06d}", output_name_, epoch), epoch);
+      if (args_.save_last_n_epochs && epoch - every * *args_.save_last_n_epochs > 0) {
+        remove_saved(fmt::format("{}-{:06d}", output_name_, epoch - every * *args_.save_last_n_epochs), false);
+      }
+    });
+    if (args_.save_state) {
+      save_state(fmt::format("{}-{:06d}", output_name_, epoch));
+      const std::optional<int64_t> keep = args_.save_last_n_epochs_state ? args_.save_last_n_epochs_state : args_.save_last_n_epochs;
+      if (keep && epoch - every * *keep > 0) remove_saved(fmt::format("{}-{:06d}", output_name_, epoch - every * *keep), true);
+    }
+  }
+  if (!prompts_.empty() && epoch < num_epochs_ && args_.sample_every_n_epochs && epoch % *args_.sample_every_n_epochs == 0) {
+    on_rank0_with_whole_models(true, [&] { sample_images(epoch); });
+  }
+}
+
+// The end of the run: the time split, the memory figures, the run's caches removed, the final state, weights, loss
+// curve and samples (an interrupted run has saved its state and writes nothing more).
+void Trainer::finish() {
+  summary_.steps = position_.global_step;
+  log_times(summary_.times, *communicator_, "the run");
+  summary_.planned_bytes = memory_plan_.total();
+  summary_.peak_bytes = CpuTensorMeter::peak_bytes() - bytes_before_run_;
   spdlog::info("rank {}: peak CPU tensor memory {:.1f} MiB; the plan's {:.1f} MiB and {:.1f} MiB of activations, data and "
                "transients",
-               world.rank, static_cast<double>(summary.peak_bytes) / 1048576.0, static_cast<double>(summary.planned_bytes) / 1048576.0,
-               static_cast<double>(summary.peak_bytes - summary.planned_bytes) / 1048576.0);
-  if (summary.interrupted) return summary;
-  if (run_cache_dir || run_text_cache_dir) {
-    latent_cache.reset();
-    text_cache.reset();
-    communicator->barrier();  // every rank has stopped reading
-    if (world.rank == 0) {
-      if (run_cache_dir) fs::remove_all(*run_cache_dir);
-      if (run_text_cache_dir) fs::remove_all(*run_text_cache_dir);
+               world_.rank, static_cast<double>(summary_.peak_bytes) / 1048576.0, static_cast<double>(summary_.planned_bytes) / 1048576.0,
+               static_cast<double>(summary_.peak_bytes - summary_.planned_bytes) / 1048576.0);
+  if (summary_.interrupted) return;
+  if (!run_cache_dirs_.empty()) {
+    latent_cache_.reset();
+    text_cache_.reset();
+    communicator_->barrier();  // every rank has stopped reading
+    if (world_.rank == 0) {
+      for (const fs::path& dir : run_cache_dirs_) fs::remove_all(dir);
     }
   }
-  if (args.save_state || args.save_state_on_train_end) save_state(output_name);
-  const bool sample_at_end = !prompts.empty() && (args.sample_every_n_epochs || args.sample_every_n_steps);
-  on_rank0_with_whole_models(weights_sharded || sample_at_end, [&] {
-    progress.finish();
-    tensorboard->flush();
-    summary.weights_path = save_weights(output_name, global_step, num_epochs);
-    write_loss_curve_png((output_dir / (output_name + "_loss.png")).string(), curve, output_name + ": loss per step");
-    if (sample_at_end) sample_images(global_step, num_epochs);
+  if (args_.save_state || args_.save_state_on_train_end) save_state(output_name_);
+  const bool sample_at_end = !prompts_.empty() && (args_.sample_every_n_epochs || args_.sample_every_n_steps);
+  on_rank0_with_whole_models(trained_->trains_denoiser_weights() || sample_at_end, [&] {
+    progress_->finish();
+    tensorboard_->flush();
+    summary_.weights_path = save_weights(output_name_, num_epochs_);
+    write_loss_curve_png((output_dir_ / (output_name_ + "_loss.png")).string(), curve_, output_name_ + ": loss per step");
+    if (sample_at_end) sample_images(num_epochs_);
   });
-  return summary;
 }
+
+// ---------------------------------------------------------------- outputs
+
+// What rank 0 alone does with the models (write the trained weights, sample): under --sharding full it runs between a
+// gather of every block's weights to rank 0 and their release, in which all ranks take part.
+void Trainer::on_rank0_with_whole_models(bool reads_sharded_weights, const std::function<void()>& work) {
+  if (reads_sharded_weights) parallel_->gather_whole_to_root();
+  if (world_.rank == 0) work();
+  if (reads_sharded_weights) parallel_->release_whole();
+}
+
+std::string Trainer::save_weights(const std::string& name, int64_t epoch) {
+  const std::string path = (output_dir_ / (name + ".safetensors")).string();
+  LoRATrainingMetadata m = meta_;
+  m.num_epochs = python_str(epoch);
+  m.steps = std::to_string(position_.global_step);
+  m.epoch = std::to_string(epoch);
+  m.training_finished_at = python_str(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
+  trained_->save(path, m);
+  spdlog::info("saved {}", path);
+  return path;
+}
+
+// Collective: a LoRA state needs no gather, a whole model's is gathered to rank 0 block by block under full sharding.
+void Trainer::save_state(const std::string& name) {
+  const fs::path dir = output_dir_ / (name + "-state");
+  const bool weights_sharded = trained_->trains_denoiser_weights();
+  if (weights_sharded) parallel_->gather_whole_to_root();
+  save_train_state(dir, *trained_, *made_.optimizer, *parallel_, position_, seed_, samples_per_update_, world_, scaler_);
+  if (weights_sharded) parallel_->release_whole();
+  if (world_.rank == 0) spdlog::info("saved state {}", dir.string());
+  communicator_->barrier();  // no rank goes on (or exits) before the state is complete
+  summary_.state_path = dir.string();
+}
+
+void Trainer::remove_saved(const std::string& name, bool is_state) const {
+  const fs::path path = is_state ? output_dir_ / (name + "-state") : output_dir_ / (name + ".safetensors");
+  if (fs::remove_all(path) > 0) spdlog::info("removed {}", path.string());
+}
+
+// kohya's sample images, with what is trained in evaluation mode (no dropouts).
+void Trainer::sample_images(std::optional<int64_t> epoch) {
+  if (prompts_.empty()) return;
+  torch::NoGradGuard no_grad;
+  trained_->set_training(false);
+  const fs::path dir = output_dir_ / "sample";
+  fs::create_directories(dir);
+  for (const auto& p : prompts_) {
+    SampleOptions o;
+    o.prompt = p.prompt;
+    o.negative_prompt = p.negative_prompt;
+    o.sampler = p.sampler.value_or(args_.sample_sampler);
+    if (p.steps) o.steps = static_cast<int>(*p.steps);
+    if (p.scale) o.scale = *p.scale;
+    if (p.seed) o.seed = static_cast<uint64_t>(*p.seed);
+    if (p.width) o.width = static_cast<int>(*p.width);
+    if (p.height) o.height = static_cast<int>(*p.height);
+    AutocastScope autocast(precision_.autocast);
+    const std::string file = sample_image_name(args_.output_name, epoch, position_.global_step, p, timestamp("%Y%m%d%H%M%S"));
+    write_png((dir / file).string(), family_->sample(o));
+  }
+  trained_->set_training(true);
+}
+
+void Trainer::log_validation(const char* which, double value, int64_t epoch) {
+  const int64_t step = position_.global_step;
+  const double train_average = average_loss();
+  summary_.validation_losses.emplace_back(step, value);
+  spdlog::info("step {}: validation loss {:.6f} ({} average; training moving average {:.6f})", step, value, which, train_average);
+  if (world_.rank != 0) return;
+  const std::string prefix = std::string("loss/validation/") + which;
+  const int64_t x = which == std::string("epoch") ? epoch : step;
+  jsonl_->write(step, epoch, {{prefix + "_average", value}, {prefix + "_divergence", value - train_average}});
+  tensorboard_->add_scalar(prefix + "_average", static_cast<float>(value), x);
+  tensorboard_->add_scalar(prefix + "_divergence", static_cast<float>(value - train_average), x);
+}
+
+}  // namespace
+
+TrainSummary train(const TrainArgs& args, const World& world, TrainMode mode) { return Trainer(args, world, mode).run(); }
 
 }  // namespace sdt

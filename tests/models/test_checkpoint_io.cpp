@@ -1,6 +1,8 @@
 // Loading SD weights from every layout users have, and saving back to the single-file LDM layout.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include <fstream>
 #include <functional>
 
@@ -53,7 +55,8 @@ std::string rewrite(const std::string& from, const std::string& name, const std:
     const std::string key = rename(info.name);
     if (!key.empty()) tensors.emplace_back(key, load_tensor(file, info.name));
   }
-  const std::string path = ::testing::TempDir() + name;
+  // Named after the source's folder too: the sd1 and sd2 cases run as parallel ctest processes.
+  const std::string path = ::testing::TempDir() + std::filesystem::path(from).parent_path().filename().string() + "_" + name;
   save_safetensors(path, tensors);
   return path;
 }
