@@ -25,6 +25,7 @@ struct NoisedBatch {
   at::Tensor model_input;  // (B, C, h, w): the noised latents, as the denoiser takes them
   at::Tensor timesteps;    // (B): the timestep the denoiser is told
   at::Tensor target;       // (B, C, h, w): what the prediction is compared with
+  at::Tensor sigmas;       // (B): flow matching's noise level per sample (undefined for DDPM)
 };
 
 class TrainingObjective {
