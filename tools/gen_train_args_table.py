@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Regenerates src/core/train_args_table.inc: the table of `sdt train` arguments under kohya's names.
 
-The names, kinds, defaults and choices are kohya-ss/sd-scripts' train_network.py command line (a
-kohya user's flags and config files must mean the same here); the help texts are the English half
+The names, kinds, defaults and choices are kohya-ss/sd-scripts' train_network.py command line, with train_db.py's
+and the transformer families' (flux_train_network.py) arguments (a kohya user's flags and config files must mean the
+same here); the help texts are the English half
 of kohya's (Apache-2.0). sdt's own arguments are appended from SDT_ARGS below.
 
 Usage: tools/gen_train_args_table.py /path/to/sd-scripts > src/core/train_args_table.inc
@@ -25,6 +26,10 @@ KOHYA_GROUPS = [
     ("library/train_util.py", "add_optimizer_arguments", (), "optimizer"),
     ("library/config_util.py", "add_config_arguments", (), "dataset config"),
     ("library/custom_train_functions.py", "add_custom_train_arguments", (), "loss weighting"),
+    # The transformer families' scripts (flux_train_network.py and the others): flow matching, block swap, the
+    # text-encoder output cache; and FLUX.1 / Chroma's own.
+    ("library/train_util.py", "add_dit_training_arguments", (), "transformer families"),
+    ("library/flux_train_utils.py", "add_flux_train_arguments", (), "FLUX.1 / Chroma"),
 ]
 
 # sdt's own arguments: (name, kind, default C++ literal, choices, help, group)
@@ -34,11 +39,8 @@ SDT_ARGS = [
     ("log_time_every_n_steps", "Int", "100", [], "every N optimizer steps, log each rank's time split: data, forward, backward, communication, optimizer (0: only at the end)", "logging"),
     ("ddp_bucket_mb", "Int", "25", [], "data parallel: gradients are averaged over the ranks in buckets of about this many MiB, each as soon as backward has filled it", "training"),
     ("vae_latents", "Str", '"sample"', ["sample", "mean"], "latents encoded during training: a sample of the VAE's posterior (kohya), or its mean (deterministic; what sdt's latent caches store)", "dataset"),
-    ("cache_text_encoder_outputs", "Flag", "false", [], "cache text encoder outputs (kohya's name from its SDXL/SD3/FLUX scripts; needs a frozen text encoder and captions that do not change between epochs)", "dataset"),
-    ("cache_text_encoder_outputs_to_disk", "Flag", "false", [], "cache text encoder outputs to disk, in the cache folder, for reuse (implies --cache_text_encoder_outputs)", "dataset"),
     ("check_replicas_every_n_steps", "Int", "0", [], "data parallel: every N steps compare a checksum of the trained weights across ranks and stop, naming the ranks, if a replica diverged (0: never)", "training"),
     ("sharding", "Str", '"none"', ["none", "optimizer", "gradients", "full"], "data parallel: what each rank keeps only 1/N of: none (plain data parallel), optimizer (its state, ZeRO-1), gradients (and the gradients, ZeRO-2), full (and the weights, ZeRO-3/FSDP; block-stack models only)", "training"),
-    ("blocks_to_swap", "OptInt", "std::nullopt", [], "kohya's block swap for the transformer families: keep this many blocks' weights in host memory and copy each in just before use (SD 1.x/2.x have no block stack)", "training"),
     ("family", "OptStr", "std::nullopt", [], "the model family to train (sd, ...); default: the family that recognises the checkpoint given by --pretrained_model_name_or_path", "model"),
     ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
 ]

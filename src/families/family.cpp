@@ -22,21 +22,19 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// A family's row: how to load it, and whether a checkpoint (a single file or a diffusers folder) is one of its models.
-struct FamilyRow {
-  std::unique_ptr<Family> (*load)(const FamilyOptions&);
-  bool (*recognises)(const std::string& checkpoint);
-};
-
 // Every family this build has, under the name --family takes and caches record. A new family adds its line.
-const std::map<std::string, FamilyRow>& registry() {
-  static const std::map<std::string, FamilyRow> families{
+std::map<std::string, FamilyRow>& registry() {
+  static std::map<std::string, FamilyRow> families{
       {"sd", {&load_sd_family, &is_sd_checkpoint}},  // SD 1.x / 2.x (--v2, --v_parameterization)
   };
   return families;
 }
 
 }  // namespace
+
+void register_family(const std::string& name, FamilyRow row) {
+  if (!registry().emplace(name, row).second) fail("model family", "'{}' is registered already", name);
+}
 
 std::vector<std::string> family_names() {
   std::vector<std::string> names;

@@ -147,6 +147,17 @@ class Family {
 // a missing --pretrained_model_name_or_path is an sdt::Error.
 FamilyOptions family_options_from_args(const TrainArgs& args);
 
+// A family's row in the registry: how to load it, and whether a checkpoint (a single file or a folder) is one of its
+// models.
+struct FamilyRow {
+  std::unique_ptr<Family> (*load)(const FamilyOptions&);
+  bool (*recognises)(const std::string& checkpoint);
+};
+
+// Adds a family to the registry at run time: a test's family (the product's are listed in family.cpp). A name taken
+// already is an sdt::Error.
+void register_family(const std::string& name, FamilyRow row);
+
 // The names of the families this build has, sorted.
 std::vector<std::string> family_names();
 

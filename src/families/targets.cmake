@@ -28,3 +28,11 @@ gtest_discover_tests(test_families DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "
 add_executable(bench_unet bench/bench_unet.cpp)
 target_link_libraries(bench_unet PRIVATE sdt_models)
 target_precompile_headers(bench_unet REUSE_FROM sdt_torch)
+
+# The tiny test-only DiT family (flow matching, several-tensor blocks) trained through `sdt train`: the proof that a
+# second family needs nothing outside its folder.
+add_executable(test_tiny_dit tests/families/test_tiny_dit.cpp tests/families/tiny_dit/tiny_dit.cpp)
+target_link_libraries(test_tiny_dit PRIVATE sdt_trainer GTest::gtest_main)
+target_compile_definitions(test_tiny_dit PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")
+target_precompile_headers(test_tiny_dit REUSE_FROM sdt_torch)
+gtest_discover_tests(test_tiny_dit DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")

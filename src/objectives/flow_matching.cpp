@@ -1,10 +1,12 @@
 #include "src/objectives/flow_matching.h"
 
 #include <cmath>
+#include <map>
 #include <numbers>
 #include <vector>
 
 #include "src/core/error.h"
+#include "src/core/train_args.h"
 
 namespace sdt {
 
@@ -17,6 +19,37 @@ at::Tensor divide(double a, const at::Tensor& t) { return at::reciprocal(t) * a;
 at::Tensor shifted(const at::Tensor& sigmas, double shift) { return (sigmas * shift) / ((sigmas * (shift - 1)) + 1); }
 
 }  // namespace
+
+FlowMatchingOptions flow_matching_options_from_args(const TrainArgs& args) {
+  static const std::map<std::string, TimestepSampling> samplings{{"sigma", TimestepSampling::sigma},
+                                                                 {"uniform", TimestepSampling::uniform},
+                                                                 {"sigmoid", TimestepSampling::sigmoid},
+                                                                 {"shift", TimestepSampling::shift},
+                                                                 {"flux_shift", TimestepSampling::flux_shift}};
+  static const std::map<std::string, ModelPredictionType> types{{"raw", ModelPredictionType::raw},
+                                                                {"additive", ModelPredictionType::additive},
+                                                                {"sigma_scaled", ModelPredictionType::sigma_scaled}};
+  FlowMatchingOptions o;
+  const auto sampling = samplings.find(args.timestep_sampling);
+  if (sampling == samplings.end()) fail("--timestep_sampling", "'{}' is not one of sigma, uniform, sigmoid, shift, flux_shift", args.timestep_sampling);
+  o.timestep_sampling = sampling->second;
+  const auto type = types.find(args.model_prediction_type);
+  if (type == types.end()) fail("--model_prediction_type", "'{}' is not one of raw, additive, sigma_scaled", args.model_prediction_type);
+  o.model_prediction_type = type->second;
+  o.sigmoid_scale = args.sigmoid_scale;
+  o.discrete_flow_shift = args.discrete_flow_shift;
+  o.weighting_scheme = args.weighting_scheme;
+  o.logit_mean = args.logit_mean;
+  o.logit_std = args.logit_std;
+  o.mode_scale = args.mode_scale;
+  o.ip_noise_gamma = args.ip_noise_gamma.value_or(0.0);
+  o.ip_noise_gamma_random_strength = args.ip_noise_gamma_random_strength;
+  o.loss_type = parse_loss_type(args.loss_type);
+  o.huber_schedule = parse_huber_schedule(args.huber_schedule);
+  o.huber_c = args.huber_c;
+  o.huber_scale = args.huber_scale;
+  return o;
+}
 
 FlowMatchSchedule make_flow_match_schedule(int64_t num_train_timesteps, double shift) {
   const auto t = static_cast<double>(num_train_timesteps);

@@ -43,6 +43,11 @@ struct FlowMatchingOptions {
   int64_t num_train_timesteps = 1000;
 };
 
+// The options from kohya's arguments (flux_train_network.py's --timestep_sampling ... --discrete_flow_shift, the
+// transformer families' --weighting_scheme ..., and the shared loss and --ip_noise_gamma flags). Unknown names and
+// kohya's refused combinations are sdt::Errors.
+FlowMatchingOptions flow_matching_options_from_args(const TrainArgs& args);
+
 // The discrete schedule kohya's FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift) holds: σ_i for
 // t_i = T, T - 1, ..., 1 (σ = t / T, shifted), and the timesteps T · σ_i. fp32, (T,).
 struct FlowMatchSchedule {

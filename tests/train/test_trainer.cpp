@@ -4,42 +4,25 @@
 // --save_last_n_steps do what they say.
 #include <gtest/gtest.h>
 
-#include <functional>
-
-#include <filesystem>
-#include <fstream>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
 #include <numeric>
-
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
 #include "src/train/trainer.h"
+#include "tests/train/toy_dataset.h"
 
 namespace sdt {
 namespace {
 
 namespace fs = std::filesystem;
 
-// Two flat-colour images with a bright square at different places, 32x32, captioned by colour.
-fs::path make_dataset(const fs::path& root) {
-  const fs::path dir = root / "train" / "4_toy";
-  fs::create_directories(dir);
-  const std::pair<const char*, cv::Scalar> images[] = {{"red", cv::Scalar(40, 40, 220)}, {"blue", cv::Scalar(220, 60, 40)}};
-  int i = 0;
-  for (const auto& [name, colour] : images) {
-    cv::Mat m(32, 32, CV_8UC3, colour);
-    cv::rectangle(m, cv::Rect(4 + 14 * i, 8, 10, 10), cv::Scalar(250, 250, 250), cv::FILLED);
-    cv::imwrite((dir / (std::string(name) + ".png")).string(), m);
-    std::ofstream(dir / (std::string(name) + ".txt")) << "a " << name << " square";
-    ++i;
-  }
-  return root / "train";
-}
+fs::path make_dataset(const fs::path& root) { return testing_support::make_toy_dataset(root, 4); }
 
 TrainArgs tiny_run(const fs::path& root) {
   TrainArgs args;

@@ -19,6 +19,7 @@
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
 #include "src/train/trainer.h"
+#include "tests/train/toy_dataset.h"
 #include "tests/run_tests_on_every_rank.h"
 
 namespace sdt {
@@ -34,19 +35,7 @@ void barrier() {
 
 // Two 32x32 images (one bucket), 6 repeats: 12 samples per epoch, a whole number of updates of 4 and of 6 samples.
 fs::path make_dataset(const fs::path& root) {
-  const fs::path dir = root / "train" / "6_toy";
-  if (the_world->rank == 0) {
-    fs::create_directories(dir);
-    const std::pair<const char*, cv::Scalar> images[] = {{"red", cv::Scalar(40, 40, 220)}, {"blue", cv::Scalar(220, 60, 40)}};
-    int i = 0;
-    for (const auto& [name, colour] : images) {
-      cv::Mat m(32, 32, CV_8UC3, colour);
-      cv::rectangle(m, cv::Rect(4 + 14 * i, 8, 10, 10), cv::Scalar(250, 250, 250), cv::FILLED);
-      cv::imwrite((dir / (std::string(name) + ".png")).string(), m);
-      std::ofstream(dir / (std::string(name) + ".txt")) << "a " << name << " square";
-      ++i;
-    }
-  }
+  if (the_world->rank == 0) testing_support::make_toy_dataset(root, 6);
   barrier();
   return root / "train";
 }

@@ -1,0 +1,132 @@
+// The second family through the training core: the tiny DiT (tests/families/tiny_dit) with flow matching, trained by
+// the same `sdt train` / `sdt train_db` code path as SD, LoRA on its several-tensor blocks and full fine-tuning, with
+// gradient checkpointing and full sharding through the same block seam.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <numeric>
+
+#include "src/core/error.h"
+#include "src/core/safetensors.h"
+#include "src/core/tensor_io.h"
+#include "src/families/family.h"
+#include "src/train/trainer.h"
+#include "tests/families/tiny_dit/tiny_dit.h"
+#include "tests/train/toy_dataset.h"
+
+namespace sdt {
+namespace {
+
+namespace fs = std::filesystem;
+
+TrainArgs tiny_dit_run(const std::string& tag, TrainMode mode) {
+  tiny_dit::register_family();
+  const fs::path root = fs::path(testing::TempDir()) / ("sdt_tiny_dit_" + tag);
+  fs::remove_all(root);
+  tiny_dit::write_checkpoint((root / "model").string(), tiny_dit::TinyDitConfig{}, 3, SDT_FIXTURES "/sd/sd1");
+  TrainArgs args;
+  args.pretrained_model_name_or_path = (root / "model").string();
+  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";
+  args.train_data_dir = testing_support::make_toy_dataset(root, 4, 64).string();
+  args.resolution = "64";
+  args.output_dir = (root / "out").string();
+  args.output_name = "toy";
+  args.train_batch_size = 2;
+  args.seed = 1;
+  args.max_data_loader_n_workers = 1;
+  args.timestep_sampling = "sigmoid";
+  args.model_prediction_type = "raw";
+  if (mode == TrainMode::network) {
+    args.network_module = "networks.lora";
+    args.network_dim = 4;
+    args.network_alpha = 4;
+    args.network_train_unet_only = true;
+    args.learning_rate = 1e-2;
+  } else {
+    args.learning_rate = 2e-3;
+  }
+  return args;
+}
+
+double mean(const std::vector<double>& v, size_t from, size_t to) {
+  return std::accumulate(v.begin() + static_cast<std::ptrdiff_t>(from), v.begin() + static_cast<std::ptrdiff_t>(to), 0.0) /
+         static_cast<double>(to - from);
+}
+
+// The largest difference between two weight files, relative to the largest weight.
+double relative_difference(const std::string& a, const std::string& b) {
+  safetensors::File fa(a), fb(b);
+  double difference = 0, largest = 1e-12;
+  for (const auto& t : fa.tensors()) {
+    if (t.name.ends_with(".alpha")) continue;
+    const at::Tensor x = load_tensor(fa, t.name).to(at::kDouble), y = load_tensor(fb, t.name).to(at::kDouble);
+    difference = std::max(difference, (x - y).abs().max().item<double>());
+    largest = std::max(largest, y.abs().max().item<double>());
+  }
+  return difference / largest;
+}
+
+class TinyDitTraining : public ::testing::TestWithParam<TrainMode> {};
+
+TEST_P(TinyDitTraining, LossFallsThroughTheSameTrainer) {
+  const TrainMode mode = GetParam();
+  TrainArgs args = tiny_dit_run(mode == TrainMode::network ? "lora" : "full", mode);
+  args.max_train_steps = 120;
+  const TrainSummary summary = train(args, World{}, mode);
+  ASSERT_EQ(summary.losses.size(), 120u);
+  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 100, 120);
+  std::cout << "[tiny_dit] mean loss of the first 20 steps " << first << ", of the last 20 " << last << "\n";
+  EXPECT_LT(last, 0.8 * first);
+  const safetensors::File weights(summary.weights_path);
+  if (mode == TrainMode::network) {
+    EXPECT_TRUE(weights.contains("lora_unet_double_blocks_0_img_qkv.lora_down.weight"));
+    EXPECT_TRUE(weights.contains("lora_unet_single_blocks_1_linear1.lora_up.weight"));
+    EXPECT_EQ(weights.metadata().at("ss_base_model_version"), "tiny_dit");
+  } else {
+    EXPECT_TRUE(weights.contains("double_blocks.0.img_qkv.weight"));
+  }
+}
+
+// Gradient checkpointing and full sharding run the blocks through the same seam: one process gives the weights of the
+// plain run, up to the order of float sums (recomputation and the flat shard buffers): 1e-5 relative. (AdamW moves a
+// weight whose gradient is near zero by up to lr whatever its rounding, so the full fine-tune runs at lr 2e-5.)
+TEST_P(TinyDitTraining, CheckpointingAndFullShardingTrainLikeThePlainRun) {
+  const TrainMode mode = GetParam();
+  const std::string tag = mode == TrainMode::network ? "lora" : "full";
+  auto run_args = [&](const std::string& variant) {
+    TrainArgs args = tiny_dit_run(variant + "_" + tag, mode);
+    args.max_train_steps = 6;
+    if (mode == TrainMode::whole_model) args.learning_rate = 2e-5;
+    return args;
+  };
+  const TrainSummary plain = train(run_args("plain"), World{}, mode);
+  for (const std::string variant : {"checkpointing", "sharding"}) {
+    TrainArgs other = run_args(variant);
+    other.gradient_checkpointing = variant == "checkpointing";
+    if (variant == "sharding") other.sharding = "full";
+    const TrainSummary run = train(other, World{}, mode);
+    const double difference = relative_difference(run.weights_path, plain.weights_path);
+    std::cout << "[tiny_dit] " << tag << " " << variant << ": weights within " << difference << " of the plain run\n";
+    EXPECT_LT(difference, 1e-5) << variant;
+    for (size_t i = 0; i < plain.losses.size(); ++i) EXPECT_NEAR(run.losses[i], plain.losses[i], 1e-5 * plain.losses[i]) << variant;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, TinyDitTraining, ::testing::Values(TrainMode::network, TrainMode::whole_model),
+                         [](const auto& info) { return info.param == TrainMode::network ? "lora" : "full"; });
+
+TEST(TinyDitFamily, IsRecognisedFromItsCheckpointAndSwapIsRefusedWithTheReason) {
+  TrainArgs args = tiny_dit_run("recognised", TrainMode::network);
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, *args.pretrained_model_name_or_path), "tiny_dit");
+  args.blocks_to_swap = 2;
+  args.max_train_steps = 1;
+  try {
+    train(args, World{}, TrainMode::network);
+    FAIL() << "expected --blocks_to_swap to be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("block-stack engine"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace sdt
