@@ -38,7 +38,7 @@ target_precompile_headers(bench_train_sharding REUSE_FROM sdt_torch)
 
 # N ranks train like one process (LoRA and full fine-tuning), only rank 0 writes, a 2-rank state resumes on 3 ranks:
 # run as one process and as mpiexec jobs of 2 and 3 ranks (the np3 job resumes what the np2 job saved).
-add_executable(test_trainer_distributed tests/train/test_trainer_distributed.cpp)
+add_executable(test_trainer_distributed tests/train/test_trainer_distributed.cpp tests/families/tiny_dit/tiny_dit.cpp)
 target_link_libraries(test_trainer_distributed PRIVATE sdt_trainer GTest::gtest)
 target_compile_definitions(test_trainer_distributed PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures"
                                                            SDT_BINARY_DIR="${CMAKE_BINARY_DIR}")
