@@ -478,6 +478,19 @@ void Trainer::set_up_outputs() {
   meta_.mixed_precision = args_.mixed_precision;
   meta_.full_fp16 = python_str(args_.full_fp16);
   meta_.base_model = family_->training_metadata();
+  // kohya's ss_sd_model_name / ss_vae_name (the file's name, or the argument as given) and, for a file, its legacy and
+  // SHA-256 hashes (the whole file is read once; rank 0 alone writes files).
+  auto name_and_hashes = [&](const std::string& path, std::optional<std::string>& name, std::optional<std::string>& hash,
+                             std::optional<std::string>& new_hash) {
+    name = path;
+    if (!fs::is_regular_file(path)) return;
+    name = fs::path(path).filename().string();
+    if (world_.rank != 0) return;
+    hash = legacy_model_hash(path);
+    new_hash = file_sha256(path);
+  };
+  name_and_hashes(*args_.pretrained_model_name_or_path, meta_.sd_model_name, meta_.sd_model_hash, meta_.new_sd_model_hash);
+  if (args_.vae) name_and_hashes(*args_.vae, meta_.vae_name, meta_.vae_hash, meta_.new_vae_hash);
   meta_.seed = python_str(static_cast<int64_t>(seed_));
   meta_.optimizer = made_.ss_optimizer();
   meta_.max_grad_norm = python_str(args_.max_grad_norm);

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 
 #include "src/core/error.h"
 #include "src/networks/lora_metadata.h"
@@ -44,6 +45,24 @@ TEST(LoRAHashes, EqualKohyasPrecalculatedHashes) {
 }
 
 // The model hash is the SHA-256 of the data section, so it can be checked on the written file too.
+// kohya's model_hash (SHA-256 of the 64 KiB at 0x100000, first 8 hex digits; of nothing for a shorter file) and
+// calculate_sha256 (the whole file), as Python's hashlib computes them for the same bytes.
+TEST(ModelHashes, EqualKohyasModelHashAndSha256) {
+  const std::string big = ::testing::TempDir() + "model_hash_big.bin", small = ::testing::TempDir() + "model_hash_small.bin";
+  {
+    std::ofstream out(big, std::ios::binary);
+    for (int64_t i = 0; i < 0x110000; ++i) out.put(static_cast<char>((i * 7 + 3) % 251));
+    std::ofstream tiny(small, std::ios::binary);
+    for (int i = 0; i < 100; ++i) tiny.put(static_cast<char>(i));
+  }
+  EXPECT_EQ(legacy_model_hash(big), "145d6c8b");
+  EXPECT_EQ(file_sha256(big), "6dc2cb154824993e5f1ad486ee5524ec87bda256d13db64f1bc828e0331badfd");
+  EXPECT_EQ(legacy_model_hash(small), "e3b0c442");
+  EXPECT_EQ(file_sha256(small), "bce0aff19cf5aa6a7469a30d61d04e4376e4bbf6381052ee9e7f33925c954d52");
+  std::remove(big.c_str());
+  std::remove(small.c_str());
+}
+
 TEST(LoRAFile, SaveWritesKohyasKeysMetadataAndHashesAndLoadsBack) {
   SdModels models = load_diffusers_folder(kSd + "sd1");
   LoRANetworkConfig config = parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2"});

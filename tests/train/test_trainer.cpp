@@ -74,6 +74,12 @@ TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   EXPECT_EQ(lora.metadata().at("ss_network_module"), "networks.lora");
   EXPECT_EQ(lora.metadata().at("ss_network_dim"), "4");
   EXPECT_TRUE(lora.metadata().count("sshs_model_hash"));
+  // kohya's base-model keys: a diffusers folder is named as given and not hashed; the finishing time is recorded.
+  EXPECT_EQ(lora.metadata().at("ss_sd_model_name"), SDT_FIXTURES "/sd/sd1");
+  EXPECT_FALSE(lora.metadata().contains("ss_sd_model_hash"));
+  EXPECT_EQ(lora.metadata().at("ss_base_model_version"), "sd_v1");
+  EXPECT_EQ(lora.metadata().at("ss_v2"), "False");
+  EXPECT_GE(std::stod(lora.metadata().at("ss_training_finished_at")), std::stod(lora.metadata().at("ss_training_started_at")));
   size_t unet_keys = 0;
   for (const auto& t : lora.tensors()) {
     EXPECT_TRUE(t.name.starts_with("lora_unet_")) << t.name;
