@@ -24,27 +24,11 @@ TrainArgs tiny_dit_run(const std::string& tag, TrainMode mode) {
   const fs::path root = fs::path(testing::TempDir()) / ("sdt_tiny_dit_" + tag);
   fs::remove_all(root);
   tiny_dit::write_checkpoint((root / "model").string(), tiny_dit::TinyDitConfig{}, 3, SDT_FIXTURES "/sd/sd1");
-  TrainArgs args;
-  args.pretrained_model_name_or_path = (root / "model").string();
-  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";
-  args.train_data_dir = testing_support::make_toy_dataset(root, 4, 64).string();
-  args.resolution = "64";
+  TrainArgs args = tiny_dit::training_args((root / "model").string(), testing_support::make_toy_dataset(root, 4, 64).string(), mode);
   args.output_dir = (root / "out").string();
   args.output_name = "toy";
   args.train_batch_size = 2;
-  args.seed = 1;
-  args.max_data_loader_n_workers = 1;
-  args.timestep_sampling = "sigmoid";
   args.model_prediction_type = "raw";
-  if (mode == TrainMode::network) {
-    args.network_module = "networks.lora";
-    args.network_dim = 4;
-    args.network_alpha = 4;
-    args.network_train_unet_only = true;
-    args.learning_rate = 1e-2;
-  } else {
-    args.learning_rate = 2e-3;
-  }
   return args;
 }
 

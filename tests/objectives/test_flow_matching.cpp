@@ -8,6 +8,7 @@
 
 #include "src/core/error.h"
 #include "src/core/tensor_io.h"
+#include "src/core/train_args.h"
 #include "src/objectives/flow_matching.h"
 #include "tests/models/compare.h"
 
@@ -35,31 +36,24 @@ const Fixture& fixture() {
   return f;
 }
 
+// The case's kohya arguments, read as `sdt train` reads them.
 FlowMatchingOptions options_of(const nlohmann::json& c) {
-  static const std::map<std::string, TimestepSampling> samplings{{"sigma", TimestepSampling::sigma},
-                                                                 {"uniform", TimestepSampling::uniform},
-                                                                 {"sigmoid", TimestepSampling::sigmoid},
-                                                                 {"shift", TimestepSampling::shift},
-                                                                 {"flux_shift", TimestepSampling::flux_shift}};
-  static const std::map<std::string, ModelPredictionType> types{{"raw", ModelPredictionType::raw},
-                                                                {"additive", ModelPredictionType::additive},
-                                                                {"sigma_scaled", ModelPredictionType::sigma_scaled}};
-  FlowMatchingOptions o;
-  o.timestep_sampling = samplings.at(c.at("timestep_sampling"));
-  o.sigmoid_scale = c.at("sigmoid_scale");
-  o.discrete_flow_shift = c.at("discrete_flow_shift");
-  o.weighting_scheme = c.at("weighting_scheme");
-  o.logit_mean = c.at("logit_mean");
-  o.logit_std = c.at("logit_std");
-  o.mode_scale = c.at("mode_scale");
-  o.model_prediction_type = types.at(c.at("model_prediction_type"));
-  o.ip_noise_gamma = c.at("ip_noise_gamma").is_null() ? 0.0 : c.at("ip_noise_gamma").get<double>();
-  o.ip_noise_gamma_random_strength = c.at("ip_noise_gamma_random_strength");
-  o.loss_type = parse_loss_type(c.at("loss_type").get<std::string>());
-  o.huber_schedule = parse_huber_schedule(c.at("huber_schedule").get<std::string>());
-  o.huber_c = c.at("huber_c");
-  o.huber_scale = c.at("huber_scale");
-  return o;
+  TrainArgs args;
+  args.timestep_sampling = c.at("timestep_sampling");
+  args.sigmoid_scale = c.at("sigmoid_scale");
+  args.discrete_flow_shift = c.at("discrete_flow_shift");
+  args.weighting_scheme = c.at("weighting_scheme");
+  args.logit_mean = c.at("logit_mean");
+  args.logit_std = c.at("logit_std");
+  args.mode_scale = c.at("mode_scale");
+  args.model_prediction_type = c.at("model_prediction_type");
+  if (!c.at("ip_noise_gamma").is_null()) args.ip_noise_gamma = c.at("ip_noise_gamma").get<double>();
+  args.ip_noise_gamma_random_strength = c.at("ip_noise_gamma_random_strength");
+  args.loss_type = c.at("loss_type");
+  args.huber_schedule = c.at("huber_schedule");
+  args.huber_c = c.at("huber_c");
+  args.huber_scale = c.at("huber_scale");
+  return flow_matching_options_from_args(args);
 }
 
 class KohyaFlowMatching : public ::testing::TestWithParam<std::string> {};

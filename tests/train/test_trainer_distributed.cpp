@@ -203,26 +203,11 @@ TEST(DistributedTrainer, TinyDitFullyShardedOnNRanksEqualsOneProcess) {
   barrier();
   for (TrainMode mode : {TrainMode::network, TrainMode::whole_model}) {
     const std::string tag = mode == TrainMode::network ? "lora" : "full";
-    TrainArgs args;
-    args.pretrained_model_name_or_path = (root / "model").string();
-    args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";
-    args.train_data_dir = (root / "train").string();
-    args.resolution = "64";
-    args.train_batch_size = 1;
+    TrainArgs args = tiny_dit::training_args((root / "model").string(), (root / "train").string(), mode);
     args.max_train_steps = 4;
     args.seed = 7;
-    args.max_data_loader_n_workers = 1;
-    args.timestep_sampling = "sigmoid";
     args.sharding = "full";
-    if (mode == TrainMode::network) {
-      args.network_module = "networks.lora";
-      args.network_dim = 4;
-      args.network_alpha = 2;
-      args.network_train_unet_only = true;
-      args.learning_rate = 1e-3;
-    } else {
-      args.learning_rate = 2e-5;
-    }
+    args.learning_rate = mode == TrainMode::network ? 1e-3 : 2e-5;
     args.output_dir = (root / fmt::format("{}_rank{}", tag, world.rank)).string();
     const TrainSummary ranks = train(args, world, mode);
     if (world.rank == 0) {

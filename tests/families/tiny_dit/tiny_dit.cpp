@@ -277,6 +277,28 @@ void register_family() {
   std::call_once(once, [] { sdt::register_family("tiny_dit", {&load_tiny_dit, &is_tiny_dit_checkpoint}); });
 }
 
+TrainArgs training_args(const std::string& model, const std::string& train_data_dir, TrainMode mode) {
+  TrainArgs args;
+  args.pretrained_model_name_or_path = model;
+  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";
+  args.train_data_dir = train_data_dir;
+  args.resolution = "64";
+  args.train_batch_size = 1;
+  args.seed = 1;
+  args.max_data_loader_n_workers = 1;
+  args.timestep_sampling = "sigmoid";
+  if (mode == TrainMode::network) {
+    args.network_module = "networks.lora";
+    args.network_dim = 4;
+    args.network_alpha = 4;
+    args.network_train_unet_only = true;
+    args.learning_rate = 1e-2;
+  } else {
+    args.learning_rate = 2e-3;
+  }
+  return args;
+}
+
 void write_checkpoint(const std::string& folder, const TinyDitConfig& c, uint64_t seed, const std::string& sd_folder) {
   fs::create_directories(fs::path(folder) / "transformer");
   torch::manual_seed(seed);

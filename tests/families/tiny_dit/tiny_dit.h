@@ -16,6 +16,7 @@
 #include <torch/torch.h>
 
 #include "src/families/family.h"
+#include "src/train/trainer.h"
 #include "src/models/layers.h"
 
 namespace sdt::tiny_dit {
@@ -72,6 +73,10 @@ TORCH_MODULE(TinyDit);
 
 // Registers "tiny_dit" (once per process).
 void register_family();
+
+// What the tests train the tiny DiT with: the model folder, the toy dataset at 64x64, batch 1, seed 1, flow matching
+// with sigmoid timesteps; a LoRA of dim 4 on the DiT (lr 1e-2), or the whole model (lr 2e-3).
+TrainArgs training_args(const std::string& model, const std::string& train_data_dir, TrainMode mode);
 
 // Writes a checkpoint folder at `folder` with a DiT of `config` initialised after torch.manual_seed(seed), beside the
 // SD diffusers folder `sd_folder` (linked as `sd/`).
