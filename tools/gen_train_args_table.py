@@ -42,7 +42,7 @@ SDT_ARGS = [
     ("check_replicas_every_n_steps", "Int", "0", [], "data parallel: every N steps compare a checksum of the trained weights across ranks and stop, naming the ranks, if a replica diverged (0: never)", "training"),
     ("sharding", "Str", '"none"', ["none", "optimizer", "gradients", "full"], "data parallel: what each rank keeps only 1/N of: none (plain data parallel), optimizer (its state, ZeRO-1), gradients (and the gradients, ZeRO-2), full (and the weights, ZeRO-3/FSDP; block-stack models only)", "training"),
     ("family", "OptStr", "std::nullopt", [], "the model family to train (sd, ...); default: the family that recognises the checkpoint given by --pretrained_model_name_or_path", "model"),
-    ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/)", "model"),
+    ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/, else the vocabulary sdt ships in data/tokenizers/clip)", "model"),
 ]
 
 # Alternative spellings accepted on the command line and in config files.

@@ -4,7 +4,9 @@
 
 #include <array>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -318,6 +320,23 @@ void ClipTokenizer::encode_word(std::string_view word, std::vector<int32_t>& ids
     symbols.swap(merged);
   }
   ids.insert(ids.end(), symbols.begin(), symbols.end());
+}
+
+std::string ClipTokenizer::bundled_vocab_gz() {
+  const std::filesystem::path relative = std::filesystem::path("tokenizers") / "clip" / "bpe_simple_vocab_16e6.txt.gz";
+  std::vector<std::filesystem::path> candidates;
+  if (const char* data_dir = std::getenv("SDT_DATA_DIR")) candidates.push_back(std::filesystem::path(data_dir) / relative);
+  std::error_code error;
+  const std::filesystem::path executable = std::filesystem::read_symlink("/proc/self/exe", error);
+  if (!error) {
+    candidates.push_back(executable.parent_path() / "data" / relative);
+    candidates.push_back(executable.parent_path().parent_path() / "data" / relative);
+  }
+  for (const auto& path : candidates) {
+    if (std::filesystem::is_regular_file(path)) return path.string();
+  }
+  fail("tokenizer", "the CLIP vocabulary the project ships (data/{}) is not beside the executable; pass --tokenizer or "
+                    "set SDT_DATA_DIR to the project's data/ folder", relative.string());
 }
 
 }  // namespace sdt

@@ -35,6 +35,9 @@ class ClipTokenizer {
   // OpenAI's bpe_simple_vocab_16e6.txt.gz: the merges, from which the vocabulary follows (the 256
   // byte symbols, the same with "</w>", one token per merge, then the two special tokens).
   static ClipTokenizer from_bpe_vocab_gz(const std::string& path, std::string_view pad_token);
+  // OpenAI's vocabulary as the project ships it (data/tokenizers/clip/, MIT): data/ beside the folder of the running
+  // executable (the build folder's binaries find the source tree's), or $SDT_DATA_DIR. An sdt::Error when absent.
+  static std::string bundled_vocab_gz();
   // A Hugging Face tokenizer folder's vocab.json and merges.txt.
   static ClipTokenizer from_vocab_json_and_merges(const std::string& vocab_json_path,
                                                   const std::string& merges_txt_path, std::string_view pad_token);

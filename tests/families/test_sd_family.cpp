@@ -104,7 +104,7 @@ TEST(SdFamilyTraining, BaseModelMetadataAndTextEncoderSettingsAreKohyas) {
 
 TEST(SdFamilyLoading, VocabularyTooLargeForTheTextEncoderIsAnError) {
   FamilyOptions options = tiny_options(false);
-  options.tokenizer = SDT_FIXTURES "/../../../shared/tokenizers/clip/bpe_simple_vocab_16e6.txt.gz";
+  options.tokenizer = SDT_FIXTURES "/../../data/tokenizers/clip/bpe_simple_vocab_16e6.txt.gz";
   const std::string message = error_of([&] { load_family("sd", options); });
   EXPECT_NE(message.find("the tokenizer's ids reach 49407 but the text encoder has 1000 tokens"), std::string::npos)
       << message;

@@ -103,6 +103,12 @@ void write_hf_files(const fs::path& folder) {
 
 std::string shown(const json& text) { return json(text).dump(); }
 
+// The vocabulary the project ships is found beside the running executable (build/ binaries: the source tree's data/),
+// so a single-file checkpoint needs no --tokenizer.
+TEST(ClipTokenizer, TheBundledVocabularyIsFoundBesideTheExecutable) {
+  EXPECT_EQ(std::filesystem::canonical(ClipTokenizer::bundled_vocab_gz()), std::filesystem::canonical(SDT_CLIP_VOCAB_GZ));
+}
+
 TEST(ClipTokenizer, VocabularyFromGzHasClipsSizeAndSpecialIds) {
   EXPECT_EQ(sd1().vocab_size(), fixture()["vocab_size"].get<size_t>());
   EXPECT_EQ(sd1().bos_id(), fixture()["bos"]);

@@ -22,16 +22,14 @@ namespace {
 
 constexpr int64_t kWindow = 75;  // text ids per 77-id window
 
-// The CLIP vocabulary: OpenAI's .txt.gz, a folder with vocab.json and merges.txt, or a diffusers model's tokenizer/.
+// The CLIP vocabulary: OpenAI's .txt.gz, a folder with vocab.json and merges.txt, a diffusers model's tokenizer/, or
+// (a single-file checkpoint without --tokenizer) the vocabulary the project ships, as kohya users never need to find one.
 ClipTokenizer load_clip_tokenizer(const FamilyOptions& options) {
   const std::string_view pad_token = options.v2 ? ClipTokenizer::kSd2PadToken : ClipTokenizer::kSd1PadToken;
   fs::path path = options.tokenizer;
   if (path.empty()) {
     path = fs::path(options.pretrained_model_name_or_path) / "tokenizer";
-    if (!fs::is_directory(path)) {
-      fail("tokenizer", "no CLIP vocabulary given and {} does not exist: pass bpe_simple_vocab_16e6.txt.gz or a "
-                        "folder with vocab.json and merges.txt", path.string());
-    }
+    if (!fs::is_directory(path)) path = ClipTokenizer::bundled_vocab_gz();
   }
   if (fs::is_directory(path)) {
     return ClipTokenizer::from_vocab_json_and_merges((path / "vocab.json").string(), (path / "merges.txt").string(),
