@@ -34,9 +34,9 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     ctx->save_for_backward(tensors.vec());
     const size_t next = call->unit + 1;
     call->units->acquire(call->unit, next < call->units->units_.size() ? std::optional<size_t>(next) : std::nullopt);
-    at::Tensor out = call->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
+    std::vector<at::Tensor> outputs = call->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
     call->units->release(call->unit);
-    return {out};
+    return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -61,24 +61,23 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     if (unit.trainable) wrt.insert(wrt.end(), unit.parameters.begin(), unit.parameters.end());
 
     units.acquire(call->unit, call->unit > 0 ? std::optional<size_t>(call->unit - 1) : std::nullopt);
-    at::Tensor out;
+    std::vector<at::Tensor> outputs;
     {
       torch::AutoGradMode enable(true);
       RecomputeState::Replay replay(call->state);
-      out = call->block(inputs);
+      outputs = call->block(inputs);
     }
     // Two undefined gradients for the two non-tensor arguments of forward, then one per tensor.
     torch::autograd::variable_list grads(2 + saved.size());
     if (!wrt.empty()) {
-      const auto computed = torch::autograd::grad({out}, wrt, {grad_outputs[0]}, /*retain_graph=*/false,
-                                                  /*create_graph=*/false, /*allow_unused=*/true);
+      const std::vector<at::Tensor> computed = gradients_of(outputs, grad_outputs, wrt);
       for (size_t j = 0; j < first_parameter; ++j) grads[2 + wrt_index[j]] = computed[j];
       if (unit.trainable) {
         grads[2 + master_index] = units.reduce_gradient(
             call->unit, std::vector<at::Tensor>(computed.begin() + static_cast<std::ptrdiff_t>(first_parameter), computed.end()));
       }
     }
-    out = at::Tensor();
+    outputs.clear();
     units.release(call->unit);
     return grads;
   }
@@ -163,16 +162,13 @@ at::Tensor ShardedUnits::reduce_gradient(size_t u, const std::vector<at::Tensor>
   return communicator_.reduce_scatter(flat.view({ranks, -1}), ReduceOp::average).reshape({-1});
 }
 
-at::Tensor ShardedUnits::run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
-                             const std::vector<at::Tensor>& params) {
+std::vector<at::Tensor> ShardedUnits::run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
+                                          const std::vector<at::Tensor>& params) {
   const auto found = unit_of_.find(&module);
   if (found == unit_of_.end()) fail(kWhere, "a block that was not sharded ran through the sharded runner");
   const size_t u = found->second;
   const Unit& unit = units_[u];
-  if (whole_) {  // rank 0 holds every block's whole weights: saving or sampling
-    at::Tensor out = block(inputs);
-      return out;
-  }
+  if (whole_) return block(inputs);  // rank 0 holds every block's whole weights: saving or sampling
   std::unordered_set<const void*> own;
   for (const auto& p : unit.parameters) own.insert(p.unsafeGetTensorImpl());
   std::vector<at::Tensor> tensors = inputs;
@@ -185,14 +181,14 @@ at::Tensor ShardedUnits::run(const torch::nn::Module& module, Block block, const
   }
   if (!differentiate || !torch::GradMode::is_enabled()) {
     acquire(u, u + 1 < units_.size() ? std::optional<size_t>(u + 1) : std::nullopt);
-    at::Tensor out = block(inputs);
+    std::vector<at::Tensor> outputs = block(inputs);
     release(u);
-    return out;
+    return outputs;
   }
   if (unit.trainable) tensors.push_back(unit.master);
   auto holder = c10::IValue::make_capsule(
       c10::make_intrusive<UnitCall>(this, u, std::move(block), RecomputeState::capture(inputs.front().device().type())));
-  return UnitFunction::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors))[0];
+  return UnitFunction::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors));
 }
 
 void ShardedUnits::gather_whole_to_root() {

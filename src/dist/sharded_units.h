@@ -54,8 +54,8 @@ class ShardedUnits final : public BlockRunner {
   ShardedUnits(const std::vector<std::shared_ptr<torch::nn::Module>>& units, const std::vector<at::Tensor>& kept_whole,
                Communicator& communicator, std::optional<at::ScalarType> compute_dtype = std::nullopt);
 
-  at::Tensor run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
-                 const std::vector<at::Tensor>& params) override;
+  std::vector<at::Tensor> run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
+                              const std::vector<at::Tensor>& params) override;
 
   const std::vector<Unit>& units() const { return units_; }
   Communicator& communicator() const { return communicator_; }

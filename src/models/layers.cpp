@@ -129,7 +129,7 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
     ctx->saved_data["num_inputs"] = num_inputs;
     ctx->save_for_backward(tensors.vec());
     auto* block = static_cast<BlockHolder*>(holder.toCapsule().get());
-    return {block->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs))};
+    return block->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -149,17 +149,16 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
       wrt_index.push_back(i);
     }
 
-    at::Tensor out;
+    std::vector<at::Tensor> outputs;
     {
       torch::AutoGradMode enable(true);
       RecomputeState::Replay replay(block->state);
-      out = block->block(inputs);
+      outputs = block->block(inputs);
     }
     // Two undefined gradients for the two non-tensor arguments of forward, then one per tensor.
     torch::autograd::variable_list grads(2 + saved.size());
     if (wrt.empty()) return grads;
-    auto computed = torch::autograd::grad({out}, wrt, {grad_outputs[0]}, /*retain_graph=*/false,
-                                          /*create_graph=*/false, /*allow_unused=*/true);
+    const std::vector<at::Tensor> computed = gradients_of(outputs, grad_outputs, wrt);
     for (size_t j = 0; j < wrt.size(); ++j) grads[2 + wrt_index[j]] = computed[j];
     return grads;
   }
@@ -167,12 +166,24 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
 
 }  // namespace
 
-at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params) {
+std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& grad_outputs,
+                                     const std::vector<at::Tensor>& wrt) {
+  std::vector<at::Tensor> differentiated, seeds;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (!grad_outputs[i].defined() || !outputs[i].requires_grad()) continue;  // an output nothing downstream used
+    differentiated.push_back(outputs[i]);
+    seeds.push_back(grad_outputs[i]);
+  }
+  if (differentiated.empty()) return std::vector<at::Tensor>(wrt.size());
+  return torch::autograd::grad(differentiated, wrt, seeds, /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
+}
+
+std::vector<at::Tensor> checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> tensors = inputs;
   tensors.insert(tensors.end(), params.begin(), params.end());
   auto holder = c10::IValue::make_capsule(
       c10::make_intrusive<BlockHolder>(std::move(block), RecomputeState::capture(inputs.front().device().type())));
-  return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors))[0];
+  return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors));
 }
 
 }  // namespace sdt

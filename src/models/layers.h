@@ -77,12 +77,21 @@ TORCH_MODULE(Upsample2D);
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 bool causal = false);
 
+// A model's repeated block as the seams below run it: several tensors in, several out (a FLUX double block takes the
+// image and text streams and the vector, and returns both streams).
+using Block = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>& inputs)>;
+
 // Gradient checkpointing: runs `block(inputs)` without keeping its activations, and in backward runs it again with
 // grad enabled to get the gradients of `inputs` and `params` (the tensors the block reads besides its inputs).
 // The recomputation sees the forward's autocast state and random-generator state (RecomputeState), so a block with
 // dropout (a LoRA's) draws the same masks twice. Inputs must be defined tensors.
-using Block = std::function<at::Tensor(const std::vector<at::Tensor>& inputs)>;
-at::Tensor checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params);
+std::vector<at::Tensor> checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params);
+
+// The backward of a recomputed block: the gradients of `wrt` given the gradients of its outputs (an undefined one: the
+// output fed nothing; unused tensors of `wrt` get undefined gradients). What checkpointed() and the sharded-block runner
+// both do in backward.
+std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& grad_outputs,
+                                     const std::vector<at::Tensor>& wrt);
 
 // The autocast state (on or off, and the dtype) of a device type: captured when a block first runs and restored
 // while backward recomputes it, so the recomputation is the same computation (torch.utils.checkpoint does this too;
@@ -132,8 +141,8 @@ struct RecomputeState {
 class BlockRunner {
  public:
   virtual ~BlockRunner() = default;
-  virtual at::Tensor run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
-                         const std::vector<at::Tensor>& params) = 0;
+  virtual std::vector<at::Tensor> run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
+                                      const std::vector<at::Tensor>& params) = 0;
 };
 
 }  // namespace sdt

@@ -111,28 +111,26 @@ at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim) {
   return at::cat({at::cos(angles), at::sin(angles)}, -1);                                          // (B, dim)
 }
 
-// Each ResNet and Transformer2D is one checkpointed unit: the closure holds the module (a shared pointer), so the
-// recompute in backward finds it alive.
+namespace {
+
+// Each ResNet and Transformer2D is one unit: run through the block runner (sharded weights), recomputed in backward, or
+// plainly. The closure holds the module (a shared pointer), so the recomputation in backward finds it alive.
+template <typename Impl>
+at::Tensor run_unit(const std::shared_ptr<Impl>& block, const at::Tensor& x, const at::Tensor& extra, const UNetStep& step) {
+  const Block run = [block](const std::vector<at::Tensor>& in) { return std::vector<at::Tensor>{block->forward(in[0], in[1])}; };
+  if (step.runner) return step.runner->run(*block, run, {x, extra}, block->parameters())[0];
+  if (!step.checkpoint) return block->forward(x, extra);
+  return checkpointed(run, {x, extra}, block->parameters())[0];
+}
+
+}  // namespace
+
 at::Tensor UNetLevelImpl::resnet(size_t i, const at::Tensor& x, const UNetStep& step) {
-  auto block = resnets->ptr<ResnetBlock2DImpl>(i);
-  if (step.runner) {
-    return step.runner->run(*block, [block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
-                            {x, step.temb}, block->parameters());
-  }
-  if (!step.checkpoint) return block->forward(x, step.temb);
-  return checkpointed([block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
-                      {x, step.temb}, block->parameters());
+  return run_unit(resnets->ptr<ResnetBlock2DImpl>(i), x, step.temb, step);
 }
 
 at::Tensor UNetLevelImpl::attention(size_t i, const at::Tensor& x, const UNetStep& step) {
-  auto block = attentions->ptr<Transformer2DImpl>(i);
-  if (step.runner) {
-    return step.runner->run(*block, [block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
-                            {x, step.context}, block->parameters());
-  }
-  if (!step.checkpoint) return block->forward(x, step.context);
-  return checkpointed([block](const std::vector<at::Tensor>& in) { return block->forward(in[0], in[1]); },
-                      {x, step.context}, block->parameters());
+  return run_unit(attentions->ptr<Transformer2DImpl>(i), x, step.context, step);
 }
 
 UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(std::move(config)) {

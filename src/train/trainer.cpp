@@ -1,19 +1,16 @@
 #include "src/train/trainer.h"
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/autocast_mode.h>
 
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <ctime>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <mutex>
 #include <random>
 #include <set>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
@@ -21,7 +18,6 @@
 
 #include "src/core/dataset_config.h"
 #include "src/core/error.h"
-#include "src/core/tensor_io.h"
 #include "src/data/loader.h"
 #include "src/data/rng.h"
 #include "cluster/communicator.h"
@@ -31,7 +27,6 @@
 #include "cluster/gradient_reducer.h"
 #include "src/dist/memory_plan.h"
 #include "src/families/family.h"
-#include "src/networks/lora.h"
 #include "src/networks/lora_metadata.h"
 #include "src/objectives/objective.h"
 #include "src/train/data_parallel.h"

@@ -190,7 +190,8 @@ TEST(Trainer, FullFineTuneLossFallsAndWritesOneCheckpoint) {
 // --mixed_precision bf16 (LoRA fp32, base bf16, autocast), fp16 with the loss scaler, and --full_bf16 train: the loss
 // stays finite and falls.
 void expect_mixed_precision_trains(const std::string& precision, bool full, double ratio) {
-  const fs::path root = fs::path(testing::TempDir()) / ("sdt_mp_" + precision);
+  // A folder per case: ctest runs the cases as parallel processes.
+  const fs::path root = fs::path(testing::TempDir()) / ("sdt_mp_" + precision + (full ? "_full" : ""));
   fs::remove_all(root);
   TrainArgs args = tiny_run(root);
   args.mixed_precision = precision;

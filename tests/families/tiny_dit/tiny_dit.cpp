@@ -21,7 +21,8 @@ at::Tensor layer_norm(const at::Tensor& x) { return at::layer_norm(x, {x.size(-1
 at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) { return layer_norm(x) * (scale + 1) + shift; }
 
 // Runs one block as the denoiser is asked to: through a block runner (full sharding), recomputed in backward, or plainly.
-at::Tensor run_block(const TinyDitImpl& dit, const torch::nn::Module& module, const Block& block, const std::vector<at::Tensor>& inputs) {
+std::vector<at::Tensor> run_block(const TinyDitImpl& dit, const torch::nn::Module& module, const Block& block,
+                                  const std::vector<at::Tensor>& inputs) {
   if (dit.block_runner) return dit.block_runner->run(module, block, inputs, module.parameters());
   if (dit.gradient_checkpointing && torch::GradMode::is_enabled()) return checkpointed(block, inputs, module.parameters());
   return block(inputs);
@@ -101,19 +102,19 @@ at::Tensor TinyDitImpl::forward(const at::Tensor& latents, const at::Tensor& tim
   const int64_t s = txt.size(1);
   for (const auto& module : *double_blocks) {
     auto* double_block = module->as<DoubleBlockImpl>();
-    // Two outputs travel as one tensor, [txt, img] along the sequence, through the single-output block seam.
     const Block run = [double_block](const std::vector<at::Tensor>& in) {
       auto [i, t] = double_block->forward(in[0], in[1], in[2]);
-      return at::cat({t, i}, 1);
+      return std::vector<at::Tensor>{i, t};
     };
-    const at::Tensor joined = run_block(*this, *module, run, {img, txt, vec});
-    txt = joined.narrow(1, 0, s);
-    img = joined.narrow(1, s, joined.size(1) - s);
+    const std::vector<at::Tensor> streams = run_block(*this, *module, run, {img, txt, vec});
+    img = streams[0];
+    txt = streams[1];
   }
   at::Tensor x = at::cat({txt, img}, 1);
   for (const auto& module : *single_blocks) {
     auto* single_block = module->as<SingleBlockImpl>();
-    x = run_block(*this, *module, [single_block](const std::vector<at::Tensor>& in) { return single_block->forward(in[0], in[1]); }, {x, vec});
+    const Block run = [single_block](const std::vector<at::Tensor>& in) { return std::vector<at::Tensor>{single_block->forward(in[0], in[1])}; };
+    x = run_block(*this, *module, run, {x, vec})[0];
   }
   img = x.narrow(1, s, x.size(1) - s);
   const std::vector<at::Tensor> f = final_mod(at::silu(vec)).unsqueeze(1).chunk(2, -1);
