@@ -28,6 +28,65 @@ std::string python_str(const std::optional<double>& value) { return value ? pyth
 std::string python_str(const std::optional<int64_t>& value) { return value ? python_str(*value) : "None"; }
 std::string python_str(const std::optional<std::string>& value) { return value ? *value : "None"; }
 
+namespace {
+
+// A JSON string as json.dumps(ensure_ascii=True) writes it: UTF-8 decoded, every code point outside " " .. "~"
+// escaped as \uXXXX (surrogate pairs above 0xffff).
+std::string python_json_string(const std::string& text) {
+  std::string out = "\"";
+  auto escape = [&](uint32_t unit) { out += fmt::format("\\u{:04x}", unit); };
+  for (size_t i = 0; i < text.size();) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    uint32_t code = byte;
+    size_t length = 1;
+    if (byte >= 0xf0) code = byte & 0x07, length = 4;
+    else if (byte >= 0xe0) code = byte & 0x0f, length = 3;
+    else if (byte >= 0xc0) code = byte & 0x1f, length = 2;
+    for (size_t k = 1; k < length && i + k < text.size(); ++k) code = (code << 6) | (static_cast<unsigned char>(text[i + k]) & 0x3f);
+    i += length;
+    switch (code) {
+      case '"': out += "\\\""; continue;
+      case '\\': out += "\\\\"; continue;
+      case '\n': out += "\\n"; continue;
+      case '\r': out += "\\r"; continue;
+      case '\t': out += "\\t"; continue;
+      case '\b': out += "\\b"; continue;
+      case '\f': out += "\\f"; continue;
+      default: break;
+    }
+    if (code < 0x20 || (code > 0x7e && code <= 0xffff)) {
+      escape(code);
+    } else if (code > 0xffff) {
+      escape(0xd800 + ((code - 0x10000) >> 10));
+      escape(0xdc00 + ((code - 0x10000) & 0x3ff));
+    } else {
+      out += static_cast<char>(code);
+    }
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+std::string python_json(const nlohmann::ordered_json& value) {
+  std::string out;
+  switch (value.type()) {
+    case nlohmann::ordered_json::value_t::object: {
+      for (const auto& [key, item] : value.items()) out += (out.empty() ? "" : ", ") + python_json_string(key) + ": " + python_json(item);
+      return "{" + out + "}";
+    }
+    case nlohmann::ordered_json::value_t::array: {
+      for (const auto& item : value) out += (out.empty() ? "" : ", ") + python_json(item);
+      return "[" + out + "]";
+    }
+    case nlohmann::ordered_json::value_t::string: return python_json_string(value.get<std::string>());
+    case nlohmann::ordered_json::value_t::boolean: return value.get<bool>() ? "true" : "false";
+    case nlohmann::ordered_json::value_t::number_float: return python_str(value.get<double>());
+    case nlohmann::ordered_json::value_t::null: return "null";
+    default: return value.dump();  // integers
+  }
+}
+
 Sha256::Sha256() : context_(EVP_MD_CTX_new()) {
   if (!context_ || EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(context_), EVP_sha256(), nullptr) != 1) {
     fail("sha256", "OpenSSL could not start a SHA-256 digest");

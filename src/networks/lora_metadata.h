@@ -7,6 +7,8 @@
 #include <optional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
 
@@ -19,6 +21,10 @@ std::string python_str(int64_t value);
 std::string python_str(const std::optional<double>& value);   // "None" when absent
 std::string python_str(const std::optional<int64_t>& value);
 std::string python_str(const std::optional<std::string>& value);
+
+// Python's json.dumps with its defaults (", " and ": " separators, non-ASCII as \uXXXX escapes, keys in insertion
+// order): how kohya writes ss_tag_frequency, ss_dataset_dirs and ss_network_args.
+std::string python_json(const nlohmann::ordered_json& value);
 
 // SHA-256 (OpenSSL) of what is fed in, as lowercase hex.
 class Sha256 {

@@ -2,7 +2,9 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <csignal>
 #include <ctime>
@@ -18,6 +20,7 @@
 
 #include "src/core/dataset_config.h"
 #include "src/core/error.h"
+#include "src/core/text.h"
 #include "src/data/loader.h"
 #include "src/data/rng.h"
 #include "cluster/communicator.h"
@@ -125,6 +128,49 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
   parse_sharding_mode(args.sharding);
+}
+
+// kohya's dataset keys of a LoRA file: ss_tag_frequency (per image folder, how many captions hold each comma-separated
+// tag, lower-cased), ss_dataset_dirs (per folder: repeats and image count; a folder met again is "name (2)"), and with
+// folders given on the command line instead of a dataset config, the regularisation folders apart (ss_reg_dataset_dirs).
+safetensors::Metadata kohya_dataset_metadata(const DatasetBlueprint& blueprint, const std::vector<DatasetIndex>& indexes,
+                                             bool from_dataset_config) {
+  nlohmann::ordered_json tag_frequency = nlohmann::ordered_json::object(), dirs = nlohmann::ordered_json::object(),
+                         reg_dirs = nlohmann::ordered_json::object();
+  for (size_t d = 0; d < blueprint.datasets.size(); ++d) {
+    const DatasetConfig& dataset = blueprint.datasets[d];
+    for (size_t s = 0; s < dataset.subsets.size(); ++s) {
+      const SubsetConfig& subset = dataset.subsets[s];
+      const std::optional<std::string>& source = subset.image_dir ? subset.image_dir : subset.metadata_file;
+      if (!source) continue;
+      const std::string name = fs::path(*source).filename().string();
+      nlohmann::ordered_json& frequency = tag_frequency[name];
+      if (frequency.is_null()) frequency = nlohmann::ordered_json::object();
+      int64_t images = 0;
+      for (const ImageEntry& image : indexes[d].images) {
+        if (image.subset != s) continue;
+        ++images;
+        for (const std::string& part : split(image.caption, ',')) {
+          std::string tag = trim(part);
+          if (tag.empty()) continue;
+          std::transform(tag.begin(), tag.end(), tag.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+          frequency[tag] = frequency.value(tag, 0) + 1;
+        }
+      }
+      const nlohmann::ordered_json info = {{"n_repeats", subset.num_repeats}, {"img_count", images}};
+      if (!from_dataset_config) {
+        (subset.is_reg ? reg_dirs : dirs)[name] = info;
+        continue;
+      }
+      if (subset.is_reg) continue;
+      std::string key = name;
+      for (int k = 2; dirs.contains(key); ++k) key = fmt::format("{} ({})", name, k);
+      dirs[key] = info;
+    }
+  }
+  safetensors::Metadata metadata{{"ss_tag_frequency", python_json(tag_frequency)}, {"ss_dataset_dirs", python_json(dirs)}};
+  if (!from_dataset_config) metadata["ss_reg_dataset_dirs"] = python_json(reg_dirs);
+  return metadata;
 }
 
 // SIGUSR1 / SIGTERM (Slurm's warning before preemption or the time limit, `scancel --signal`): the run saves its
@@ -473,6 +519,15 @@ void Trainer::set_up_outputs() {
   meta_.mixed_precision = args_.mixed_precision;
   meta_.full_fp16 = python_str(args_.full_fp16);
   meta_.base_model = family_->training_metadata();
+  meta_.dataset = kohya_dataset_metadata(blueprint_, indexes_, args_.dataset_config.has_value());
+  if (!args_.network_args.empty()) {
+    nlohmann::ordered_json network_args = nlohmann::ordered_json::object();  // kohya's net_kwargs: key -> value string
+    for (const std::string& arg : args_.network_args) {
+      const auto eq = arg.find('=');
+      network_args[trim(arg.substr(0, eq))] = eq == std::string::npos ? "" : trim(arg.substr(eq + 1));
+    }
+    meta_.network_args_json = python_json(network_args);
+  }
   // kohya's ss_sd_model_name / ss_vae_name (the file's name, or the argument as given) and, for a file, its legacy and
   // SHA-256 hashes (the whole file is read once; rank 0 alone writes files).
   auto name_and_hashes = [&](const std::string& path, std::optional<std::string>& name, std::optional<std::string>& hash,

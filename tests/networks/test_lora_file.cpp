@@ -63,6 +63,16 @@ TEST(ModelHashes, EqualKohyasModelHashAndSha256) {
   std::remove(small.c_str());
 }
 
+// The JSON kohya's metadata holds, as Python's json.dumps writes it (the expected string is Python's output).
+TEST(PythonJson, FormatsAsJsonDumps) {
+  nlohmann::ordered_json value = nlohmann::ordered_json::object();
+  value["a b"] = nlohmann::ordered_json::object({{"x", 1}, {"\u00e9t\u00e9", 2}, {"\U0001F600", 3}});
+  value["l"] = nlohmann::ordered_json::array({1.0, 1e-05, true, nullptr, "q\"\n\t\\ \x7f\x01"});
+  EXPECT_EQ(python_json(value),
+            R"({"a b": {"x": 1, "\u00e9t\u00e9": 2, "\ud83d\ude00": 3}, "l": [1.0, 1e-05, true, null, "q\"\n\t\\ \u007f\u0001"]})");
+  EXPECT_EQ(python_json(nlohmann::ordered_json::object()), "{}");
+}
+
 TEST(LoRAFile, SaveWritesKohyasKeysMetadataAndHashesAndLoadsBack) {
   SdModels models = load_diffusers_folder(kSd + "sd1");
   LoRANetworkConfig config = parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2"});

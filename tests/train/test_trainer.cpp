@@ -80,6 +80,11 @@ TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   EXPECT_EQ(lora.metadata().at("ss_base_model_version"), "sd_v1");
   EXPECT_EQ(lora.metadata().at("ss_v2"), "False");
   EXPECT_GE(std::stod(lora.metadata().at("ss_training_finished_at")), std::stod(lora.metadata().at("ss_training_started_at")));
+  // The dataset as kohya describes folders given on the command line (json.dumps of the folder's tags and counts;
+  // the captions are the class tokens, as the default caption extension is ".caption").
+  EXPECT_EQ(lora.metadata().at("ss_tag_frequency"), R"({"4_toy": {"toy": 2}})");
+  EXPECT_EQ(lora.metadata().at("ss_dataset_dirs"), R"({"4_toy": {"n_repeats": 4, "img_count": 2}})");
+  EXPECT_EQ(lora.metadata().at("ss_reg_dataset_dirs"), "{}");
   size_t unet_keys = 0;
   for (const auto& t : lora.tensors()) {
     EXPECT_TRUE(t.name.starts_with("lora_unet_")) << t.name;
