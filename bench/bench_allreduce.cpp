@@ -17,7 +17,7 @@
 #include <torch/torch.h>
 
 #include "cluster/communicator.h"
-#include "cluster/gradient_reducer.h"
+#include "src/parallel/gradient_reducer.h"
 #include "cluster/world.h"
 
 namespace {

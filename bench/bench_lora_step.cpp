@@ -16,7 +16,7 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
-#include "src/dist/memory_plan.h"
+#include "src/parallel/memory_plan.h"
 #include "src/families/sd/sd_family.h"
 #include "src/models/unet.h"
 #include "src/networks/lora.h"

@@ -1,4 +1,4 @@
-// Memory per rank, step time and bytes moved for each BlockStack mode: sharding none / full x
+// Memory per rank, step time and bytes moved for each BlockEngine mode: sharding none / full x
 // blocks_to_swap 0 / S, for a trainable stack (AdamW on the masters) and a frozen one (the LoRA case:
 // trainable layers around frozen blocks). Run at each rank count:
 //
@@ -18,10 +18,10 @@
 #include <torch/torch.h>
 
 #include "cluster/communicator.h"
-#include "cluster/gradient_reducer.h"
 #include "cluster/world.h"
-#include "src/dist/block_stack.h"
-#include "src/dist/memory_plan.h"
+#include "src/parallel/block_engine.h"
+#include "src/parallel/gradient_reducer.h"
+#include "src/parallel/memory_plan.h"
 #include "src/train/optimizers.h"
 
 namespace {
@@ -47,7 +47,7 @@ struct Result {
   MemoryPlan plan;
   int64_t peak = 0;     // largest over the ranks
   double step_ms = 0;   // median
-  StackTraffic traffic;  // per step, this rank (the same on every rank)
+  EngineTraffic traffic;  // per step, this rank (the same on every rank)
 };
 
 int64_t largest_over_ranks(int64_t value, Communicator& communicator) {
@@ -55,31 +55,40 @@ int64_t largest_over_ranks(int64_t value, Communicator& communicator) {
   return all.max().item<int64_t>();
 }
 
-Result run(const Settings& s, Communicator& communicator, bool frozen, BlockStackOptions options) {
+Result run(const Settings& s, Communicator& communicator, bool frozen, BlockEngineOptions options) {
   const int64_t baseline = CpuTensorMeter::live_bytes();
   torch::manual_seed(0);
   torch::nn::Linear stem(s.dim, s.dim), head(s.dim, s.dim);
-  std::vector<torch::nn::AnyModule> blocks;
+  std::vector<ResidualMlp> blocks;
+  std::vector<std::shared_ptr<torch::nn::Module>> modules;
   for (int64_t b = 0; b < s.blocks; ++b) {
-    ResidualMlp block(s.dim, s.hidden);
+    blocks.emplace_back(s.dim, s.hidden);
     if (frozen) {
-      for (auto& p : block->parameters()) p.set_requires_grad(false);
+      for (auto& p : blocks.back()->parameters()) p.set_requires_grad(false);
     }
-    blocks.emplace_back(block);
+    modules.push_back(blocks.back().ptr());
   }
-  BlockStack stack(std::move(blocks), communicator, options);
+  BlockEngine stack(modules, {}, communicator, options);
+  const auto forward = [&](at::Tensor h) {
+    for (ResidualMlp block : blocks) {
+      h = stack.run(*block, [block](const std::vector<at::Tensor>& in) mutable { return std::vector<at::Tensor>{block->forward(in[0])}; },
+                    {h}, block->parameters())[0];
+    }
+    return h;
+  };
   std::vector<at::Tensor> replicated = stem->parameters();
   for (const auto& p : head->parameters()) replicated.push_back(p);
   GradientReducer reducer(replicated, communicator);
   std::vector<ParamGroup> groups{{replicated, 1e-4}};
-  if (stack.trainable()) groups.push_back({stack.masters(), 1e-4});
+  if (!frozen) groups.push_back({stack.masters(), 1e-4});
   AdamW optimizer(groups, AdamWConfig{});
 
   const at::Tensor x = torch::randn({s.rows, s.tokens, s.dim}), y = torch::randn({s.rows, s.tokens, s.dim});
   const auto step = [&] {
-    const at::Tensor loss = torch::mse_loss(head(stack.forward(stem(x))), y);
+    const at::Tensor loss = torch::mse_loss(head(forward(stem(x))), y);
     loss.backward();
     reducer.finish();
+    stack.finish();
     optimizer.step();
     optimizer.zero_grad();
   };
@@ -133,7 +142,9 @@ int main(int argc, char** argv) {
     for (bool frozen : {false, true}) {
       for (Sharding sharding : {Sharding::none, Sharding::full}) {
         for (int64_t swap : {int64_t{0}, s.swap}) {
-          const Result r = run(s, *communicator, frozen, {sharding, swap, {}});
+          BlockEngineOptions options{.sharding = sharding};
+          if (swap > 0) options.swap.push_back({0, static_cast<size_t>(s.blocks), swap});
+          const Result r = run(s, *communicator, frozen, options);
           if (!frozen && sharding == Sharding::full && swap == s.swap) shown = r.plan;
           if (world.rank != 0) continue;
           fmt::print("{:<9} {:<5} {:>4} | {:>8.2f} {:>8.2f} {:>8.2f} | {:>8.2f} {:>6.1f} | {:>8.1f} | {:>8.2f} {:>8.2f} {:>8.2f} {:>8.2f}\n",

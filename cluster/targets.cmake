@@ -24,7 +24,7 @@ function(sdt_cluster_torch_targets)
     message(FATAL_ERROR "SDT_CUDA=ON needs a CUDA build of LibTorch; Torch_DIR=${Torch_DIR} has no CUDA")
   endif()
 
-  add_library(sdt_cluster_comm STATIC cluster/communicator.cpp cluster/gradient_reducer.cpp)
+  add_library(sdt_cluster_comm STATIC cluster/communicator.cpp)
   target_link_libraries(sdt_cluster_comm PUBLIC sdt_cluster sdt_torch)
   target_precompile_headers(sdt_cluster_comm REUSE_FROM sdt_torch)
 
@@ -51,7 +51,7 @@ function(sdt_cluster_torch_targets)
     tests/cluster/test_communicator.cpp
     tests/cluster/test_gradient_reducer.cpp
   )
-  target_link_libraries(test_cluster PRIVATE sdt_cluster_comm GTest::gtest)
+  target_link_libraries(test_cluster PRIVATE sdt_parallel GTest::gtest)
   target_compile_definitions(test_cluster PRIVATE SDT_MPIEXEC="${MPIEXEC_EXECUTABLE}")
   target_precompile_headers(test_cluster REUSE_FROM sdt_torch)
 
@@ -73,7 +73,7 @@ function(sdt_cluster_torch_targets)
 
   # ---------------------------------------------------------------- benchmark (not run by ctest)
   add_executable(bench_allreduce bench/bench_allreduce.cpp)
-  target_link_libraries(bench_allreduce PRIVATE sdt_cluster_comm)
+  target_link_libraries(bench_allreduce PRIVATE sdt_parallel)
   target_precompile_headers(bench_allreduce REUSE_FROM sdt_torch)
 endfunction()
 cmake_language(DEFER CALL sdt_cluster_torch_targets)

@@ -1,6 +1,6 @@
 // The main of a test binary that runs as a plain process and as every rank of an mpiexec job: each
 // rank runs every test, rank 0 prints the usual report, the other ranks print only their failures
-// (tagged with the rank), and the exit status is the worst rank's. Used by test_cluster, test_dist
+// (tagged with the rank), and the exit status is the worst rank's. Used by test_cluster, test_parallel
 // and test_trainer_distributed.
 #pragma once
 

@@ -10,6 +10,7 @@
 //                                      the training metadata, the text-encoder cache's settings
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -101,10 +102,17 @@ struct ModelBundle {
 
 // How a family's denoiser runs when its weights are not all resident, and what it can swap.
 struct ParallelPlan {
-  // The blocks a BlockRunner runs (--sharding full gathers each as it runs): all weights but the stem and head.
+  // The blocks a BlockRunner runs, in forward order (--sharding full gathers each as it runs, block swap moves them):
+  // all weights but the stem and head.
   std::vector<std::shared_ptr<torch::nn::Module>> blocks;
-  // Why --blocks_to_swap is refused; empty when the denoiser has a stack of identical blocks to swap.
-  std::string no_block_swap_reason;
+  // Stacks of identical blocks among `blocks`, [first, first + count), and how many of each --blocks_to_swap k swaps:
+  // the family's rule, kohya's for its scripts (FLUX splits k over its double and single blocks).
+  struct SwapStack {
+    size_t first = 0, count = 0;
+    int64_t blocks_to_swap = 0;
+  };
+  std::function<std::vector<SwapStack>(int64_t blocks_to_swap)> swap;  // empty: --blocks_to_swap is refused
+  std::string no_block_swap_reason;                                     // why, when `swap` is empty
 };
 
 class Family {

@@ -135,9 +135,10 @@ struct RecomputeState {
   };
 };
 
-// Runs a model's repeated blocks (the U-Net's ResNets and Transformer2Ds) when the model's weights are not all
-// resident: full sharding gathers a block's weights just before it runs and recomputes it in backward
-// (src/dist/sharded_units.h). `module` is the block, `params` the tensors it reads besides its inputs.
+// Runs a model's repeated blocks (the U-Net's ResNets and Transformer2Ds, a DiT's double and single blocks) when the
+// model's weights are not all resident: full sharding gathers a block's weights just before it runs, block swap copies
+// them in from the host, and both recompute the block in backward (src/parallel/block_engine.h). `module` is the
+// block, `params` the tensors it reads besides its inputs (its own weights and a LoRA's on its layers).
 class BlockRunner {
  public:
   virtual ~BlockRunner() = default;

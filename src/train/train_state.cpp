@@ -100,10 +100,10 @@ RunPosition load_train_state(const fs::path& dir, const TrainedModel& trained, O
   torch::NoGradGuard no_grad;
   std::map<const void*, std::string> name_of;
   for (const auto& [name, p] : trained.named()) {
-    if (!parallel.is_sharded_block_weight(p)) continue;
+    if (!parallel.is_block_weight(p)) continue;
     name_of[p.unsafeGetTensorImpl()] = name;
   }
-  // --sharding full: each rank cuts its shards of the blocks' weights out of the (memory-mapped) file.
+  // Blocks in an engine: each rank cuts its masters out of the (memory-mapped) file.
   parallel.load_weights([&](const at::Tensor& p) { return load_tensor(file, name_of.at(p.unsafeGetTensorImpl())); });
   for (const auto& [name, p] : trained.named()) {
     if (name_of.contains(p.unsafeGetTensorImpl())) continue;

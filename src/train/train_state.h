@@ -16,7 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cluster/world.h"
-#include "src/train/data_parallel.h"
+#include "src/parallel/data_parallel.h"
 #include "src/train/optimizers.h"
 #include "src/train/precision.h"
 #include "src/train/trained_model.h"

@@ -27,12 +27,12 @@
 #include "src/cache/build_cache.h"
 #include "src/cache/latent_cache.h"
 #include "src/cache/text_encoder_cache.h"
-#include "cluster/gradient_reducer.h"
-#include "src/dist/memory_plan.h"
 #include "src/families/family.h"
 #include "src/networks/lora_metadata.h"
 #include "src/objectives/objective.h"
-#include "src/train/data_parallel.h"
+#include "src/parallel/block_engine.h"
+#include "src/parallel/data_parallel.h"
+#include "src/parallel/memory_plan.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/make_optimizer.h"
 #include "src/train/metrics.h"
@@ -127,7 +127,8 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
-  parse_sharding_mode(args.sharding);
+  parse_sharding(args.sharding);
+  if (args.blocks_to_swap && *args.blocks_to_swap < 0) fail("--blocks_to_swap", "must be 0 or more, got {}", *args.blocks_to_swap);
 }
 
 // kohya's dataset keys of a LoRA file: ss_tag_frequency (per image folder, how many captions hold each comma-separated
@@ -229,6 +230,7 @@ class Trainer {
   double average_loss() const;
   // ---- set-up
   void load_models(TrainMode mode);
+  std::unique_ptr<BlockEngine> make_block_engine(Sharding sharding);
   void set_up_data();
   void set_up_caches();
   void set_up_outputs();
@@ -333,8 +335,6 @@ void Trainer::load_models(TrainMode mode) {
   }
   family_->set_gradient_checkpointing(args_.gradient_checkpointing);
   objective_ = family_->make_objective(args_);
-  const ParallelPlan parallel_plan = family_->parallel_plan();
-  if (args_.blocks_to_swap && *args_.blocks_to_swap != 0) fail("--blocks_to_swap", "{}", parallel_plan.no_block_swap_reason);
   at::Generator init = at::make_generator<at::CPUGeneratorImpl>(seed_);  // a network's initial weights
   trained_ = make_trained_model(mode, args_, *family_, precision_, init);
   bundle.vae->to(precision_.vae);
@@ -342,21 +342,11 @@ void Trainer::load_models(TrainMode mode) {
   // Data parallel: rank 0's trained weights go to every rank, then each backward's gradients are averaged over the
   // ranks while backward runs (one process: no communication at all); --sharding cuts the optimizer state and the
   // gradients into one shard per rank, and the optimizer steps this rank's shards.
-  const ShardingMode sharding = parse_sharding_mode(args_.sharding);
-  // --sharding full: each block of the family's parallel plan keeps 1/N of its weights on a rank, trained or frozen;
-  // the denoiser gathers a block as it runs it. The LoRA weights stay whole; they act on the gathered weights' forward.
-  std::unique_ptr<ShardedUnits> units;
-  if (sharding == ShardingMode::full) {
-    // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
-    std::optional<at::ScalarType> gather_dtype;
-    if (trained_->trains_denoiser_weights() && precision_.autocast && precision_.trained == at::kFloat) gather_dtype = precision_.autocast;
-    units = std::make_unique<ShardedUnits>(parallel_plan.blocks, trained_->kept_whole(), *communicator_, gather_dtype);
-    family_->set_block_runner(units.get());
-  }
+  const Sharding sharding = parse_sharding(args_.sharding);
   parallel_ = std::make_unique<DataParallel>(trained_->groups(), *communicator_, sharding, args_.ddp_bucket_mb * 1024 * 1024,
-                                             std::move(units));
+                                             make_block_engine(sharding));
   made_ = make_optimizer(args_, parallel_->optimizer_groups());
-  DataParallel::check_optimizer(sharding, made_.optimizer->kind());
+  parallel_->check_optimizer(made_.optimizer->kind());
 
   int64_t frozen_bytes = 0;
   std::set<const void*> trained_storage;
@@ -370,6 +360,30 @@ void Trainer::load_models(TrainMode mode) {
   const int64_t element = trained_params.empty() ? 4 : static_cast<int64_t>(trained_params.front().element_size());
   memory_plan_ = parallel_->plan_memory(frozen_bytes, optimizer_bytes_per_element(made_.optimizer->kind(), element));
   if (world_.rank == 0) spdlog::info("{}", DataParallel::describe(memory_plan_, sharding, world_.size));
+}
+
+// The family's blocks in a BlockEngine when their weights are not all resident: --sharding full keeps 1/N of each
+// block's weights on a rank, trained or frozen, and --blocks_to_swap keeps some on the host, as the family's parallel
+// plan allows. The denoiser then runs its blocks through the engine. The LoRA weights stay whole; they act on the
+// forward of whatever weights a block holds. Null when neither is asked for.
+std::unique_ptr<BlockEngine> Trainer::make_block_engine(Sharding sharding) {
+  const ParallelPlan plan = family_->parallel_plan();
+  const int64_t blocks_to_swap = args_.blocks_to_swap.value_or(0);
+  BlockEngineOptions options{.sharding = sharding == Sharding::full ? Sharding::full : Sharding::none};
+  if (blocks_to_swap > 0) {
+    if (!plan.swap) fail("--blocks_to_swap", "{}", plan.no_block_swap_reason);
+    for (const ParallelPlan::SwapStack& stack : plan.swap(blocks_to_swap)) {
+      if (stack.blocks_to_swap > 0) options.swap.push_back({stack.first, stack.count, stack.blocks_to_swap});
+    }
+  }
+  if (sharding != Sharding::full && options.swap.empty()) return nullptr;
+  // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
+  if (trained_->trains_denoiser_weights() && precision_.autocast && precision_.trained == at::kFloat) {
+    options.compute_dtype = precision_.autocast;
+  }
+  auto engine = std::make_unique<BlockEngine>(plan.blocks, trained_->kept_whole(), *communicator_, options);
+  family_->set_block_runner(engine.get());
+  return engine;
 }
 
 // The datasets, the batch plan (global batches of batch x ranks, split into micro-steps), the lr schedule, the
@@ -847,7 +861,7 @@ void Trainer::finish() {
 
 // ---------------------------------------------------------------- outputs
 
-// What rank 0 alone does with the models (write the trained weights, sample): under --sharding full it runs between a
+// What rank 0 alone does with the models (write the trained weights, sample): with a block engine it runs between a
 // gather of every block's weights to rank 0 and their release, in which all ranks take part.
 void Trainer::on_rank0_with_whole_models(bool reads_sharded_weights, const std::function<void()>& work) {
   if (reads_sharded_weights) parallel_->gather_whole_to_root();

@@ -1,9 +1,8 @@
 # The training loop (`sdt train` for networks) on top of the families, networks, optimizers and the
 # DDPM math, and its end-to-end test on the tiny SD 1.x fixture model.
-add_library(sdt_trainer STATIC src/train/trainer.cpp src/train/trained_model.cpp src/train/train_state.cpp src/train/precision.cpp
-                        src/train/data_parallel.cpp)
+add_library(sdt_trainer STATIC src/train/trainer.cpp src/train/trained_model.cpp src/train/train_state.cpp src/train/precision.cpp)
 target_link_libraries(sdt_trainer PUBLIC sdt_families sdt_networks sdt_train_optim sdt_objectives sdt_train_metrics
-                                         sdt_data_loader sdt_cluster_comm sdt_cache sdt_dist)
+                                         sdt_data_loader sdt_cluster_comm sdt_cache sdt_parallel)
 target_precompile_headers(sdt_trainer REUSE_FROM sdt_torch)
 
 add_executable(test_trainer tests/train/test_trainer.cpp)

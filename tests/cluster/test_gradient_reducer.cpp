@@ -13,7 +13,7 @@
 #include <torch/torch.h>
 
 #include "cluster/communicator.h"
-#include "cluster/gradient_reducer.h"
+#include "src/parallel/gradient_reducer.h"
 #include "src/core/error.h"
 #include "tests/cluster/cluster_test.h"
 

@@ -187,17 +187,21 @@ TEST(DistributedTrainer, LoraOnNRanksEqualsOneProcess) { expect_ranks_train_like
 TEST(DistributedTrainer, FullFineTuneOnNRanksEqualsOneProcess) { expect_ranks_train_like_one_process(TrainMode::whole_model, "full"); }
 
 // The second family, the tiny DiT (flow matching, blocks of several tensors, LoRA adapters inside its blocks), on N
-// ranks with --sharding full trains like one process with the whole global batch, LoRA and full fine-tuning. (Small
+// ranks with --sharding full and --blocks_to_swap 2 together (1 of 3 double blocks and 2 of 4 single blocks on the
+// host) trains like one plain process with the whole global batch, LoRA and full fine-tuning. (Small
 // lrs: AdamW moves a weight whose gradient is near zero by up to lr whatever the rounding of that gradient, and N ranks
 // sum a batch's gradient in another order than one process.)
-TEST(DistributedTrainer, TinyDitFullyShardedOnNRanksEqualsOneProcess) {
+TEST(DistributedTrainer, TinyDitFullyShardedAndSwappedOnNRanksEqualsOneProcess) {
   const World& world = *the_world;
   if (world.size == 1) GTEST_SKIP() << "needs several ranks";
   tiny_dit::register_family();
   const fs::path root = scratch("tiny_dit");
   if (world.rank == 0) {
     fs::remove_all(root);
-    tiny_dit::write_checkpoint((root / "model").string(), tiny_dit::TinyDitConfig{}, 3, SDT_FIXTURES "/sd/sd1");
+    tiny_dit::TinyDitConfig config;
+    config.double_blocks = 3;
+    config.single_blocks = 4;
+    tiny_dit::write_checkpoint((root / "model").string(), config, 3, SDT_FIXTURES "/sd/sd1");
     testing_support::make_toy_dataset(root, 6, 64);
   }
   barrier();
@@ -207,18 +211,20 @@ TEST(DistributedTrainer, TinyDitFullyShardedOnNRanksEqualsOneProcess) {
     args.max_train_steps = 4;
     args.seed = 7;
     args.sharding = "full";
+    args.blocks_to_swap = 2;
     args.learning_rate = mode == TrainMode::network ? 1e-3 : 2e-5;
     args.output_dir = (root / fmt::format("{}_rank{}", tag, world.rank)).string();
     const TrainSummary ranks = train(args, world, mode);
     if (world.rank == 0) {
       TrainArgs one = args;
       one.sharding = "none";
+      one.blocks_to_swap = 0;
       one.train_batch_size = world.size;
       one.output_dir = (root / (tag + "_one")).string();
       const TrainSummary single = train(one, World{}, mode);
       expect_same_losses(ranks.losses, single.losses, tag.c_str());
       const double difference = max_relative_difference(ranks.weights_path, single.weights_path);
-      std::cout << "tiny DiT " << tag << " on " << world.size << " fully sharded ranks: max relative weight difference to one "
+      std::cout << "tiny DiT " << tag << " on " << world.size << " fully sharded, swapping ranks: max relative weight difference to one "
                 << "process " << difference << "\n";
       EXPECT_LT(difference, 1e-5);
     }

@@ -276,7 +276,8 @@ std::vector<NetworkTarget> SdFamily::network_targets(bool conv_blocks) const {
 }
 
 ParallelPlan SdFamily::parallel_plan() const {
-  return {models_.unet->blocks(), "SD 1.x/2.x have no stack of transformer blocks to swap (kohya offers block swap for "
+  return {.blocks = models_.unet->blocks(),
+          .no_block_swap_reason = "SD 1.x/2.x have no stack of transformer blocks to swap (kohya offers block swap for "
                                   "FLUX, SD3 and the other transformer families only)"};
 }
 

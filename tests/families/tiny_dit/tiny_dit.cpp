@@ -215,8 +215,13 @@ class TinyDitFamily final : public Family {
     }
     return targets;
   }
+  // The double blocks then the single blocks, two stacks that swap as kohya's FLUX does: --blocks_to_swap k swaps
+  // k / 2 double blocks and twice the rest in single blocks (a double block is about two single blocks' weights).
   ParallelPlan parallel_plan() const override {
-    return {dit_->blocks(), "the tiny DiT's block stack does not run through the block-stack engine in sdt train yet"};
+    const size_t doubles = dit_->double_blocks->size(), singles = dit_->single_blocks->size();
+    return {.blocks = dit_->blocks(), .swap = [doubles, singles](int64_t k) {
+              return std::vector<ParallelPlan::SwapStack>{{0, doubles, k / 2}, {doubles, singles, (k - k / 2) * 2}};
+            }};
   }
   void set_block_runner(BlockRunner* runner) override { dit_->block_runner = runner; }
   void set_gradient_checkpointing(bool on) override { dit_->gradient_checkpointing = on; }

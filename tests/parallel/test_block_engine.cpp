@@ -1,4 +1,4 @@
-// BlockStack trains as plain data parallel does: full sharding gives the same losses and weights
+// BlockEngine trains a stack as plain data parallel does: full sharding gives the same losses and weights
 // (within 1e-5, the ranks' sums may associate differently), block swap changes nothing at all (it
 // only copies), a frozen stack passes gradients through without moving anything back, parameters
 // are gathered in the compute dtype, and the swap copies follow kohya's schedule.
@@ -9,7 +9,7 @@
 #include <fmt/format.h>
 
 #include "src/core/error.h"
-#include "tests/dist/tiny_stack.h"
+#include "tests/parallel/tiny_stack.h"
 
 namespace sdt {
 namespace {
@@ -31,22 +31,22 @@ double losses_difference(const std::vector<double>& ours, const std::vector<doub
   return worst;
 }
 
-std::string describe(const BlockStackOptions& o) {
+std::string describe(const StackOptions& o) {
   return fmt::format("sharding {}, blocks_to_swap {}", sharding_name(o.sharding), o.blocks_to_swap);
 }
 
-const std::vector<BlockStackOptions> kModes = {
+const std::vector<StackOptions> kModes = {
     {Sharding::none, 0, {}}, {Sharding::none, 2, {}}, {Sharding::none, 4, {}},
     {Sharding::full, 0, {}}, {Sharding::full, 2, {}}, {Sharding::full, 4, {}},
 };
 
-TEST(BlockStackTraining, EveryModeTrainsLikeDataParallel) {
+TEST(BlockEngineTraining, EveryModeTrainsLikeDataParallel) {
   Communicator& communicator = test_communicator();
   const TinyConfig config;
   ReferenceRun reference(config, communicator);
   const std::vector<double> expected = train(reference);
 
-  for (const BlockStackOptions& options : kModes) {
+  for (const StackOptions& options : kModes) {
     SCOPED_TRACE(describe(options));
     StackRun run(config, communicator, options);
     const std::vector<double> got = train(run);
@@ -63,7 +63,7 @@ TEST(BlockStackTraining, EveryModeTrainsLikeDataParallel) {
   }
 }
 
-TEST(BlockStackTraining, BlockSwapChangesNoBit) {
+TEST(BlockEngineTraining, BlockSwapChangesNoBit) {
   Communicator& communicator = test_communicator();
   const TinyConfig config;
   for (Sharding sharding : {Sharding::none, Sharding::full}) {
@@ -75,7 +75,7 @@ TEST(BlockStackTraining, BlockSwapChangesNoBit) {
       const std::vector<double> got = train(swapped);
       EXPECT_EQ(got, expected);
       for (int64_t b = 0; b < config.blocks; ++b) {
-        EXPECT_TRUE(at::equal(swapped.stack().masters()[b], resident.stack().masters()[b])) << "block " << b;
+        EXPECT_TRUE(at::equal(swapped.stack().master(b), resident.stack().master(b))) << "block " << b;
       }
     }
   }
@@ -83,13 +83,13 @@ TEST(BlockStackTraining, BlockSwapChangesNoBit) {
 
 // Two micro-steps per optimizer step: the reference accumulates local sums and averages once (DDP's
 // no_sync), the stack averages each micro-step's gradient and accumulates the averages.
-TEST(BlockStackTraining, GradientAccumulationTrainsLikeDataParallel) {
+TEST(BlockEngineTraining, GradientAccumulationTrainsLikeDataParallel) {
   Communicator& communicator = test_communicator();
   TinyConfig config;
   config.micro_steps = 2;
   ReferenceRun reference(config, communicator);
   const std::vector<double> expected = train(reference);
-  for (const BlockStackOptions& options : {BlockStackOptions{Sharding::full, 2, {}}, BlockStackOptions{Sharding::none, 0, {}}}) {
+  for (const StackOptions& options : {StackOptions{Sharding::full, 2, {}}, StackOptions{Sharding::none, 0, {}}}) {
     SCOPED_TRACE(describe(options));
     StackRun run(config, communicator, options);
     EXPECT_LE(losses_difference(train(run), expected), kTolerance);
@@ -100,25 +100,25 @@ TEST(BlockStackTraining, GradientAccumulationTrainsLikeDataParallel) {
 
 // A frozen stack between a trainable stem and head: gradients flow through it to the stem, the
 // stack's masters never change, and block swap copies host to device only.
-TEST(BlockStackFrozen, FrozenStackTrainsLikeDataParallel) {
+TEST(BlockEngineFrozen, FrozenStackTrainsLikeDataParallel) {
   Communicator& communicator = test_communicator();
   TinyConfig config;
   config.frozen_stack = true;
   ReferenceRun reference(config, communicator);
   const std::vector<double> expected = train(reference);
 
-  for (const BlockStackOptions& options : kModes) {
+  for (const StackOptions& options : kModes) {
     SCOPED_TRACE(describe(options));
     StackRun run(config, communicator, options);
-    ASSERT_FALSE(run.stack().trainable());
+    ASSERT_FALSE(run.stack().blocks()[0].trainable);
     std::vector<double> got;
     for (int s = 0; s < kSteps; ++s) {
       run.stack().reset_traffic();
       got.push_back(run.step(s));
       if (s == 0) continue;  // the first step also fills the slots
       // Steady state: S blocks in forward, S in backward, one shard each; nothing back.
-      const StackTraffic traffic = run.stack().traffic();
-      const int64_t shard_bytes = run.stack().masters()[0].nbytes();
+      const EngineTraffic traffic = run.stack().traffic();
+      const int64_t shard_bytes = run.stack().master(0).nbytes();
       EXPECT_EQ(traffic.host_to_device, 2 * options.blocks_to_swap * shard_bytes);
       EXPECT_EQ(traffic.device_to_host, 0);
       EXPECT_EQ(traffic.reduced, 0);
@@ -132,9 +132,9 @@ TEST(BlockStackFrozen, FrozenStackTrainsLikeDataParallel) {
 // The copies of one step, as (block, slot), for 6 blocks with 2 swapped: kohya's arrivals (4 and 5
 // after blocks 0 and 1 in forward; 1 and 0 after blocks 4 and 3 in backward). A trainable stack also
 // copies blocks 0 and 1 again at the start, because the optimizer changed their host masters.
-TEST(BlockStackSchedule, CopiesFollowKohyasSchedule) {
+TEST(BlockEngineSchedule, CopiesFollowKohyasSchedule) {
   Communicator& communicator = test_communicator();
-  using Fetch = BlockStack::Fetch;
+  using Fetch = BlockEngine::Fetch;
   const std::vector<Fetch> kohya = {{4, 0}, {5, 1}, {1, 1}, {0, 0}};
   const std::vector<Fetch> first_step = {{0, 0}, {1, 1}, {4, 0}, {5, 1}, {1, 1}, {0, 0}};
   for (bool frozen : {true, false}) {
@@ -153,7 +153,7 @@ TEST(BlockStackSchedule, CopiesFollowKohyasSchedule) {
       // first blocks back one ahead of use, then the schedule goes on as before.
       {
         torch::NoGradGuard no_grad;
-        run.stack().forward(torch::zeros({2, config.dim}));
+        run.forward(torch::zeros({2, config.dim}));
       }
       run.stack().clear_fetch_log();
       run.step(2);
@@ -162,19 +162,19 @@ TEST(BlockStackSchedule, CopiesFollowKohyasSchedule) {
   }
 }
 
-TEST(BlockStackSchedule, TrainableStackMovesGradientsOfHostBlocksBack) {
+TEST(BlockEngineSchedule, TrainableStackMovesGradientsOfHostBlocksBack) {
   Communicator& communicator = test_communicator();
   const TinyConfig config;
   StackRun run(config, communicator, {Sharding::full, 2, {}});
   run.step(0);
   run.stack().reset_traffic();
   run.step(1);
-  const StackTraffic traffic = run.stack().traffic();
-  const int64_t shard_bytes = run.stack().masters()[0].nbytes();
+  const EngineTraffic traffic = run.stack().traffic();
+  const int64_t shard_bytes = run.stack().master(0).nbytes();
   EXPECT_EQ(traffic.host_to_device, 3 * 2 * shard_bytes);  // 3S blocks
   EXPECT_EQ(traffic.device_to_host, 2 * 2 * shard_bytes);  // the gradients of the 2S host blocks
   if (communicator.size() > 1) {
-    const int64_t full_bytes = run.stack().layout().padded_numel(communicator.size()) * 4;
+    const int64_t full_bytes = run.stack().layout(0).padded_numel(communicator.size()) * 4;
     // Backward reuses the last two blocks' buffers from forward.
     EXPECT_EQ(traffic.gathered, (2 * config.blocks - 2) * full_bytes);
     EXPECT_EQ(traffic.reduced, config.blocks * full_bytes);
@@ -183,7 +183,7 @@ TEST(BlockStackSchedule, TrainableStackMovesGradientsOfHostBlocksBack) {
 
 // fp32 masters, bf16 compute: the blocks run on bf16 parameters, gathered as bf16 (half the bytes),
 // and compute exactly what the same blocks converted to bf16 compute.
-TEST(BlockStackPrecision, GathersInTheComputeDtype) {
+TEST(BlockEnginePrecision, GathersInTheComputeDtype) {
   Communicator& communicator = test_communicator();
   TinyConfig config;
   config.frozen_stack = true;
@@ -202,14 +202,14 @@ TEST(BlockStackPrecision, GathersInTheComputeDtype) {
     for (int64_t swap : {0, 2}) {
       SCOPED_TRACE(describe({sharding, swap, {}}));
       StackRun run(config, communicator, {sharding, swap, at::kBFloat16});
-      EXPECT_EQ(run.stack().master_dtype(), at::kFloat);
+      EXPECT_EQ(run.stack().master(0).scalar_type(), at::kFloat);
       torch::NoGradGuard no_grad;
       run.stack().reset_traffic();
-      const at::Tensor got = run.stack().forward(x.to(at::kBFloat16));
+      const at::Tensor got = run.forward(x.to(at::kBFloat16));
       EXPECT_EQ(got.scalar_type(), at::kBFloat16);
       EXPECT_TRUE(at::equal(got, expected));
       if (run.stack().shard_ranks() > 1) {
-        EXPECT_EQ(run.stack().traffic().gathered, config.blocks * run.stack().layout().padded_numel(run.stack().shard_ranks()) * 2);
+        EXPECT_EQ(run.stack().traffic().gathered, config.blocks * run.stack().layout(0).padded_numel(run.stack().shard_ranks()) * 2);
       }
     }
   }
@@ -217,7 +217,7 @@ TEST(BlockStackPrecision, GathersInTheComputeDtype) {
 
 // Trainable with bf16 compute: gradients are averaged in bf16 and added into fp32 masters. Sharded
 // and unsharded average the same bf16 buffers, so they agree bit for bit.
-TEST(BlockStackPrecision, Bf16ComputeTrainsTheSameShardedOrNot) {
+TEST(BlockEnginePrecision, Bf16ComputeTrainsTheSameShardedOrNot) {
   Communicator& communicator = test_communicator();
   const TinyConfig config;
   StackRun unsharded(config, communicator, {Sharding::none, 0, at::kBFloat16});
@@ -227,28 +227,34 @@ TEST(BlockStackPrecision, Bf16ComputeTrainsTheSameShardedOrNot) {
     EXPECT_EQ(a, b) << "step " << s;
     EXPECT_TRUE(std::isfinite(a));
   }
-  const BlockStack& whole = unsharded.stack();
-  const BlockStack& cut = sharded.stack();
+  const BlockEngine& whole = unsharded.stack();
+  const BlockEngine& cut = sharded.stack();
   for (int64_t b = 0; b < config.blocks; ++b) {
-    const int64_t shard = cut.masters()[b].numel(), begin = cut.shard_index() * shard;
-    const int64_t inside = std::min(shard, whole.layout().numel() - begin);  // the rest is padding
-    EXPECT_EQ(cut.masters()[b].scalar_type(), at::kFloat);
-    EXPECT_TRUE(at::equal(cut.masters()[b].narrow(0, 0, inside), whole.masters()[b].narrow(0, begin, inside))) << "block " << b;
-    EXPECT_EQ(cut.masters()[b].narrow(0, inside, shard - inside).abs().sum().item<double>(), 0.0);
+    const int64_t shard = cut.master(b).numel(), begin = cut.shard_index() * shard;
+    const int64_t inside = std::min(shard, whole.layout(b).numel() - begin);  // the rest is padding
+    EXPECT_EQ(cut.master(b).scalar_type(), at::kFloat);
+    EXPECT_TRUE(at::equal(cut.master(b).narrow(0, 0, inside), whole.master(b).narrow(0, begin, inside))) << "block " << b;
+    EXPECT_EQ(cut.master(b).narrow(0, inside, shard - inside).abs().sum().item<double>(), 0.0);
   }
 }
 
-TEST(BlockStackOptions, RefusesWhatItCannotDo) {
+TEST(BlockEngineOptions, RefusesWhatItCannotDo) {
   Communicator& communicator = test_communicator();
   TinyConfig config;
   EXPECT_THROW({ StackRun run(config, communicator, {Sharding::none, config.blocks - 1, {}}); }, Error);
   EXPECT_THROW(parse_sharding("zero3"), Error);
   EXPECT_EQ(parse_sharding("full"), Sharding::full);
 
-  std::vector<torch::nn::AnyModule> blocks;
-  blocks.emplace_back(ResidualMlp(8, 16));
-  blocks.emplace_back(ResidualMlp(8, 32));
-  EXPECT_THROW({ BlockStack stack(std::move(blocks), communicator); }, Error);
+  // A swap stack's blocks must be identical; unlike blocks are fine outside one.
+  const std::vector<std::shared_ptr<torch::nn::Module>> blocks{ResidualMlp(8, 16).ptr(), ResidualMlp(8, 32).ptr(),
+                                                               ResidualMlp(8, 32).ptr()};
+  EXPECT_THROW({ BlockEngine engine(blocks, {}, communicator, {.swap = {{0, 3, 1}}}); }, Error);
+  EXPECT_NO_THROW({ BlockEngine engine(blocks, {}, communicator, {.sharding = Sharding::full}); });
+  // A block whose weights are partly trained.
+  ResidualMlp mixed(8, 16);
+  mixed->fc1->weight.set_requires_grad(false);
+  EXPECT_THROW({ BlockEngine engine({mixed.ptr()}, {}, communicator); }, Error);
+  EXPECT_THROW({ BlockEngine engine(blocks, {}, communicator, {.sharding = Sharding::optimizer}); }, Error);
 }
 
 }  // namespace

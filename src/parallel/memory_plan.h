@@ -1,9 +1,9 @@
-// What a block stack costs per rank before it is built, and how to measure what it cost.
+// What a stack of identical blocks in a BlockEngine costs per rank before it is built, and how to measure what it cost.
 //
 // The plan counts the persistent state, by where it lives: the masters, their gradients and the
 // optimizer state (on the device, or on the host for swapped blocks), the swap slots, and the reused
-// full-size buffers (gathered parameters, gradients being averaged). It matches what BlockStack
-// allocates byte for byte (BlockStack::memory()), plus the optimizer state the caller names.
+// full-size buffers (gathered parameters, gradients being averaged). It matches what BlockEngine
+// allocates byte for byte (BlockEngine::memory()), plus the optimizer state the caller names.
 // Activations and transients are not in it: the checkpointed block inputs (one per block), one block's
 // recompute, and the optimizer's temporaries (about two masters' worth for AdamW).
 //
@@ -20,7 +20,7 @@
 
 #include <c10/core/ScalarType.h>
 
-#include "src/dist/block_stack.h"
+#include "src/parallel/block_engine.h"
 
 namespace sdt {
 
@@ -38,7 +38,7 @@ struct MemoryPlanConfig {
 };
 
 struct MemoryPlan {
-  StackMemory stack;  // what BlockStack::memory() reports once every master has a gradient
+  EngineMemory stack;  // what BlockEngine::memory() reports once every master has a gradient
   int64_t device_optimizer_state = 0;
   int64_t host_optimizer_state = 0;
 
@@ -49,8 +49,8 @@ struct MemoryPlan {
 
 MemoryPlan plan_memory(const MemoryPlanConfig& config);
 
-// The configuration of an existing stack, for plan_memory.
-MemoryPlanConfig memory_plan_config(const BlockStack& stack, int64_t optimizer_bytes_per_param);
+// The configuration of an engine that holds one stack of identical blocks (its swap stack, if any), for plan_memory.
+MemoryPlanConfig memory_plan_config(const BlockEngine& engine, int64_t optimizer_bytes_per_param);
 
 // A few lines for rank 0 to print at start: each category, device and host, in MiB.
 std::string describe(const MemoryPlan& plan);

@@ -3,7 +3,7 @@
 //
 //   ReferenceRun  plain data parallel: every rank holds the whole model, GradientReducer averages
 //                 every trainable gradient (the control, as torchtitan uses 1-D FSDP's DDP twin)
-//   StackRun      the stack in a BlockStack (sharding, block swap); stem and head replicated under a
+//   StackRun      the stack in a BlockEngine (sharding, block swap); stem and head replicated under a
 //                 GradientReducer, as a trainer holds the small layers around a transformer's blocks
 //
 // Both draw the same initial weights from one seed and see the same batches, so after any number of
@@ -11,14 +11,15 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <torch/torch.h>
 
 #include "cluster/communicator.h"
-#include "cluster/gradient_reducer.h"
-#include "src/dist/block_stack.h"
+#include "src/parallel/gradient_reducer.h"
+#include "src/parallel/block_engine.h"
 #include "src/train/optimizers.h"
 
 namespace sdt {
@@ -72,15 +73,24 @@ class ReferenceRun {
   std::unique_ptr<AdamW> optimizer_;
 };
 
+// How StackRun's engine holds the stack: one swap stack of all the blocks.
+struct StackOptions {
+  Sharding sharding = Sharding::none;
+  int64_t blocks_to_swap = 0;
+  std::optional<at::ScalarType> compute_dtype;
+};
+
 class StackRun {
  public:
-  StackRun(const TinyConfig& config, Communicator& communicator, BlockStackOptions options);
+  StackRun(const TinyConfig& config, Communicator& communicator, StackOptions options);
+  // The blocks through the engine, as a model runs them.
+  at::Tensor forward(const at::Tensor& x);
   double step(int64_t step);
   // The two halves of step(), for looking at the state in between.
   double forward_backward(int64_t step);
   void optimizer_step();
 
-  BlockStack& stack() { return *stack_; }
+  BlockEngine& stack() { return *stack_; }
   TinyModel& model() { return model_; }
   AdamW* stack_optimizer() { return stack_optimizer_.get(); }  // null for a frozen stack
   AdamW& replicated_optimizer() { return *replicated_optimizer_; }
@@ -89,7 +99,7 @@ class StackRun {
   TinyConfig config_;
   Communicator& communicator_;
   TinyModel model_;
-  std::unique_ptr<BlockStack> stack_;
+  std::unique_ptr<BlockEngine> stack_;
   std::unique_ptr<GradientReducer> reducer_;
   std::unique_ptr<AdamW> replicated_optimizer_;
   std::unique_ptr<AdamW> stack_optimizer_;
@@ -99,10 +109,10 @@ class StackRun {
 double relative_difference(const at::Tensor& ours, const at::Tensor& reference);
 
 // This rank's piece of block b of the reference model, laid out as `stack` lays out its masters.
-at::Tensor reference_master(const BlockStack& stack, const ResidualMlp& block);
+at::Tensor reference_master(const BlockEngine& stack, const ResidualMlp& block);
 
 // Largest relative difference over every master, and over the stem and head.
-double masters_difference(const BlockStack& stack, const TinyModel& reference);
+double masters_difference(const BlockEngine& stack, const TinyModel& reference);
 double replicated_difference(const TinyModel& ours, const TinyModel& reference);
 
 // Resume files: the stack (masters and AdamW moments, via save_stack) and the replicated layers with

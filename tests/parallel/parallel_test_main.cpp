@@ -1,9 +1,9 @@
-// main of test_dist: a plain process (the single backend) or every rank of an mpiexec job (the MPI
+// main of test_parallel: a plain process (the single backend) or every rank of an mpiexec job (the MPI
 // backend), reporting as tests/run_tests_on_every_rank.h says. The CPU tensor meter goes in first, so
 // the memory tests see every tensor.
 #include "cluster/world.h"
-#include "src/dist/memory_plan.h"
-#include "tests/dist/tiny_stack.h"
+#include "src/parallel/memory_plan.h"
+#include "tests/parallel/tiny_stack.h"
 #include "tests/run_tests_on_every_rank.h"
 
 namespace sdt {

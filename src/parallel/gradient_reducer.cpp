@@ -1,4 +1,4 @@
-#include "cluster/gradient_reducer.h"
+#include "src/parallel/gradient_reducer.h"
 
 #include <chrono>
 #include <cstring>

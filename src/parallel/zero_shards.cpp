@@ -1,4 +1,4 @@
-#include "src/dist/zero_shards.h"
+#include "src/parallel/zero_shards.h"
 
 #include <algorithm>
 #include <string>
@@ -21,9 +21,12 @@ class ZeroShards::ReadyHook final : public torch::autograd::PostAccumulateGradHo
   size_t bucket_;
 };
 
-ZeroShards::ZeroShards(const std::vector<std::vector<at::Tensor>>& groups, Communicator& communicator, ZeroStage stage,
+ZeroShards::ZeroShards(const std::vector<std::vector<at::Tensor>>& groups, Communicator& communicator, Sharding stage,
                        int64_t bucket_bytes)
     : communicator_(communicator), stage_(stage), groups_(groups.size()) {
+  if (stage != Sharding::optimizer && stage != Sharding::gradients) {
+    fail("ZeRO sharding", "cuts optimizer states (optimizer) or gradients too (gradients), not '{}'", sharding_name(stage));
+  }
   // Buckets from the last tensor backwards, cut at bucket_bytes and wherever the group or dtype changes.
   for (size_t g = groups.size(); g-- > 0;) {
     Bucket* open = nullptr;
@@ -61,7 +64,7 @@ ZeroShards::ZeroShards(const std::vector<std::vector<at::Tensor>>& groups, Commu
     const int64_t shard = bucket.layout.shard_numel(ranks);
     bucket.master = bucket.flat.narrow(0, communicator_.rank() * shard, shard).detach().requires_grad_(true);
     bucket_tensors_.push_back(tensors);
-    if (stage_ == ZeroStage::gradients) {
+    if (stage_ == Sharding::gradients) {
       for (const at::Tensor& t : tensors) {
         if (!t.requires_grad()) continue;
         if (torch::autograd::impl::post_acc_grad_hooks(t)) {
@@ -138,7 +141,7 @@ void ZeroShards::land_oldest() {
 
 void ZeroShards::finish() {
   std::lock_guard lock(mutex_);
-  if (stage_ == ZeroStage::optimizer) {
+  if (stage_ == Sharding::optimizer) {
     if (!sync_) return;
     for (size_t b = 0; b < buckets_.size(); ++b) {
       if (active(b)) reduce(b);

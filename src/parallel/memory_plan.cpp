@@ -1,4 +1,4 @@
-#include "src/dist/memory_plan.h"
+#include "src/parallel/memory_plan.h"
 
 #include <atomic>
 #include <cstring>
@@ -8,17 +8,19 @@
 #include <c10/core/alignment.h>
 #include <fmt/format.h>
 
+#include "src/core/error.h"
+
 namespace sdt {
 
 int64_t MemoryPlan::device_total() const {
-  const StackMemory& s = stack;
+  const EngineMemory& s = stack;
   return s.device_masters + s.device_gradients + s.swap_slots + s.gather_buffers + s.gradient_buffers + device_optimizer_state;
 }
 
 int64_t MemoryPlan::host_total() const { return stack.host_masters + stack.host_gradients + host_optimizer_state; }
 
 MemoryPlan plan_memory(const MemoryPlanConfig& c) {
-  // The same arithmetic as BlockStack's constructor and FlatLayout.
+  // The same arithmetic as BlockEngine and FlatLayout.
   const int ranks = c.sharding == Sharding::full ? c.world_size : 1;
   const int64_t shard = (c.block_numel + ranks - 1) / ranks;
   const int64_t padded = shard * ranks;
@@ -27,7 +29,7 @@ MemoryPlan plan_memory(const MemoryPlanConfig& c) {
   const int64_t host_blocks = schedule.host_blocks(), device_blocks = c.blocks - host_blocks;
 
   MemoryPlan plan;
-  StackMemory& s = plan.stack;
+  EngineMemory& s = plan.stack;
   s.device_masters = device_blocks * shard * master_size;
   s.host_masters = host_blocks * shard * master_size;
   if (c.trainable) {
@@ -35,7 +37,7 @@ MemoryPlan plan_memory(const MemoryPlanConfig& c) {
     s.host_gradients = s.host_masters;
     plan.device_optimizer_state = device_blocks * shard * c.optimizer_bytes_per_param;
     plan.host_optimizer_state = host_blocks * shard * c.optimizer_bytes_per_param;
-    s.gradient_buffers = (c.world_size > 1 ? 2 : 1) * padded * compute_size;
+    s.gradient_buffers = (c.world_size > 1 ? 2 : 1) * padded * master_size;  // gradients are averaged in the master's dtype
   }
   s.swap_slots = schedule.shared_slots() * shard * master_size;
   // Two whole blocks (the running one, the next arriving), and with sharding the shard each sends.
@@ -43,23 +45,34 @@ MemoryPlan plan_memory(const MemoryPlanConfig& c) {
   return plan;
 }
 
-MemoryPlanConfig memory_plan_config(const BlockStack& stack, int64_t optimizer_bytes_per_param) {
+MemoryPlanConfig memory_plan_config(const BlockEngine& engine, int64_t optimizer_bytes_per_param) {
+  const BlockEngine::ManagedBlock& first = engine.blocks().front();
+  for (const auto& block : engine.blocks()) {
+    if (!(block.layout == first.layout) || block.trainable != first.trainable ||
+        block.master.scalar_type() != first.master.scalar_type()) {
+      fail("memory plan", "plans a stack of identical blocks; this engine's blocks differ");
+    }
+  }
+  if (engine.options().swap.size() > 1 ||
+      (engine.options().swap.size() == 1 && engine.options().swap[0].count != engine.blocks().size())) {
+    fail("memory plan", "plans one swap stack of all the blocks");
+  }
   MemoryPlanConfig c;
-  c.block_numel = stack.layout().numel();
-  c.blocks = stack.blocks();
-  c.world_size = stack.communicator().size();
-  c.sharding = stack.options().sharding;
-  c.blocks_to_swap = stack.options().blocks_to_swap;
-  c.master_dtype = stack.master_dtype();
-  c.compute_dtype = stack.compute_dtype();
-  c.trainable = stack.trainable();
-  c.optimizer_bytes_per_param = stack.trainable() ? optimizer_bytes_per_param : 0;
+  c.block_numel = first.layout.numel();
+  c.blocks = engine.block_count();
+  c.world_size = engine.communicator().size();
+  c.sharding = engine.options().sharding;
+  c.blocks_to_swap = engine.options().swap.empty() ? 0 : engine.options().swap[0].blocks_to_swap;
+  c.master_dtype = first.master.scalar_type();
+  c.compute_dtype = engine.compute_dtype(0);
+  c.trainable = first.trainable;
+  c.optimizer_bytes_per_param = first.trainable ? optimizer_bytes_per_param : 0;
   return c;
 }
 
 std::string describe(const MemoryPlan& plan) {
   const auto mib = [](int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); };
-  const StackMemory& s = plan.stack;
+  const EngineMemory& s = plan.stack;
   std::string out;
   out += fmt::format("  {:<18} {:>10} {:>10}\n", "memory per rank", "device MiB", "host MiB");
   out += fmt::format("  {:<18} {:>10.2f} {:>10.2f}\n", "parameters", mib(s.device_masters), mib(s.host_masters));

@@ -9,7 +9,7 @@
 #include <set>
 #include <vector>
 
-#include "src/dist/swap_schedule.h"
+#include "src/parallel/swap_schedule.h"
 
 namespace sdt {
 namespace {

@@ -1,11 +1,11 @@
-#include "tests/dist/tiny_stack.h"
+#include "tests/parallel/tiny_stack.h"
 
 #include <filesystem>
 
 #include <fmt/format.h>
 
 #include "src/core/tensor_io.h"
-#include "src/dist/stack_checkpoint.h"
+#include "src/parallel/stack_checkpoint.h"
 
 namespace sdt {
 
@@ -93,17 +93,28 @@ double ReferenceRun::step(int64_t step) {
 
 // ---------------------------------------------------------------- the block stack
 
-StackRun::StackRun(const TinyConfig& config, Communicator& communicator, BlockStackOptions options)
+StackRun::StackRun(const TinyConfig& config, Communicator& communicator, StackOptions options)
     : config_(config), communicator_(communicator), model_(config) {
-  std::vector<torch::nn::AnyModule> blocks;
-  for (const auto& block : model_.blocks) blocks.emplace_back(block);
-  stack_ = std::make_unique<BlockStack>(std::move(blocks), communicator_, options);
+  std::vector<std::shared_ptr<torch::nn::Module>> blocks;
+  for (const auto& block : model_.blocks) blocks.push_back(block.ptr());
+  BlockEngineOptions engine{.sharding = options.sharding, .compute_dtype = options.compute_dtype};
+  if (options.blocks_to_swap > 0) engine.swap.push_back({0, blocks.size(), options.blocks_to_swap});
+  stack_ = std::make_unique<BlockEngine>(blocks, std::vector<at::Tensor>{}, communicator_, engine);
   reducer_ = std::make_unique<GradientReducer>(model_.replicated_parameters(), communicator_);
   replicated_optimizer_ =
       std::make_unique<AdamW>(std::vector<ParamGroup>{{model_.replicated_parameters(), config_.lr}}, AdamWConfig{});
-  if (stack_->trainable()) {
+  if (!config_.frozen_stack) {
     stack_optimizer_ = std::make_unique<AdamW>(std::vector<ParamGroup>{{stack_->masters(), config_.lr}}, AdamWConfig{});
   }
+}
+
+at::Tensor StackRun::forward(const at::Tensor& x) {
+  at::Tensor h = x;
+  for (ResidualMlp block : model_.blocks) {
+    h = stack_->run(*block, [block](const std::vector<at::Tensor>& in) mutable { return std::vector<at::Tensor>{block->forward(in[0])}; },
+                    {h}, block->parameters())[0];
+  }
+  return h;
 }
 
 double StackRun::forward_backward(int64_t step) {
@@ -111,13 +122,14 @@ double StackRun::forward_backward(int64_t step) {
   for (int64_t micro = 0; micro < config_.micro_steps; ++micro) {
     const Batch batch = batch_for_step(config_, step * config_.micro_steps + micro, communicator_.rank(), communicator_.size());
     // The casts are what autocast does around a stack that computes in bf16.
-    const at::Tensor h = stack_->forward(model_.stem(batch.x).to(stack_->compute_dtype())).to(at::kFloat);
+    const at::Tensor h = forward(model_.stem(batch.x).to(stack_->compute_dtype(0))).to(at::kFloat);
     const at::Tensor loss = torch::mse_loss(model_.head(h), batch.y) / static_cast<double>(config_.micro_steps);
     reducer_->set_sync(micro == config_.micro_steps - 1);
     loss.backward();  // the stack averages its gradients in every micro-step, as FSDP does
     loss_sum += global_mean(loss, communicator_);
   }
   reducer_->finish();
+  stack_->finish();
   return loss_sum;
 }
 
@@ -145,17 +157,18 @@ double relative_difference(const at::Tensor& ours, const at::Tensor& reference) 
   return scale == 0 ? difference : difference / scale;
 }
 
-at::Tensor reference_master(const BlockStack& stack, const ResidualMlp& block) {
+at::Tensor reference_master(const BlockEngine& stack, const ResidualMlp& block) {
   const int ranks = stack.shard_ranks();
-  const at::Tensor flat = stack.layout().flatten(block->parameters(), ranks, at::TensorOptions(stack.master_dtype()));
-  const int64_t shard = stack.layout().shard_numel(ranks);
+  const FlatLayout& layout = stack.layout(0);
+  const at::Tensor flat = layout.flatten(block->parameters(), ranks, at::TensorOptions(stack.master(0).scalar_type()));
+  const int64_t shard = layout.shard_numel(ranks);
   return flat.narrow(0, stack.shard_index() * shard, shard);
 }
 
-double masters_difference(const BlockStack& stack, const TinyModel& reference) {
+double masters_difference(const BlockEngine& stack, const TinyModel& reference) {
   double worst = 0;
-  for (int64_t b = 0; b < stack.blocks(); ++b) {
-    worst = std::max(worst, relative_difference(stack.masters()[b], reference_master(stack, reference.blocks[b])));
+  for (int64_t b = 0; b < stack.block_count(); ++b) {
+    worst = std::max(worst, relative_difference(stack.master(b), reference_master(stack, reference.blocks[b])));
   }
   return worst;
 }
@@ -191,7 +204,7 @@ void save_run(StackRun& run, const std::string& folder) {
   if (!state.tensors.empty()) {  // a trainable stack after its first step
     for (const char* moment : kMoments) {
       StackTensors t{fmt::format(".{}", moment), {}};
-      for (int64_t b = 0; b < run.stack().blocks(); ++b) {
+      for (int64_t b = 0; b < run.stack().block_count(); ++b) {
         const std::string name = fmt::format("0.{}.{}", b, moment);
         for (const auto& [key, tensor] : state.tensors) {
           if (key == name) t.shards.push_back(tensor);
@@ -226,7 +239,7 @@ void load_run(StackRun& run, const std::string& folder) {
     OptimizerState state;
     state.metadata = file.metadata();
     for (size_t m = 0; m < std::size(kMoments); ++m) {
-      for (int64_t b = 0; b < run.stack().blocks(); ++b) {
+      for (int64_t b = 0; b < run.stack().block_count(); ++b) {
         state.tensors.emplace_back(fmt::format("0.{}.{}", b, kMoments[m]), tensors[1 + m].shards[b]);
       }
     }

@@ -1,4 +1,4 @@
-// Checkpoints of a block stack that any rank count can load.
+// Checkpoints of a BlockEngine's blocks that any rank count can load.
 //
 // The file holds every block's full tensors under the names an unsharded model has
 // ("<prefix><block>.<parameter name><suffix>", e.g. "blocks.3.fc1.weight" and
@@ -15,7 +15,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "src/core/safetensors.h"
-#include "src/dist/block_stack.h"
+#include "src/parallel/block_engine.h"
 
 namespace sdt {
 
@@ -27,12 +27,12 @@ struct StackTensors {
 };
 
 // Collective: every rank calls it. Only root creates `path`.
-void save_stack(const BlockStack& stack, const std::string& path, const std::vector<StackTensors>& tensors,
+void save_stack(const BlockEngine& stack, const std::string& path, const std::vector<StackTensors>& tensors,
                 const safetensors::Metadata& metadata = {}, const std::string& prefix = "blocks.", int root = 0);
 
 // Fills every shard in `tensors` (which must exist, shaped like the masters) from `file`. Each rank
 // calls it on its own; no communication. Throws sdt::Error naming a missing or misshapen tensor.
-void load_stack(const BlockStack& stack, const safetensors::File& file, const std::vector<StackTensors>& tensors,
+void load_stack(const BlockEngine& stack, const safetensors::File& file, const std::vector<StackTensors>& tensors,
                 const std::string& prefix = "blocks.");
 
 }  // namespace sdt

@@ -36,11 +36,10 @@
 #include <ATen/core/Tensor.h>
 
 #include "cluster/communicator.h"
-#include "src/dist/flat_layout.h"
+#include "src/parallel/flat_layout.h"
+#include "src/parallel/sharding.h"
 
 namespace sdt {
-
-enum class ZeroStage { optimizer = 1, gradients = 2 };
 
 class ZeroShards {
  public:
@@ -55,13 +54,13 @@ class ZeroShards {
 
   // Each group's tensors (distinct, trainable or not) are re-pointed at views of their bucket's
   // buffer. Every rank's values start as rank 0's.
-  ZeroShards(const std::vector<std::vector<at::Tensor>>& groups, Communicator& communicator, ZeroStage stage,
+  ZeroShards(const std::vector<std::vector<at::Tensor>>& groups, Communicator& communicator, Sharding stage,
              int64_t bucket_bytes);
   ~ZeroShards();  // removes the hooks
   ZeroShards(const ZeroShards&) = delete;
   ZeroShards& operator=(const ZeroShards&) = delete;
 
-  ZeroStage stage() const { return stage_; }
+  Sharding stage() const { return stage_; }
   int ranks() const { return communicator_.size(); }
   const std::vector<Bucket>& buckets() const { return buckets_; }
   // The masters of each group, in bucket order: what the optimizer steps instead of the group's tensors.
@@ -89,7 +88,7 @@ class ZeroShards {
   void land_oldest();
 
   Communicator& communicator_;
-  ZeroStage stage_;
+  Sharding stage_;  // optimizer (ZeRO-1) or gradients (ZeRO-2)
   size_t groups_ = 0;
   std::vector<Bucket> buckets_;
   std::vector<at::Tensor> hooked_;  // tensors with our post-accumulate-grad hook

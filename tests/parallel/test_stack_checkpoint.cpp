@@ -10,9 +10,9 @@
 
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
-#include "src/dist/memory_plan.h"
-#include "src/dist/stack_checkpoint.h"
-#include "tests/dist/tiny_stack.h"
+#include "src/parallel/memory_plan.h"
+#include "src/parallel/stack_checkpoint.h"
+#include "tests/parallel/tiny_stack.h"
 
 namespace sdt {
 namespace {
@@ -20,7 +20,7 @@ namespace {
 constexpr int kSteps = 2;  // before and after the resume
 constexpr double kTolerance = 1e-5;
 
-std::string checkpoint_folder(const std::string& name) { return std::string(SDT_DIST_CHECKPOINT_DIR) + "/" + name; }
+std::string checkpoint_folder(const std::string& name) { return std::string(SDT_PARALLEL_CHECKPOINT_DIR) + "/" + name; }
 
 // Root assembles each block; every other rank holds one shard at a time, never the block.
 TEST(StackCheckpoint, RootGathersWholeBlocksShardByShard) {
@@ -28,13 +28,13 @@ TEST(StackCheckpoint, RootGathersWholeBlocksShardByShard) {
   const TinyConfig config;
   const TinyModel reference(config);
   StackRun run(config, communicator, {Sharding::full, 2, {}});
-  const BlockStack& stack = run.stack();
-  const int64_t shard_bytes = stack.masters()[0].nbytes();
+  const BlockEngine& stack = run.stack();
+  const int64_t shard_bytes = stack.master(0).nbytes();
   for (int root : {0, communicator.size() - 1}) {
-    for (int64_t b = 0; b < stack.blocks(); ++b) {
+    for (int64_t b = 0; b < stack.block_count(); ++b) {
       const int64_t before = CpuTensorMeter::live_bytes();
       CpuTensorMeter::reset_peak();
-      const at::Tensor full = stack.gather_to_root(b, stack.masters()[b], root);
+      const at::Tensor full = stack.gather_to_root(b, stack.master(b), root);
       const int64_t held = CpuTensorMeter::peak_bytes() - before;
       if (communicator.rank() != root) {
         EXPECT_FALSE(full.defined());
@@ -42,9 +42,9 @@ TEST(StackCheckpoint, RootGathersWholeBlocksShardByShard) {
         continue;
       }
       // The block, padded to whole shards, and the shard in transit.
-      EXPECT_LE(held, stack.layout().padded_numel(stack.shard_ranks()) * 4 + shard_bytes);
-      const at::Tensor expected = stack.layout().flatten(reference.blocks[b]->parameters(), 1, at::kFloat);
-      ASSERT_EQ(full.numel(), stack.layout().numel());
+      EXPECT_LE(held, stack.layout(0).padded_numel(stack.shard_ranks()) * 4 + shard_bytes);
+      const at::Tensor expected = stack.layout(0).flatten(reference.blocks[b]->parameters(), 1, at::kFloat);
+      ASSERT_EQ(full.numel(), stack.layout(0).numel());
       EXPECT_TRUE(at::equal(full, expected)) << "block " << b << ", root " << root;
     }
   }
@@ -70,7 +70,7 @@ TEST(StackCheckpoint, FileHoldsTheUnshardedTensors) {
 
 // The reference trained 2 * kSteps steps; `resumed` loads `folder` (written after kSteps steps) and
 // trains the rest.
-void expect_resume_matches(const std::string& folder, const BlockStackOptions& options) {
+void expect_resume_matches(const std::string& folder, const StackOptions& options) {
   Communicator& communicator = test_communicator();
   const TinyConfig config;
   ReferenceRun reference(config, communicator);
@@ -89,7 +89,7 @@ void expect_resume_matches(const std::string& folder, const BlockStackOptions& o
 
 TEST(StackCheckpoint, ResumesAtThisRankCount) {
   Communicator& communicator = test_communicator();
-  for (const BlockStackOptions& options : {BlockStackOptions{Sharding::full, 2, {}}, BlockStackOptions{Sharding::none, 0, {}}}) {
+  for (const StackOptions& options : {StackOptions{Sharding::full, 2, {}}, StackOptions{Sharding::none, 0, {}}}) {
     SCOPED_TRACE(fmt::format("sharding {}, blocks_to_swap {}", sharding_name(options.sharding), options.blocks_to_swap));
     const std::string folder = checkpoint_folder(fmt::format("np{}_{}", communicator.size(), sharding_name(options.sharding)));
     StackRun first(TinyConfig{}, communicator, options);
@@ -116,7 +116,7 @@ TEST(StackCheckpoint, ResumesAtAnotherRankCount) {
   if (!std::filesystem::exists(folder + "/stack.safetensors")) {
     GTEST_SKIP() << "no checkpoint from the 2-rank job in " << folder << " (ctest runs that job first)";
   }
-  for (const BlockStackOptions& options : {BlockStackOptions{Sharding::full, 1, {}}, BlockStackOptions{Sharding::none, 0, {}}}) {
+  for (const StackOptions& options : {StackOptions{Sharding::full, 1, {}}, StackOptions{Sharding::none, 0, {}}}) {
     SCOPED_TRACE(fmt::format("sharding {}, blocks_to_swap {}", sharding_name(options.sharding), options.blocks_to_swap));
     const TinyConfig config;
     ReferenceRun reference(config, communicator);

@@ -1,4 +1,4 @@
-#include "src/dist/flat_layout.h"
+#include "src/parallel/flat_layout.h"
 
 #include <algorithm>
 
