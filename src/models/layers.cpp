@@ -114,22 +114,28 @@ RecomputeState::Replay::~Replay() { set_cpu_rng_state(saved_cpu_rng_); }
 namespace {
 
 struct BlockHolder : torch::CustomClassHolder {
-  BlockHolder(Block block, RecomputeState state) : block(std::move(block)), state(std::move(state)) {}
+  BlockHolder(Block block, RecomputeState state, std::shared_ptr<RecomputeHooks> hooks)
+      : block(std::move(block)), state(std::move(state)), hooks(std::move(hooks)) {}
   Block block;
   RecomputeState state;
+  std::shared_ptr<RecomputeHooks> hooks;
 };
 
-// The recompute-in-backward node. Its variable inputs are the block's inputs followed by the parameters, so autograd
-// routes the parameter gradients it returns into .grad (or to torch::autograd::grad) like any other.
+// The recompute-in-backward node. Its variable inputs are the block's inputs, the parameters, and the anchor if any,
+// so autograd routes the parameter gradients it returns into .grad (or to torch::autograd::grad) like any other.
 struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, c10::IValue holder,
-                                                int64_t num_inputs, at::TensorList tensors) {
+                                                int64_t num_inputs, int64_t num_params, at::TensorList tensors) {
     // Grad mode is off here (autograd::Function runs forward without recording), so nothing is kept but the inputs.
     ctx->saved_data["block"] = holder;
     ctx->saved_data["num_inputs"] = num_inputs;
-    ctx->save_for_backward(tensors.vec());
+    ctx->saved_data["num_tensors"] = static_cast<int64_t>(tensors.size());
+    ctx->save_for_backward(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs + num_params));
     auto* block = static_cast<BlockHolder*>(holder.toCapsule().get());
-    return block->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
+    if (block->hooks) block->hooks->before_run(false);
+    std::vector<at::Tensor> outputs = block->block(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
+    if (block->hooks) block->hooks->after_forward();
+    return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -137,6 +143,8 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
     auto* block = static_cast<BlockHolder*>(ctx->saved_data["block"].toCapsule().get());
     const int64_t num_inputs = ctx->saved_data["num_inputs"].toInt();
     std::vector<at::Tensor> saved = ctx->get_saved_variables();
+    RecomputeState::Replay replay(block->state);
+    if (block->hooks) block->hooks->before_run(true);
 
     // Fresh leaves for the inputs, so the recomputed graph ends at them; parameters are leaves already.
     std::vector<at::Tensor> inputs;
@@ -148,18 +156,27 @@ struct RecomputeInBackward : torch::autograd::Function<RecomputeInBackward> {
       wrt.push_back(static_cast<int64_t>(i) < num_inputs ? inputs[i] : saved[i]);
       wrt_index.push_back(i);
     }
-
-    std::vector<at::Tensor> outputs;
-    {
-      torch::AutoGradMode enable(true);
-      RecomputeState::Replay replay(block->state);
-      outputs = block->block(inputs);
+    const size_t num_wrt = wrt.size();
+    if (block->hooks) {
+      const std::vector<at::Tensor> weights = block->hooks->weights();
+      wrt.insert(wrt.end(), weights.begin(), weights.end());
     }
-    // Two undefined gradients for the two non-tensor arguments of forward, then one per tensor.
-    torch::autograd::variable_list grads(2 + saved.size());
-    if (wrt.empty()) return grads;
-    const std::vector<at::Tensor> computed = gradients_of(outputs, grad_outputs, wrt);
-    for (size_t j = 0; j < wrt.size(); ++j) grads[2 + wrt_index[j]] = computed[j];
+
+    std::vector<at::Tensor> computed(wrt.size());
+    if (!wrt.empty()) {
+      std::vector<at::Tensor> outputs;
+      {
+        torch::AutoGradMode enable(true);
+        outputs = block->block(inputs);
+      }
+      computed = gradients_of(outputs, grad_outputs, wrt);
+    }
+    if (block->hooks) {
+      block->hooks->after_backward(std::vector<at::Tensor>(computed.begin() + static_cast<std::ptrdiff_t>(num_wrt), computed.end()));
+    }
+    // Three undefined gradients for the non-tensor arguments of forward, then one per tensor (none for the anchor).
+    torch::autograd::variable_list grads(3 + ctx->saved_data["num_tensors"].toInt());
+    for (size_t j = 0; j < num_wrt; ++j) grads[3 + wrt_index[j]] = computed[j];
     return grads;
   }
 };
@@ -178,12 +195,22 @@ std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& outputs, con
   return torch::autograd::grad(differentiated, wrt, seeds, /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
 }
 
-std::vector<at::Tensor> checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params) {
+std::vector<at::Tensor> checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params,
+                                     std::shared_ptr<RecomputeHooks> hooks, const at::Tensor& anchor) {
   std::vector<at::Tensor> tensors = inputs;
   tensors.insert(tensors.end(), params.begin(), params.end());
-  auto holder = c10::IValue::make_capsule(
-      c10::make_intrusive<BlockHolder>(std::move(block), RecomputeState::capture(inputs.front().device().type())));
-  return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), at::TensorList(tensors));
+  if (anchor.defined()) tensors.push_back(anchor);
+  auto holder = c10::IValue::make_capsule(c10::make_intrusive<BlockHolder>(
+      std::move(block), RecomputeState::capture(inputs.front().device().type()), std::move(hooks)));
+  return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), static_cast<int64_t>(params.size()),
+                                    at::TensorList(tensors));
+}
+
+std::vector<at::Tensor> run_block(BlockRunner* runner, bool gradient_checkpointing, const torch::nn::Module& module, Block block,
+                                  const std::vector<at::Tensor>& inputs) {
+  if (runner) return runner->run(module, std::move(block), inputs, module.parameters());
+  if (gradient_checkpointing && torch::GradMode::is_enabled()) return checkpointed(std::move(block), inputs, module.parameters());
+  return block(inputs);
 }
 
 }  // namespace sdt

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include <torch/torch.h>
@@ -81,15 +82,29 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
 // image and text streams and the vector, and returns both streams).
 using Block = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>& inputs)>;
 
-// Gradient checkpointing: runs `block(inputs)` without keeping its activations, and in backward runs it again with
-// grad enabled to get the gradients of `inputs` and `params` (the tensors the block reads besides its inputs).
-// The recomputation sees the forward's autocast state and random-generator state (RecomputeState), so a block with
-// dropout (a LoRA's) draws the same masks twice. Inputs must be defined tensors.
-std::vector<at::Tensor> checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params);
+// What a block runner does around the two runs of a recomputed block: the block engine (src/parallel/block_engine.h)
+// brings the block's weights in before each run, lets them go after, and takes the gradient of the weights it holds.
+class RecomputeHooks {
+ public:
+  virtual ~RecomputeHooks() = default;
+  virtual void before_run(bool recompute) = 0;  // forward (false) and backward's recomputation (true)
+  virtual void after_forward() = 0;
+  // Tensors the recomputation also differentiates, whose gradients go to after_backward instead of autograd.
+  virtual std::vector<at::Tensor> weights() const = 0;
+  virtual void after_backward(const std::vector<at::Tensor>& weight_gradients) = 0;
+};
+
+// Gradient checkpointing, the one recompute-in-backward of every runner: runs `block(inputs)` without keeping its
+// activations, and in backward runs it again with grad enabled to get the gradients of `inputs` and `params` (the
+// tensors the block reads besides its inputs). The recomputation sees the forward's autocast state and random-generator
+// state (RecomputeState), so a block with dropout (a LoRA's) draws the same masks twice. Inputs must be defined tensors.
+// `hooks` (optional) run around both runs; `anchor` (optional) is a tensor that makes autograd reach the node when
+// nothing else needs a gradient (a sharded block's master): it receives none.
+std::vector<at::Tensor> checkpointed(Block block, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params,
+                                     std::shared_ptr<RecomputeHooks> hooks = nullptr, const at::Tensor& anchor = {});
 
 // The backward of a recomputed block: the gradients of `wrt` given the gradients of its outputs (an undefined one: the
-// output fed nothing; unused tensors of `wrt` get undefined gradients). What checkpointed() and the sharded-block runner
-// both do in backward.
+// output fed nothing; unused tensors of `wrt` get undefined gradients).
 std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& grad_outputs,
                                      const std::vector<at::Tensor>& wrt);
 
@@ -145,5 +160,11 @@ class BlockRunner {
   virtual std::vector<at::Tensor> run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
                                       const std::vector<at::Tensor>& params) = 0;
 };
+
+// How a model runs one of its blocks: through its runner when it has one (the block engine), recomputed in backward
+// under gradient checkpointing (while grad mode is on), or plainly. `block` must hold what it calls (the module by
+// shared pointer), since the recomputation in backward calls it again.
+std::vector<at::Tensor> run_block(BlockRunner* runner, bool gradient_checkpointing, const torch::nn::Module& module, Block block,
+                                  const std::vector<at::Tensor>& inputs);
 
 }  // namespace sdt

@@ -113,14 +113,12 @@ at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim) {
 
 namespace {
 
-// Each ResNet and Transformer2D is one unit: run through the block runner (sharded weights), recomputed in backward, or
-// plainly. The closure holds the module (a shared pointer), so the recomputation in backward finds it alive.
+// Each ResNet and Transformer2D is one block (run_block). The closure holds the module (a shared pointer), so the
+// recomputation in backward finds it alive.
 template <typename Impl>
 at::Tensor run_unit(const std::shared_ptr<Impl>& block, const at::Tensor& x, const at::Tensor& extra, const UNetStep& step) {
   const Block run = [block](const std::vector<at::Tensor>& in) { return std::vector<at::Tensor>{block->forward(in[0], in[1])}; };
-  if (step.runner) return step.runner->run(*block, run, {x, extra}, block->parameters())[0];
-  if (!step.checkpoint) return block->forward(x, extra);
-  return checkpointed(run, {x, extra}, block->parameters())[0];
+  return run_block(step.runner, step.checkpoint, *block, run, {x, extra})[0];
 }
 
 }  // namespace

@@ -94,54 +94,33 @@ class BlockEngine::Copier {
   std::optional<c10::Stream> copy_stream_;
 };
 
-// ---------------------------------------------------------------- the per-block autograd node
+// ---------------------------------------------------------------- the engine's part in a recomputed block
 
-namespace {
-struct BlockCall : torch::CustomClassHolder {
-  BlockCall(BlockEngine* engine, int64_t block, Block fn, RecomputeState state)
-      : engine(engine), block(block), fn(std::move(fn)), state(std::move(state)) {}
-  BlockEngine* engine;
-  int64_t block;
-  Block fn;
-  RecomputeState state;  // of the forward pass, for the recomputation
-};
-}  // namespace
-
-// Forward runs the block without recording a graph and keeps its inputs; backward recomputes it with the weights
-// gathered again. The node's tensors are the block's inputs, the tensors it reads but does not own (kept whole) and,
-// for a trainable block, its master: so autograd reaches the node when only the weights need gradients. The master's
-// gradient travels through the engine's reduction instead of autograd (added into its .grad once averaged).
-struct EngineFunction : torch::autograd::Function<EngineFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, c10::IValue holder,
-                                                int64_t num_inputs, int64_t num_kept, at::TensorList tensors) {
-    auto* call = static_cast<BlockCall*>(holder.toCapsule().get());
-    ctx->saved_data["call"] = holder;
-    ctx->saved_data["num_inputs"] = num_inputs;
-    ctx->save_for_backward(std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs + num_kept));
-    return call->engine->run_block(call->block, call->fn,
-                                   std::vector<at::Tensor>(tensors.begin(), tensors.begin() + num_inputs));
+// checkpointed() (src/models/layers.h) runs the block without keeping activations and recomputes it in backward;
+// these hooks bring the block's weights in around both runs and take their gradient. The block's master is the node's
+// anchor, so autograd reaches it when only the weights need gradients; their gradient travels through the engine's
+// reduction instead of autograd (added into the master's .grad once averaged).
+class BlockEngine::Hooks final : public RecomputeHooks {
+ public:
+  Hooks(BlockEngine& engine, int64_t block) : engine_(engine), block_(block) {}
+  void before_run(bool recompute) override { engine_.bring_in(block_, recompute); }
+  void after_forward() override {
+    engine_.release_parameters(block_);
+    engine_.fetch_scheduled(&SwapSchedule::fetch_after_forward, block_);
+  }
+  std::vector<at::Tensor> weights() const override {
+    const ManagedBlock& managed = engine_.blocks_[block_];
+    return managed.trainable ? managed.parameters : std::vector<at::Tensor>{};
+  }
+  void after_backward(const std::vector<at::Tensor>& weight_gradients) override {
+    engine_.release_parameters(block_);
+    if (engine_.blocks_[block_].trainable) engine_.reduce_gradient(block_, weight_gradients);
+    engine_.fetch_scheduled(&SwapSchedule::fetch_after_backward, block_);
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    auto* call = static_cast<BlockCall*>(ctx->saved_data["call"].toCapsule().get());
-    const int64_t num_inputs = ctx->saved_data["num_inputs"].toInt();
-    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
-    std::vector<bool> needs(saved.size());
-    for (size_t i = 0; i < saved.size(); ++i) needs[i] = ctx->needs_input_grad(i);
-    std::vector<at::Tensor> grads;
-    {
-      RecomputeState::Replay replay(call->state);
-      grads = call->engine->backward_block(call->block, call->fn,
-                                           std::vector<at::Tensor>(saved.begin(), saved.begin() + num_inputs),
-                                           std::vector<at::Tensor>(saved.begin() + num_inputs, saved.end()), needs,
-                                           grad_outputs);
-    }
-    // Three undefined gradients for the non-tensor arguments of forward, one per saved tensor, none for the master.
-    torch::autograd::variable_list out(3 + saved.size() + 1);
-    for (size_t i = 0; i < grads.size(); ++i) out[3 + i] = grads[i];
-    return out;
-  }
+ private:
+  BlockEngine& engine_;
+  int64_t block_;
 };
 
 // ---------------------------------------------------------------- construction
@@ -262,7 +241,7 @@ bool BlockEngine::on_host(int64_t block) const {
   return swap && schedules_[swap->stack].on_host(swap->index);
 }
 
-// ---------------------------------------------------------------- forward
+// ---------------------------------------------------------------- running a block
 
 std::vector<at::Tensor> BlockEngine::run(const torch::nn::Module& module, Block block, const std::vector<at::Tensor>& inputs,
                                          const std::vector<at::Tensor>& params) {
@@ -276,105 +255,63 @@ std::vector<at::Tensor> BlockEngine::run(const torch::nn::Module& module, Block 
   const ManagedBlock& managed = blocks_[b];
   std::unordered_set<const void*> own;
   for (const auto& p : managed.parameters) own.insert(p.unsafeGetTensorImpl());
-  std::vector<at::Tensor> tensors = inputs;
+  std::vector<at::Tensor> kept;
   bool differentiate = managed.trainable;
   for (const auto& t : inputs) differentiate = differentiate || t.requires_grad();
   for (const auto& p : params) {
     if (own.contains(p.unsafeGetTensorImpl())) continue;
-    tensors.push_back(p);
+    kept.push_back(p);
     differentiate = differentiate || p.requires_grad();
   }
-  if (!differentiate || !at::GradMode::is_enabled()) return run_block(b, block, inputs);
-  const auto num_kept = static_cast<int64_t>(tensors.size() - inputs.size());
-  if (managed.trainable) tensors.push_back(managed.master);
-  auto holder = c10::IValue::make_capsule(
-      c10::make_intrusive<BlockCall>(this, b, std::move(block), RecomputeState::capture(inputs.front().device().type())));
-  return EngineFunction::apply(holder, static_cast<int64_t>(inputs.size()), num_kept, at::TensorList(tensors));
-}
-
-std::vector<at::Tensor> BlockEngine::run_block(int64_t block, const Block& fn, const std::vector<at::Tensor>& inputs) {
-  at::NoGradGuard no_grad;
-  const at::Tensor full = acquire(block);
-  if (block + 1 < block_count()) prefetch(block + 1);
-  point_parameters(block, full);
-  std::vector<at::Tensor> outputs = fn(inputs);
-  release_parameters(block);
-  fetch_scheduled(&SwapSchedule::fetch_after_forward, block);
-  return outputs;
-}
-
-// ---------------------------------------------------------------- backward
-
-std::vector<at::Tensor> BlockEngine::backward_block(int64_t block, const Block& fn, std::vector<at::Tensor> inputs,
-                                                    const std::vector<at::Tensor>& kept, const std::vector<bool>& needs_grad,
-                                                    const std::vector<at::Tensor>& grad_outputs) {
-  const ManagedBlock& managed = blocks_[block];
-  const at::Tensor full = acquire(block);
-  if (block > 0) prefetch(block - 1);
-  point_parameters(block, full);
-
-  std::vector<at::Tensor> wrt;
-  std::vector<size_t> wrt_index;  // into inputs then kept
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    inputs[i] = inputs[i].detach().requires_grad_(needs_grad[i]);
-    if (needs_grad[i]) {
-      wrt.push_back(inputs[i]);
-      wrt_index.push_back(i);
-    }
-  }
-  for (size_t j = 0; j < kept.size(); ++j) {
-    if (!needs_grad[inputs.size() + j]) continue;
-    wrt.push_back(kept[j]);
-    wrt_index.push_back(inputs.size() + j);
-  }
-  const size_t first_weight = wrt.size();
-  if (managed.trainable) wrt.insert(wrt.end(), managed.parameters.begin(), managed.parameters.end());
-
-  std::vector<at::Tensor> grads(inputs.size() + kept.size());
-  std::vector<at::Tensor> computed;
-  if (!wrt.empty()) {
-    std::vector<at::Tensor> outputs;
-    {
-      at::AutoGradMode enable_grad(true);
-      outputs = fn(inputs);
-    }
-    computed = gradients_of(outputs, grad_outputs, wrt);
-  }
-  release_parameters(block);
-  for (size_t j = 0; j < first_weight; ++j) grads[wrt_index[j]] = computed[j];
-
-  if (managed.trainable) {
+  auto hooks = std::make_shared<Hooks>(*this, b);
+  if (!differentiate || !at::GradMode::is_enabled()) {
     at::NoGradGuard no_grad;
-    // At most one average in flight: the other buffer's lands before this one starts.
-    GradientBuffer* buffer = nullptr;
-    for (auto& candidate : gradient_buffers_) {
-      if (candidate->block < 0 && !buffer) buffer = candidate.get();
-    }
-    if (!buffer) buffer = gradient_buffers_.front().get();
-    for (auto& other : gradient_buffers_) {
-      if (other.get() != buffer) finish_reduction(*other);
-    }
-    finish_reduction(*buffer);
-    const int64_t padded = managed.layout.padded_numel(shard_ranks_);
-    const at::ScalarType dtype = managed.master.scalar_type();
-    if (!buffer->full.defined() || buffer->full.numel() < padded || buffer->full.scalar_type() != dtype) {
-      int64_t largest = 0;
-      for (const auto& b : blocks_) largest = b.trainable ? std::max(largest, b.layout.padded_numel(shard_ranks_)) : largest;
-      buffer->full = at::empty({largest}, at::TensorOptions(dtype).device(device_));
-    }
-    at::Tensor flat = buffer->full.narrow(0, 0, padded);
-    flat.zero_();
-    const std::vector<at::Tensor> views = managed.layout.views(flat);
-    for (size_t k = 0; k < views.size(); ++k) {
-      if (computed[first_weight + k].defined()) views[k].copy_(computed[first_weight + k]);
-    }
-    start_reduction(block, *buffer);
-    // Block 0 is the last of a backward: the masters' .grad must be whole when it returns. One rank has nothing to
-    // wait for, and one buffer, which the next block refills.
-    if (block == 0 || communicator_.size() == 1) finish_reduction(*buffer);
+    hooks->before_run(false);
+    std::vector<at::Tensor> outputs = block(inputs);
+    hooks->after_forward();
+    return outputs;
   }
-  fetch_scheduled(&SwapSchedule::fetch_after_backward, block);
-  return grads;
+  return checkpointed(std::move(block), inputs, kept, std::move(hooks), managed.trainable ? managed.master : at::Tensor());
+}
+
+// Forward: the next block's weights start arriving while this one runs; backward: the previous block's.
+void BlockEngine::bring_in(int64_t block, bool recompute) {
+  const at::Tensor full = acquire(block);
+  if (!recompute && block + 1 < block_count()) prefetch(block + 1);
+  if (recompute && block > 0) prefetch(block - 1);
+  point_parameters(block, full);
+}
+
+void BlockEngine::reduce_gradient(int64_t block, const std::vector<at::Tensor>& weight_gradients) {
+  at::NoGradGuard no_grad;
+  const ManagedBlock& managed = blocks_[block];
+  // At most one average in flight: the other buffer's lands before this one starts.
+  GradientBuffer* buffer = nullptr;
+  for (auto& candidate : gradient_buffers_) {
+    if (candidate->block < 0 && !buffer) buffer = candidate.get();
+  }
+  if (!buffer) buffer = gradient_buffers_.front().get();
+  for (auto& other : gradient_buffers_) {
+    if (other.get() != buffer) finish_reduction(*other);
+  }
+  finish_reduction(*buffer);
+  const int64_t padded = managed.layout.padded_numel(shard_ranks_);
+  const at::ScalarType dtype = managed.master.scalar_type();
+  if (!buffer->full.defined() || buffer->full.numel() < padded || buffer->full.scalar_type() != dtype) {
+    int64_t largest = 0;
+    for (const auto& b : blocks_) largest = b.trainable ? std::max(largest, b.layout.padded_numel(shard_ranks_)) : largest;
+    buffer->full = at::empty({largest}, at::TensorOptions(dtype).device(device_));
+  }
+  at::Tensor flat = buffer->full.narrow(0, 0, padded);
+  flat.zero_();
+  const std::vector<at::Tensor> views = managed.layout.views(flat);
+  for (size_t k = 0; k < views.size(); ++k) {
+    if (weight_gradients[k].defined()) views[k].copy_(weight_gradients[k]);
+  }
+  start_reduction(block, *buffer);
+  // Block 0 is the last of a backward: the masters' .grad must be whole when it returns. One rank has nothing to wait
+  // for, and one buffer, which the next block refills.
+  if (block == 0 || communicator_.size() == 1) finish_reduction(*buffer);
 }
 
 void BlockEngine::finish() {

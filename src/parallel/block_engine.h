@@ -161,16 +161,14 @@ class BlockEngine final : public BlockRunner {
   struct GatherBuffer;
   struct GradientBuffer;
   class Copier;
+  class Hooks;
   struct Swap {  // a block's place in a swap stack
     size_t stack = 0;
     int64_t index = 0;  // within the stack
   };
-  friend struct EngineFunction;
 
-  std::vector<at::Tensor> run_block(int64_t block, const Block& fn, const std::vector<at::Tensor>& inputs);  // no graph
-  std::vector<at::Tensor> backward_block(int64_t block, const Block& fn, std::vector<at::Tensor> wrt_inputs,
-                                         const std::vector<at::Tensor>& kept, const std::vector<bool>& needs_grad,
-                                         const std::vector<at::Tensor>& grad_outputs);
+  void bring_in(int64_t block, bool recompute);  // the block's weights in place, its neighbour's on their way
+  void reduce_gradient(int64_t block, const std::vector<at::Tensor>& weight_gradients);
 
   bool on_host(int64_t block) const;
   at::Tensor acquire(int64_t block);               // the block's full weights, ready to use

@@ -20,14 +20,6 @@ namespace fs = std::filesystem;
 at::Tensor layer_norm(const at::Tensor& x) { return at::layer_norm(x, {x.size(-1)}, {}, {}, 1e-6); }
 at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) { return layer_norm(x) * (scale + 1) + shift; }
 
-// Runs one block as the denoiser is asked to: through a block runner (full sharding), recomputed in backward, or plainly.
-std::vector<at::Tensor> run_block(const TinyDitImpl& dit, const torch::nn::Module& module, const Block& block,
-                                  const std::vector<at::Tensor>& inputs) {
-  if (dit.block_runner) return dit.block_runner->run(module, block, inputs, module.parameters());
-  if (dit.gradient_checkpointing && torch::GradMode::is_enabled()) return checkpointed(block, inputs, module.parameters());
-  return block(inputs);
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- the model
@@ -106,7 +98,7 @@ at::Tensor TinyDitImpl::forward(const at::Tensor& latents, const at::Tensor& tim
       auto [i, t] = double_block->forward(in[0], in[1], in[2]);
       return std::vector<at::Tensor>{i, t};
     };
-    const std::vector<at::Tensor> streams = run_block(*this, *module, run, {img, txt, vec});
+    const std::vector<at::Tensor> streams = run_block(block_runner, gradient_checkpointing, *module, run, {img, txt, vec});
     img = streams[0];
     txt = streams[1];
   }
@@ -114,7 +106,7 @@ at::Tensor TinyDitImpl::forward(const at::Tensor& latents, const at::Tensor& tim
   for (const auto& module : *single_blocks) {
     auto* single_block = module->as<SingleBlockImpl>();
     const Block run = [single_block](const std::vector<at::Tensor>& in) { return std::vector<at::Tensor>{single_block->forward(in[0], in[1])}; };
-    x = run_block(*this, *module, run, {x, vec})[0];
+    x = run_block(block_runner, gradient_checkpointing, *module, run, {x, vec})[0];
   }
   img = x.narrow(1, s, x.size(1) - s);
   const std::vector<at::Tensor> f = final_mod(at::silu(vec)).unsqueeze(1).chunk(2, -1);
