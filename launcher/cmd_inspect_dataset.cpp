@@ -4,8 +4,6 @@
 #include <filesystem>
 
 #include <fmt/format.h>
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
 
 #include "launcher/commands.h"
 #include "src/core/dataset_config.h"
@@ -54,13 +52,6 @@ std::vector<std::string> take_inspect_options(const std::vector<std::string>& ar
     }
   }
   return rest;
-}
-
-void write_png(const Image& image, const std::string& path) {
-  cv::Mat rgb(image.height, image.width, CV_8UC3, const_cast<uint8_t*>(image.data.data()));
-  cv::Mat bgr;
-  cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
-  if (!cv::imwrite(path, bgr)) fail(path, "cannot write PNG");
 }
 
 }  // namespace
@@ -121,7 +112,7 @@ int run_inspect_dataset(const std::vector<std::string>& argv) {
         const std::string out = (std::filesystem::path(o.dump_dir) /
                                  fmt::format("{:05d}_{:03d}_{}.png", step, i, std::filesystem::path(entry.path).stem().string()))
                                     .string();
-        write_png(s.image, out);
+        write_png(out, s.image);
         ++dumped;
       }
     }

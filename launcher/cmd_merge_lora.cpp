@@ -1,12 +1,14 @@
-// `sdt merge-lora`: kohya's networks/merge_lora.py. With --sd_model, merges LoRAs into an SD 1.x / 2.x single-file
-// checkpoint; without, merges LoRAs into one LoRA file.
+// `sdt merge-lora`: kohya's networks/merge_lora.py. With --sd_model, merges LoRAs into a checkpoint, which is loaded
+// and written by the family that recognises it (or --family) with kohya's model flags (SD 2.x's switch, ...); without, merges
+// LoRAs into one LoRA file.
 #include <CLI/CLI.hpp>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include "launcher/commands.h"
 #include "src/core/error.h"
-#include "src/families/sd/sd_family.h"
-#include "src/models/sd_checkpoint.h"
+#include "src/core/train_args.h"
+#include "src/families/family.h"
 #include "src/networks/lora_metadata.h"
 #include "src/networks/merge.h"
 
@@ -24,8 +26,9 @@ std::optional<at::ScalarType> precision_dtype(const std::string& name) {
 }  // namespace
 
 CLI::App* add_merge_lora_command(CLI::App& app, MergeLoraCommand& command) {
-  auto* cmd = app.add_subcommand("merge-lora", "merge LoRAs into an SD 1.x/2.x checkpoint (--sd_model), or into one LoRA");
-  cmd->add_flag("--v2", command.v2, "the --sd_model is Stable Diffusion 2.x");
+  auto* cmd = app.add_subcommand("merge-lora", "merge LoRAs into a checkpoint (--sd_model), or into one LoRA; the "
+                                                "checkpoint's family takes kohya's model flags (--family, the family's own)");
+  cmd->allow_extras();  // the model flags, read by kohya's argument table for the checkpoint's family
   cmd->add_option("--sd_model", command.sd_model, "checkpoint (.safetensors) to merge into; without it the LoRAs are merged into one LoRA");
   cmd->add_option("--save_to", command.save_to, "output file (.safetensors)")->required();
   cmd->add_option("--models", command.models, "LoRA files to merge")->required();
@@ -40,19 +43,24 @@ CLI::App* add_merge_lora_command(CLI::App& app, MergeLoraCommand& command) {
   return cmd;
 }
 
-int run_merge_lora(const MergeLoraCommand& command) {
+int run_merge_lora(const MergeLoraCommand& command, const std::vector<std::string>& model_flags) {
   const at::ScalarType merge_dtype = *precision_dtype(command.precision);
   const at::ScalarType save_dtype = precision_dtype(command.save_precision).value_or(merge_dtype);
 
   if (!command.sd_model.empty()) {
-    const SdConfig config = command.v2 ? SdConfig::sd2() : SdConfig::sd1();
-    spdlog::info("loading SD model: {}", command.sd_model);
-    SdModels models = load_ldm_checkpoint(command.sd_model, config, merge_dtype);
-    merge_loras_into_targets(sd_network_targets(models.text_encoder, models.unet, true), command.models, command.ratios, merge_dtype);
-    spdlog::info("saving SD model to: {}", command.save_to);
-    save_ldm_checkpoint(command.save_to, models, config, save_dtype);
+    TrainArgs model = parse_train_args(model_flags).args;
+    model.pretrained_model_name_or_path = command.sd_model;
+    spdlog::info("loading model: {}", command.sd_model);
+    const std::unique_ptr<Family> family = load_family_for_training(model);
+    const ModelBundle& bundle = family->models();
+    for (const auto& m : {bundle.denoiser, bundle.vae}) m->to(merge_dtype);
+    for (const auto& m : bundle.text_encoders) m->to(merge_dtype);
+    merge_loras_into_targets(family->network_targets(true), command.models, command.ratios, merge_dtype);
+    spdlog::info("saving {} model to: {}", family->name(), command.save_to);
+    family->save_checkpoint(command.save_to, save_dtype, {});
     return 0;
   }
+  if (!model_flags.empty()) fail("merge-lora", "unknown arguments without --sd_model: {}", fmt::join(model_flags, " "));
 
   MergedLoRA merged = merge_lora_files(command.models, command.ratios, merge_dtype, command.concat, command.shuffle);
   // kohya hashes the merged tensors in the merge precision, before converting them to the save precision.

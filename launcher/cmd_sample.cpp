@@ -1,31 +1,24 @@
-// `sdt sample`: text to image with an SD 1.x / 2.x checkpoint, written as PNG; how a user checks that a checkpoint
-// works. The options carry kohya's names; the image is the one kohya's sample images give for the same settings.
+// `sdt sample`: text to image with a checkpoint, written as PNG; how a user checks that a checkpoint works. The options
+// carry kohya's names; the image is the one kohya's sample images give for the same settings. The model flags
+// (--pretrained_model_name_or_path, --family, --vae, and the family's own, such as SD 2.x's switch) are kohya's, read by its
+// argument table as `sdt train` reads them.
 #include <CLI/CLI.hpp>
 
 #include "launcher/commands.h"
 #include "src/core/log.h"
+#include "src/core/train_args.h"
 
 namespace sdt {
 
 CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
-  auto* cmd = app.add_subcommand("sample", "text to image with an SD 1.x / 2.x checkpoint (DDIM, Euler, Euler a), written as PNG");
-  FamilyOptions& m = c.model;
+  auto* cmd = app.add_subcommand("sample", "text to image with a checkpoint (DDIM, Euler, Euler a), written as PNG; the "
+                                            "model flags are kohya's (--pretrained_model_name_or_path, --family, --vae, "
+                                            "the family's own)");
+  cmd->allow_extras();  // the model flags, read in run_sample
   SampleOptions& s = c.sample;
-  cmd->add_option("--pretrained_model_name_or_path", m.pretrained_model_name_or_path,
-                  "single-file checkpoint (.safetensors) or diffusers folder")
-      ->required();
-  cmd->add_option_function<std::string>("--family", [&c](const std::string& name) { c.family = name; },
-                                        "the model family (default: the one that recognises the checkpoint)");
-  cmd->add_flag("--v2", m.v2, "SD 2.x checkpoint (OpenCLIP text encoder, padding token \"!\")");
-  cmd->add_flag("--v_parameterization", m.v_parameterization, "the model predicts v (SD 2.x 768-v)");
-  cmd->add_option_function<std::string>("--vae", [&m](const std::string& path) { m.vae = path; },
-                                        "VAE to use instead of the checkpoint's: a file or a diffusers folder");
-  cmd->add_option("--tokenizer_vocab", m.tokenizer,
+  cmd->add_option("--tokenizer_vocab", c.tokenizer_vocab,
                   "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt "
-                  "(default: the diffusers folder's tokenizer/)");
-  cmd->add_option_function<int>("--clip_skip", [&m](const int& n) { m.clip_skip = n; },
-                                "condition on the n-th layer from the end of the text encoder")
-      ->check(CLI::PositiveNumber);
+                  "(default: the diffusers folder's tokenizer/, or the shipped one)");
   cmd->add_option("--prompt", s.prompt, "the prompt; (word:1.2), (word), [word] weight words")->required();
   cmd->add_option("--negative_prompt", s.negative_prompt, "what the image should not show");
   cmd->add_option("--sampler", s.sampler, "ddim, euler or euler_a")
@@ -42,10 +35,12 @@ CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
   return cmd;
 }
 
-int run_sample(const SampleCommand& command) {
+int run_sample(const SampleCommand& command, const std::vector<std::string>& model_flags) {
   init_logging({}, 0, 1);
-  sample_to_png(family_of_checkpoint(command.family, command.model.pretrained_model_name_or_path), command.model,
-                command.sample, command.output);
+  const TrainArgs args = parse_train_args(model_flags).args;
+  FamilyOptions model = family_options_from_args(args);
+  if (!command.tokenizer_vocab.empty()) model.tokenizer = command.tokenizer_vocab;
+  sample_to_png(family_of_checkpoint(args.family, model.pretrained_model_name_or_path), model, command.sample, command.output);
   return 0;
 }
 

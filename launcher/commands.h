@@ -21,23 +21,24 @@ int run_train(const std::vector<std::string>& argv, const World& world, TrainMod
 
 // `sdt sample`: its options are added to `app` as a subcommand bound to `command`; run_sample runs it once parsed.
 struct SampleCommand {
-  std::optional<std::string> family;  // --family
-  FamilyOptions model;
   SampleOptions sample;
+  std::string tokenizer_vocab;  // --tokenizer_vocab
   std::string output;
 };
 CLI::App* add_sample_command(CLI::App& app, SampleCommand& command);
-int run_sample(const SampleCommand& command);
+// `model_flags`: the arguments sample does not know itself (kohya's model flags), read by kohya's argument table.
+int run_sample(const SampleCommand& command, const std::vector<std::string>& model_flags);
 
 // `sdt merge-lora`: kohya's networks/merge_lora.py arguments.
 struct MergeLoraCommand {
-  bool v2 = false, concat = false, shuffle = false, no_metadata = false;
+  bool concat = false, shuffle = false, no_metadata = false;
   std::string sd_model, save_to, precision = "float", save_precision;
   std::vector<std::string> models;
   std::vector<double> ratios;
 };
 CLI::App* add_merge_lora_command(CLI::App& app, MergeLoraCommand& command);
-int run_merge_lora(const MergeLoraCommand& command);
+// `model_flags`: the arguments merge-lora does not know itself (kohya's model flags, for the checkpoint's family).
+int run_merge_lora(const MergeLoraCommand& command, const std::vector<std::string>& model_flags);
 
 // `sdt cache-latents` and `sdt cache-te` (cmd_cache.cpp): `sdt train`'s arguments plus the cache's own.
 struct CacheCommands {

@@ -52,8 +52,8 @@ int main(int argc, char** argv) {
     }
     if (*train) return sdt::run_train(train->remaining(), session.world(), sdt::TrainMode::network);
     if (*train_db) return sdt::run_train(train_db->remaining(), session.world(), sdt::TrainMode::whole_model);
-    if (*sample) return sdt::run_sample(sample_command);
-    if (*merge_lora) return sdt::run_merge_lora(merge_lora_command);
+    if (*sample) return sdt::run_sample(sample_command, sample->remaining());
+    if (*merge_lora) return sdt::run_merge_lora(merge_lora_command, merge_lora->remaining());
     if (cache_commands.chosen()) return sdt::run_cache_command(cache_commands, session.world());
   } catch (const std::exception& e) {
     // One rank's error ends the whole job, with the rank named: the others would wait for it forever.

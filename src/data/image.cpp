@@ -1,8 +1,14 @@
 #include "src/data/image.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <numbers>
@@ -325,5 +331,34 @@ Image flip_horizontal(const Image& image) {
   }
   return out;
 }
+
+void write_png(const std::string& path, const Image& image) {
+  if (image.channels != 3 && image.channels != 4) fail(path, "a PNG of {} channels: expected RGB or RGBA", image.channels);
+  const cv::Mat view(image.height, image.width, image.channels == 3 ? CV_8UC3 : CV_8UC4, const_cast<uint8_t*>(image.data.data()));
+  cv::Mat bgr;
+  cv::cvtColor(view, bgr, image.channels == 3 ? cv::COLOR_RGB2BGR : cv::COLOR_RGBA2BGRA);
+  std::vector<uchar> png;
+  if (!cv::imencode(".png", bgr, png)) fail(path, "OpenCV cannot encode the image as PNG");
+
+  const std::string temporary = path + ".tmp";
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) fail(path, "cannot create {}: {}", temporary, std::strerror(errno));
+  bool ok = true;
+  for (size_t written = 0; ok && written < png.size();) {
+    const ssize_t n = ::write(fd, png.data() + written, png.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) written += static_cast<size_t>(n);
+  }
+  ok = ok && ::fsync(fd) == 0;
+  const std::string reason = ok ? "" : std::strerror(errno);
+  ::close(fd);
+  if (!ok) {
+    std::filesystem::remove(temporary);
+    fail(path, "cannot write the PNG: {}", reason);
+  }
+  std::filesystem::rename(temporary, path);
+}
+
 
 }  // namespace sdt

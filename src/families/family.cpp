@@ -10,11 +10,10 @@
 #include <map>
 
 #include <fmt/ranges.h>
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
 #include <spdlog/spdlog.h>
 
 #include "src/core/error.h"
+#include "src/data/image.h"
 #include "src/families/sd/sd_family.h"
 
 namespace sdt {
@@ -92,30 +91,9 @@ void write_png(const std::string& path, const at::Tensor& image) {
          c10::toString(image.scalar_type()));
   }
   const at::Tensor rgb = image.contiguous();
-  const cv::Mat view(static_cast<int>(rgb.size(0)), static_cast<int>(rgb.size(1)), CV_8UC3, rgb.data_ptr());
-  cv::Mat bgr;
-  cv::cvtColor(view, bgr, cv::COLOR_RGB2BGR);
-  std::vector<uchar> png;
-  if (!cv::imencode(".png", bgr, png)) fail(path, "OpenCV cannot encode the image as PNG");
-
-  const std::string temporary = path + ".tmp";
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) fail(path, "cannot create {}: {}", temporary, std::strerror(errno));
-  bool ok = true;
-  for (size_t written = 0; ok && written < png.size();) {
-    const ssize_t n = ::write(fd, png.data() + written, png.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) written += static_cast<size_t>(n);
-  }
-  ok = ok && ::fsync(fd) == 0;
-  const std::string reason = ok ? "" : std::strerror(errno);
-  ::close(fd);
-  if (!ok) {
-    std::filesystem::remove(temporary);
-    fail(path, "cannot write the PNG: {}", reason);
-  }
-  std::filesystem::rename(temporary, path);
+  Image out{.width = static_cast<int>(rgb.size(1)), .height = static_cast<int>(rgb.size(0)), .channels = 3};
+  out.data.assign(rgb.data_ptr<uint8_t>(), rgb.data_ptr<uint8_t>() + rgb.numel());
+  sdt::write_png(path, out);
 }
 
 void sample_to_png(const std::string& family, const FamilyOptions& model, const SampleOptions& sample,

@@ -151,10 +151,6 @@ class Family {
   virtual std::string text_encoder_settings() const = 0;
 };
 
-// kohya's model arguments (--pretrained_model_name_or_path, --vae, --v2, --clip_skip, ...) as FamilyOptions;
-// a missing --pretrained_model_name_or_path is an sdt::Error.
-FamilyOptions family_options_from_args(const TrainArgs& args);
-
 // A family's row in the registry: how to load it, and whether a checkpoint (a single file or a folder) is one of its
 // models.
 struct FamilyRow {

@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include "src/core/train_args.h"
+
 namespace sdt {
 
 // kohya's model arguments, under its names.
@@ -32,6 +34,10 @@ struct SampleOptions {
   int width = 512;               // pixels; rounded down to a multiple of 8, at least 64, as kohya does
   int height = 512;
 };
+
+// kohya's model arguments (--pretrained_model_name_or_path, --vae, --v2, --clip_skip, ...) as FamilyOptions;
+// a missing --pretrained_model_name_or_path is an sdt::Error.
+FamilyOptions family_options_from_args(const TrainArgs& args);
 
 // The family to load: `family` (--family) when given, else the one family whose checkpoints `checkpoint` looks like
 // (from its tensor names or its diffusers config). Neither, or a checkpoint several families recognise: an sdt::Error.

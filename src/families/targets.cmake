@@ -15,7 +15,7 @@ add_executable(test_families
   tests/families/test_sampling.cpp
   tests/families/test_sd_family.cpp
 )
-target_link_libraries(test_families PRIVATE sdt_families GTest::gtest_main)
+target_link_libraries(test_families PRIVATE sdt_families sdt_networks GTest::gtest_main)
 target_compile_definitions(test_families PRIVATE
   SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures"
   SDT_BINARY="$<TARGET_FILE:sdt>")

@@ -56,8 +56,5 @@ class ProgressBar {
   std::chrono::steady_clock::time_point last_draw_{};
 };
 
-// A line plot of (step, loss) with a moving average, written as PNG.
-void write_loss_curve_png(const std::string& path, const std::vector<std::pair<int64_t, double>>& losses,
-                          const std::string& title);
 
 }  // namespace sdt

@@ -21,6 +21,7 @@
 #include "src/core/dataset_config.h"
 #include "src/core/error.h"
 #include "src/core/text.h"
+#include "src/data/chart.h"
 #include "src/data/loader.h"
 #include "src/data/rng.h"
 #include "cluster/communicator.h"
@@ -664,7 +665,7 @@ double Trainer::optimizer_update(StepTimes& times, bool& stop_now) {
 }
 
 // kohya's validation: what is trained in evaluation mode; each held-out batch at the objective's validation points
-// (DDPM: the timesteps linspace(min_t, max_t, 6)[1:-1]), with latents and noise from streams keyed by
+// (SD's objective: the timesteps linspace(min_t, max_t, 6)[1:-1]), with latents and noise from streams keyed by
 // --validation_seed (else --seed), the batch and the sample, so values compare across validations, runs and rank
 // counts. The value is the mean over all held-out samples of all ranks.
 double Trainer::validation_loss() {
@@ -854,7 +855,7 @@ void Trainer::finish() {
     progress_->finish();
     tensorboard_->flush();
     summary_.weights_path = save_weights(output_name_, num_epochs_);
-    write_loss_curve_png((output_dir_ / (output_name_ + "_loss.png")).string(), curve_, output_name_ + ": loss per step");
+    write_line_chart_png((output_dir_ / (output_name_ + "_loss.png")).string(), curve_, output_name_ + ": loss per step");
     if (sample_at_end) sample_images(num_epochs_);
   });
 }

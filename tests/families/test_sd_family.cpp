@@ -19,6 +19,8 @@
 #include "src/core/tensor_io.h"
 #include "src/families/family.h"
 #include "src/models/sd_checkpoint.h"
+#include "src/networks/merge.h"
+#include "src/families/sd/sd_family.h"
 #include "tests/models/compare.h"
 
 namespace sdt {
@@ -260,6 +262,32 @@ TEST(SampleCommand, WritesAPngOfTheRequestedSize) {
   EXPECT_NE(bad_status, 0);
   EXPECT_NE(bad_printed.find("--sampler"), std::string::npos) << bad_printed;
   std::filesystem::remove_all(folder);
+}
+
+// `sdt merge-lora --sd_model` loads the checkpoint through the family that recognises it and writes the family's
+// single-file checkpoint: the same weights as merging the LoRA into the loaded models directly.
+TEST(MergeLoraCommand, MergesIntoTheCheckpointOfItsFamily) {
+  const std::string lora = SDT_FIXTURES "/networks/lora_sd1.safetensors";
+  const std::string output = (std::filesystem::temp_directory_path() / ("sdt_merge_" + std::to_string(getpid()) + ".safetensors")).string();
+  const auto [status, printed] = run(std::string(SDT_BINARY) + " merge-lora --sd_model " + kFixtures + "sd1 --tokenizer " + kFixtures +
+                                     "sampling/tokenizer --models " + lora + " --ratios 0.5 --save_to " + output);
+  ASSERT_EQ(status, 0) << printed;
+  SdModels expected = load_diffusers_folder(kFixtures + "sd1");
+  merge_loras_into_targets(sd_network_targets(expected.text_encoder, expected.unet, true), {lora}, {0.5}, at::kFloat);
+  const SdConfig config{false, expected.text_encoder->config, expected.vae->config, expected.unet->config};
+  const SdModels written = load_ldm_checkpoint(output, config, at::kFloat);
+  for (const auto& item : expected.unet->named_parameters()) {
+    EXPECT_TRUE(at::equal(written.unet->named_parameters()[item.key()], item.value())) << item.key();
+  }
+  for (const auto& item : expected.text_encoder->named_parameters()) {
+    EXPECT_TRUE(at::equal(written.text_encoder->named_parameters()[item.key()], item.value())) << item.key();
+  }
+  std::filesystem::remove(output);
+
+  const auto [bad_status, bad_printed] = run(std::string(SDT_BINARY) + " merge-lora --models " + lora + " --ratios 1 --save_to " +
+                                             output + " --v2");
+  EXPECT_NE(bad_status, 0);
+  EXPECT_NE(bad_printed.find("without --sd_model"), std::string::npos) << bad_printed;
 }
 
 }  // namespace

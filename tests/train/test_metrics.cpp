@@ -8,6 +8,7 @@
 #include <opencv2/imgcodecs.hpp>
 
 #include "src/core/error.h"
+#include "src/data/chart.h"
 #include "src/train/metrics.h"
 #include "src/train/sample_prompts.h"
 
@@ -75,7 +76,7 @@ TEST(Metrics, JsonlAndLossCurve) {
 
   std::vector<std::pair<int64_t, double>> losses;
   for (int i = 0; i < 300; ++i) losses.emplace_back(i, 1.0 / (1 + i * 0.05) + 0.05 * ((i * 37) % 11) / 11.0);
-  write_loss_curve_png(temp("loss.png"), losses, "loss");
+  write_line_chart_png(temp("loss.png"), losses, "loss");
   cv::Mat png = cv::imread(temp("loss.png"));
   EXPECT_EQ(png.cols, 800);
   EXPECT_EQ(png.rows, 450);
