@@ -115,6 +115,17 @@ struct ParallelPlan {
   std::string no_block_swap_reason;                                     // why, when `swap` is empty
 };
 
+// What a family writes into SAI model-spec metadata (kohya's library/sai_model_spec.py), which A1111, ComfyUI and model
+// sites read: its architecture id ("/lora" is added for a LoRA), the implementation a LoRA and a checkpoint follow,
+// what the denoiser predicts (none for the flow-matching families) and the resolution it was made for.
+struct ModelSpec {
+  std::string architecture;                                                         // "stable-diffusion-v1"
+  std::string lora_implementation = "diffusers";
+  std::string checkpoint_implementation = "https://github.com/Stability-AI/generative-models";
+  std::optional<std::string> prediction_type;                                       // "epsilon" | "v"
+  int native_resolution = 512;
+};
+
 class Family {
  public:
   virtual ~Family() = default;
@@ -146,6 +157,7 @@ class Family {
   virtual void set_gradient_checkpointing(bool on) = 0;
   // What kohya's scripts write about the base model into a trained file (ss_v2, ss_base_model_version, ...).
   virtual safetensors::Metadata training_metadata() const = 0;
+  virtual ModelSpec model_spec() const = 0;
   // The settings besides the weights that decide the text encoders' outputs, recorded in and checked against a
   // text-encoder-output cache ("v2=False clip_skip=2 max_token_length=225").
   virtual std::string text_encoder_settings() const = 0;

@@ -89,6 +89,8 @@ struct LoRATrainingMetadata {
   std::optional<std::string> vae_name, vae_hash, new_vae_hash;
   // Set at each save.
   std::string training_finished_at, steps, epoch;
+  // SAI model-spec keys (modelspec.*), written with the others, and kept by --no_metadata as kohya keeps them.
+  safetensors::Metadata model_spec;
 
   safetensors::Metadata to_metadata() const;
 };

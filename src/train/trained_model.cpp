@@ -50,8 +50,9 @@ class NetworkTraining final : public TrainedModel {
   }
 
   void save(const std::string& path, const LoRATrainingMetadata& metadata) const override {
-    const safetensors::Metadata m = metadata.to_metadata();
-    network_->save_weights(path, save_dtype_, no_metadata_ ? minimum_network_metadata(m) : m);
+    safetensors::Metadata m = no_metadata_ ? minimum_network_metadata(metadata.to_metadata()) : metadata.to_metadata();
+    m.insert(metadata.model_spec.begin(), metadata.model_spec.end());
+    network_->save_weights(path, save_dtype_, m);
   }
 
  private:
@@ -94,7 +95,10 @@ class WholeModelTraining final : public TrainedModel {
   }
 
   void save(const std::string& path, const LoRATrainingMetadata& metadata) const override {
-    family_.save_checkpoint(path, save_dtype_, {{"ss_steps", metadata.steps}, {"ss_epoch", metadata.epoch}});
+    safetensors::Metadata m = metadata.model_spec;
+    m["ss_steps"] = metadata.steps;
+    m["ss_epoch"] = metadata.epoch;
+    family_.save_checkpoint(path, save_dtype_, m);
   }
 
  private:

@@ -38,6 +38,7 @@
 #include "src/train/make_optimizer.h"
 #include "src/train/metrics.h"
 #include "src/train/precision.h"
+#include "src/train/sai_model_spec.h"
 #include "src/train/sample_prompts.h"
 #include "src/train/train_state.h"
 #include "src/train/trained_model.h"
@@ -286,9 +287,10 @@ class Trainer {
   std::vector<std::pair<int64_t, double>> curve_;
   std::unique_ptr<ProgressBar> progress_;
   TrainSummary summary_;
+  TrainMode mode_;
 };
 
-Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : args_(args), world_(world) {
+Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : args_(args), world_(world), mode_(mode) {
   check_supported(args, mode);
   // Every CPU tensor's bytes are counted from here, so the run's peak can be set against its memory plan.
   CpuTensorMeter::install();
@@ -876,7 +878,9 @@ std::string Trainer::save_weights(const std::string& name, int64_t epoch) {
   m.num_epochs = python_str(epoch);
   m.steps = std::to_string(position_.global_step);
   m.epoch = std::to_string(epoch);
-  m.training_finished_at = python_str(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
+  const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  m.training_finished_at = python_str(now);
+  m.model_spec = sai_model_spec(family_->model_spec(), args_, mode_ == TrainMode::network, now);
   trained_->save(path, m);
   spdlog::info("saved {}", path);
   return path;

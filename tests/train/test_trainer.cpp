@@ -79,6 +79,8 @@ TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   EXPECT_FALSE(lora.metadata().contains("ss_sd_model_hash"));
   EXPECT_EQ(lora.metadata().at("ss_base_model_version"), "sd_v1");
   EXPECT_EQ(lora.metadata().at("ss_v2"), "False");
+  EXPECT_EQ(lora.metadata().at("modelspec.architecture"), "stable-diffusion-v1/lora");  // SAI model spec, as kohya writes it
+  EXPECT_EQ(lora.metadata().at("modelspec.prediction_type"), "epsilon");
   EXPECT_GE(std::stod(lora.metadata().at("ss_training_finished_at")), std::stod(lora.metadata().at("ss_training_started_at")));
   // The dataset as kohya describes folders given on the command line (json.dumps of the folder's tags and counts;
   // the captions are the class tokens, as the default caption extension is ".caption").

@@ -285,6 +285,14 @@ void SdFamily::set_block_runner(BlockRunner* runner) { models_.unet->block_runne
 
 void SdFamily::set_gradient_checkpointing(bool on) { models_.unet->gradient_checkpointing = on; }
 
+ModelSpec SdFamily::model_spec() const {
+  ModelSpec spec;
+  spec.architecture = !v2_ ? "stable-diffusion-v1" : v_parameterization_ ? "stable-diffusion-v2-768-v" : "stable-diffusion-v2-512";
+  spec.prediction_type = v_parameterization_ ? "v" : "epsilon";
+  spec.native_resolution = v2_ && v_parameterization_ ? 768 : 512;
+  return spec;
+}
+
 safetensors::Metadata SdFamily::training_metadata() const {
   return {{"ss_v2", v2_ ? "True" : "False"},
           {"ss_base_model_version", v2_ ? (v_parameterization_ ? "sd_v2_768_v" : "sd_v2_512") : "sd_v1"}};

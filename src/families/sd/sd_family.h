@@ -96,6 +96,7 @@ class SdFamily : public Family {
   void set_block_runner(BlockRunner* runner) override;
   void set_gradient_checkpointing(bool on) override;
   safetensors::Metadata training_metadata() const override;
+  ModelSpec model_spec() const override;  // stable-diffusion-v1, -v2-512, -v2-768-v
   std::string text_encoder_settings() const override;
 
  private:

@@ -218,6 +218,7 @@ class TinyDitFamily final : public Family {
   void set_block_runner(BlockRunner* runner) override { dit_->block_runner = runner; }
   void set_gradient_checkpointing(bool on) override { dit_->gradient_checkpointing = on; }
   safetensors::Metadata training_metadata() const override { return {{"ss_base_model_version", "tiny_dit"}}; }
+  ModelSpec model_spec() const override { return {.architecture = "tiny-dit", .native_resolution = 64}; }
   std::string text_encoder_settings() const override { return "tiny_dit"; }
 
  private:
