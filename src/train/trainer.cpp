@@ -34,6 +34,7 @@
 #include "src/parallel/block_engine.h"
 #include "src/parallel/data_parallel.h"
 #include "src/parallel/memory_plan.h"
+#include "src/train/dataset_metadata.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/make_optimizer.h"
 #include "src/train/metrics.h"
@@ -131,49 +132,6 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
   parse_sharding(args.sharding);
   if (args.blocks_to_swap && *args.blocks_to_swap < 0) fail("--blocks_to_swap", "must be 0 or more, got {}", *args.blocks_to_swap);
-}
-
-// kohya's dataset keys of a LoRA file: ss_tag_frequency (per image folder, how many captions hold each comma-separated
-// tag, lower-cased), ss_dataset_dirs (per folder: repeats and image count; a folder met again is "name (2)"), and with
-// folders given on the command line instead of a dataset config, the regularisation folders apart (ss_reg_dataset_dirs).
-safetensors::Metadata kohya_dataset_metadata(const DatasetBlueprint& blueprint, const std::vector<DatasetIndex>& indexes,
-                                             bool from_dataset_config) {
-  nlohmann::ordered_json tag_frequency = nlohmann::ordered_json::object(), dirs = nlohmann::ordered_json::object(),
-                         reg_dirs = nlohmann::ordered_json::object();
-  for (size_t d = 0; d < blueprint.datasets.size(); ++d) {
-    const DatasetConfig& dataset = blueprint.datasets[d];
-    for (size_t s = 0; s < dataset.subsets.size(); ++s) {
-      const SubsetConfig& subset = dataset.subsets[s];
-      const std::optional<std::string>& source = subset.image_dir ? subset.image_dir : subset.metadata_file;
-      if (!source) continue;
-      const std::string name = fs::path(*source).filename().string();
-      nlohmann::ordered_json& frequency = tag_frequency[name];
-      if (frequency.is_null()) frequency = nlohmann::ordered_json::object();
-      int64_t images = 0;
-      for (const ImageEntry& image : indexes[d].images) {
-        if (image.subset != s) continue;
-        ++images;
-        for (const std::string& part : split(image.caption, ',')) {
-          std::string tag = trim(part);
-          if (tag.empty()) continue;
-          std::transform(tag.begin(), tag.end(), tag.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-          frequency[tag] = frequency.value(tag, 0) + 1;
-        }
-      }
-      const nlohmann::ordered_json info = {{"n_repeats", subset.num_repeats}, {"img_count", images}};
-      if (!from_dataset_config) {
-        (subset.is_reg ? reg_dirs : dirs)[name] = info;
-        continue;
-      }
-      if (subset.is_reg) continue;
-      std::string key = name;
-      for (int k = 2; dirs.contains(key); ++k) key = fmt::format("{} ({})", name, k);
-      dirs[key] = info;
-    }
-  }
-  safetensors::Metadata metadata{{"ss_tag_frequency", python_json(tag_frequency)}, {"ss_dataset_dirs", python_json(dirs)}};
-  if (!from_dataset_config) metadata["ss_reg_dataset_dirs"] = python_json(reg_dirs);
-  return metadata;
 }
 
 // SIGUSR1 / SIGTERM (Slurm's warning before preemption or the time limit, `scancel --signal`): the run saves its
@@ -536,7 +494,7 @@ void Trainer::set_up_outputs() {
   meta_.mixed_precision = args_.mixed_precision;
   meta_.full_fp16 = python_str(args_.full_fp16);
   meta_.base_model = family_->training_metadata();
-  meta_.dataset = kohya_dataset_metadata(blueprint_, indexes_, args_.dataset_config.has_value());
+  meta_.dataset = kohya_dataset_metadata(blueprint_, indexes_, args_, world_.size);
   if (!args_.network_args.empty()) {
     nlohmann::ordered_json network_args = nlohmann::ordered_json::object();  // kohya's net_kwargs: key -> value string
     for (const std::string& arg : args_.network_args) {

@@ -1,13 +1,13 @@
 # The training loop (`sdt train` for networks) on top of the families, networks, optimizers and the
 # DDPM math, and its end-to-end test on the tiny SD 1.x fixture model.
 add_library(sdt_trainer STATIC src/train/trainer.cpp src/train/trained_model.cpp src/train/train_state.cpp src/train/precision.cpp
-                        src/train/sai_model_spec.cpp)
+                        src/train/sai_model_spec.cpp src/train/dataset_metadata.cpp)
 target_link_libraries(sdt_trainer PUBLIC sdt_families sdt_networks sdt_train_optim sdt_objectives sdt_train_metrics
                                          sdt_data_loader sdt_cluster_comm sdt_cache sdt_parallel)
 target_precompile_headers(sdt_trainer REUSE_FROM sdt_torch)
 target_compile_definitions(sdt_trainer PRIVATE SDT_VERSION="${PROJECT_VERSION}")
 
-add_executable(test_trainer tests/train/test_trainer.cpp tests/train/test_sai_model_spec.cpp)
+add_executable(test_trainer tests/train/test_trainer.cpp tests/train/test_sai_model_spec.cpp tests/train/test_dataset_metadata.cpp)
 target_link_libraries(test_trainer PRIVATE sdt_trainer GTest::gtest_main)
 target_compile_definitions(test_trainer PRIVATE SDT_SOURCE_DIR="${CMAKE_SOURCE_DIR}" SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures"
                                              SDT_VERSION="${PROJECT_VERSION}")

@@ -87,6 +87,9 @@ TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   EXPECT_EQ(lora.metadata().at("ss_tag_frequency"), R"({"4_toy": {"toy": 2}})");
   EXPECT_EQ(lora.metadata().at("ss_dataset_dirs"), R"({"4_toy": {"n_repeats": 4, "img_count": 2}})");
   EXPECT_EQ(lora.metadata().at("ss_reg_dataset_dirs"), "{}");
+  EXPECT_EQ(lora.metadata().at("ss_color_aug"), "False");
+  EXPECT_EQ(lora.metadata().at("ss_total_batch_size"), lora.metadata().at("ss_batch_size_per_device"));  // 1 rank, no accumulation
+  EXPECT_TRUE(lora.metadata().at("ss_bucket_info").starts_with(R"({"buckets": {)")) << lora.metadata().at("ss_bucket_info");
   size_t unet_keys = 0;
   for (const auto& t : lora.tensors()) {
     EXPECT_TRUE(t.name.starts_with("lora_unet_")) << t.name;
