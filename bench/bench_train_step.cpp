@@ -84,7 +84,7 @@ double bare_seconds_per_step(const sdt::TrainArgs& args, int64_t steps) {
   const auto start = Clock::now();
   for (int64_t i = 0; i < steps; ++i) {
     at::Tensor latents;
-    std::vector<at::Tensor> conditioning;
+    sdt::Conditioning conditioning;
     {
       torch::NoGradGuard no_grad;
       latents = family->latents_caching_strategy().encode(images, false, sdt::LatentSampling::sample, gen).latents;

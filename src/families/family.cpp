@@ -85,6 +85,15 @@ std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions
   return it->second.load(options);
 }
 
+const at::Tensor& conditioning_tensor(const Conditioning& conditioning, std::string_view name) {
+  for (const auto& [key, tensor] : conditioning) {
+    if (key == name) return tensor;
+  }
+  std::vector<std::string> names;
+  for (const auto& named : conditioning) names.push_back(named.first);
+  fail("conditioning", "no '{}' (it has: {})", name, names.empty() ? "nothing" : fmt::format("{}", fmt::join(names, ", ")));
+}
+
 void write_png(const std::string& path, const at::Tensor& image) {
   if (image.dim() != 3 || image.size(2) != 3 || image.scalar_type() != at::kByte) {
     fail(path, "expected an (H, W, 3) uint8 RGB image, got {} {}", c10::str(image.sizes()),

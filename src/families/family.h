@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <torch/torch.h>
@@ -42,12 +43,18 @@ class TokenizeStrategy {
   virtual Tokens tokenize(const std::vector<std::string>& captions, bool weighted) const = 0;
 };
 
+// The denoiser's conditioning by name, batch first, as the text-encoder caches store it (SD: "hidden_state"; a FLUX-style
+// family adds a pooled vector).
+using Conditioning = NamedTensors;
+// The tensor called `name`; sdt::Error naming what there is when it is missing.
+const at::Tensor& conditioning_tensor(const Conditioning& conditioning, std::string_view name);
+
 class TextEncodingStrategy {
  public:
   virtual ~TextEncodingStrategy() = default;
-  // The denoiser's text conditioning, one tensor per output (SD: the hidden states (B, 2 + 75n, D)). Weights, when
-  // the tokens carry them, multiply the hidden states token by token.
-  virtual std::vector<at::Tensor> encode(const Tokens& tokens) const = 0;
+  // The denoiser's text conditioning (SD: "hidden_state", the hidden states (B, 2 + 75n, D)). Weights, when the tokens
+  // carry them, multiply the hidden states token by token.
+  virtual Conditioning encode(const Tokens& tokens) const = 0;
 };
 
 // How latents come out of the VAE's posterior: its mean (deterministic), or a sample drawn from it (kohya).
@@ -88,8 +95,8 @@ class TextEncoderOutputsCachingStrategy {
   // What to store for a batch of captions, by name, batch first (SD: "hidden_state" (B, 2 + 75n, D)), computed by the
   // family's tokenize and text-encoding strategies.
   virtual NamedTensors outputs_to_cache(const std::vector<std::string>& captions, bool weighted) const = 0;
-  // A stored batch back into TextEncodingStrategy::encode's outputs.
-  virtual std::vector<at::Tensor> outputs_from_cache(const NamedTensors& stored) const = 0;
+  // A stored batch back into TextEncodingStrategy::encode's conditioning (sdt::Error when a name is missing).
+  virtual Conditioning outputs_from_cache(const NamedTensors& stored) const = 0;
 };
 
 // The models of a family by role: the trainer injects networks into them, switches them between training and
@@ -148,7 +155,7 @@ class Family {
   // and loss flags of train_network.py, --v_parameterization, --zero_terminal_snr). Argument errors are sdt::Errors.
   virtual std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const = 0;
   // The denoiser's prediction for a noised batch, given TextEncodingStrategy::encode's outputs for its captions.
-  virtual at::Tensor predict(const NoisedBatch& batch, const std::vector<at::Tensor>& conditioning) const = 0;
+  virtual at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const = 0;
   // The layers a network (LoRA) adapts, in kohya's creation order; the convolution blocks' too with `conv_blocks`.
   virtual std::vector<NetworkTarget> network_targets(bool conv_blocks) const = 0;
   virtual ParallelPlan parallel_plan() const = 0;

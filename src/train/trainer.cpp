@@ -97,10 +97,10 @@ SampleRandoms keyed_randoms(uint64_t seed, int64_t update, int64_t first_place, 
 
 // The text conditioning of a batch; a rank whose share of a short global batch is empty gets (0, ...) rows, from one
 // placeholder caption, so it still runs the denoiser (whose collectives every rank must join) on an empty batch.
-std::vector<at::Tensor> encode_captions(const Family& family, const std::vector<std::string>& captions, bool weighted) {
+Conditioning encode_captions(const Family& family, const std::vector<std::string>& captions, bool weighted) {
   if (!captions.empty()) return family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize(captions, weighted));
-  std::vector<at::Tensor> placeholder = family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize({""}, false));
-  for (at::Tensor& c : placeholder) c = c.narrow(0, 0, 0);
+  Conditioning placeholder = family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize({""}, false));
+  for (auto& [name, c] : placeholder) c = c.narrow(0, 0, 0);
   return placeholder;
 }
 
@@ -172,7 +172,7 @@ class Trainer {
   // ---- the step
   void step(TrainBatch& batch, StepTimes& times);
   at::Tensor batch_latents(TrainBatch& batch, int64_t update_key) const;
-  std::vector<at::Tensor> batch_conditioning(const TrainBatch& batch) const;
+  Conditioning batch_conditioning(const TrainBatch& batch) const;
   std::optional<at::Tensor> loss_mask(const TrainBatch& batch) const;
   double optimizer_update(StepTimes& times, bool& stop_now);
   double validation_loss();
@@ -540,7 +540,7 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
     const at::Tensor latents = batch_latents(batch, update_key);
     // The network's dropouts draw from the default generator, as kohya's do, keyed here like every other stream.
     seed_default_generator(seed_, update_key, batch.update_offset, RngPurpose::NetworkDropout);
-    const std::vector<at::Tensor> conditioning = batch_conditioning(batch);
+    const Conditioning conditioning = batch_conditioning(batch);
     const NoisedBatch noised = objective_->noise(latents, keyed_randoms(seed_, update_key, batch.update_offset, RngPurpose::Noise));
     const at::Tensor prediction = family_->predict(noised, conditioning).to(at::kFloat);
     // An empty share contributes nothing, but its backward still runs (sharded models gather in it).
@@ -577,13 +577,12 @@ at::Tensor Trainer::batch_latents(TrainBatch& batch, int64_t update_key) const {
 }
 
 // The text conditioning, through a trained text encoder with its graph, else without.
-std::vector<at::Tensor> Trainer::batch_conditioning(const TrainBatch& batch) const {
+Conditioning Trainer::batch_conditioning(const TrainBatch& batch) const {
   std::optional<torch::NoGradGuard> no_grad;
   if (!trained_->trains_text_encoder()) no_grad.emplace();
   if (!text_cache_ || batch.captions.empty()) return encode_captions(*family_, batch.captions, args_.weighted_captions);
-  std::vector<at::Tensor> conditioning =
-      family_->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache_->read_batch(batch.captions));
-  for (at::Tensor& c : conditioning) c = c.to(at::kFloat);
+  Conditioning conditioning = family_->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache_->read_batch(batch.captions));
+  for (auto& [name, c] : conditioning) c = c.to(at::kFloat);
   return conditioning;
 }
 
@@ -643,7 +642,7 @@ double Trainer::validation_loss() {
     const int64_t key = batch->update * (points + 1);  // the latents' streams, then one per validation point
     const at::Tensor latents = encode_latents(*family_, batch->images.to(precision_.vae), vae_latents_, validation_seed_, key,
                                               batch->update_offset, RngPurpose::ValidationLatents);
-    const std::vector<at::Tensor> conditioning = encode_captions(*family_, batch->captions, args_.weighted_captions);
+    const Conditioning conditioning = encode_captions(*family_, batch->captions, args_.weighted_captions);
     for (int k = 0; k < points; ++k) {
       const NoisedBatch noised = objective_->noise_at_validation_point(
           latents, k, keyed_randoms(validation_seed_, key + k + 1, batch->update_offset, RngPurpose::ValidationNoise));

@@ -395,10 +395,10 @@ TEST(BuildCache, TextEncoderOutputsEqualTheStrategysAndSplitAcrossRanks) {
   const CacheIdentity identity = text_encoder_cache_identity(family, toy.args, toy.options);
   const TextEncoderCacheReader cache(toy.options.cache_dir, identity), split_cache(split.options.cache_dir, identity);
   const std::vector<std::string> captions{"a masked square", "a red square", "another masked square"};
-  const std::vector<at::Tensor> cached = family.text_encoder_outputs_caching_strategy().outputs_from_cache(cache.read_batch(captions));
-  const std::vector<at::Tensor> direct = family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize(captions, false));
+  const Conditioning cached = family.text_encoder_outputs_caching_strategy().outputs_from_cache(cache.read_batch(captions));
+  const Conditioning direct = family.text_encoding_strategy().encode(family.tokenize_strategy().tokenize(captions, false));
   ASSERT_EQ(cached.size(), 1u);
-  EXPECT_TRUE(at::allclose(cached[0], direct[0], 1e-5, 1e-6));
+  EXPECT_TRUE(at::allclose(conditioning_tensor(cached, "hidden_state"), conditioning_tensor(direct, "hidden_state"), 1e-5, 1e-6));
   EXPECT_TRUE(at::equal(split_cache.read_batch(captions)[0].second, cache.read_batch(captions)[0].second));
 }
 

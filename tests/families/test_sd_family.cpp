@@ -130,13 +130,14 @@ TEST_P(SdTokensAndEncoding, WindowsAndStitchedHiddenStatesHaveKohyasShapes) {
   EXPECT_EQ(tokens.ids[0][0][0][76].item<int64_t>(), pad);
 
   torch::NoGradGuard no_grad;
-  const std::vector<at::Tensor> hidden = sd.text_encoding_strategy().encode(tokens);
-  ASSERT_EQ(hidden.size(), 1u);
-  EXPECT_EQ(hidden[0].sizes(), at::IntArrayRef({2, windows == 1 ? 77 : 2 + 75 * windows, 32}));
+  const Conditioning conditioning = sd.text_encoding_strategy().encode(tokens);
+  ASSERT_EQ(conditioning.size(), 1u);
+  const at::Tensor& hidden = conditioning_tensor(conditioning, "hidden_state");
+  EXPECT_EQ(hidden.sizes(), at::IntArrayRef({2, windows == 1 ? 77 : 2 + 75 * windows, 32}));
   // The windows are encoded on their own: the first window's states are the text encoder's on that window alone.
   auto text_encoder = std::dynamic_pointer_cast<ClipTextModelImpl>(sd.models().text_encoders[0]);
   const at::Tensor first_window = text_encoder->encode(tokens.ids[0].select(1, 0));  // (2, 77, D)
-  EXPECT_TRUE(at::allclose(hidden[0].slice(1, 0, 76), first_window.slice(1, 0, 76), 1e-5, 1e-6));
+  EXPECT_TRUE(at::allclose(hidden.slice(1, 0, 76), first_window.slice(1, 0, 76), 1e-5, 1e-6));
 }
 
 INSTANTIATE_TEST_SUITE_P(MaxTokenLength, SdTokensAndEncoding,
@@ -157,8 +158,8 @@ TEST(SdTextEncoding, CaptionWeightsScaleTheirTokensHiddenStates) {
   EXPECT_FLOAT_EQ(w[0].item<float>(), 1.0f);
 
   torch::NoGradGuard no_grad;
-  const at::Tensor scaled = sd.text_encoding_strategy().encode(weighted)[0];  // (1, 152, D)
-  const at::Tensor plain = sd.text_encoding_strategy().encode(Tokens{weighted.ids, {}})[0];
+  const at::Tensor scaled = conditioning_tensor(sd.text_encoding_strategy().encode(weighted), "hidden_state");  // (1, 152, D)
+  const at::Tensor plain = conditioning_tensor(sd.text_encoding_strategy().encode(Tokens{weighted.ids, {}}), "hidden_state");
   // Stitched position p of window 0 is that window's id p: the weights apply there, nowhere else changes.
   const at::Tensor expected_scale = at::cat({at::ones({1}), weighted.weights[0][0][0].slice(0, 1, 76),
                                              weighted.weights[0][0][1].slice(0, 1, 76), at::ones({1})});
@@ -207,9 +208,10 @@ TEST(SdTextEncoderOutputsCaching, StoresTheEncodedHiddenStatesAndGivesThemBack) 
   ASSERT_EQ(stored.size(), 1u);
   EXPECT_EQ(stored[0].first, "hidden_state");
   torch::NoGradGuard no_grad;
-  const at::Tensor encoded = sd.text_encoding_strategy().encode(sd.tokenize_strategy().tokenize({"a cat", "a dog"}, false))[0];
+  const at::Tensor encoded =
+      conditioning_tensor(sd.text_encoding_strategy().encode(sd.tokenize_strategy().tokenize({"a cat", "a dog"}, false)), "hidden_state");
   EXPECT_TRUE(at::equal(stored[0].second, encoded));
-  EXPECT_TRUE(at::equal(caching.outputs_from_cache(stored)[0], encoded));
+  EXPECT_TRUE(at::equal(conditioning_tensor(caching.outputs_from_cache(stored), "hidden_state"), encoded));
   const std::string message = error_of([&] { caching.outputs_from_cache({}); });
   EXPECT_NE(message.find("no 'hidden_state'"), std::string::npos) << message;
 }

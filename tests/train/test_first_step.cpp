@@ -101,7 +101,7 @@ StepResults first_step(const safetensors::File& reference, at::ScalarType dtype)
   network->prepare_optimizer_params(std::nullopt, std::nullopt, 1e-4);  // makes every LoRA weight require grad
 
   StepResults out;
-  out["text_conditioning"] = family->text_encoding_strategy().encode(Tokens{{fixture("input_ids")}, {}}).at(0);
+  out["text_conditioning"] = conditioning_tensor(family->text_encoding_strategy().encode(Tokens{{fixture("input_ids")}, {}}), "hidden_state");
   const DdpmSchedule schedule = make_ddpm_schedule(false);
   const at::Tensor noise = fixture("noise").to(dtype), timesteps = fixture("timesteps");
   out["noisy_latents"] = add_noise(schedule, fixture(prefix + "latents"), noise, timesteps);

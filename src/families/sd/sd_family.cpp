@@ -168,12 +168,12 @@ Tokens SdTokenizeStrategy::tokenize(const std::vector<std::string>& captions, bo
 SdTextEncodingStrategy::SdTextEncodingStrategy(ClipTextModel text_encoder, std::optional<int64_t> clip_skip)
     : text_encoder_(std::move(text_encoder)), clip_skip_(clip_skip) {}
 
-std::vector<at::Tensor> SdTextEncodingStrategy::encode(const Tokens& tokens) const {
+Conditioning SdTextEncodingStrategy::encode(const Tokens& tokens) const {
   if (tokens.ids.size() != 1) fail("SD text encoding", "expected the ids of one tokenizer, got {}", tokens.ids.size());
   ClipTextModel text_encoder = text_encoder_;
   const at::Tensor& ids = tokens.ids[0];                                      // (B, n, 77)
   at::Tensor hidden = encode_prompt_chunks(text_encoder, ids, clip_skip_);   // (B, 2 + 75n, D); n = 1: (B, 77, D)
-  if (tokens.weights.empty()) return {hidden};
+  if (tokens.weights.empty()) return {{"hidden_state", hidden}};
 
   // encode_tokens_with_weights: one window's weights apply to all 77 positions; with several windows each window's
   // 75 text weights apply to its stretch of the stitched states, whose first and last positions keep weight 1.
@@ -184,7 +184,7 @@ std::vector<at::Tensor> SdTextEncodingStrategy::encode(const Tokens& tokens) con
     const at::Tensor one = at::ones({batch, 1}, weights.options());
     per_position = at::cat({one, weights.slice(2, 1, -1).reshape({batch, windows * kWindow}), one}, 1);  // (B, 2 + 75n)
   }
-  return {hidden * per_position.unsqueeze(-1)};
+  return {{"hidden_state", hidden * per_position.unsqueeze(-1)}};
 }
 
 // ---------------------------------------------------------------- latents
@@ -225,13 +225,13 @@ SdTextEncoderOutputsCachingStrategy::SdTextEncoderOutputsCachingStrategy(const T
 NamedTensors SdTextEncoderOutputsCachingStrategy::outputs_to_cache(const std::vector<std::string>& captions,
                                                                    bool weighted) const {
   torch::NoGradGuard no_grad;
-  return {{"hidden_state", encode_.encode(tokenize_.tokenize(captions, weighted))[0]}};
+  return encode_.encode(tokenize_.tokenize(captions, weighted));
 }
 
-std::vector<at::Tensor> SdTextEncoderOutputsCachingStrategy::outputs_from_cache(const NamedTensors& stored) const {
+Conditioning SdTextEncoderOutputsCachingStrategy::outputs_from_cache(const NamedTensors& stored) const {
   const auto it = std::find_if(stored.begin(), stored.end(), [](const auto& named) { return named.first == "hidden_state"; });
   if (it == stored.end()) fail("text-encoder output cache", "no 'hidden_state': expected SD's hidden states (B, S, D)");
-  return {it->second};
+  return {*it};
 }
 
 // ---------------------------------------------------------------- the family
@@ -266,9 +266,9 @@ std::unique_ptr<TrainingObjective> SdFamily::make_objective(const TrainArgs& arg
   return std::make_unique<DdpmObjective>(ddpm_options_from_args(args));
 }
 
-at::Tensor SdFamily::predict(const NoisedBatch& batch, const std::vector<at::Tensor>& conditioning) const {
+at::Tensor SdFamily::predict(const NoisedBatch& batch, const Conditioning& conditioning) const {
   UNet2DConditionModel unet = models_.unet;  // a handle: the holder's const-ness is not the model's
-  return unet->forward(batch.model_input, batch.timesteps, conditioning.at(0));
+  return unet->forward(batch.model_input, batch.timesteps, conditioning_tensor(conditioning, "hidden_state"));
 }
 
 std::vector<NetworkTarget> SdFamily::network_targets(bool conv_blocks) const {

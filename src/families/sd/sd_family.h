@@ -38,7 +38,7 @@ class SdTokenizeStrategy : public TokenizeStrategy {
 class SdTextEncodingStrategy : public TextEncodingStrategy {
  public:
   SdTextEncodingStrategy(ClipTextModel text_encoder, std::optional<int64_t> clip_skip);
-  std::vector<at::Tensor> encode(const Tokens& tokens) const override;
+  Conditioning encode(const Tokens& tokens) const override;
 
  private:
   ClipTextModel text_encoder_;
@@ -66,7 +66,7 @@ class SdTextEncoderOutputsCachingStrategy : public TextEncoderOutputsCachingStra
   SdTextEncoderOutputsCachingStrategy(const TokenizeStrategy& tokenize, const TextEncodingStrategy& encode);
   std::string cache_suffix() const override { return "_sd_te"; }
   NamedTensors outputs_to_cache(const std::vector<std::string>& captions, bool weighted) const override;
-  std::vector<at::Tensor> outputs_from_cache(const NamedTensors& stored) const override;
+  Conditioning outputs_from_cache(const NamedTensors& stored) const override;
 
  private:
   const TokenizeStrategy& tokenize_;
@@ -90,7 +90,7 @@ class SdFamily : public Family {
 
   std::string name() const override { return "sd"; }
   std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const override;  // DdpmObjective
-  at::Tensor predict(const NoisedBatch& batch, const std::vector<at::Tensor>& conditioning) const override;
+  at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const override;
   std::vector<NetworkTarget> network_targets(bool conv_blocks) const override;
   ParallelPlan parallel_plan() const override;  // the U-Net's ResNets and Transformer2Ds; no block swap
   void set_block_runner(BlockRunner* runner) override;

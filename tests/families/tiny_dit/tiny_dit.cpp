@@ -129,9 +129,9 @@ namespace {
 class TinyDitTextEncoding final : public TextEncodingStrategy {
  public:
   explicit TinyDitTextEncoding(ClipTextModel text_encoder) : sd_(std::move(text_encoder), std::nullopt) {}
-  std::vector<at::Tensor> encode(const Tokens& tokens) const override {
-    const at::Tensor hidden = sd_.encode(tokens).at(0);
-    return {hidden, hidden.mean(1)};
+  Conditioning encode(const Tokens& tokens) const override {
+    const at::Tensor hidden = conditioning_tensor(sd_.encode(tokens), "hidden_state");
+    return {{"hidden_state", hidden}, {"pooled", hidden.mean(1)}};
   }
 
  private:
@@ -143,13 +143,10 @@ class TinyDitOutputsCaching final : public TextEncoderOutputsCachingStrategy {
   TinyDitOutputsCaching(const TokenizeStrategy& tokenize, const TextEncodingStrategy& encode) : tokenize_(tokenize), encode_(encode) {}
   std::string cache_suffix() const override { return "_tiny_dit_te"; }
   NamedTensors outputs_to_cache(const std::vector<std::string>& captions, bool weighted) const override {
-    const std::vector<at::Tensor> out = encode_.encode(tokenize_.tokenize(captions, weighted));
-    return {{"hidden_state", out.at(0)}, {"pooled", out.at(1)}};
+    return encode_.encode(tokenize_.tokenize(captions, weighted));
   }
-  std::vector<at::Tensor> outputs_from_cache(const NamedTensors& stored) const override {
-    std::map<std::string, at::Tensor> by_name(stored.begin(), stored.end());
-    if (!by_name.contains("hidden_state") || !by_name.contains("pooled")) fail("text-encoder output cache", "expected hidden_state and pooled");
-    return {by_name.at("hidden_state"), by_name.at("pooled")};
+  Conditioning outputs_from_cache(const NamedTensors& stored) const override {
+    return {{"hidden_state", conditioning_tensor(stored, "hidden_state")}, {"pooled", conditioning_tensor(stored, "pooled")}};
   }
 
  private:
@@ -190,9 +187,10 @@ class TinyDitFamily final : public Family {
   std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const override {
     return std::make_unique<FlowMatchingObjective>(flow_matching_options_from_args(args));
   }
-  at::Tensor predict(const NoisedBatch& batch, const std::vector<at::Tensor>& conditioning) const override {
+  at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const override {
     TinyDit dit = dit_;
-    return dit->forward(batch.model_input, batch.timesteps, conditioning.at(0), conditioning.at(1));
+    return dit->forward(batch.model_input, batch.timesteps, conditioning_tensor(conditioning, "hidden_state"),
+                        conditioning_tensor(conditioning, "pooled"));
   }
   // kohya's lora_flux names: every Linear of the double and single blocks; the text encoder as SD's.
   std::vector<NetworkTarget> network_targets(bool) const override {
