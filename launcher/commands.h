@@ -15,6 +15,10 @@ class App;
 
 namespace sdt {
 
+// `sdt --version`: the version and commit, and the versions of LibTorch (and CUDA / NCCL), MPI, HDF5 and OpenCV this
+// build uses: what a bug report needs.
+std::string version_report();
+
 int run_inspect(const std::string& path);
 int run_inspect_dataset(const std::vector<std::string>& argv);
 int run_train(const std::vector<std::string>& argv, const World& world, TrainMode mode);

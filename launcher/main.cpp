@@ -10,7 +10,7 @@ int main(int argc, char** argv) {
   sdt::DistributedSession session;
   CLI::App app{"sdt: train diffusion image models (LoRA and full fine-tuning) with kohya-ss/sd-scripts' configuration",
                "sdt"};
-  app.set_version_flag("--version", "sdt 0.1.0");
+  app.set_version_flag("--version", sdt::version_report());
   app.require_subcommand(1);
 
   std::string inspect_path;

@@ -17,6 +17,8 @@ check() {  # check "description" expected-exit-code grep-pattern -- command...
 }
 
 check "top-level help lists the subcommands" 0 "inspect" -- "$sdt" --help
+check "--version names sdt and its commit" 0 "^sdt [0-9]+\.[0-9]+\.[0-9]+ \(commit " -- "$sdt" --version
+check "--version names LibTorch, MPI and HDF5" 0 "LibTorch [0-9].*" -- "$sdt" --version
 check "train help lists kohya arguments" 0 "--network_dim" -- "$sdt" train --help
 check "inspect prints tensors, totals and metadata" 0 "17 tensors.*bytes" -- "$sdt" inspect "$src/tests/fixtures/safetensors/python_all_dtypes.safetensors"
 check "inspect prints dtype and shape" 0 "t_BF16	BF16	\[3, 5\]" -- "$sdt" inspect "$src/tests/fixtures/safetensors/python_all_dtypes.safetensors"
@@ -43,6 +45,13 @@ check "train without a network module points to train_db" 1 "it is required .or 
 check "train_db refuses pickled checkpoints" 1 "save_model_as.*safetensors only" -- \
   "$sdt" train_db --pretrained_model_name_or_path x --output_dir "$work" --save_model_as ckpt
 check "log_level is accepted as console_log_level" 1 "not one of: DEBUG" -- "$sdt" train --log_level verbose
+lora=(--network_module networks.lora --pretrained_model_name_or_path "$src/tests/fixtures/sd/sd1" --output_dir "$work/bad")
+check "--network_dim 0 is named" 1 "network_dim: must be at least 1, got 0" -- "$sdt" train "${lora[@]}" --network_dim 0
+check "--max_train_steps -5 is named" 1 "max_train_steps: must be at least 1, got -5" -- "$sdt" train "${lora[@]}" --max_train_steps -5
+check "--train_batch_size 0 is named" 1 "train_batch_size: must be at least 1, got 0" -- "$sdt" train "${lora[@]}" --train_batch_size 0
+check "unet-only with text-encoder-only is refused" 1 "leave nothing to train" -- \
+  "$sdt" train "${lora[@]}" --network_train_unet_only --network_train_text_encoder_only
+check "--blocks_to_swap -1 is named" 1 "blocks_to_swap: must be 0 or more" -- "$sdt" train "${lora[@]}" --blocks_to_swap -1
 
 mkdir -p "$work/ds/5_sks"
 for f in plain.png lossless.webp plain.bmp exif_rotate6.jpg; do cp "$src/tests/fixtures/data/images/$f" "$work/ds/5_sks/"; done
@@ -55,6 +64,9 @@ check "inspect dataset dumps processed images" 0 "wrote 2 processed images" -- \
 check "the dumped images are PNG files" 0 "P +N +G" -- bash -c "head -c 8 \"\$(ls -d $work/dump/*.png | head -1)\" | od -c"
 echo "sks" > "$work/ds/5_sks/broken.png"
 check "a corrupt image in the dataset is named" 1 "broken.png" -- "$sdt" inspect dataset --dataset_config "$work/ds.toml"
+rm "$work/ds/5_sks/broken.png"
+check "--resolution -32 is named" 1 "resolution: expected positive sizes, got \"-32\"" -- \
+  "$sdt" train "${lora[@]}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer" --train_data_dir "$work/ds" --resolution -32
 
 echo "$failures failure(s)"
 [ "$failures" = 0 ]

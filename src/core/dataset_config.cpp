@@ -360,8 +360,16 @@ std::optional<Value> resolve(const DatasetKey& k, const std::vector<const Level*
     if (it != level->values.end()) return it->second.first;
   }
   const std::string arg_name = argparse_name(k.name);
-  if (const ArgSpec* spec = find_train_arg(arg_name)) return from_arg(k.type, spec->get(args), arg_name);
-  return std::nullopt;
+  const ArgSpec* spec = find_train_arg(arg_name);
+  if (!spec) return std::nullopt;
+  std::optional<Value> value = from_arg(k.type, spec->get(args), arg_name);
+  // A value from the command line is held to what the TOML key would be.
+  if (value && k.check) {
+    if (const std::string expected = k.check(*value); !expected.empty()) {
+      fail("--" + arg_name, "expected {}, got {}", expected, format_arg_value(spec->get(args)));
+    }
+  }
+  return value;
 }
 
 DatasetKind detect_kind(const toml::array& subsets, const std::string& where) {

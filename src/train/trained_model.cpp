@@ -31,6 +31,11 @@ class NetworkTraining final : public TrainedModel {
                            !args.network_train_text_encoder_only, generator);
     if (args.network_weights) {
       const LoadResult loaded = network_->load_weights(*args.network_weights);
+      const size_t keys = network_->named_parameters().size() + network_->named_buffers().size();
+      if (loaded.missing.size() == keys) {
+        fail("--network_weights", "{} holds none of this network's {} weights ({} other keys): not a LoRA for this model",
+             *args.network_weights, keys, loaded.unexpected.size());
+      }
       spdlog::info("loaded {}: {} keys missing, {} unexpected", *args.network_weights, loaded.missing.size(), loaded.unexpected.size());
     }
     network_->to(precision.trained);

@@ -130,6 +130,16 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
+  if (args.train_batch_size < 1) fail("--train_batch_size", "must be at least 1, got {}", args.train_batch_size);
+  if (args.max_train_steps < 1) fail("--max_train_steps", "must be at least 1, got {}", args.max_train_steps);
+  if (args.max_train_epochs && *args.max_train_epochs < 1) fail("--max_train_epochs", "must be at least 1, got {}", *args.max_train_epochs);
+  if (args.learning_rate < 0) fail("--learning_rate", "must be 0 or more, got {}", args.learning_rate);
+  if (mode == TrainMode::network) {
+    if (args.network_dim && *args.network_dim < 1) fail("--network_dim", "must be at least 1, got {}", *args.network_dim);
+    if (args.network_train_unet_only && args.network_train_text_encoder_only) {
+      fail("--network_train_unet_only", "and --network_train_text_encoder_only together leave nothing to train; choose one");
+    }
+  }
   parse_sharding(args.sharding);
   if (args.blocks_to_swap && *args.blocks_to_swap < 0) fail("--blocks_to_swap", "must be 0 or more, got {}", *args.blocks_to_swap);
 }

@@ -58,6 +58,24 @@ void expect_same_tensors(const std::string& a, const std::string& b) {
   }
 }
 
+// --network_weights that hold none of the network's weights (a VAE file given by mistake) stop the run before it
+// trains a fresh LoRA under the user's nose.
+TEST(Trainer, NetworkWeightsWithNoneOfTheNetworksKeysAreRefused) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_trainer_bad_weights";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.max_train_steps = 1;
+  args.network_weights = SDT_FIXTURES "/sd/sd1/vae/diffusion_pytorch_model.safetensors";
+  try {
+    train(args, World{}, TrainMode::network);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--network_weights"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("not a LoRA for this model"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(root / "out" / "toy.safetensors"));
+}
+
 TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   const fs::path root = fs::path(testing::TempDir()) / "sdt_trainer";
   fs::remove_all(root);
