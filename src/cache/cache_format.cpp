@@ -176,8 +176,9 @@ CommittedPart open_committed_part(const std::string& path, const CacheIdentity& 
   CommittedPart part;
   part.file = h5::open_file_read_only(path);
   if (auto mismatch = identity_mismatch(part.file.get(), expected)) {
-    fail(path, "this cache part was made differently from what this run needs ({}); rebuild it with --rebuild_cache, "
-               "or give another --cache_dir", *mismatch);
+    fail(path, "this cache part was made differently from what this run needs ({}); rebuild the cache with this run's "
+               "arguments and `sdt cache-latents --rebuild_cache` (text-encoder outputs: `sdt cache-te --rebuild_cache`), "
+               "or move the cache folder away", *mismatch);
   }
   const std::optional<int64_t> entries = h5::read_int_attribute(part.file.get(), "entries");
   if (!entries) fail(path, "no 'entries' attribute: not a committed cache part");

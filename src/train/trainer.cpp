@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cctype>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <ctime>
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include <random>
 #include <set>
 
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -183,6 +185,7 @@ class Trainer {
   void step(TrainBatch& batch, StepTimes& times);
   at::Tensor batch_latents(TrainBatch& batch, int64_t update_key) const;
   Conditioning batch_conditioning(const TrainBatch& batch) const;
+  [[noreturn]] void stop_on_non_finite_loss(const TrainBatch& batch, double loss) const;
   std::optional<at::Tensor> loss_mask(const TrainBatch& batch) const;
   double optimizer_update(StepTimes& times, bool& stop_now);
   double validation_loss();
@@ -557,6 +560,8 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
     loss = samples == 0 ? prediction.sum() * 0.0 : objective_->loss(prediction, noised, batch.loss_weights, loss_mask(batch));
   }
   times.forward += seconds_since(phase);
+  const double loss_value = loss.item<double>();
+  if (!std::isfinite(loss_value)) stop_on_non_finite_loss(batch, loss_value);
 
   phase = Clock::now();
   const double share = static_cast<double>(samples * world_.size) / static_cast<double>(batch.global_batch_size);
@@ -566,12 +571,21 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
   parallel_->set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
   scaled.backward();
   times.backward += seconds_since(phase);
-  accumulated_ += loss.item<double>() * static_cast<double>(samples) / static_cast<double>(batch.global_batch_size) /
+  accumulated_ += loss_value * static_cast<double>(samples) / static_cast<double>(batch.global_batch_size) /
                   static_cast<double>(batch.micros);
 
   phase = Clock::now();
   parallel_->finish();
   times.communication += seconds_since(phase);
+}
+
+// A non-finite loss would write NaN into every trained weight it reaches (and into every later file): the run stops
+// instead, naming the step and the samples, with what to check. The files already written stay as they are.
+void Trainer::stop_on_non_finite_loss(const TrainBatch& batch, double loss) const {
+  fail("training", "step {}: the loss is {} for the samples {}. A corrupt image or cache entry (rebuild the cache with "
+       "`sdt cache-latents --rebuild_cache` / `sdt cache-te --rebuild_cache`), or a learning rate too high; the files "
+       "saved before this step are unaffected (--resume the last state)",
+       position_.global_step + 1, loss, fmt::join(batch.image_paths, ", "));
 }
 
 at::Tensor Trainer::batch_latents(TrainBatch& batch, int64_t update_key) const {

@@ -76,6 +76,25 @@ TEST(Trainer, NetworkWeightsWithNoneOfTheNetworksKeysAreRefused) {
   EXPECT_FALSE(fs::exists(root / "out" / "toy.safetensors"));
 }
 
+// A loss that is no longer finite (here: a learning rate that blows the weights up) stops the run with the step and
+// the samples, instead of writing NaN weights and exiting 0.
+TEST(Trainer, ANonFiniteLossStopsTheRunNamingTheStep) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_trainer_nan";
+  fs::remove_all(root);
+  TrainArgs args = tiny_run(root);
+  args.max_train_steps = 20;
+  args.learning_rate = 1e30;
+  try {
+    train(args, World{}, TrainMode::network);
+    FAIL() << "expected the run to stop";
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("the loss is"), std::string::npos) << message;
+    EXPECT_NE(message.find(".png"), std::string::npos) << message;  // the samples are named
+  }
+  EXPECT_FALSE(fs::exists(root / "out" / "toy.safetensors"));
+}
+
 TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
   const fs::path root = fs::path(testing::TempDir()) / "sdt_trainer";
   fs::remove_all(root);
