@@ -136,9 +136,12 @@ void abort_job(const World& world, const std::string& what) {
   } else {
     fmt::print(stderr, "error: rank {} of {} ({}): {}\n", world.rank, world.size, host_name(), what);
   }
-  std::fflush(stderr);
+  std::fflush(nullptr);
   if (mpi_running()) MPI_Abort(MPI_COMM_WORLD, 1);
-  std::exit(1);
+  // _Exit, not exit: after an I/O error, libraries' exit handlers (HDF5 closing a file whose write failed on a full
+  // disk) can crash and turn a named error into a segfault. Every file sdt writes is whole before it is renamed into
+  // place, so there is nothing left to flush but the streams above.
+  std::_Exit(1);
 }
 
 }  // namespace sdt

@@ -301,8 +301,15 @@ Writer::Writer(std::string path, const std::vector<TensorSpec>& tensors, const M
   fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd_ < 0) fail(path_, "cannot create temporary file {}: {}", temp_path_, system_error(errno));
   uint64_t header_len = text.size();
-  write_raw(&header_len, 8);
-  write_raw(text.data(), text.size());
+  try {
+    write_raw(&header_len, 8);
+    write_raw(text.data(), text.size());
+  } catch (...) {  // the destructor does not run for a constructor that throws: remove the temporary here
+    ::close(fd_);
+    fd_ = -1;
+    ::unlink(temp_path_.c_str());
+    throw;
+  }
   while (current_ < layout_.size() && layout_[current_].nbytes() == 0) ++current_;
 }
 

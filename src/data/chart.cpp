@@ -6,6 +6,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "src/core/atomic_file.h"
 #include "src/core/error.h"
 
 namespace sdt {
@@ -49,7 +50,9 @@ void write_line_chart_png(const std::string& path, const std::vector<std::pair<i
   }
   cv::rectangle(img, {left, top}, {W - right, H - bottom}, cv::Scalar(120, 120, 120), 1);
   cv::putText(img, title, {left, 25}, cv::FONT_HERSHEY_SIMPLEX, 0.6, cv::Scalar(0, 0, 0), 1, cv::LINE_AA);
-  if (!cv::imwrite(path, img)) fail(path, "cannot write the chart PNG");
+  std::vector<uchar> png;
+  if (!cv::imencode(".png", img, png)) fail(path, "OpenCV cannot encode the chart as PNG");
+  write_file_atomically(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
 }
 
 }  // namespace sdt

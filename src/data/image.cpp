@@ -1,11 +1,6 @@
 #include "src/data/image.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -17,6 +12,7 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include "src/core/atomic_file.h"
 #include "src/core/error.h"
 
 namespace sdt {
@@ -340,24 +336,7 @@ void write_png(const std::string& path, const Image& image) {
   std::vector<uchar> png;
   if (!cv::imencode(".png", bgr, png)) fail(path, "OpenCV cannot encode the image as PNG");
 
-  const std::string temporary = path + ".tmp";
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) fail(path, "cannot create {}: {}", temporary, std::strerror(errno));
-  bool ok = true;
-  for (size_t written = 0; ok && written < png.size();) {
-    const ssize_t n = ::write(fd, png.data() + written, png.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) written += static_cast<size_t>(n);
-  }
-  ok = ok && ::fsync(fd) == 0;
-  const std::string reason = ok ? "" : std::strerror(errno);
-  ::close(fd);
-  if (!ok) {
-    std::filesystem::remove(temporary);
-    fail(path, "cannot write the PNG: {}", reason);
-  }
-  std::filesystem::rename(temporary, path);
+  write_file_atomically(path, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
 }
 
 

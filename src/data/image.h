@@ -46,8 +46,8 @@ Image resize_image(const Image& image, int width, int height, const Interpolatio
 Image crop_image(const Image& image, int left, int top, int width, int height);
 Image flip_horizontal(const Image& image);
 
-// Writes an RGB or RGBA image as PNG: to `path`.tmp, synced, then renamed, so `path` is never a partial file. sdt::Error
-// naming `path` (and the reason: a full disk, no permission) when it cannot.
+// Writes an RGB or RGBA image as PNG, whole or not at all (write_file_atomically). sdt::Error naming `path` (and the
+// reason: a full disk, no permission) when it cannot.
 void write_png(const std::string& path, const Image& image);
 
 }  // namespace sdt

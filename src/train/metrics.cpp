@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 
@@ -104,6 +105,7 @@ void TensorBoardWriter::write_record(const std::string& event) {
   out_.write(reinterpret_cast<const char*>(&length_crc), sizeof(length_crc));
   out_.write(event.data(), static_cast<std::streamsize>(event.size()));
   out_.write(reinterpret_cast<const char*>(&data_crc), sizeof(data_crc));
+  if (!out_) fail(path_, "cannot write the TensorBoard event file: {}", std::strerror(errno));
 }
 
 void TensorBoardWriter::add_scalar(const std::string& tag, float value, int64_t step) {
@@ -118,10 +120,13 @@ void TensorBoardWriter::add_scalar(const std::string& tag, float value, int64_t 
   write_record(e);
 }
 
-void TensorBoardWriter::flush() { out_.flush(); }
+void TensorBoardWriter::flush() {
+  out_.flush();
+  if (!out_) fail(path_, "cannot write the TensorBoard event file: {}", std::strerror(errno));
+}
 
-JsonlWriter::JsonlWriter(const std::string& path) : out_(path, std::ios::app) {
-  if (!out_) fail(path, "cannot open the metrics log");
+JsonlWriter::JsonlWriter(const std::string& path) : path_(path), out_(path, std::ios::app) {
+  if (!out_) fail(path, "cannot open the metrics log: {}", std::strerror(errno));
 }
 
 void JsonlWriter::write(int64_t step, int64_t epoch, const std::map<std::string, double>& metrics) {
@@ -132,6 +137,7 @@ void JsonlWriter::write(int64_t step, int64_t epoch, const std::map<std::string,
   for (const auto& [k, v] : metrics) j[k] = v;
   out_ << j.dump() << '\n';
   out_.flush();
+  if (!out_) fail(path_, "cannot write the metrics log: {}", std::strerror(errno));
 }
 
 ProgressBar::ProgressBar(int64_t total, int64_t start) : total_(total), start_(start), began_(std::chrono::steady_clock::now()) {}

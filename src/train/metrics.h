@@ -38,6 +38,7 @@ class JsonlWriter {
   void write(int64_t step, int64_t epoch, const std::map<std::string, double>& metrics);
 
  private:
+  std::string path_;
   std::ofstream out_;
 };
 

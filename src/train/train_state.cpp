@@ -3,6 +3,9 @@
 #include <fstream>
 #include <map>
 
+#include <spdlog/spdlog.h>
+
+#include "src/core/atomic_file.h"
 #include "src/core/error.h"
 #include "src/core/tensor_io.h"
 
@@ -38,7 +41,7 @@ void save_train_state(const fs::path& dir, const TrainedModel& trained, const Op
         {"recent_losses", position.recent_losses},
         {"loss_scale", scaler.scale},
         {"loss_scale_growth_tracker", scaler.growth_tracker}}}};
-  std::ofstream((partial / "train_state.json").string()) << state.dump(1) << "\n";
+  write_file_atomically((partial / "train_state.json").string(), state.dump(1) + "\n");
   fs::remove_all(dir);
   fs::rename(partial, dir);
 }
@@ -63,8 +66,14 @@ std::optional<fs::path> newest_state(const fs::path& output_dir) {
   if (!fs::is_directory(output_dir)) return newest;
   for (const auto& entry : fs::directory_iterator(output_dir)) {
     const std::string name = entry.path().filename().string();
-    if (!entry.is_directory() || !name.ends_with("-state") || !fs::exists(entry.path() / "train_state.json")) continue;
-    const int64_t step = read_state_json(entry.path()).at("sdt").at("global_step").get<int64_t>();
+    if (!entry.is_directory() || !name.ends_with("-state")) continue;
+    int64_t step = -1;
+    try {
+      step = read_state_json(entry.path()).at("sdt").at("global_step").get<int64_t>();
+    } catch (const std::exception& e) {  // a damaged state must not hide the whole ones beside it
+      spdlog::warn("--resume latest: skipping {}, which is not a whole state: {}", entry.path().string(), e.what());
+      continue;
+    }
     if (step > newest_step) {
       newest_step = step;
       newest = entry.path();

@@ -40,7 +40,8 @@ void save_train_state(const std::filesystem::path& dir, const TrainedModel& trai
 nlohmann::json read_state_json(const std::filesystem::path& dir);
 
 // --resume latest: the state folder in `output_dir` with the highest step (an unfinished `.partial` folder is never
-// one); nullopt when there is none, so the first run of a requeued job starts from scratch.
+// one; a damaged one is skipped with a warning naming it); nullopt when there is none, so the first run of a requeued
+// job starts from scratch.
 std::optional<std::filesystem::path> newest_state(const std::filesystem::path& output_dir);
 
 // Loads the trained tensors (each rank its shards under --sharding full), the optimizer state and the loss scale, and

@@ -133,7 +133,9 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
   if (args.train_batch_size < 1) fail("--train_batch_size", "must be at least 1, got {}", args.train_batch_size);
-  if (args.max_train_steps < 1) fail("--max_train_steps", "must be at least 1, got {}", args.max_train_steps);
+  if (!args.max_train_epochs && args.max_train_steps < 1) {  // --max_train_epochs, when given, sets the steps
+    fail("--max_train_steps", "must be at least 1, got {}", args.max_train_steps);
+  }
   if (args.max_train_epochs && *args.max_train_epochs < 1) fail("--max_train_epochs", "must be at least 1, got {}", *args.max_train_epochs);
   if (args.learning_rate < 0) fail("--learning_rate", "must be 0 or more, got {}", args.learning_rate);
   if (mode == TrainMode::network) {

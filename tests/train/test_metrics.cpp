@@ -82,6 +82,18 @@ TEST(Metrics, JsonlAndLossCurve) {
   EXPECT_EQ(png.rows, 450);
 }
 
+// The metrics log on a full disk (/dev/full fails every write with ENOSPC) is a named error, not a log that silently
+// stops growing.
+TEST(Metrics, AFullDiskUnderTheMetricsLogIsANamedError) {
+  JsonlWriter log("/dev/full");
+  try {
+    log.write(1, 0, {{"loss", 0.5}});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("/dev/full: cannot write the metrics log"), std::string::npos) << e.what();
+  }
+}
+
 TEST(SamplePrompts, KohyasLineSyntax) {
   SamplePrompt p = parse_prompt_line("masterpiece, 1girl --n low quality, blurry --w 640 --h 384 --d 7 --s 2000 --l 5.5 --ss euler_a");
   EXPECT_EQ(p.prompt, "masterpiece, 1girl");

@@ -14,6 +14,7 @@
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
+#include "src/train/train_state.h"
 #include "src/train/trainer.h"
 #include "tests/train/toy_dataset.h"
 
@@ -93,6 +94,19 @@ TEST(Trainer, ANonFiniteLossStopsTheRunNamingTheStep) {
     EXPECT_NE(message.find(".png"), std::string::npos) << message;  // the samples are named
   }
   EXPECT_FALSE(fs::exists(root / "out" / "toy.safetensors"));
+}
+
+// --resume latest takes the newest whole state: a damaged one (an empty train_state.json from a disk that filled up
+// under an older sdt) is skipped with a warning instead of stopping every requeued run.
+TEST(ResumeLatest, SkipsADamagedStateForTheNewestWholeOne) {
+  const fs::path out = fs::path(testing::TempDir()) / "sdt_resume_latest";
+  fs::remove_all(out);
+  fs::create_directories(out / "toy-step00000004-state");
+  std::ofstream(out / "toy-step00000004-state" / "train_state.json") << R"({"sdt": {"global_step": 4}})";
+  fs::create_directories(out / "toy-step00000006-state");
+  std::ofstream(out / "toy-step00000006-state" / "train_state.json");  // 0 bytes
+  fs::create_directories(out / "toy-step00000008-state.partial");  // unfinished
+  EXPECT_EQ(newest_state(out), out / "toy-step00000004-state");
 }
 
 TEST(Trainer, UnetLoraLossFallsAndTheFileIsKohyas) {
