@@ -54,14 +54,33 @@ std::string read_text(const std::string& path) {
   return s.str();
 }
 
-// Image files directly in `dir` (not recursive), sorted, as kohya's glob_images.
+// Image files directly in `dir` (not recursive), sorted, as kohya's glob_images. A symbolic link to nothing is left out
+// with a warning.
 std::vector<std::string> list_images(const std::string& dir) {
   std::vector<std::string> files;
   for (const auto& e : fs::directory_iterator(dir)) {
-    if (e.is_regular_file() && has_image_extension(e.path().filename().string())) files.push_back(e.path().string());
+    if (!has_image_extension(e.path().filename().string())) continue;
+    if (e.is_regular_file()) {
+      files.push_back(e.path().string());
+    } else if (e.is_symlink() && !fs::exists(e.path())) {
+      spdlog::warn("{}: a symbolic link to {}, which does not exist; left out", e.path().string(), fs::read_symlink(e.path()).string());
+    }
   }
   std::sort(files.begin(), files.end());
   return files;
+}
+
+// An image's size from its header; with `verify` (--skip_bad_images) the whole image is decoded too, so a truncated or
+// corrupt file is found here, before training, and not at the step that loads it.
+ImageSize checked_image_size(const std::string& path, bool verify) {
+  const ImageSize size = read_image_size(path);
+  if (verify) {
+    const Image image = decode_image(path, false);
+    if (image.width != size.width || image.height != size.height) {
+      fail(path, "decodes to {}x{} but its header says {}x{}", image.width, image.height, size.width, size.height);
+    }
+  }
+  return size;
 }
 
 struct FolderEntry {
@@ -131,7 +150,9 @@ std::vector<FolderEntry> index_folder(const SubsetConfig& subset, const IndexOpt
       return a;
     };
     FolderEntry f{path, std::nullopt, 0, 0};
-    if (it != cached.end() && it->second.at("image_stamp") == nlohmann::json({image_stamp.mtime_ns, image_stamp.size}) &&
+    // A cached record is used as it is, except that --skip_bad_images needs it verified by a full decode once.
+    const bool needs_verifying = options.skip_bad_images && (it == cached.end() || !it->second.value("verified", false));
+    if (it != cached.end() && !needs_verifying && it->second.at("image_stamp") == nlohmann::json({image_stamp.mtime_ns, image_stamp.size}) &&
         it->second.at("caption_stamps") == stamps_json(caption_stamps)) {
       f.width = it->second.at("width");
       f.height = it->second.at("height");
@@ -140,7 +161,7 @@ std::vector<FolderEntry> index_folder(const SubsetConfig& subset, const IndexOpt
       changed = true;
       f.caption = read_caption_file(path, subset.caption_extension, all_lines);
       try {
-        ImageSize size = read_image_size(path);
+        ImageSize size = checked_image_size(path, options.skip_bad_images);
         f.width = size.width;
         f.height = size.height;
       } catch (const Error& e) {
@@ -149,9 +170,11 @@ std::vector<FolderEntry> index_folder(const SubsetConfig& subset, const IndexOpt
         continue;
       }
     }
+    const bool verified = options.skip_bad_images || (it != cached.end() && it->second.value("verified", false));
     records.push_back({{"file", name},
                        {"width", f.width},
                        {"height", f.height},
+                       {"verified", verified},
                        {"caption", f.caption ? nlohmann::json(*f.caption) : nlohmann::json(nullptr)},
                        {"image_stamp", {image_stamp.mtime_ns, image_stamp.size}},
                        {"caption_stamps", stamps_json(caption_stamps)}});
@@ -340,7 +363,7 @@ void index_fine_tuning(const DatasetConfig& dataset, const IndexOptions& options
         e.height = meta["image_size"][1].get<int64_t>();
       } else {
         try {
-          ImageSize size = read_image_size(e.path);
+          ImageSize size = checked_image_size(e.path, options.skip_bad_images);
           e.width = size.width;
           e.height = size.height;
         } catch (const Error& err) {

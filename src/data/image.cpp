@@ -254,7 +254,10 @@ Image decode_image(const std::string& path, bool keep_alpha) {
   } catch (const cv::Exception& e) {
     fail(path, "cannot decode image: {}", e.what());
   }
-  if (m.empty()) fail(path, "cannot decode image (corrupt, truncated or not a JPEG/PNG/WebP/BMP file)");
+  if (m.empty()) {
+    fail(path, "cannot decode image (corrupt, truncated or not a JPEG/PNG/WebP/BMP file); --skip_bad_images checks every "
+               "image when the dataset is indexed and leaves such files out");
+  }
   if (m.depth() == CV_16U) {
     m.convertTo(m, CV_8U, 1.0 / 257.0);
   } else if (m.depth() != CV_8U) {
@@ -274,9 +277,18 @@ ImageSize read_image_size(const std::string& path) {
   // 64 KiB covers JPEG EXIF blocks in front of the frame header in practice.
   std::vector<uint8_t> head = read_file(path, 64 * 1024);
   ImageSize size;
-  if (png_size(head, size) || jpeg_size(head, size) || webp_size(head, size) || bmp_size(head, size)) return size;
-  Image image = decode_image(path, false);
-  return {image.width, image.height};
+  if (!(png_size(head, size) || jpeg_size(head, size) || webp_size(head, size) || bmp_size(head, size))) {
+    const Image image = decode_image(path, false);
+    size = {image.width, image.height};
+  }
+  // Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, doubled: where it refuses rather than warns): a header
+  // beyond it is a corrupt file or a bomb, and would fail only when a training step decodes it.
+  constexpr int64_t kMaxPixels = 2 * 89'478'485;
+  if (static_cast<int64_t>(size.width) * size.height > kMaxPixels || size.width <= 0 || size.height <= 0) {
+    fail(path, "the header says {}x{} pixels, more than the {} any image decoder here may allocate (Pillow refuses it "
+         "too): a corrupt file or a decompression bomb", size.width, size.height, kMaxPixels);
+  }
+  return size;
 }
 
 Interpolation interpolation_from_name(const std::string& name) {

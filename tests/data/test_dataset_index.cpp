@@ -1,6 +1,8 @@
 // Indexing DreamBooth folders, fine-tuning metadata and ControlNet pairs; bad inputs; the index cache.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <sys/stat.h>
 #include <fcntl.h>
 
@@ -11,6 +13,7 @@
 
 #include "src/core/error.h"
 #include "src/data/dataset_index.h"
+#include "src/data/image.h"
 #include "src/data/rng.h"
 #include "src/data/sampler.h"
 
@@ -150,6 +153,49 @@ TEST(DatasetIndex, MissingFolderCorruptImageAndEmptyDatasetAreClearErrors) {
   EXPECT_EQ(skipped.images.size(), 1u);
   fs::create_directories(t.path / "empty");
   EXPECT_THROW(build_dataset_index(dataset_of({db_subset(t.path / "empty")})), Error);
+}
+
+// A truncated image has a whole header, so the index takes it and the run would die at the step that decodes it (and
+// again on every resume). --skip_bad_images decodes every image when indexing, leaves the truncated one out with a
+// warning, and remembers in the index cache which images it verified. A header claiming more pixels than a decoder may
+// allocate is refused at once; a symbolic link to nothing is left out.
+TEST(DatasetIndex, TruncatedImagesHugeHeadersAndDanglingLinks) {
+  TempDir t;
+  write_image(t.path / "img/good.png", 64, 64);
+  write_image(t.path / "img/cut.png", 64, 64);
+  fs::resize_file(t.path / "img/cut.png", fs::file_size(t.path / "img/cut.png") / 2);
+  fs::create_symlink(t.path / "img/gone.png", t.path / "img/dangling.png");
+  DatasetIndex unchecked = build_dataset_index(dataset_of({db_subset(t.path / "img")}));
+  EXPECT_EQ(unchecked.images.size(), 2u);  // good and cut: only the header is read
+  try {
+    decode_image((t.path / "img/cut.png").string(), false);
+    FAIL() << "a truncated image decodes";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--skip_bad_images"), std::string::npos) << e.what();
+  }
+  DatasetIndex checked = build_dataset_index(dataset_of({db_subset(t.path / "img")}), {.skip_bad_images = true});
+  ASSERT_EQ(checked.images.size(), 1u);
+  EXPECT_EQ(fs::path(checked.images[0].path).filename(), "good.png");
+  EXPECT_TRUE(std::any_of(checked.warnings.begin(), checked.warnings.end(), [](const std::string& w) {
+    return w.starts_with("skipping unreadable image") && w.find("cut.png") != std::string::npos;
+  }));
+  // The next run with the flag reads the verified record instead of decoding again, and still leaves the image out.
+  EXPECT_EQ(build_dataset_index(dataset_of({db_subset(t.path / "img")}), {.skip_bad_images = true}).images.size(), 1u);
+
+  // A PNG header of 100000 x 100000 pixels.
+  std::string png = {'\x89', 'P', 'N', 'G', '\r', '\n', '\x1a', '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'};
+  for (uint32_t side : {100000u, 100000u}) {
+    for (int shift : {24, 16, 8, 0}) png += static_cast<char>((side >> shift) & 0xff);
+  }
+  png += std::string("\x08\x02\x00\x00\x00", 5) + std::string(4, '\0');
+  fs::create_directories(t.path / "huge");
+  std::ofstream(t.path / "huge/bomb.png", std::ios::binary) << png;
+  try {
+    read_image_size((t.path / "huge/bomb.png").string());
+    FAIL() << "a 100000x100000 header is accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("100000x100000"), std::string::npos) << e.what();
+  }
 }
 
 TEST(DatasetIndex, TheIndexCacheIsReusedAndNoticesEditedCaptions) {
