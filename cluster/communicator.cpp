@@ -11,6 +11,8 @@
 #include <mutex>
 #include <thread>
 
+#include <fmt/format.h>
+
 #include <torch/torch.h>
 
 #include "src/core/error.h"
@@ -139,14 +141,19 @@ class SingleProcessCommunicator final : public Communicator {
 
 // Runs work items one at a time, in the order they were submitted, on a thread of its own: the
 // rank's MPI calls then happen in program order, while the caller (autograd's backward) goes on.
+// A watchdog thread (PyTorch's NCCL watchdog does the same) looks at the item that runs: one that has
+// waited longer than the timeout for the other ranks (a rank stalled, stopped or lost) calls
+// `on_timeout` with what it is, instead of waiting forever.
 class CommunicationThread {
  public:
-  CommunicationThread() : state_(std::make_shared<State>()) {
+  using TimeoutHandler = std::function<void(const std::string& what, double waited_seconds)>;
+
+  CommunicationThread(std::chrono::seconds timeout, TimeoutHandler on_timeout) : state_(std::make_shared<State>()) {
     thread_ = std::thread([state = state_] {
       // Broadcasts copy into parameters that require grad; that copy is not part of any graph.
       c10::AutoGradMode no_grad(false);
       for (;;) {
-        std::packaged_task<void()> work;
+        Work work;
         {
           std::unique_lock lock(state->mutex);
           state->wake.wait(lock, [&] { return state->closing || !state->queue.empty(); });
@@ -154,10 +161,25 @@ class CommunicationThread {
           work = std::move(state->queue.front());
           state->queue.pop_front();
           state->busy = true;
+          state->running = std::move(work.what);
+          state->since = std::chrono::steady_clock::now();
         }
-        work();
+        work.task();
         std::lock_guard lock(state->mutex);
         state->busy = false;
+      }
+    });
+    watchdog_ = std::thread([state = state_, timeout, on_timeout = std::move(on_timeout)] {
+      std::unique_lock lock(state->mutex);
+      while (!state->closing) {
+        state->watch.wait_for(lock, std::chrono::seconds(1));
+        if (!state->busy) continue;
+        const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - state->since;
+        if (waited < timeout) continue;
+        const std::string what = state->running;
+        lock.unlock();
+        on_timeout(what, waited.count());  // ends the job
+        return;
       }
     });
   }
@@ -166,9 +188,10 @@ class CommunicationThread {
     if (thread_.joinable()) close();
   }
 
-  std::future<void> submit(std::function<void()> function) {
-    std::packaged_task<void()> work(std::move(function));
-    std::future<void> done = work.get_future();
+  // `what` names the collective for the watchdog's message.
+  std::future<void> submit(std::string what, std::function<void()> function) {
+    Work work{std::move(what), std::packaged_task<void()>(std::move(function))};
+    std::future<void> done = work.task.get_future();
     {
       std::lock_guard lock(state_->mutex);
       state_->queue.push_back(std::move(work));
@@ -189,24 +212,33 @@ class CommunicationThread {
       idle = !state_->busy && state_->queue.empty();
     }
     state_->wake.notify_one();
+    state_->watch.notify_one();
     if (!idle && std::uncaught_exceptions() > 0) {
       thread_.detach();
+      watchdog_.detach();
       return false;
     }
     thread_.join();
+    watchdog_.join();
     return true;
   }
 
  private:
+  struct Work {
+    std::string what;
+    std::packaged_task<void()> task;
+  };
   struct State {
     std::mutex mutex;
-    std::condition_variable wake;
-    std::deque<std::packaged_task<void()>> queue;
+    std::condition_variable wake, watch;
+    std::deque<Work> queue;
     bool busy = false;
     bool closing = false;
+    std::string running;                            // what the busy item is
+    std::chrono::steady_clock::time_point since;    // when it started
   };
   std::shared_ptr<State> state_;
-  std::thread thread_;
+  std::thread thread_, watchdog_;
 };
 
 class FuturePending final : public PendingCollective {
@@ -248,7 +280,18 @@ at::Tensor reducible(const at::Tensor& tensor) {
 
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(const World& world) : rank_(world.rank), size_(world.size) {
+  MpiCommunicator(const World& world, std::chrono::seconds timeout)
+      : rank_(world.rank), size_(world.size), thread_(timeout, [world, timeout](const std::string& what, double waited) {
+          // Every rank that waits says so; the ranks that do not are the ones that stalled or died. A few seconds
+          // let the other waiting ranks print theirs before the abort ends them all.
+          fmt::print(stderr, "rank {} of {}: the {} has waited {:.0f} s for the other ranks (timeout {} s)\n", world.rank,
+                     world.size, what, waited, timeout.count());
+          std::fflush(stderr);
+          std::this_thread::sleep_for(std::chrono::seconds(5));
+          abort_job(world, fmt::format("a collective timed out after {} s (--ddp_timeout): a rank stalled, was stopped or "
+                                       "lost its node; the ranks that did not report waiting above are the ones to look at",
+                                       timeout.count()));
+        }) {
     // A communicator of our own: no collective of another library on MPI_COMM_WORLD can
     // interleave with ours.
     MPI_Comm_dup(MPI_COMM_WORLD, &comm_);
@@ -266,7 +309,7 @@ class MpiCommunicator final : public Communicator {
     check_collective_tensor(tensor, "all_reduce", op);
     check_device(tensor, at::kCPU, "all_reduce");
     const int count = mpi_count(tensor.numel(), "all_reduce");
-    return std::make_unique<FuturePending>(thread_.submit([comm = comm_, size = size_, tensor, op, count] {
+    return std::make_unique<FuturePending>(thread_.submit(fmt::format("all-reduce of {} elements", count), [comm = comm_, size = size_, tensor, op, count] {
       at::Tensor buffer = reducible(tensor);
       MPI_Allreduce(MPI_IN_PLACE, buffer.data_ptr(), count, mpi_type(buffer.scalar_type()), MPI_SUM, comm);
       if (op == ReduceOp::average) buffer.div_(size);
@@ -280,7 +323,7 @@ class MpiCommunicator final : public Communicator {
     check_leading_dim(input, size_, "reduce_scatter");
     const int count = mpi_count(input[0].numel(), "reduce_scatter");
     at::Tensor result;
-    thread_.submit([&, comm = comm_] {
+    thread_.submit(fmt::format("reduce-scatter of {} elements", count), [&, comm = comm_] {
       const at::Tensor buffer = reducible(input);
       at::Tensor mine = at::empty(input.sizes().slice(1), buffer.options());
       MPI_Reduce_scatter_block(buffer.data_ptr(), mine.data_ptr(), count, mpi_type(buffer.scalar_type()), MPI_SUM, comm);
@@ -293,7 +336,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<PendingCollective> reduce_scatter_async(const at::Tensor& input, const at::Tensor& output, ReduceOp op) override {
     check_scatter_output(input, output, size_, at::kCPU, op);
     const int count = mpi_count(input[0].numel(), "reduce_scatter");
-    return std::make_unique<FuturePending>(thread_.submit([comm = comm_, size = size_, input, output, op, count] {
+    return std::make_unique<FuturePending>(thread_.submit(fmt::format("reduce-scatter of {} elements", count), [comm = comm_, size = size_, input, output, op, count] {
       const at::Tensor buffer = reducible(input);
       at::Tensor mine = buffer.scalar_type() == output.scalar_type() ? output : at::empty(output.sizes(), buffer.options());
       MPI_Reduce_scatter_block(buffer.data_ptr(), mine.data_ptr(), count, mpi_type(buffer.scalar_type()), MPI_SUM, comm);
@@ -307,7 +350,7 @@ class MpiCommunicator final : public Communicator {
     check_device(input, at::kCPU, "all_gather");
     const int count = mpi_count(input.numel(), "all_gather");
     at::Tensor result;
-    thread_.submit([&, comm = comm_] {
+    thread_.submit(fmt::format("all-gather of {} elements", count), [&, comm = comm_] {
       const at::Tensor mine = input.contiguous();
       std::vector<int64_t> shape{size_};
       shape.insert(shape.end(), input.sizes().begin(), input.sizes().end());
@@ -321,7 +364,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<PendingCollective> all_gather_async(const at::Tensor& input, const at::Tensor& output) override {
     check_gather_output(input, output, size_, at::kCPU);
     const int count = mpi_count(input.numel(), "all_gather");
-    return std::make_unique<FuturePending>(thread_.submit([comm = comm_, mine = input.contiguous(), output, count] {
+    return std::make_unique<FuturePending>(thread_.submit(fmt::format("all-gather of {} elements", count), [comm = comm_, mine = input.contiguous(), output, count] {
       const MPI_Datatype type = mpi_type(mine.scalar_type());
       MPI_Allgather(mine.data_ptr(), count, type, output.data_ptr(), count, type, comm);
     }));
@@ -332,7 +375,7 @@ class MpiCommunicator final : public Communicator {
     check_device(tensor, at::kCPU, "broadcast");
     if (root < 0 || root >= size_) fail("communicator: broadcast", "root {} is not a rank of {}", root, size_);
     const int count = mpi_count(tensor.numel(), "broadcast");
-    thread_.submit([&, comm = comm_] {
+    thread_.submit(fmt::format("broadcast of {} elements", count), [&, comm = comm_] {
       at::Tensor buffer = tensor.contiguous();
       MPI_Bcast(buffer.data_ptr(), count, mpi_type(buffer.scalar_type()), root, comm);
       if (!buffer.is_same(tensor)) tensor.copy_(buffer);
@@ -340,7 +383,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   void barrier() override {
-    thread_.submit([comm = comm_] { MPI_Barrier(comm); }).get();
+    thread_.submit("barrier", [comm = comm_] { MPI_Barrier(comm); }).get();
   }
 
  private:
@@ -352,7 +395,7 @@ class MpiCommunicator final : public Communicator {
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_communicator(const World& world, const at::Device& device) {
+std::unique_ptr<Communicator> make_communicator(const World& world, const at::Device& device, std::chrono::seconds timeout) {
   const at::Device where = device.is_cuda() && !device.has_index() ? at::Device(at::kCUDA, world.local_rank) : device;
   if (world.size == 1) return std::make_unique<SingleProcessCommunicator>(where);
 
@@ -370,7 +413,7 @@ std::unique_ptr<Communicator> make_communicator(const World& world, const at::De
 #endif
   }
   if (!where.is_cpu()) fail("communicator", "no backend for {} tensors across ranks", where.str());
-  return std::make_unique<MpiCommunicator>(world);
+  return std::make_unique<MpiCommunicator>(world, timeout);
 }
 
 }  // namespace sdt

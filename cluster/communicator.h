@@ -70,10 +70,16 @@ class Communicator {
   virtual void barrier() = 0;
 };
 
+// How long a collective may wait for the other ranks before the job ends (PyTorch's default for NCCL is 10 minutes;
+// a step of a large model with block swap and a slow filesystem can take a few).
+constexpr std::chrono::seconds kDefaultCollectiveTimeout = std::chrono::minutes(30);
+
 // The communicator for tensors on `device`: single for a one-process world, NCCL for a CUDA
 // device (local_rank's GPU when the device has no index), MPI otherwise. With more than one
-// process a DistributedSession must be alive (MPI initialised).
-std::unique_ptr<Communicator> make_communicator(const World& world, const at::Device& device);
+// process a DistributedSession must be alive (MPI initialised). MPI: a collective that waits longer than `timeout`
+// for the other ranks (one stalled, was stopped or died without the job noticing) ends the job with a named error.
+std::unique_ptr<Communicator> make_communicator(const World& world, const at::Device& device,
+                                                std::chrono::seconds timeout = kDefaultCollectiveTimeout);
 
 #ifdef SDT_CUDA
 // nccl_communicator.cpp: one NCCL communicator over all ranks on GPU `device_index`; its id goes

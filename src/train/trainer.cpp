@@ -269,7 +269,9 @@ Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : ar
   CpuTensorMeter::install();
   CpuTensorMeter::reset_peak();
   bytes_before_run_ = CpuTensorMeter::live_bytes();
-  communicator_ = make_communicator(world, at::Device(at::kCPU));
+  // kohya's --ddp_timeout, in minutes: how long a collective may wait for a stalled rank before the job ends.
+  communicator_ = make_communicator(world, at::Device(at::kCPU),
+                                    args.ddp_timeout ? std::chrono::minutes(*args.ddp_timeout) : kDefaultCollectiveTimeout);
   resume_dir_ = args.resume;
   if (resume_dir_ == "latest") {
     const std::optional<fs::path> newest = newest_state(*args.output_dir);

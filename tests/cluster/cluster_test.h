@@ -12,5 +12,7 @@ const World& test_world();
 // first all-reduce, then rank 1 throws while a second one is in flight and the others wait in
 // theirs. Never returns normally.
 [[noreturn]] void run_failing_rank_job(const World& world);
+// Rank 1 stops itself (SIGSTOP) before a collective with a 3 s timeout; rank 0's watchdog ends the job.
+[[noreturn]] void run_stalled_rank_job(const World& world);
 
 }  // namespace sdt

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   sdt::DistributedSession session;
   sdt::the_world = &session.world();
   if (argc > 1 && std::strcmp(argv[1], "--failing-rank-job") == 0) sdt::run_failing_rank_job(session.world());
+  if (argc > 1 && std::strcmp(argv[1], "--stalled-rank-job") == 0) sdt::run_stalled_rank_job(session.world());
 
   ::testing::InitGoogleTest(&argc, argv);
   return sdt::run_tests_on_every_rank(session);

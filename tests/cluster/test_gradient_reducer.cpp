@@ -6,6 +6,8 @@
 
 #include <sys/wait.h>
 
+#include <csignal>
+
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -263,7 +265,39 @@ TEST(FailingRank, AnExceptionOnOneRankEndsTheWholeJobWithItsMessage) {
   EXPECT_THAT(output, HasSubstr("deliberate failure"));
 }
 
+// A rank that stops (SIGSTOP: a hung filesystem, a debugger, a node that froze) holds the others in a collective. They
+// wait the timeout, each says so, and the job ends with a named error instead of spinning forever.
+TEST(FailingRank, AStalledRankEndsTheJobAfterTheCollectiveTimeout) {
+  if (test_world().size > 1) GTEST_SKIP() << "starts an mpiexec job of its own";
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  const std::string command = fmt::format("timeout -k 5 90 {} -n 2 {} --stalled-rank-job 2>&1", SDT_MPIEXEC, self);
+  const auto started = std::chrono::steady_clock::now();
+  FILE* job = popen(command.c_str(), "r");
+  ASSERT_NE(job, nullptr);
+  std::string output;
+  char chunk[4096];
+  while (size_t n = fread(chunk, 1, sizeof(chunk), job)) output.append(chunk, n);
+  const int status = pclose(job);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+
+  ASSERT_TRUE(WIFEXITED(status)) << output;
+  EXPECT_NE(WEXITSTATUS(status), 124) << "the job hung until timeout killed it:\n" << output;
+  EXPECT_NE(WEXITSTATUS(status), 0) << output;
+  EXPECT_LT(seconds, 90);
+  EXPECT_THAT(output, HasSubstr("rank 0 of 2: the all-reduce of 65536 elements has waited"));
+  EXPECT_THAT(output, HasSubstr("a collective timed out after 3 s"));
+}
+
 }  // namespace
+
+void run_stalled_rank_job(const World& world) {
+  auto communicator = make_communicator(world, at::kCPU, std::chrono::seconds(3));
+  at::Tensor x = at::ones({1 << 16});
+  communicator->all_reduce(x, ReduceOp::sum);
+  if (world.rank == 1) ::raise(SIGSTOP);  // stopped until the job's abort kills it
+  communicator->all_reduce(x, ReduceOp::sum);
+  abort_job(world, "the stalled-rank job was not stopped by the watchdog");
+}
 
 void run_failing_rank_job(const World& world) {
   try {
