@@ -1,5 +1,7 @@
 #include "src/cache/cache_format.h"
 
+#include <cstring>
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -170,6 +172,20 @@ void PartSeries::commit() {
   if (!part_) return;
   part_->commit(entries_);
   part_.reset();
+}
+
+uint64_t entry_checksum(const void* data, size_t bytes) {
+  constexpr uint64_t kPrime = 0x100000001b3ULL;
+  uint64_t hash = 0xcbf29ce484222325ULL;
+  const auto* p = static_cast<const unsigned char*>(data);
+  size_t i = 0;
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, p + i, 8);
+    hash = (hash ^ word) * kPrime;
+  }
+  for (; i < bytes; ++i) hash = (hash ^ p[i]) * kPrime;
+  return hash;
 }
 
 CommittedPart open_committed_part(const std::string& path, const CacheIdentity& expected) {

@@ -118,6 +118,11 @@ class PartSeries {
 
 // Removes temporaries that no running writer of this job owns: this rank's own, and (rank 0) those
 // of writers from a job with another world size.
+// The checksum stored beside each cached entry and checked when it is read, so a flipped bit or a value changed on
+// disk is an error naming the entry instead of training on it: FNV-1a over the stored bytes, eight at a time (any
+// change within one 8-byte word changes it; it runs at memory speed).
+uint64_t entry_checksum(const void* data, size_t bytes);
+
 void remove_stale_temporaries(const std::string& dir, CacheKind kind, int rank, int world);
 
 }  // namespace sdt

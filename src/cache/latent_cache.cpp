@@ -79,7 +79,7 @@ LatentKey LatentKeyIndex::key(uint32_t dataset, const std::string& image_path, b
 
 struct LatentCacheWriter::BucketTables {
   h5::Handle group;
-  h5::RowTable image, resized_size, flipped, original_size, crop_ltrb, alpha_mask_row, latents;
+  h5::RowTable image, resized_size, flipped, original_size, crop_ltrb, alpha_mask_row, latents, checksum;
   std::optional<h5::RowTable> alpha_mask;
 };
 
@@ -119,6 +119,7 @@ void LatentCacheWriter::add(const std::vector<LatentKey>& keys, const std::vecto
           .crop_ltrb = h5::RowTable::create(g, "crop_ltrb", h5::Element::f64, {4}, kFactsPerChunk),
           .alpha_mask_row = h5::RowTable::create(g, "alpha_mask_row", h5::Element::i64, {}, kFactsPerChunk),
           .latents = h5::RowTable::create(g, "latents", element, shape, 1, gzip_level),
+          .checksum = h5::RowTable::create(g, "checksum", h5::Element::i64, {}, kFactsPerChunk),
           .alpha_mask = std::nullopt,
       });
     }
@@ -160,8 +161,19 @@ void LatentCacheWriter::add(const std::vector<LatentKey>& keys, const std::vecto
       alpha_rows.push_back(tables->alpha_mask->rows() + static_cast<int64_t>(masks.size() / mask_values) - 1);
     }
     const auto n = static_cast<int64_t>(members.size());
-    const at::Tensor stacked = rows_for(at::stack(latents), element);
+    const at::Tensor all = at::stack(latents);
+    for (size_t j = 0; j < members.size(); ++j) {
+      if (!all_finite(latents[j])) fail(keys[members[j]].describe(), "the VAE made non-finite latents: a corrupt image?");
+    }
+    const at::Tensor stacked = rows_for(all, element);
+    std::vector<int64_t> checksums;
+    const size_t row_bytes = static_cast<size_t>(tables->latents.row_bytes());
+    for (int64_t r = 0; r < n; ++r) {
+      const uint64_t sum = entry_checksum(static_cast<const char*>(stacked.data_ptr()) + r * row_bytes, row_bytes);
+      checksums.push_back(static_cast<int64_t>(sum));
+    }
     tables->latents.append(stacked.data_ptr(), n);
+    tables->checksum.append(checksums.data(), n);
     if (!masks.empty()) tables->alpha_mask->append(masks.data(), static_cast<int64_t>(masks.size()) / mask_values);
     tables->original_size.append(original.data(), n);
     tables->crop_ltrb.append(crops.data(), n);
@@ -197,6 +209,7 @@ struct LatentCacheReader::Row {
   const Part::Group* group;
   int64_t row;
   int64_t alpha_mask_row;  // -1: none
+  std::optional<uint64_t> checksum;  // of the stored latents (parts written before checksums have none)
   Resolution original_size;
   CropLtrb crop_ltrb;
 };
@@ -230,6 +243,7 @@ LatentCacheReader::LatentCacheReader(const std::string& dir, const CacheIdentity
         const auto original = read_all("original_size", int64_t{}, 2);
         const auto crops = read_all("crop_ltrb", double{}, 4);
         const auto alpha_rows = read_all("alpha_mask_row", int64_t{}, 1);
+        const auto checksums = h5::has_member(g.get(), "checksum") ? read_all("checksum", int64_t{}, 1) : std::vector<int64_t>{};
         auto group = std::make_unique<Part::Group>(Part::Group{h5::RowTable::open(g.get(), "latents"), std::nullopt});
         if (h5::has_member(g.get(), "alpha_mask")) group->alpha_mask = h5::RowTable::open(g.get(), "alpha_mask");
         if (group->latents.rows() != n) fail(h5::describe(group->latents.id()), "{} rows for {} images", group->latents.rows(), n);
@@ -244,7 +258,9 @@ LatentCacheReader::LatentCacheReader(const std::string& dir, const CacheIdentity
             fail(path, "latents/{}: entry {} names alpha mask row {} that does not exist", name, r, alpha_row);
           }
           rows_.try_emplace(map_key(images[i], {bucket_width, bucket_height}, {resized[2 * i], resized[2 * i + 1]}, flipped[i] != 0),
-                            Row{part.get(), group.get(), r, alpha_row, {original[2 * i], original[2 * i + 1]},
+                            Row{part.get(), group.get(), r, alpha_row,
+                                checksums.empty() ? std::nullopt : std::optional<uint64_t>(static_cast<uint64_t>(checksums[i])),
+                                {original[2 * i], original[2 * i + 1]},
                                 {crops[4 * i], crops[4 * i + 1], crops[4 * i + 2], crops[4 * i + 3]}});
         }
         entries += n;
@@ -308,7 +324,12 @@ LatentBatch LatentCacheReader::read_batch(const std::vector<LatentKey>& keys) co
   for (size_t i = 0; i < keys.size(); ++i) {
     const Row& row = *rows[i];
     try {
-      row.group->latents.read(row.row, 1, static_cast<char*>(batch.latents.data_ptr()) + i * first.row_bytes());
+      char* stored = static_cast<char*>(batch.latents.data_ptr()) + i * first.row_bytes();
+      row.group->latents.read(row.row, 1, stored);
+      if (row.checksum && entry_checksum(stored, static_cast<size_t>(first.row_bytes())) != *row.checksum) {
+        fail("checksum", "the stored latents differ from what was written (a flipped bit or a changed file); delete this "
+                         "part and run `sdt cache-latents` again, which encodes the entries it held");
+      }
       if (row.alpha_mask_row >= 0) {
         row.group->alpha_mask->read(row.alpha_mask_row, 1, mask.data());
         float* out = batch.alpha_masks[static_cast<int64_t>(i)].data_ptr<float>();

@@ -1,6 +1,7 @@
 // Between at::Tensor and the element types of the cache's row tables (the LibTorch side of h5.h).
 #pragma once
 
+#include <cmath>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -42,6 +43,17 @@ inline h5::Element element_for(const at::Tensor& t, const std::string& dtype) {
 // `t` in `element`'s type, contiguous on the CPU: its bytes are the rows to append.
 inline at::Tensor rows_for(const at::Tensor& t, h5::Element element) {
   return t.to(at::kCPU, scalar_type_of(element)).contiguous();
+}
+
+// Whether every value is finite, in a plain loop: cache writers run in forked children in the tests, where an ATen
+// reduction could start a thread pool that fork left unusable.
+inline bool all_finite(const at::Tensor& tensor) {
+  const at::Tensor values = tensor.to(at::kFloat).contiguous();
+  const float* p = values.data_ptr<float>();
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    if (!std::isfinite(p[i])) return false;
+  }
+  return true;
 }
 
 }  // namespace sdt

@@ -11,6 +11,7 @@ namespace {
 
 constexpr const char* kGroup = "text_encoder_outputs";
 constexpr const char* kCaptionTable = "caption";
+constexpr const char* kChecksumSuffix = "_checksum";  // beside each output: "<output>_checksum"
 constexpr int64_t kCaptionsPerChunk = 1024;
 
 std::vector<int64_t> row_shape_of(const at::Tensor& batch) { return {batch.sizes().begin() + 1, batch.sizes().end()}; }
@@ -23,6 +24,7 @@ struct TextEncoderCacheWriter::Tables {
   h5::Handle group;
   h5::RowTable caption;
   std::vector<std::pair<std::string, h5::RowTable>> outputs;
+  std::vector<h5::RowTable> checksums;  // per output: of each caption's stored row
 };
 
 TextEncoderCacheWriter::TextEncoderCacheWriter(CacheIdentity identity, PartWriterOptions options)
@@ -52,6 +54,8 @@ void TextEncoderCacheWriter::add(const std::vector<std::string>& captions, const
     for (const auto& [name, batch] : outputs) {
       tables_->outputs.emplace_back(name, h5::RowTable::create(tables_->group.get(), name, element_for(batch, parts_.identity().dtype),
                                                                 row_shape_of(batch), 1, parts_.options().gzip_level));
+      tables_->checksums.push_back(h5::RowTable::create(tables_->group.get(), name + kChecksumSuffix, h5::Element::i64, {},
+                                                        kCaptionsPerChunk));
     }
   }
   if (outputs.size() != tables_->outputs.size()) {
@@ -65,7 +69,16 @@ void TextEncoderCacheWriter::add(const std::vector<std::string>& captions, const
            tables_->outputs[i].first, fmt::join(table.row_shape(), "x"));
     }
     const at::Tensor rows = rows_for(batch, table.element());
+    if (!all_finite(rows)) {
+      fail("text-encoder output cache", "output '{}' holds non-finite values for one of the captions \"{}\"", name,
+           fmt::join(captions, "\", \""));
+    }
+    std::vector<int64_t> checksums;
+    for (int64_t r = 0; r < n; ++r) {
+      checksums.push_back(static_cast<int64_t>(entry_checksum(static_cast<const char*>(rows.data_ptr()) + r * table.row_bytes(), table.row_bytes())));
+    }
     table.append(rows.data_ptr(), n);
+    tables_->checksums[i].append(checksums.data(), n);
   }
   tables_->caption.append_strings(captions);
   parts_.count(n);
@@ -83,6 +96,7 @@ struct TextEncoderCacheReader::Part {
   std::string path;
   h5::Handle file;
   std::vector<std::pair<std::string, h5::RowTable>> outputs;
+  std::vector<std::vector<int64_t>> checksums;  // per output, per caption; empty for parts written before checksums
 };
 
 TextEncoderCacheReader::~TextEncoderCacheReader() = default;
@@ -106,6 +120,14 @@ TextEncoderCacheReader::TextEncoderCacheReader(const std::string& dir, const Cac
           fail(h5::describe(table.id()), "{} rows for {} captions", table.rows(), captions.size());
         }
         part->outputs.emplace_back(name, std::move(table));
+        std::vector<int64_t> checksums;
+        if (h5::has_member(group.get(), name + kChecksumSuffix)) {
+          const h5::RowTable sums = h5::RowTable::open(group.get(), name + kChecksumSuffix);
+          if (sums.rows() != static_cast<int64_t>(captions.size())) fail(h5::describe(sums.id()), "{} rows for {} captions", sums.rows(), captions.size());
+          checksums.resize(captions.size());
+          sums.read(0, sums.rows(), checksums.data());
+        }
+        part->checksums.push_back(std::move(checksums));
       }
     }
     if (static_cast<int64_t>(captions.size()) != committed_entries) {
@@ -149,7 +171,14 @@ NamedTensors TextEncoderCacheReader::read_batch(const std::vector<std::string>& 
     at::Tensor batch = at::empty(shape, at::TensorOptions().dtype(scalar_type_of(like.element())));
     for (size_t i = 0; i < rows.size(); ++i) {
       try {
-        rows[i]->part->outputs[o].second.read(rows[i]->row, 1, static_cast<char*>(batch.data_ptr()) + i * like.row_bytes());
+        char* stored = static_cast<char*>(batch.data_ptr()) + i * like.row_bytes();
+        rows[i]->part->outputs[o].second.read(rows[i]->row, 1, stored);
+        const std::vector<int64_t>& sums = rows[i]->part->checksums[o];
+        if (!sums.empty() &&
+            entry_checksum(stored, like.row_bytes()) != static_cast<uint64_t>(sums[static_cast<size_t>(rows[i]->row)])) {
+          fail("checksum", "the stored '{}' differs from what was written (a flipped bit or a changed file); delete this part "
+                           "and run `sdt cache-te` again, which encodes the captions it held", layout.outputs[o].first);
+        }
       } catch (const Error& e) {
         fail(rows[i]->part->path, "reading the outputs of the caption \"{}\": {}", captions[i], e.what());
       }

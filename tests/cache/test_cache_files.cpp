@@ -6,9 +6,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include "src/cache/latent_cache.h"
 #include "src/cache/text_encoder_cache.h"
@@ -279,6 +282,77 @@ TEST(CacheFiles, DamagedPartIsAnErrorNamingIt) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
   }
+}
+
+// A bit flipped on disk inside an entry's latents (the part still opens, the value is just wrong) and a NaN written
+// into one are errors naming the part and the checksum, not values to train on; the other entries still read.
+TEST(CacheFiles, AFlippedBitOrANaNInAStoredEntryIsCaughtByItsChecksum) {
+  for (const bool nan : {false, true}) {
+    SCOPED_TRACE(nan ? "NaN" : "flipped bit");
+    const fs::path dir = fresh_dir(nan ? "nan" : "flipped");
+    Sample s = sample_entries(2);
+    s.entries[0].latents.fill_(1.25f);  // a pattern to find in the file: 0x3fa00000, repeated
+    LatentCacheWriter writer(latents_identity(), writer_options(dir));
+    writer.add(s.keys, s.entries);
+    writer.commit();
+    const std::string part = committed_parts(dir.string(), CacheKind::latents).at(0);
+    std::string bytes;
+    {
+      std::ifstream in(part, std::ios::binary);
+      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    const float pattern[4] = {1.25f, 1.25f, 1.25f, 1.25f};
+    const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(pattern), sizeof(pattern)));
+    ASSERT_NE(at, std::string::npos);
+    if (nan) {
+      const float value = std::nanf("");
+      std::memcpy(bytes.data() + at + 4, &value, 4);
+    } else {
+      bytes[at + 5] = static_cast<char>(bytes[at + 5] ^ 0x10);
+    }
+    std::ofstream(part, std::ios::binary | std::ios::trunc) << bytes;
+
+    const LatentCacheReader reader(dir.string(), latents_identity());
+    try {
+      reader.read(s.keys[0]);
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("checksum"), std::string::npos) << e.what();
+    }
+    EXPECT_NO_THROW(reader.read(s.keys[1]));
+  }
+}
+
+// The same for text-encoder outputs: each output of each caption carries its checksum.
+TEST(CacheFiles, AFlippedBitInStoredTextEncoderOutputsIsCaughtByItsChecksum) {
+  const fs::path dir = fresh_dir("te_flipped");
+  const CacheIdentity identity{CacheKind::text_encoder_outputs, "sd", "abcd", "float", "clip_skip=none"};
+  {
+    TextEncoderCacheWriter writer(identity, writer_options(dir));
+    writer.add({"a", "b"}, {{"hidden_state", at::stack({at::full({77, 8}, 1.25f), at::zeros({77, 8})})}});
+    writer.commit();
+  }
+  const std::string part = committed_parts(dir.string(), CacheKind::text_encoder_outputs).at(0);
+  std::string bytes;
+  {
+    std::ifstream in(part, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const float pattern[4] = {1.25f, 1.25f, 1.25f, 1.25f};
+  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(pattern), sizeof(pattern)));
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + 9] = static_cast<char>(bytes[at + 9] ^ 0x01);
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << bytes;
+  const TextEncoderCacheReader reader(dir.string(), identity);
+  try {
+    reader.read_batch({"a"});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("checksum"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(reader.read_batch({"b"}));
 }
 
 // h5ls shows the layout docs/cache_format.md describes (skipped without hdf5-tools).
