@@ -518,6 +518,7 @@ DatasetBlueprint dataset_config_from_args(const TrainArgs& args) {
       std::sort(dirs.begin(), dirs.end());
       for (const auto& dir : dirs) {
         const std::string name = dir.filename().string();
+        if (name == "sdt_cache") continue;  // the cache folder sdt puts here by default, not a dataset folder
         const auto tokens = split(name, '_');
         int64_t repeats = 0;
         try {
