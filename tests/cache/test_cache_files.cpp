@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 
 #include "src/cache/latent_cache.h"
@@ -284,6 +285,21 @@ TEST(CacheFiles, DamagedPartIsAnErrorNamingIt) {
   }
 }
 
+// Changes the stored bytes of a part file in place, as a failing disk would: the first run of four floats equal to
+// 1.25 (an entry written with that pattern) gets `change` applied at byte `offset` into it.
+void corrupt_pattern(const std::string& part, size_t offset, const std::function<void(char*)>& change) {
+  std::string bytes;
+  {
+    std::ifstream in(part, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const float pattern[4] = {1.25f, 1.25f, 1.25f, 1.25f};
+  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(pattern), sizeof(pattern)));
+  ASSERT_NE(at, std::string::npos) << "the pattern is not in " << part;
+  change(bytes.data() + at + offset);
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << bytes;
+}
+
 // A bit flipped on disk inside an entry's latents (the part still opens, the value is just wrong) and a NaN written
 // into one are errors naming the part and the checksum, not values to train on; the other entries still read.
 TEST(CacheFiles, AFlippedBitOrANaNInAStoredEntryIsCaughtByItsChecksum) {
@@ -296,21 +312,14 @@ TEST(CacheFiles, AFlippedBitOrANaNInAStoredEntryIsCaughtByItsChecksum) {
     writer.add(s.keys, s.entries);
     writer.commit();
     const std::string part = committed_parts(dir.string(), CacheKind::latents).at(0);
-    std::string bytes;
-    {
-      std::ifstream in(part, std::ios::binary);
-      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    }
-    const float pattern[4] = {1.25f, 1.25f, 1.25f, 1.25f};
-    const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(pattern), sizeof(pattern)));
-    ASSERT_NE(at, std::string::npos);
-    if (nan) {
-      const float value = std::nanf("");
-      std::memcpy(bytes.data() + at + 4, &value, 4);
-    } else {
-      bytes[at + 5] = static_cast<char>(bytes[at + 5] ^ 0x10);
-    }
-    std::ofstream(part, std::ios::binary | std::ios::trunc) << bytes;
+    corrupt_pattern(part, 4, [nan](char* value) {
+      if (nan) {
+        const float not_a_number = std::nanf("");
+        std::memcpy(value, &not_a_number, 4);
+      } else {
+        value[1] = static_cast<char>(value[1] ^ 0x10);
+      }
+    });
 
     const LatentCacheReader reader(dir.string(), latents_identity());
     try {
@@ -334,16 +343,7 @@ TEST(CacheFiles, AFlippedBitInStoredTextEncoderOutputsIsCaughtByItsChecksum) {
     writer.commit();
   }
   const std::string part = committed_parts(dir.string(), CacheKind::text_encoder_outputs).at(0);
-  std::string bytes;
-  {
-    std::ifstream in(part, std::ios::binary);
-    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  const float pattern[4] = {1.25f, 1.25f, 1.25f, 1.25f};
-  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(pattern), sizeof(pattern)));
-  ASSERT_NE(at, std::string::npos);
-  bytes[at + 9] = static_cast<char>(bytes[at + 9] ^ 0x01);
-  std::ofstream(part, std::ios::binary | std::ios::trunc) << bytes;
+  corrupt_pattern(part, 9, [](char* byte) { *byte = static_cast<char>(*byte ^ 0x01); });
   const TextEncoderCacheReader reader(dir.string(), identity);
   try {
     reader.read_batch({"a"});

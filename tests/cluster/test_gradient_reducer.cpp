@@ -244,48 +244,49 @@ TEST(World, SessionAgreesWithTheLauncherOnOneHost) {
   EXPECT_EQ(w.local_rank, w.rank);
 }
 
+// What an mpiexec job of this binary playing `role` printed, how it ended and how long it took; `timeout` kills a hang.
+struct JobResult {
+  int status = 0;
+  std::string output;
+  double seconds = 0;
+};
+JobResult run_job(int ranks, const char* role, int timeout) {
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  const std::string command = fmt::format("timeout -k 5 {} {} -n {} {} {} 2>&1", timeout, SDT_MPIEXEC, ranks, self, role);
+  const auto started = std::chrono::steady_clock::now();
+  JobResult result;
+  FILE* job = popen(command.c_str(), "r");
+  if (!job) return result;
+  char chunk[4096];
+  while (size_t n = fread(chunk, 1, sizeof(chunk), job)) result.output.append(chunk, n);
+  result.status = pclose(job);
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  return result;
+}
+
+void expect_ended_with_an_error(const JobResult& job, int timeout) {
+  ASSERT_TRUE(WIFEXITED(job.status)) << job.output;
+  EXPECT_NE(WEXITSTATUS(job.status), 124) << "the job hung until timeout killed it:\n" << job.output;
+  EXPECT_NE(WEXITSTATUS(job.status), 0) << job.output;
+  EXPECT_LT(job.seconds, timeout);
+}
+
 TEST(FailingRank, AnExceptionOnOneRankEndsTheWholeJobWithItsMessage) {
   if (test_world().size > 1) GTEST_SKIP() << "starts an mpiexec job of its own";
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  const std::string command = fmt::format("timeout -k 5 60 {} -n 3 {} --failing-rank-job 2>&1", SDT_MPIEXEC, self);
-  const auto started = std::chrono::steady_clock::now();
-  FILE* job = popen(command.c_str(), "r");
-  ASSERT_NE(job, nullptr);
-  std::string output;
-  char chunk[4096];
-  while (size_t n = fread(chunk, 1, sizeof(chunk), job)) output.append(chunk, n);
-  const int status = pclose(job);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-
-  ASSERT_TRUE(WIFEXITED(status)) << output;
-  EXPECT_NE(WEXITSTATUS(status), 124) << "the job hung until timeout killed it:\n" << output;
-  EXPECT_NE(WEXITSTATUS(status), 0) << output;
-  EXPECT_LT(seconds, 60);
-  EXPECT_THAT(output, HasSubstr("error: rank 1 of 3"));
-  EXPECT_THAT(output, HasSubstr("deliberate failure"));
+  const JobResult job = run_job(3, "--failing-rank-job", 60);
+  expect_ended_with_an_error(job, 60);
+  EXPECT_THAT(job.output, HasSubstr("error: rank 1 of 3"));
+  EXPECT_THAT(job.output, HasSubstr("deliberate failure"));
 }
 
 // A rank that stops (SIGSTOP: a hung filesystem, a debugger, a node that froze) holds the others in a collective. They
 // wait the timeout, each says so, and the job ends with a named error instead of spinning forever.
 TEST(FailingRank, AStalledRankEndsTheJobAfterTheCollectiveTimeout) {
   if (test_world().size > 1) GTEST_SKIP() << "starts an mpiexec job of its own";
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  const std::string command = fmt::format("timeout -k 5 90 {} -n 2 {} --stalled-rank-job 2>&1", SDT_MPIEXEC, self);
-  const auto started = std::chrono::steady_clock::now();
-  FILE* job = popen(command.c_str(), "r");
-  ASSERT_NE(job, nullptr);
-  std::string output;
-  char chunk[4096];
-  while (size_t n = fread(chunk, 1, sizeof(chunk), job)) output.append(chunk, n);
-  const int status = pclose(job);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-
-  ASSERT_TRUE(WIFEXITED(status)) << output;
-  EXPECT_NE(WEXITSTATUS(status), 124) << "the job hung until timeout killed it:\n" << output;
-  EXPECT_NE(WEXITSTATUS(status), 0) << output;
-  EXPECT_LT(seconds, 90);
-  EXPECT_THAT(output, HasSubstr("rank 0 of 2: the all-reduce of 65536 elements has waited"));
-  EXPECT_THAT(output, HasSubstr("a collective timed out after 3 s"));
+  const JobResult job = run_job(2, "--stalled-rank-job", 90);
+  expect_ended_with_an_error(job, 90);
+  EXPECT_THAT(job.output, HasSubstr("rank 0 of 2: the all-reduce of 65536 elements has waited"));
+  EXPECT_THAT(job.output, HasSubstr("a collective timed out after 3 s"));
 }
 
 }  // namespace
