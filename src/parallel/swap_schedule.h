@@ -13,7 +13,7 @@
 // every block that ever leaves the device, [0, S) and [N-S, N), has its master copy on the host, and a
 // slot is a cache: leaving costs nothing, arriving is one host-to-device copy. For a frozen stack that
 // is the host-to-device-only mode (2S block copies per step); for a trainable stack the block's
-// gradient and optimizer state live on the host with it (see block_stack.h).
+// gradient and optimizer state live on the host with it (see block_engine.h).
 #pragma once
 
 #include <algorithm>
