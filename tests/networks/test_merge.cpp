@@ -49,7 +49,9 @@ TEST(MergeIntoModel, EqualsTheNetworkAppliedWithTheSameMultiplier) {
   LoRANetwork network = network_from_file(kLoras[0], applied, 0.75);
   network->eval();
   torch::NoGradGuard no_grad;
-  expect_close("unet merged vs applied network", run_models(merged_models, ref).unet, run_models(applied, ref).unet, 1e-6);
+  // W + s*up*down rounded once per weight against W x + s up(down x): other fp32 roundings in every adapted layer, as
+  // between kohya's forward and ours, so the same 2e-5 bound (measured 0.8e-6 to 1.0e-6, depending on the CPU kernels).
+  expect_close("unet merged vs applied network", run_models(merged_models, ref).unet, run_models(applied, ref).unet, 2e-5);
 }
 
 class MergeFiles : public ::testing::TestWithParam<bool> {};

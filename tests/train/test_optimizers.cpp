@@ -134,8 +134,11 @@ TEST(Optimizers, SsOptimizerIsKohyas) {
 }
 
 TEST(AdamW8bit, DynamicMapsAreBitsandbytesCodes) {
-  EXPECT_TRUE(at::equal(AdamW8bit::dynamic_map(true), fixture().at("qmap.signed")));
-  EXPECT_TRUE(at::equal(AdamW8bit::dynamic_map(false), fixture().at("qmap.unsigned")));
+  // bitsandbytes builds the codes with torch.linspace, whose vectorised (AVX2/AVX-512) and scalar kernels differ by
+  // 1 ulp at some points; a mean and a scaling add at most 1 ulp more: 2 x 2^-23 relative. (bitsandbytes on the same
+  // machine computes the same codes as sdt.)
+  EXPECT_TRUE(at::allclose(AdamW8bit::dynamic_map(true), fixture().at("qmap.signed"), 2.4e-7, 0.0));
+  EXPECT_TRUE(at::allclose(AdamW8bit::dynamic_map(false), fixture().at("qmap.unsigned"), 2.4e-7, 0.0));
 }
 
 // bitsandbytes' CPU backend differs from its CUDA kernel (which this implementation follows) in three
