@@ -4,6 +4,7 @@
 #   launcher/setup.sh            install + configure + build
 #   launcher/setup.sh test       ... then run the whole test suite (ctest + the Python format check)
 #   launcher/setup.sh demo       ... then run the demo job
+#   launcher/setup.sh install PREFIX  ... then install PREFIX/bin/sdt and its data in PREFIX/share/sdt
 #   launcher/setup.sh cuda-check compile the NCCL backend against the CUDA LibTorch (no GPU needed):
 #                                torch==2.14.1 (CUDA) in /opt/sdt-cuda/venv, build folder build-cuda
 #
@@ -145,5 +146,10 @@ case "$action" in
     log "running the demo"
     bash "$root/launcher/demo.sh" "$build_dir"
     ;;
-  *) echo "unknown action '$action' (build | test | demo | cuda-check)" >&2; exit 2 ;;
+  install)
+    prefix="${2:?usage: launcher/setup.sh install PREFIX}"
+    log "installing into $prefix"
+    cmake --install "$build_dir" --prefix "$prefix"
+    ;;
+  *) echo "unknown action '$action' (build | test | demo | install PREFIX | cuda-check)" >&2; exit 2 ;;
 esac

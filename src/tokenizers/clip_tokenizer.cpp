@@ -329,8 +329,9 @@ std::string ClipTokenizer::bundled_vocab_gz() {
   std::error_code error;
   const std::filesystem::path executable = std::filesystem::read_symlink("/proc/self/exe", error);
   if (!error) {
-    candidates.push_back(executable.parent_path() / "data" / relative);
-    candidates.push_back(executable.parent_path().parent_path() / "data" / relative);
+    candidates.push_back(executable.parent_path() / "data" / relative);                    // the build folder
+    candidates.push_back(executable.parent_path().parent_path() / "data" / relative);      // build/ in the checkout
+    candidates.push_back(executable.parent_path().parent_path() / "share" / "sdt" / relative);  // an installed prefix
   }
   for (const auto& path : candidates) {
     if (std::filesystem::is_regular_file(path)) return path.string();
