@@ -161,11 +161,14 @@ bool child_succeeded(pid_t child) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
-// Runs `body` in a child process (the parent must not have started LibTorch's threads yet).
+// Runs `body` in a child process, on one thread.
 template <typename Body>
 pid_t fork_child(Body body) {
   const pid_t child = fork();
   if (child == 0) {
+    // fork keeps one thread: a thread pool the parent's earlier tests started is unusable here (libgomp would wait
+    // for workers that do not exist), so the child computes on this thread alone.
+    at::set_num_threads(1);
     int code = 0;
     try {
       body();
