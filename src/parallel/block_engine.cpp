@@ -159,6 +159,8 @@ BlockEngine::BlockEngine(const std::vector<std::shared_ptr<torch::nn::Module>>& 
     }
     block.layout = FlatLayout(shapes);
     index_of_[blocks[b].get()] = b;
+    own_.emplace_back();
+    for (const auto& p : block.parameters) own_.back().insert(p.unsafeGetTensorImpl());
     blocks_.push_back(std::move(block));
   }
 
@@ -253,8 +255,7 @@ std::vector<at::Tensor> BlockEngine::run(const torch::nn::Module& module, Block 
   last_forward_ = b;
 
   const ManagedBlock& managed = blocks_[b];
-  std::unordered_set<const void*> own;
-  for (const auto& p : managed.parameters) own.insert(p.unsafeGetTensorImpl());
+  const std::unordered_set<const void*>& own = own_[static_cast<size_t>(b)];
   std::vector<at::Tensor> kept;
   bool differentiate = managed.trainable;
   for (const auto& t : inputs) differentiate = differentiate || t.requires_grad();

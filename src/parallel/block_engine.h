@@ -48,6 +48,7 @@
 #include <memory>
 #include <optional>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -185,6 +186,7 @@ class BlockEngine final : public BlockRunner {
 
   std::vector<ManagedBlock> blocks_;
   std::unordered_map<const torch::nn::Module*, int64_t> index_of_;
+  std::vector<std::unordered_set<const void*>> own_;  // per block: its parameters' TensorImpl, to tell kept-whole ones
   Communicator& communicator_;
   BlockEngineOptions options_;
   std::vector<SwapSchedule> schedules_;           // one per swap stack

@@ -564,8 +564,6 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
     loss = samples == 0 ? prediction.sum() * 0.0 : objective_->loss(prediction, noised, batch.loss_weights, loss_mask(batch));
   }
   times.forward += seconds_since(phase);
-  const double loss_value = loss.item<double>();
-  if (!std::isfinite(loss_value)) stop_on_non_finite_loss(batch, loss_value);
 
   phase = Clock::now();
   const double share = static_cast<double>(samples * world_.size) / static_cast<double>(batch.global_batch_size);
@@ -575,6 +573,10 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
   parallel_->set_sync(last_micro);  // accumulation micro-steps only accumulate; the last one averages over ranks
   scaled.backward();
   times.backward += seconds_since(phase);
+  // Read once backward is queued, so on a GPU the host waits for the loss only where it always did; nothing has
+  // stepped the weights yet.
+  const double loss_value = loss.item<double>();
+  if (!std::isfinite(loss_value)) stop_on_non_finite_loss(batch, loss_value);
   accumulated_ += loss_value * static_cast<double>(samples) / static_cast<double>(batch.global_batch_size) /
                   static_cast<double>(batch.micros);
 
