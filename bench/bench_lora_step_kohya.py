@@ -5,7 +5,9 @@ networks/lora.py on its Transformer2D layers (U-Net only), DDPM noise and timest
 Prints the same lines as bench_lora_step. Asserts nothing.
 
     .venv/bin/pip install einops   # kohya's U-Net imports it
-    .venv/bin/python bench/bench_lora_step_kohya.py /path/to/sd-scripts [steps=3] [threads=2] [batch=1] [dim=16] [resolution=512]
+    .venv/bin/python bench/bench_lora_step_kohya.py /path/to/sd-scripts [steps=3] [threads=2] [batch=1] [dim=16] [resolution=512] [profile]
+
+(profile: the last step's split over the dense kernels, as bench_lora_step prints it.)
 
 (/path/to/sd-scripts: a checkout, or its library/ and networks/ folders.)
 """
@@ -35,10 +37,36 @@ def import_kohya(root):
     return lora, original_unet
 
 
+def kernel_class(op):
+    if op in ("aten::convolution", "aten::convolution_backward"):
+        return "convolution"
+    if op.startswith("aten::_scaled_dot_product"):
+        return "attention"
+    if op in ("aten::addmm", "aten::mm", "aten::bmm"):
+        return "matrix products"
+    return None
+
+
+def print_kernel_split(events, step_seconds):
+    """Seconds per dense-kernel class; an op inside an op already counted is not counted again."""
+    counted_until, seconds = {}, {}
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        cls = kernel_class(e.name)
+        if cls is None or e.time_range.start < counted_until.get(e.thread, 0):
+            continue
+        counted_until[e.thread] = e.time_range.end
+        seconds[cls] = seconds.get(cls, 0.0) + (e.time_range.end - e.time_range.start) * 1e-6
+    for cls in sorted(seconds):
+        print(f"  {cls:<16} {seconds[cls]:6.2f} s")
+    dense = sum(seconds.values())
+    print(f"  dense kernels {dense:.2f} s of the profiled step's {step_seconds:.2f} s ({100 * dense / step_seconds:.0f} %)")
+
+
 def main():
     root = sys.argv[1]
     defaults = [3, 2, 1, 16, 512]
     steps, threads, batch, dim, resolution = [int(v) for v in sys.argv[2:7]] + defaults[len(sys.argv[2:7]):]
+    profile = len(sys.argv) > 7 and sys.argv[7] == "profile"
     torch.set_num_threads(threads)
     lora, original_unet = import_kohya(root)
 
@@ -68,6 +96,9 @@ def main():
     print(f"kohya LoRA step: U-Net full ({parameters / 1e6:.1f} M parameters), LoRA dim {dim} on {len(network.unet_loras)} "
           f"layers ({lora_parameters / 1e6:.2f} M parameters), batch {batch} of {side}x{side} latents, AdamW, fp32, {threads} threads")
     for step in range(steps):
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile and step == steps - 1 else None
+        if profiler:
+            profiler.__enter__()
         t = time.perf_counter()
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1000, (batch,))
@@ -85,6 +116,9 @@ def main():
         opt = time.perf_counter() - t
         print(f"step {step + 1}: forward {forward:.2f} s, backward {backward:.2f} s, optimizer {opt:.3f} s, "
               f"total {forward + backward + opt:.2f} s, loss {loss.item():.4f}")
+        if profiler:
+            profiler.__exit__(None, None, None)
+            print_kernel_split(profiler.events(), forward + backward + opt)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)
     print(f"peak RSS {rss:.2f} GiB")
 
