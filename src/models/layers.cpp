@@ -62,6 +62,16 @@ at::Tensor Upsample2DImpl::forward(const at::Tensor& x, std::vector<int64_t> siz
   return conv(F::interpolate(x, F::InterpolateFuncOptions().size(size).mode(torch::kNearest)));
 }
 
+c10::Device module_device(const torch::nn::Module& module) {
+  for (const auto& p : module.parameters()) return p.device();
+  for (const auto& b : module.buffers()) return b.device();
+  return c10::Device(c10::kCPU);
+}
+
+at::Tensor randn_from_host(at::IntArrayRef sizes, at::Generator& generator, const at::TensorOptions& options) {
+  return at::randn(sizes, generator, options.device(c10::kCPU)).to(options.device());
+}
+
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 bool causal) {
   const int64_t batch = q.size(0), inner = q.size(2), head_dim = inner / heads;
@@ -89,27 +99,43 @@ AutocastRestore::~AutocastRestore() {
 
 namespace {
 
-at::Tensor cpu_rng_state() {
-  at::Generator generator = at::detail::getDefaultCPUGenerator();
+// The default generator of a device (the CPU's, or a GPU's); its mutex guards its state.
+at::Tensor rng_state(c10::Device device) {
+  at::Generator generator = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(generator.mutex());
   return generator.get_state();
 }
 
-void set_cpu_rng_state(const at::Tensor& state) {
-  at::Generator generator = at::detail::getDefaultCPUGenerator();
+void set_rng_state(c10::Device device, const at::Tensor& state) {
+  at::Generator generator = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(generator.mutex());
   generator.set_state(state);
 }
 
 }  // namespace
 
-RecomputeState RecomputeState::capture(c10::DeviceType device) { return {AutocastState::current(device), cpu_rng_state()}; }
-
-RecomputeState::Replay::Replay(const RecomputeState& state) : autocast_(state.autocast), saved_cpu_rng_(cpu_rng_state()) {
-  set_cpu_rng_state(state.cpu_rng);
+RecomputeState RecomputeState::capture(c10::Device device) {
+  RecomputeState state{AutocastState::current(device.type()), rng_state(at::kCPU), std::nullopt, {}};
+  if (!device.is_cpu()) {
+    state.device = device;
+    state.device_rng = rng_state(device);
+  }
+  return state;
 }
 
-RecomputeState::Replay::~Replay() { set_cpu_rng_state(saved_cpu_rng_); }
+RecomputeState::Replay::Replay(const RecomputeState& state)
+    : autocast_(state.autocast), device_(state.device), saved_cpu_rng_(rng_state(at::kCPU)) {
+  set_rng_state(at::kCPU, state.cpu_rng);
+  if (device_) {
+    saved_device_rng_ = rng_state(*device_);
+    set_rng_state(*device_, state.device_rng);
+  }
+}
+
+RecomputeState::Replay::~Replay() {
+  set_rng_state(at::kCPU, saved_cpu_rng_);
+  if (device_) set_rng_state(*device_, saved_device_rng_);
+}
 
 namespace {
 
@@ -201,7 +227,7 @@ std::vector<at::Tensor> checkpointed(Block block, const std::vector<at::Tensor>&
   tensors.insert(tensors.end(), params.begin(), params.end());
   if (anchor.defined()) tensors.push_back(anchor);
   auto holder = c10::IValue::make_capsule(c10::make_intrusive<BlockHolder>(
-      std::move(block), RecomputeState::capture(inputs.front().device().type()), std::move(hooks)));
+      std::move(block), RecomputeState::capture(inputs.front().device()), std::move(hooks)));
   return RecomputeInBackward::apply(holder, static_cast<int64_t>(inputs.size()), static_cast<int64_t>(params.size()),
                                     at::TensorList(tensors));
 }

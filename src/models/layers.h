@@ -74,6 +74,14 @@ struct Upsample2DImpl : torch::nn::Module {
 };
 TORCH_MODULE(Upsample2D);
 
+// The device of a module's first parameter (or buffer); the CPU for a module that has none. Whoever calls a model
+// with host tensors (token ids, images) moves them there.
+c10::Device module_device(const torch::nn::Module& module);
+
+// Standard normal numbers drawn on the host from `generator` (a CPU generator) and copied to `options`' device: a
+// seeded draw gives the same numbers on every device.
+at::Tensor randn_from_host(at::IntArrayRef sizes, at::Generator& generator, const at::TensorOptions& options);
+
 // Multi-head attention of already projected q, k, v: (B, Nq, H*D), (B, Nk, H*D), (B, Nk, H*D) -> (B, Nq, H*D).
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 bool causal = false);
@@ -128,14 +136,16 @@ class AutocastRestore {
   AutocastState state_, previous_;
 };
 
-// What a block's recomputation in backward must see as its forward saw it: the autocast state and the state of the
-// default CPU generator (torch.utils.checkpoint's preserve_rng_state), so dropout draws the same masks. `capture` when
-// the block first runs; `Replay` while backward recomputes it, putting the generator back afterwards so the
-// recomputation draws nothing from the stream of the rest of the step.
+// What a block's recomputation in backward must see as its forward saw it: the autocast state and the states of the
+// default CPU generator and of the inputs' device's (torch.utils.checkpoint's preserve_rng_state), so dropout draws
+// the same masks. `capture` when the block first runs; `Replay` while backward recomputes it, putting the generators
+// back afterwards so the recomputation draws nothing from the stream of the rest of the step.
 struct RecomputeState {
   AutocastState autocast;
   at::Tensor cpu_rng;
-  static RecomputeState capture(c10::DeviceType device);
+  std::optional<c10::Device> device;  // a non-CPU device, whose generator state is kept too
+  at::Tensor device_rng;
+  static RecomputeState capture(c10::Device device);
 
   class Replay {
    public:
@@ -146,7 +156,8 @@ struct RecomputeState {
 
    private:
     AutocastRestore autocast_;
-    at::Tensor saved_cpu_rng_;
+    std::optional<c10::Device> device_;
+    at::Tensor saved_cpu_rng_, saved_device_rng_;
   };
 };
 

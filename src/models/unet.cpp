@@ -207,7 +207,7 @@ std::vector<std::shared_ptr<torch::nn::Module>> UNet2DConditionModelImpl::blocks
 
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context) {
   const int64_t batch = sample.size(0);
-  at::Tensor t = timesteps.dim() == 0 ? timesteps.expand({batch}) : timesteps;                          // (B)
+  at::Tensor t = (timesteps.dim() == 0 ? timesteps.expand({batch}) : timesteps).to(sample.device());  // (B)
   at::Tensor t_emb = timestep_embedding(t, config.block_out_channels[0]).to(sample.scalar_type());  // (B, C0)
   UNetStep step{time_embedding(t_emb), context, gradient_checkpointing && torch::GradMode::is_enabled(), block_runner};
 

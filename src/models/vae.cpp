@@ -13,7 +13,8 @@ constexpr double kVaeEps = 1e-6;  // every GroupNorm of the SD VAE
 VaeConfig VaeConfig::sd() { return {}; }
 
 at::Tensor DiagonalGaussian::sample(std::optional<at::Generator> generator) const {
-  return mean + std() * at::randn(mean.sizes(), generator, mean.options());
+  if (!generator) return mean + std() * at::randn(mean.sizes(), mean.options());
+  return mean + std() * randn_from_host(mean.sizes(), *generator, mean.options());
 }
 
 VaeAttentionImpl::VaeAttentionImpl(int64_t channels, int64_t groups) {

@@ -123,15 +123,19 @@ NoisedBatch FlowMatchingObjective::noise_at(const at::Tensor& latents, const Sam
   for (int64_t i = 0; i < latents.size(0); ++i) {
     const SampleRandom random = randoms(i);
     const at::Tensor x0 = latents.narrow(0, i, 1);
-    const at::Tensor noise = at::randn(x0.sizes(), random.torch, x0.options());
-    const at::Tensor sigma = fixed_sigma ? at::full({1}, *fixed_sigma, at::TensorOptions(at::kFloat)) : draw_sigma(x0, random.torch);
+    // Drawn on the host from the keyed generator and copied, so every device draws the same numbers.
+    const at::TensorOptions host = x0.options().device(at::kCPU);
+    const at::Tensor noise = at::randn(x0.sizes(), random.torch, host).to(x0.device());
+    const at::Tensor sigma =
+        (fixed_sigma ? at::full({1}, *fixed_sigma, at::TensorOptions(at::kFloat)) : draw_sigma(x0, random.torch)).to(x0.device());
     // kohya's "sigma" sampling takes the schedule's timestep, the others T · σ: the same numbers.
     const at::Tensor timestep = sigma * t;
     const at::Tensor s = sigma.view({-1, 1, 1, 1}).to(x0.dtype());
     at::Tensor applied = noise;
     if (options_.ip_noise_gamma != 0) {
-      const at::Tensor xi = at::randn(x0.sizes(), random.torch, x0.options());
-      applied = options_.ip_noise_gamma_random_strength ? noise + at::rand({1}, random.torch, x0.options()) * options_.ip_noise_gamma * xi
+      const at::Tensor xi = at::randn(x0.sizes(), random.torch, host).to(x0.device());
+      applied = options_.ip_noise_gamma_random_strength
+                    ? noise + at::rand({1}, random.torch, host).to(x0.device()) * options_.ip_noise_gamma * xi
                                                         : noise + xi * options_.ip_noise_gamma;
     }
     inputs.push_back(at::rsub(s, 1.0) * x0 + s * applied);

@@ -16,17 +16,18 @@ Precision precision_from_args(const TrainArgs& args) {
   return p;
 }
 
-AutocastScope::AutocastScope(std::optional<at::ScalarType> dtype) : enabled_(dtype.has_value()) {
+AutocastScope::AutocastScope(std::optional<at::ScalarType> dtype, c10::DeviceType device)
+    : enabled_(dtype.has_value()), device_(device) {
   if (!enabled_) return;
-  at::autocast::set_autocast_dtype(at::kCPU, *dtype);
-  at::autocast::set_autocast_enabled(at::kCPU, true);
+  at::autocast::set_autocast_dtype(device_, *dtype);
+  at::autocast::set_autocast_enabled(device_, true);
   at::autocast::increment_nesting();
 }
 
 AutocastScope::~AutocastScope() {
   if (!enabled_) return;
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-  at::autocast::set_autocast_enabled(at::kCPU, false);
+  at::autocast::set_autocast_enabled(device_, false);
 }
 
 void LossScaler::update(bool finite) {

@@ -1,5 +1,5 @@
-// kohya's --mixed_precision as the trainer applies it: the dtypes of frozen and trained weights, CPU autocast over the
-// forward, and fp16 loss scaling (torch.amp.GradScaler's rules).
+// kohya's --mixed_precision as the trainer applies it: the dtypes of frozen and trained weights, autocast over the
+// forward on the device that computes, and fp16 loss scaling (torch.amp.GradScaler's rules).
 #pragma once
 
 #include <cstdint>
@@ -23,16 +23,17 @@ struct Precision {
 
 Precision precision_from_args(const TrainArgs& args);
 
-// torch.autocast for the CPU over a scope: ops on its lower-precision list run in `dtype`.
+// torch.autocast for one device type over a scope: ops on its lower-precision list run in `dtype`.
 class AutocastScope {
  public:
-  explicit AutocastScope(std::optional<at::ScalarType> dtype);
+  AutocastScope(std::optional<at::ScalarType> dtype, c10::DeviceType device);
   ~AutocastScope();
   AutocastScope(const AutocastScope&) = delete;
   AutocastScope& operator=(const AutocastScope&) = delete;
 
  private:
   bool enabled_;
+  c10::DeviceType device_;
 };
 
 // torch.amp.GradScaler with its defaults: the loss is multiplied by `scale` before backward; before the update the

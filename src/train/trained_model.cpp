@@ -48,6 +48,7 @@ class NetworkTraining final : public TrainedModel {
   const char* state_name() const override { return "network"; }
   bool trains_denoiser_weights() const override { return false; }
   std::vector<at::Tensor> kept_whole() const override { return network_->parameters(); }
+  void to(c10::Device device) override { network_->to(device); }
   void set_training(bool training) override { training ? network_->train() : network_->eval(); }
 
   void after_update(int64_t) override {
@@ -85,6 +86,7 @@ class WholeModelTraining final : public TrainedModel {
   const char* state_name() const override { return "full"; }
   bool trains_denoiser_weights() const override { return true; }
   std::vector<at::Tensor> kept_whole() const override { return {}; }
+  void to(c10::Device) override {}  // the family's models are all it trains
 
   void set_training(bool training) override {
     family_.models().denoiser->train(training);

@@ -38,6 +38,9 @@ class TrainedModel {
   // Tensors a block runner must keep whole: a LoRA's weights inside sharded blocks.
   virtual std::vector<at::Tensor> kept_whole() const = 0;
 
+  // Moves what this model owns beyond the family's models (a LoRA network) to `device`; the trainer moves the
+  // family's models.
+  virtual void to(c10::Device device) = 0;
   // Training mode (dropouts on) or evaluation mode (validation, sample images) of what is trained.
   virtual void set_training(bool training) = 0;
   // After each optimizer update (global_step counts it): LoRA's --scale_weight_norms, the whole model's

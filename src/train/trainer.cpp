@@ -21,6 +21,7 @@
 #include <torch/torch.h>
 
 #include "src/core/dataset_config.h"
+#include "src/core/device.h"
 #include "src/core/error.h"
 #include "src/core/text.h"
 #include "src/data/chart.h"
@@ -64,9 +65,11 @@ at::Generator keyed_generator(uint64_t seed, int64_t update, int64_t place, RngP
   return at::make_generator<at::CPUGeneratorImpl>(rng.next());
 }
 
-void seed_default_generator(uint64_t seed, int64_t update, int64_t place, RngPurpose purpose) {
+// The default generator of the device that computes (a LoRA's dropouts draw from it, as kohya's do), keyed like every
+// other stream. A GPU's generator is a different algorithm from the CPU's: its masks differ from a CPU run's.
+void seed_default_generator(c10::Device device, uint64_t seed, int64_t update, int64_t place, RngPurpose purpose) {
   Rng rng(seed, static_cast<uint64_t>(update), static_cast<uint64_t>(place), purpose);
-  at::Generator generator = at::detail::getDefaultCPUGenerator();
+  at::Generator generator = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(generator.mutex());
   generator.set_current_seed(rng.next());
 }
@@ -212,6 +215,7 @@ class Trainer {
 
   const TrainArgs& args_;
   const World& world_;
+  c10::Device device_{c10::kCPU};  // where this rank computes (--device)
   std::unique_ptr<Communicator> communicator_;
   std::optional<std::string> resume_dir_;
   uint64_t seed_ = 0;
@@ -269,8 +273,10 @@ Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : ar
   CpuTensorMeter::install();
   CpuTensorMeter::reset_peak();
   bytes_before_run_ = CpuTensorMeter::live_bytes();
+  device_ = select_device(args.device, world.local_rank);
+  spdlog::info("rank {} computes on {}", world.rank, device_.str());
   // kohya's --ddp_timeout, in minutes: how long a collective may wait for a stalled rank before the job ends.
-  communicator_ = make_communicator(world, at::Device(at::kCPU),
+  communicator_ = make_communicator(world, device_,
                                     args.ddp_timeout ? std::chrono::minutes(*args.ddp_timeout) : kDefaultCollectiveTimeout);
   resume_dir_ = args.resume;
   if (resume_dir_ == "latest") {
@@ -317,12 +323,20 @@ void Trainer::load_models(TrainMode mode) {
   trained_ = make_trained_model(mode, args_, *family_, precision_, init);
   bundle.vae->to(precision_.vae);
 
+  // The block engine takes its blocks' weights first, from the host: those it swaps stay there, the rest go to the
+  // device (a rank's shard under full sharding). Then everything else moves, so the whole model is never on the device.
+  const Sharding sharding = parse_sharding(args_.sharding);
+  std::unique_ptr<BlockEngine> engine = make_block_engine(sharding);
+  bundle.denoiser->to(device_);
+  bundle.vae->to(device_);
+  for (const auto& encoder : bundle.text_encoders) encoder->to(device_);
+  trained_->to(device_);
+
   // Data parallel: rank 0's trained weights go to every rank, then each backward's gradients are averaged over the
   // ranks while backward runs (one process: no communication at all); --sharding cuts the optimizer state and the
   // gradients into one shard per rank, and the optimizer steps this rank's shards.
-  const Sharding sharding = parse_sharding(args_.sharding);
   parallel_ = std::make_unique<DataParallel>(trained_->groups(), *communicator_, sharding, args_.ddp_bucket_mb * 1024 * 1024,
-                                             make_block_engine(sharding));
+                                             std::move(engine));
   made_ = make_optimizer(args_, parallel_->optimizer_groups());
   parallel_->check_optimizer(made_.optimizer->kind());
 
@@ -553,15 +567,15 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
   const auto samples = static_cast<int64_t>(batch.captions.size());  // 0: an empty share of a short global batch
   at::Tensor loss;
   {
-    AutocastScope autocast(precision_.autocast);
+    AutocastScope autocast(precision_.autocast, device_.type());
     const at::Tensor latents = batch_latents(batch, update_key);
-    // The network's dropouts draw from the default generator, as kohya's do, keyed here like every other stream.
-    seed_default_generator(seed_, update_key, batch.update_offset, RngPurpose::NetworkDropout);
+    seed_default_generator(device_, seed_, update_key, batch.update_offset, RngPurpose::NetworkDropout);
     const Conditioning conditioning = batch_conditioning(batch);
     const NoisedBatch noised = objective_->noise(latents, keyed_randoms(seed_, update_key, batch.update_offset, RngPurpose::Noise));
     const at::Tensor prediction = family_->predict(noised, conditioning).to(at::kFloat);
     // An empty share contributes nothing, but its backward still runs (sharded models gather in it).
-    loss = samples == 0 ? prediction.sum() * 0.0 : objective_->loss(prediction, noised, batch.loss_weights, loss_mask(batch));
+    loss = samples == 0 ? prediction.sum() * 0.0
+                        : objective_->loss(prediction, noised, batch.loss_weights.to(device_), loss_mask(batch));
   }
   times.forward += seconds_since(phase);
 
@@ -600,10 +614,11 @@ at::Tensor Trainer::batch_latents(TrainBatch& batch, int64_t update_key) const {
     for (size_t i = 0; i < batch.image_paths.size(); ++i) keys.push_back(latent_keys_->key(batch.dataset, batch.image_paths[i], batch.flipped[i]));
     LatentBatch cached = latent_cache_->read_batch(keys);
     if (cached.alpha_masks.defined()) batch.alpha_masks = cached.alpha_masks;
-    return cached.latents.to(at::kFloat);
+    return cached.latents.to(device_, at::kFloat);
   }
   const at::Tensor images = batch.images.defined() ? batch.images : at::empty({0, 3, batch.bucket.height, batch.bucket.width});
-  return encode_latents(*family_, images.to(precision_.vae), vae_latents_, seed_, update_key, batch.update_offset, RngPurpose::Latents);
+  return encode_latents(*family_, images.to(device_, precision_.vae), vae_latents_, seed_, update_key, batch.update_offset,
+                        RngPurpose::Latents);
 }
 
 // The text conditioning, through a trained text encoder with its graph, else without.
@@ -612,12 +627,12 @@ Conditioning Trainer::batch_conditioning(const TrainBatch& batch) const {
   if (!trained_->trains_text_encoder()) no_grad.emplace();
   if (!text_cache_ || batch.captions.empty()) return encode_captions(*family_, batch.captions, args_.weighted_captions);
   Conditioning conditioning = family_->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache_->read_batch(batch.captions));
-  for (auto& [name, c] : conditioning) c = c.to(at::kFloat);
+  for (auto& [name, c] : conditioning) c = c.to(device_, at::kFloat);
   return conditioning;
 }
 
 std::optional<at::Tensor> Trainer::loss_mask(const TrainBatch& batch) const {
-  if (batch.alpha_masks.defined() && args_.masked_loss) return batch.alpha_masks;
+  if (batch.alpha_masks.defined() && args_.masked_loss) return batch.alpha_masks.to(device_);
   return std::nullopt;
 }
 
@@ -667,10 +682,10 @@ double Trainer::validation_loss() {
     std::optional<TrainBatch> batch = validation_loader_->next();
     if (!batch) break;
     ++batches;
-    AutocastScope autocast(precision_.autocast);
+    AutocastScope autocast(precision_.autocast, device_.type());
     const int points = objective_->validation_points();
     const int64_t key = batch->update * (points + 1);  // the latents' streams, then one per validation point
-    const at::Tensor latents = encode_latents(*family_, batch->images.to(precision_.vae), vae_latents_, validation_seed_, key,
+    const at::Tensor latents = encode_latents(*family_, batch->images.to(device_, precision_.vae), vae_latents_, validation_seed_, key,
                                               batch->update_offset, RngPurpose::ValidationLatents);
     const Conditioning conditioning = encode_captions(*family_, batch->captions, args_.weighted_captions);
     for (int k = 0; k < points; ++k) {
@@ -678,7 +693,8 @@ double Trainer::validation_loss() {
           latents, k, keyed_randoms(validation_seed_, key + k + 1, batch->update_offset, RngPurpose::ValidationNoise));
       const at::Tensor prediction = family_->predict(noised, conditioning).to(at::kFloat);
       if (latents.size(0) == 0) continue;  // an empty share of a short batch: it ran for the collectives only
-      sum += static_cast<double>(latents.size(0)) * objective_->loss(prediction, noised, batch->loss_weights, loss_mask(*batch)).item<double>();
+      sum += static_cast<double>(latents.size(0)) *
+             objective_->loss(prediction, noised, batch->loss_weights.to(device_), loss_mask(*batch)).item<double>();
       count += latents.size(0);
     }
   }
@@ -907,7 +923,7 @@ void Trainer::sample_images(std::optional<int64_t> epoch) {
     if (p.seed) o.seed = static_cast<uint64_t>(*p.seed);
     if (p.width) o.width = static_cast<int>(*p.width);
     if (p.height) o.height = static_cast<int>(*p.height);
-    AutocastScope autocast(precision_.autocast);
+    AutocastScope autocast(precision_.autocast, device_.type());
     const std::string file = sample_image_name(args_.output_name, epoch, position_.global_step, p, timestamp("%Y%m%d%H%M%S"));
     write_png((dir / file).string(), family_->sample(o));
   }

@@ -62,3 +62,10 @@ set_tests_properties(trainer_distributed_single_process trainer_distributed_np2 
 add_test(NAME trainer_killed_rank_and_preemption
          COMMAND bash ${CMAKE_SOURCE_DIR}/tests/train/kill_rank_and_resume.sh $<TARGET_FILE:sdt> ${CMAKE_SOURCE_DIR})
 set_tests_properties(trainer_killed_rank_and_preemption PROPERTIES TIMEOUT 300 PROCESSORS 2)
+
+# --device: the device selection, and training on a CUDA device against the CPU run (skipped without a CUDA device).
+add_executable(test_device tests/train/test_device.cpp tests/train/test_cuda_training.cpp tests/families/tiny_dit/tiny_dit.cpp)
+target_link_libraries(test_device PRIVATE sdt_trainer GTest::gtest_main)
+target_compile_definitions(test_device PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")
+target_precompile_headers(test_device REUSE_FROM sdt_torch)
+gtest_discover_tests(test_device DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")

@@ -113,7 +113,7 @@ class EulerScheduler : public Scheduler {
     const at::Tensor sigma_down = (sigma_next.pow(2) - sigma_up.pow(2)).pow(0.5);
     const at::Tensor moved = latents + derivative * (sigma_down - sigma);
     // Drawn at every step, the last included (where sigma_up is 0), as the reference does: later draws line up.
-    const at::Tensor noise = at::randn(model_output.sizes(), generator, model_output.options());
+    const at::Tensor noise = randn_from_host(model_output.sizes(), generator, model_output.options());
     return moved + noise * sigma_up;
   }
 
@@ -188,10 +188,10 @@ at::Tensor weighted_prompt_embeddings(ClipTextModel& text_encoder, const Weighte
                                       std::optional<int64_t> clip_skip) {
   torch::NoGradGuard no_grad;
   const auto [ids, weights] = window_tensors(tokens);
-  at::Tensor hidden = text_encoder->encode(ids, clip_skip);  // (n, 77, D), each window on its own
+  at::Tensor hidden = text_encoder->encode(ids.to(module_device(*text_encoder)), clip_skip);  // (n, 77, D), each window alone
   hidden = hidden.reshape({1, -1, hidden.size(-1)});         // (1, 77n, D)
   const at::Tensor previous_mean = hidden.mean({-2, -1});    // (1)
-  hidden = hidden * weights.to(hidden.scalar_type());
+  hidden = hidden * weights.to(hidden.device(), hidden.scalar_type());
   const at::Tensor current_mean = hidden.mean({-2, -1});
   return hidden * (previous_mean / current_mean).reshape({-1, 1, 1});
 }
@@ -214,15 +214,15 @@ at::Tensor sample_image(SdModels& models, const ClipTokenizer& tokenizer, const 
                options.scale, seed);
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
   const int64_t factor = models.vae->downscale_factor();
-  const at::Tensor noise = at::randn({1, models.vae->config.latent_channels, height / factor, width / factor}, generator,
-                                     context.options());
+  const at::Tensor noise = randn_from_host({1, models.vae->config.latent_channels, height / factor, width / factor},
+                                           generator, context.options());
   const at::Tensor latents = denoise(models.unet, *scheduler, noise, context, uncond_context, options.scale, generator,
                                      [&](int64_t step, const at::Tensor&) {
                                        spdlog::debug("step {}/{}", step + 1, scheduler->steps());
                                      });
   const at::Tensor images = latents_to_images(models.vae, latents);  // (1, 3, H, W) in [-1, 1]
   const at::Tensor pixels = (images[0] / 2 + 0.5).clamp(0, 1).permute({1, 2, 0});
-  return (pixels * 255).round().to(at::kByte).contiguous();  // (H, W, 3)
+  return (pixels * 255).round().to(at::kCPU, at::kByte).contiguous();  // (H, W, 3), on the host
 }
 
 }  // namespace sdt

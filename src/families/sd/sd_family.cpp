@@ -171,13 +171,13 @@ SdTextEncodingStrategy::SdTextEncodingStrategy(ClipTextModel text_encoder, std::
 Conditioning SdTextEncodingStrategy::encode(const Tokens& tokens) const {
   if (tokens.ids.size() != 1) fail("SD text encoding", "expected the ids of one tokenizer, got {}", tokens.ids.size());
   ClipTextModel text_encoder = text_encoder_;
-  const at::Tensor& ids = tokens.ids[0];                                      // (B, n, 77)
+  const at::Tensor ids = tokens.ids[0].to(module_device(*text_encoder));     // (B, n, 77)
   at::Tensor hidden = encode_prompt_chunks(text_encoder, ids, clip_skip_);   // (B, 2 + 75n, D); n = 1: (B, 77, D)
   if (tokens.weights.empty()) return {{"hidden_state", hidden}};
 
   // encode_tokens_with_weights: one window's weights apply to all 77 positions; with several windows each window's
   // 75 text weights apply to its stretch of the stitched states, whose first and last positions keep weight 1.
-  const at::Tensor weights = tokens.weights[0].to(hidden.scalar_type());  // (B, n, 77)
+  const at::Tensor weights = tokens.weights[0].to(hidden.device(), hidden.scalar_type());  // (B, n, 77)
   const int64_t batch = weights.size(0), windows = weights.size(1);
   at::Tensor per_position = weights.select(1, 0);                         // (B, 77)
   if (windows > 1) {
@@ -211,8 +211,9 @@ EncodedLatents SdLatentsCachingStrategy::encode(const at::Tensor& images, bool f
     const at::Tensor z = sampling == LatentSampling::mean ? posterior.mean : posterior.sample(generator);
     return z * vae->config.scaling_factor;
   };
-  EncodedLatents out{latents_of(images), {}};
-  if (flip_aug) out.flipped = latents_of(images.flip({3}));
+  const at::Tensor on_device = images.to(module_device(*vae));
+  EncodedLatents out{latents_of(on_device), {}};
+  if (flip_aug) out.flipped = latents_of(on_device.flip({3}));
   return out;
 }
 

@@ -90,7 +90,7 @@ at::Tensor TinyDitImpl::forward(const at::Tensor& latents, const at::Tensor& tim
   const at::Tensor position = at::cat({timestep_embedding(row, config.dim / 2), timestep_embedding(col, config.dim / 2)}, -1);
   at::Tensor img = img_in(tokens) + position.to(tokens.dtype()).unsqueeze(0);
   at::Tensor txt = txt_in(text);
-  const at::Tensor vec = time_in(timestep_embedding(timesteps, config.dim).to(img.dtype())) + vector_in(pooled);
+  const at::Tensor vec = time_in(timestep_embedding(timesteps.to(img.device()), config.dim).to(img.dtype())) + vector_in(pooled);
   const int64_t s = txt.size(1);
   for (const auto& module : *double_blocks) {
     auto* double_block = module->as<DoubleBlockImpl>();
