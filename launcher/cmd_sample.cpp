@@ -1,7 +1,7 @@
 // `sdt sample`: text to image with a checkpoint, written as PNG; how a user checks that a checkpoint works. The options
 // carry kohya's names; the image is the one kohya's sample images give for the same settings. The model flags
 // (--pretrained_model_name_or_path, --family, --vae, and the family's own, such as SD 2.x's switch) are kohya's, read by its
-// argument table as `sdt train` reads them.
+// argument table as `sdt train` reads them, and so is --device.
 #include <CLI/CLI.hpp>
 
 #include "launcher/commands.h"
@@ -40,7 +40,8 @@ int run_sample(const SampleCommand& command, const std::vector<std::string>& mod
   const TrainArgs args = parse_train_args(model_flags).args;
   FamilyOptions model = family_options_from_args(args);
   if (!command.tokenizer_vocab.empty()) model.tokenizer = command.tokenizer_vocab;
-  sample_to_png(family_of_checkpoint(args.family, model.pretrained_model_name_or_path), model, command.sample, command.output);
+  sample_to_png(family_of_checkpoint(args.family, model.pretrained_model_name_or_path), model, command.sample, command.output,
+                args.device);
   return 0;
 }
 

@@ -5,7 +5,7 @@
 #   launcher/setup.sh test       ... then run the whole test suite (ctest + the Python format check)
 #   launcher/setup.sh demo       ... then run the demo job
 #   launcher/setup.sh install PREFIX  ... then install PREFIX/bin/sdt and its data in PREFIX/share/sdt
-#   launcher/setup.sh cuda-check compile the NCCL backend against the CUDA LibTorch (no GPU needed):
+#   launcher/setup.sh cuda-check compile the libraries, sdt and the GPU tests against the CUDA LibTorch (no GPU needed):
 #                                torch==2.14.1 (CUDA) in /opt/sdt-cuda/venv, build folder build-cuda
 #
 # Idempotent: every step checks first and does nothing when it is already done, so a re-run on a
@@ -122,8 +122,10 @@ cuda_check() {
           -DCMAKE_CUDA_STANDARD=17 -DTORCH_CUDA_ARCH_LIST=9.0 -DCUDA_nvrtc_LIBRARY="$site/nvidia/cu13/lib/libnvrtc.so.13" \
           -DSDT_CUDA=ON
   fi
-  log "building the cluster library with the NCCL backend"
-  cmake --build build-cuda --target sdt_cluster_comm
+  # Every library (the NCCL backend among them), the sdt binary and the GPU tests. The other tests and the benchmarks
+  # use the same LibTorch API on the CPU and would double CI's compile time.
+  log "building every library, sdt and the GPU tests against the CUDA LibTorch"
+  cmake --build build-cuda --target sdt test_device
 }
 
 install_apt

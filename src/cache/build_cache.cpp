@@ -16,6 +16,7 @@
 
 #include "src/cache/latent_cache.h"
 #include "src/cache/text_encoder_cache.h"
+#include "src/core/device.h"
 #include "src/core/error.h"
 #include "src/data/captions.h"
 #include "src/data/sample.h"
@@ -471,6 +472,10 @@ CacheBuildSummary run_cache_command(const TrainArgs& args, CacheOptions options,
   const DatasetBlueprint blueprint = resolve_dataset_config(args);
   const std::vector<DatasetIndex> indexes = index_datasets(blueprint, {.skip_bad_images = args.skip_bad_images});
   const std::unique_ptr<Family> family = load_family_for_training(args);
+  // The encoders run on this rank's device (--device); the entries come back to the host as they are written.
+  const c10::Device device = select_device(args.device, world.local_rank);
+  family->models().vae->to(device);
+  for (const auto& encoder : family->models().text_encoders) encoder->to(device);
   const CacheBuildSummary summary = build(*family, args, options, blueprint, indexes, world);
   if (summary.encoded > 0 && world.rank == 0) fmt::print(stderr, "\n");
   spdlog::info("{}: {} entries needed, {} were valid; this rank encoded {} items in {:.1f} s", label, summary.items,

@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
+#include "src/core/device.h"
 #include "src/core/error.h"
 #include "src/data/image.h"
 #include "src/families/sd/sd_family.h"
@@ -106,8 +107,12 @@ void write_png(const std::string& path, const at::Tensor& image) {
 }
 
 void sample_to_png(const std::string& family, const FamilyOptions& model, const SampleOptions& sample,
-                   const std::string& output_png) {
+                   const std::string& output_png, const std::string& device_flag) {
   const std::unique_ptr<Family> loaded = load_family(family, model);
+  const c10::Device device = select_device(device_flag, 0);
+  const ModelBundle& models = loaded->models();
+  for (const auto& m : {models.denoiser, models.vae}) m->to(device);
+  for (const auto& encoder : models.text_encoders) encoder->to(device);
   write_png(output_png, loaded->sample(sample));
   spdlog::info("wrote {}", output_png);
 }

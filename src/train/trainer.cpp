@@ -1,6 +1,7 @@
 #include "src/train/trainer.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/DeviceAccelerator.h>
 
 #include <algorithm>
 #include <atomic>
@@ -191,6 +192,7 @@ class Trainer {
   at::Tensor batch_latents(TrainBatch& batch, int64_t update_key) const;
   Conditioning batch_conditioning(const TrainBatch& batch) const;
   [[noreturn]] void stop_on_non_finite_loss(const TrainBatch& batch, double loss) const;
+  [[noreturn]] void stop_on_out_of_memory(const c10::OutOfMemoryError& e) const;
   std::optional<at::Tensor> loss_mask(const TrainBatch& batch) const;
   double optimizer_update(StepTimes& times, bool& stop_now);
   double validation_loss();
@@ -265,6 +267,7 @@ class Trainer {
   std::unique_ptr<ProgressBar> progress_;
   TrainSummary summary_;
   TrainMode mode_;
+  const char* phase_ = "set-up";  // the part of the step running now, for an out-of-memory message
 };
 
 Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : args_(args), world_(world), mode_(mode) {
@@ -275,6 +278,7 @@ Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : ar
   bytes_before_run_ = CpuTensorMeter::live_bytes();
   device_ = select_device(args.device, world.local_rank);
   spdlog::info("rank {} computes on {}", world.rank, device_.str());
+  if (device_.is_cuda()) at::accelerator::resetPeakStats(device_.index());
   // kohya's --ddp_timeout, in minutes: how long a collective may wait for a stalled rank before the job ends.
   communicator_ = make_communicator(world, device_,
                                     args.ddp_timeout ? std::chrono::minutes(*args.ddp_timeout) : kDefaultCollectiveTimeout);
@@ -563,6 +567,7 @@ void Trainer::set_up_outputs() {
 // it, so how samples are split among ranks and micro-steps changes nothing.
 void Trainer::step(TrainBatch& batch, StepTimes& times) {
   Clock::time_point phase = Clock::now();
+  phase_ = "forward";
   const int64_t update_key = position_.global_step;
   const auto samples = static_cast<int64_t>(batch.captions.size());  // 0: an empty share of a short global batch
   at::Tensor loss;
@@ -580,6 +585,7 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
   times.forward += seconds_since(phase);
 
   phase = Clock::now();
+  phase_ = "backward";
   const double share = static_cast<double>(samples * world_.size) / static_cast<double>(batch.global_batch_size);
   at::Tensor scaled = loss * (share / static_cast<double>(batch.micros));
   if (precision_.loss_scaling) scaled = scaled * scaler_.scale;
@@ -595,8 +601,20 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
                   static_cast<double>(batch.micros);
 
   phase = Clock::now();
+  phase_ = "gradient averaging";
   parallel_->finish();
   times.communication += seconds_since(phase);
+}
+
+// A rank that runs out of device memory ends the job naming itself, the phase and its memory plan, with the flags that
+// lower what a rank holds.
+void Trainer::stop_on_out_of_memory(const c10::OutOfMemoryError& e) const {
+  fail("training", "rank {}: out of memory on {} in the {} of step {}: {}. This rank's memory plan: {:.0f} MiB of "
+       "weights, gradients, optimizer state and buffers, before activations. Lower it with --gradient_checkpointing, a "
+       "smaller --train_batch_size, --mixed_precision bf16, --sharding full (several ranks) or --blocks_to_swap N "
+       "(families with swappable blocks)",
+       world_.rank, device_.str(), phase_, position_.global_step + 1, e.what_without_backtrace(),
+       static_cast<double>(memory_plan_.total()) / 1048576.0);
 }
 
 // A non-finite loss would write NaN into every trained weight it reaches (and into every later file): the run stops
@@ -641,6 +659,7 @@ std::optional<at::Tensor> Trainer::loss_mask(const TrainBatch& batch) const {
 // unscale and overflow check, clipping, the optimizer, the lr schedule and the trained model's after-update rules.
 double Trainer::optimizer_update(StepTimes& times, bool& stop_now) {
   Clock::time_point phase = Clock::now();
+  phase_ = "optimizer update";
   const at::Tensor update = torch::tensor({accumulated_, stop_requested ? 1.0 : 0.0}, at::TensorOptions(at::kDouble)).to(communicator_->device());
   communicator_->all_reduce(update, ReduceOp::sum);
   accumulated_ = 0;
@@ -719,10 +738,15 @@ TrainSummary Trainer::run() {
       std::optional<TrainBatch> batch = loader_->next();
       if (!batch) break;
       times.data += seconds_since(waiting);
-      step(*batch, times);
-      if (batch->micro + 1 < batch->micros) continue;
       bool stop_now = false;
-      const double loss = optimizer_update(times, stop_now);
+      double loss = 0;
+      try {
+        step(*batch, times);
+        if (batch->micro + 1 < batch->micros) continue;
+        loss = optimizer_update(times, stop_now);
+      } catch (const c10::OutOfMemoryError& e) {
+        stop_on_out_of_memory(e);
+      }
       record_update(loss, *batch, epoch, times);
       outputs_after_update(epoch);
       if (stop_now && position_.global_step < max_train_steps_) {
@@ -845,6 +869,14 @@ void Trainer::finish() {
                "transients",
                world_.rank, static_cast<double>(summary_.peak_bytes) / 1048576.0, static_cast<double>(summary_.planned_bytes) / 1048576.0,
                static_cast<double>(summary_.peak_bytes - summary_.planned_bytes) / 1048576.0);
+  if (device_.is_cuda()) {
+    // The caching allocator's own figures: what tensors held at most, and what it held from CUDA for them.
+    const auto stats = at::accelerator::getDeviceStats(device_.index());
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    spdlog::info("rank {}: peak {} memory {:.1f} MiB allocated, {:.1f} MiB reserved; the plan's {:.1f} MiB before activations",
+                 world_.rank, device_.str(), static_cast<double>(stats.allocated_bytes[all].peak) / 1048576.0,
+                 static_cast<double>(stats.reserved_bytes[all].peak) / 1048576.0, static_cast<double>(summary_.planned_bytes) / 1048576.0);
+  }
   if (summary_.interrupted) return;
   if (!run_cache_dirs_.empty()) {
     latent_cache_.reset();
