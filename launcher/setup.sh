@@ -13,9 +13,14 @@
 #
 # Environment:
 #   SDT_BUILD_DIR   build folder (default: build)
+#   SDT_CMAKE_ARGS  more CMake arguments for the configure step (e.g. a CUDA LibTorch's -DCMAKE_CUDA_COMPILER=...)
 #   Torch_DIR       use your own LibTorch (e.g. a CUDA build on a cluster): the folder holding
 #                   TorchConfig.cmake. Then no virtual environment torch is installed for the build.
 #   SDT_SKIP_APT=1  do not touch system packages (a machine you do not administer; install them yourself)
+#   SDT_BUNDLE      a folder made by `launcher/setup.sh bundle DIR` on a Debian 12 machine: build against its
+#                   libraries and nothing else from the system (a GPU node without Debian's packages); needs Torch_DIR
+#
+#   launcher/setup.sh bundle DIR  pack those libraries into DIR and DIR.tar.xz (launcher/bundle.sh)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +47,7 @@ apt_packages=(
 
 install_apt() {
   [ "${SDT_SKIP_APT:-0}" = 1 ] && { log "SDT_SKIP_APT=1: not checking system packages"; return; }
+  [ -n "${SDT_BUNDLE:-}" ] && { log "SDT_BUNDLE=$SDT_BUNDLE: building against the bundle, not system packages"; return; }
   local missing=()
   for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -89,8 +95,21 @@ configure() {
   fi
   log "configuring $build_dir (Torch_DIR=$torch_dir)"
   cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$torch_dir" \
-        -DSDT_PYTHON="$venv/bin/python"
+        -DSDT_PYTHON="$venv/bin/python" "${bundle_flags[@]}" ${SDT_CMAKE_ARGS:-}
 }
+
+# A build bundle: its folders first for every package, and Open MPI by its files (its compiler wrappers are not in it).
+bundle_flags=()
+if [ -n "${SDT_BUNDLE:-}" ]; then
+  [ -n "${Torch_DIR:-}" ] || { echo "SDT_BUNDLE needs Torch_DIR (the LibTorch of the machine)" >&2; exit 2; }
+  bundle_lib="$SDT_BUNDLE/lib/x86_64-linux-gnu"
+  bundle_flags=(-DCMAKE_PREFIX_PATH="$SDT_BUNDLE" -DCMAKE_LIBRARY_PATH="$bundle_lib"
+                -DMPI_SKIP_COMPILER_WRAPPER=ON -DMPI_CXX_SKIP_MPICXX=ON
+                -DMPI_C_HEADER_DIR="$bundle_lib/openmpi/include" -DMPI_CXX_HEADER_DIR="$bundle_lib/openmpi/include"
+                -DMPI_C_LIB_NAMES=mpi -DMPI_CXX_LIB_NAMES=mpi -DMPI_mpi_LIBRARY="$bundle_lib/libmpi.so.40")
+  # The bundle's libraries find each other here at run time (test discovery runs the test binaries while building).
+  export LD_LIBRARY_PATH="$bundle_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 
 # The CUDA build of LibTorch from PyPI's torch wheel, in a virtual environment outside the clone
 # (5.5 GB), and a build of the cluster library with its NCCL backend against it. Torch's CMake
@@ -128,6 +147,10 @@ cuda_check() {
   cmake --build build-cuda --target sdt test_device
 }
 
+if [ "$action" = bundle ]; then
+  install_apt
+  exec bash "$root/launcher/bundle.sh" "${2:?usage: launcher/setup.sh bundle DIR}"
+fi
 install_apt
 if [ "$action" = cuda-check ]; then
   cuda_check
@@ -153,5 +176,5 @@ case "$action" in
     log "installing into $prefix"
     cmake --install "$build_dir" --prefix "$prefix"
     ;;
-  *) echo "unknown action '$action' (build | test | demo | install PREFIX | cuda-check)" >&2; exit 2 ;;
+  *) echo "unknown action '$action' (build | test | demo | install PREFIX | cuda-check | bundle DIR)" >&2; exit 2 ;;
 esac

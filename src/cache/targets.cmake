@@ -1,12 +1,19 @@
 # ---------------------------------------------------------------- latent and text-encoder output caches (issue #6)
 # HDF5 part files written by serial libhdf5, one series per rank (docs/cache_format.md); kohya's .npz caches read
 # through libzip.
-# Serial HDF5 by its pkg-config name: each rank writes its own files, and the bare name "hdf5" points to the
-# MPI build once libhdf5-openmpi-dev is installed too. Debian's libzip CMake config names tools the package
-# does not ship; its pkg-config file is sound.
-find_package(PkgConfig REQUIRED)
-pkg_check_modules(HDF5_SERIAL REQUIRED IMPORTED_TARGET hdf5-serial)
-pkg_check_modules(LIBZIP REQUIRED IMPORTED_TARGET libzip)
+# Serial HDF5 by its Debian name (libhdf5_serial, headers in hdf5/serial): each rank writes its own files, and the
+# bare name "hdf5" points to the MPI build once libhdf5-openmpi-dev is installed too. Debian's libzip CMake config
+# names tools the package does not ship. Both are found by file, which also works in a build bundle (no pkg-config).
+find_path(HDF5_SERIAL_INCLUDE_DIR hdf5.h PATH_SUFFIXES hdf5/serial REQUIRED)
+find_library(HDF5_SERIAL_LIBRARY hdf5_serial REQUIRED)
+add_library(sdt_hdf5 INTERFACE)
+target_include_directories(sdt_hdf5 SYSTEM INTERFACE ${HDF5_SERIAL_INCLUDE_DIR})
+target_link_libraries(sdt_hdf5 INTERFACE ${HDF5_SERIAL_LIBRARY})
+find_path(LIBZIP_INCLUDE_DIR zip.h REQUIRED)
+find_library(LIBZIP_LIBRARY zip REQUIRED)
+add_library(sdt_libzip INTERFACE)
+target_include_directories(sdt_libzip SYSTEM INTERFACE ${LIBZIP_INCLUDE_DIR})
+target_link_libraries(sdt_libzip INTERFACE ${LIBZIP_LIBRARY})
 find_package(OpenSSL REQUIRED)  # SHA-256 of the encoder weights a cache was made with
 
 # The HDF5 layer and the folder format, without LibTorch (fast to compile).
@@ -14,7 +21,7 @@ add_library(sdt_cache_format STATIC
   src/cache/h5.cpp
   src/cache/cache_format.cpp
 )
-target_link_libraries(sdt_cache_format PUBLIC sdt_core PkgConfig::HDF5_SERIAL)
+target_link_libraries(sdt_cache_format PUBLIC sdt_core sdt_hdf5)
 
 add_library(sdt_cache STATIC
   src/cache/latent_cache.cpp
@@ -22,7 +29,7 @@ add_library(sdt_cache STATIC
   src/cache/npz.cpp
   src/cache/build_cache.cpp
 )
-target_link_libraries(sdt_cache PUBLIC sdt_cache_format sdt_families sdt_data PkgConfig::LIBZIP OpenSSL::Crypto)
+target_link_libraries(sdt_cache PUBLIC sdt_cache_format sdt_families sdt_data sdt_libzip OpenSSL::Crypto)
 target_precompile_headers(sdt_cache REUSE_FROM sdt_torch)
 
 # Round trips, kill-and-resume, refusals, two ranks against one, kohya's .npz files (fixtures from

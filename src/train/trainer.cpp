@@ -873,8 +873,9 @@ void Trainer::finish() {
     // The caching allocator's own figures: what tensors held at most, and what it held from CUDA for them.
     const auto stats = at::accelerator::getDeviceStats(device_.index());
     const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    summary_.device_peak_bytes = stats.allocated_bytes[all].peak;
     spdlog::info("rank {}: peak {} memory {:.1f} MiB allocated, {:.1f} MiB reserved; the plan's {:.1f} MiB before activations",
-                 world_.rank, device_.str(), static_cast<double>(stats.allocated_bytes[all].peak) / 1048576.0,
+                 world_.rank, device_.str(), static_cast<double>(summary_.device_peak_bytes) / 1048576.0,
                  static_cast<double>(stats.reserved_bytes[all].peak) / 1048576.0, static_cast<double>(summary_.planned_bytes) / 1048576.0);
   }
   if (summary_.interrupted) return;

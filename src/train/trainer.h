@@ -40,6 +40,7 @@ struct TrainSummary {
   StepTimes times;
   int64_t planned_bytes = 0;   // this rank's memory plan: weights, gradients, optimizer state, buffers
   int64_t peak_bytes = 0;      // this rank's measured peak of live CPU tensor bytes during the run
+  int64_t device_peak_bytes = 0;  // on a GPU: the caching allocator's peak of allocated bytes during the run
   bool interrupted = false;    // stopped by SIGUSR1 / SIGTERM after saving state_path; rerun with --resume latest
 };
 
