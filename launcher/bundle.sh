@@ -55,6 +55,15 @@ copy_from_usr include/zip.h include/zipconf.h "$arch_lib/libzip.so*"
 copy_from_usr include/unicode "$arch_lib/libicuuc.so*" "$arch_lib/libicudata.so*"
 copy_from_usr include/openssl include/x86_64-linux-gnu/openssl "$arch_lib/libcrypto.so*"
 copy_from_usr include/zlib.h include/zconf.h "$arch_lib/libz.so*"
+# Links that point into the system (Debian's alternatives, /lib) point to the same file inside the bundle instead.
+while read -r link; do
+  target="$(readlink -f "/usr/${link#"$out"/}")"
+  if [ -e "$(dirname "$link")/$(basename "$target")" ]; then
+    ln -sfn "$(basename "$target")" "$link"
+  else
+    rm "$link" && cp "$target" "$link"
+  fi
+done < <(find "$out" -type l -lname '/*')
 # The multiarch headers (OpenSSL's configuration.h) join the plain include folder: a compiler elsewhere
 # searches its own multiarch folder, not the bundle's.
 cp -a "$out/include/x86_64-linux-gnu/." "$out/include/"

@@ -5,7 +5,7 @@
 #   launcher/setup.sh test       ... then run the whole test suite (ctest + the Python format check)
 #   launcher/setup.sh demo       ... then run the demo job
 #   launcher/setup.sh install PREFIX  ... then install PREFIX/bin/sdt and its data in PREFIX/share/sdt
-#   launcher/setup.sh cuda-check compile the libraries, sdt and the GPU tests against the CUDA LibTorch (no GPU needed):
+#   launcher/setup.sh cuda-check compile the whole project against the CUDA LibTorch (no GPU needed):
 #                                torch==2.14.1 (CUDA) in /opt/sdt-cuda/venv, build folder build-cuda
 #
 # Idempotent: every step checks first and does nothing when it is already done, so a re-run on a
@@ -105,14 +105,17 @@ if [ -n "${SDT_BUNDLE:-}" ]; then
   bundle_lib="$SDT_BUNDLE/lib/x86_64-linux-gnu"
   bundle_flags=(-DCMAKE_PREFIX_PATH="$SDT_BUNDLE" -DCMAKE_LIBRARY_PATH="$bundle_lib"
                 -DMPI_SKIP_COMPILER_WRAPPER=ON -DMPI_CXX_SKIP_MPICXX=ON
-                -DMPI_C_HEADER_DIR="$bundle_lib/openmpi/include" -DMPI_CXX_HEADER_DIR="$bundle_lib/openmpi/include"
-                -DMPI_C_LIB_NAMES=mpi -DMPI_CXX_LIB_NAMES=mpi -DMPI_mpi_LIBRARY="$bundle_lib/libmpi.so.40")
+                -DMPI_CXX_HEADER_DIR="$bundle_lib/openmpi/include"
+                -DMPI_CXX_LIB_NAMES=mpi -DMPI_mpi_LIBRARY="$bundle_lib/libmpi.so.40")
   # The bundle's libraries find each other here at run time (test discovery runs the test binaries while building).
   export LD_LIBRARY_PATH="$bundle_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # pkg-config, where there is one, looks in the bundle only (it has no .pc files): FindMPI and FindOpenSSL ask it
+  # first and would find the system's own packages.
+  export PKG_CONFIG_LIBDIR="$SDT_BUNDLE/lib/pkgconfig" PKG_CONFIG_PATH=""
 fi
 
 # The CUDA build of LibTorch from PyPI's torch wheel, in a virtual environment outside the clone
-# (5.5 GB), and a build of the cluster library with its NCCL backend against it. Torch's CMake
+# (5.5 GB), and a build of the whole project against it (the NCCL backend included). Torch's CMake
 # config enables the CUDA language, so it needs nvcc (the toolkit at $cuda_root) although nothing
 # here is CUDA code; the toolkit there lacks NVRTC, which the wheel's nvidia-cuda-nvrtc provides.
 # CMake 3.25 knows no C++20 dialect for nvcc, hence CUDA 17 for Torch's compiler probe.
@@ -141,10 +144,8 @@ cuda_check() {
           -DCMAKE_CUDA_STANDARD=17 -DTORCH_CUDA_ARCH_LIST=9.0 -DCUDA_nvrtc_LIBRARY="$site/nvidia/cu13/lib/libnvrtc.so.13" \
           -DSDT_CUDA=ON
   fi
-  # Every library (the NCCL backend among them), the sdt binary and the GPU tests. The other tests and the benchmarks
-  # use the same LibTorch API on the CPU and would double CI's compile time.
-  log "building every library, sdt and the GPU tests against the CUDA LibTorch"
-  cmake --build build-cuda --target sdt test_device
+  log "building the whole project (libraries, sdt, tests, benchmarks) against the CUDA LibTorch"
+  cmake --build build-cuda
 }
 
 if [ "$action" = bundle ]; then

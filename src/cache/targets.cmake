@@ -14,7 +14,7 @@ find_library(LIBZIP_LIBRARY zip REQUIRED)
 add_library(sdt_libzip INTERFACE)
 target_include_directories(sdt_libzip SYSTEM INTERFACE ${LIBZIP_INCLUDE_DIR})
 target_link_libraries(sdt_libzip INTERFACE ${LIBZIP_LIBRARY})
-find_package(OpenSSL REQUIRED)  # SHA-256 of the encoder weights a cache was made with
+find_package(OpenSSL REQUIRED COMPONENTS Crypto)  # SHA-256 of the encoder weights a cache was made with
 
 # The HDF5 layer and the folder format, without LibTorch (fast to compile).
 add_library(sdt_cache_format STATIC

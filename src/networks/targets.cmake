@@ -1,6 +1,6 @@
 # ---------------------------------------------------------------- LoRA networks and merging (issue #5)
 # kohya's networks/lora.py (modules, names, file format, metadata and hashes) and networks/merge_lora.py.
-find_package(OpenSSL REQUIRED)  # libcrypto's SHA-256 for the sshs_* hashes
+find_package(OpenSSL REQUIRED COMPONENTS Crypto)  # libcrypto's SHA-256 for the sshs_* hashes
 add_library(sdt_networks STATIC
   src/networks/lora.cpp
   src/networks/lora_metadata.cpp
