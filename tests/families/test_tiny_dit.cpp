@@ -4,22 +4,23 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <numeric>
 
 #include <fmt/format.h>
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
-#include "src/core/tensor_io.h"
 #include "src/families/family.h"
 #include "src/train/trainer.h"
 #include "tests/families/tiny_dit/tiny_dit.h"
-#include "tests/train/toy_dataset.h"
+#include "tests/train/weight_files.h"
 
 namespace sdt {
 namespace {
 
 namespace fs = std::filesystem;
+using testing_support::bitwise_equal;
+using testing_support::mean;
+using testing_support::relative_difference;
 
 // Blocks enough to swap: --blocks_to_swap 2 swaps 1 of the 3 double blocks and 2 of the 4 single blocks (kohya's FLUX
 // split; a stack keeps at least two blocks on the device).
@@ -31,44 +32,7 @@ tiny_dit::TinyDitConfig swappable_config() {
 }
 
 TrainArgs tiny_dit_run(const std::string& tag, TrainMode mode, const tiny_dit::TinyDitConfig& config = {}) {
-  tiny_dit::register_family();
-  const fs::path root = fs::path(testing::TempDir()) / ("sdt_tiny_dit_" + tag);
-  fs::remove_all(root);
-  tiny_dit::write_checkpoint((root / "model").string(), config, 3, SDT_FIXTURES "/sd/sd1");
-  TrainArgs args = tiny_dit::training_args((root / "model").string(), testing_support::make_toy_dataset(root, 4, 64).string(), mode);
-  args.output_dir = (root / "out").string();
-  args.output_name = "toy";
-  args.train_batch_size = 2;
-  args.model_prediction_type = "raw";
-  return args;
-}
-
-double mean(const std::vector<double>& v, size_t from, size_t to) {
-  return std::accumulate(v.begin() + static_cast<std::ptrdiff_t>(from), v.begin() + static_cast<std::ptrdiff_t>(to), 0.0) /
-         static_cast<double>(to - from);
-}
-
-// Whether two weight files hold the same tensors bit for bit.
-bool bitwise_equal(const std::string& a, const std::string& b) {
-  safetensors::File fa(a), fb(b);
-  if (fa.tensors().size() != fb.tensors().size()) return false;
-  for (const auto& t : fa.tensors()) {
-    if (!fb.contains(t.name) || !at::equal(load_tensor(fa, t.name), load_tensor(fb, t.name))) return false;
-  }
-  return true;
-}
-
-// The largest difference between two weight files, relative to the largest weight.
-double relative_difference(const std::string& a, const std::string& b) {
-  safetensors::File fa(a), fb(b);
-  double difference = 0, largest = 1e-12;
-  for (const auto& t : fa.tensors()) {
-    if (t.name.ends_with(".alpha")) continue;
-    const at::Tensor x = load_tensor(fa, t.name).to(at::kDouble), y = load_tensor(fb, t.name).to(at::kDouble);
-    difference = std::max(difference, (x - y).abs().max().item<double>());
-    largest = std::max(largest, y.abs().max().item<double>());
-  }
-  return difference / largest;
+  return tiny_dit::toy_run((fs::path(testing::TempDir()) / ("sdt_tiny_dit_" + tag)).string(), mode, config);
 }
 
 class TinyDitTraining : public ::testing::TestWithParam<TrainMode> {};

@@ -7,21 +7,22 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <numeric>
 
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
-#include "src/core/safetensors.h"
-#include "src/core/tensor_io.h"
 #include "src/train/trainer.h"
 #include "tests/families/tiny_dit/tiny_dit.h"
 #include "tests/train/toy_dataset.h"
+#include "tests/train/weight_files.h"
 
 namespace sdt {
 namespace {
 
 namespace fs = std::filesystem;
+using testing_support::bitwise_equal;
+using testing_support::mean;
+using testing_support::relative_difference;
 
 class CudaTraining : public ::testing::Test {
  protected:
@@ -35,28 +36,6 @@ class CudaTraining : public ::testing::Test {
     at::globalContext().setAllowTF32CuDNN(true);
   }
 };
-
-// The largest difference between the tensors of two weight files whose names contain `part`, relative to the largest
-// of them.
-double relative_difference(const std::string& a, const std::string& b, const std::string& part = "") {
-  safetensors::File fa(a), fb(b);
-  double difference = 0, largest = 1e-30;
-  for (const auto& t : fa.tensors()) {
-    if (t.name.ends_with(".alpha") || t.name.find(part) == std::string::npos) continue;
-    const at::Tensor x = load_tensor(fa, t.name).to(at::kDouble), y = load_tensor(fb, t.name).to(at::kDouble);
-    difference = std::max(difference, (x - y).abs().max().item<double>());
-    largest = std::max(largest, y.abs().max().item<double>());
-  }
-  return difference / largest;
-}
-
-bool bitwise_equal(const std::string& a, const std::string& b) {
-  safetensors::File fa(a), fb(b);
-  for (const auto& t : fa.tensors()) {
-    if (!fb.contains(t.name) || !at::equal(load_tensor(fa, t.name), load_tensor(fb, t.name))) return false;
-  }
-  return fa.tensors().size() == fb.tensors().size();
-}
 
 TrainArgs sd_lora_run(const std::string& tag, const std::string& device) {
   const fs::path root = fs::path(testing::TempDir()) / ("sdt_cuda_sd_" + tag);
@@ -101,25 +80,12 @@ TEST_F(CudaTraining, OneFp32StepGivesTheLossAndLoraGradientsOfTheCpu) {
 }
 
 TrainArgs tiny_dit_run(const std::string& tag, TrainMode mode) {
-  tiny_dit::register_family();
-  const fs::path root = fs::path(testing::TempDir()) / ("sdt_cuda_dit_" + tag);
-  fs::remove_all(root);
-  tiny_dit::TinyDitConfig config;
+  tiny_dit::TinyDitConfig config;  // blocks enough to swap 2: 1 of the 3 double blocks and 2 of the 4 single ones
   config.double_blocks = 3;
   config.single_blocks = 4;
-  tiny_dit::write_checkpoint((root / "model").string(), config, 3, SDT_FIXTURES "/sd/sd1");
-  TrainArgs args = tiny_dit::training_args((root / "model").string(), testing_support::make_toy_dataset(root, 4, 64).string(), mode);
+  TrainArgs args = tiny_dit::toy_run((fs::path(testing::TempDir()) / ("sdt_cuda_dit_" + tag)).string(), mode, config);
   args.device = "cuda";
-  args.output_dir = (root / "out").string();
-  args.output_name = "toy";
-  args.train_batch_size = 2;
-  args.model_prediction_type = "raw";
   return args;
-}
-
-double mean(const std::vector<double>& v, size_t from, size_t to) {
-  return std::accumulate(v.begin() + static_cast<std::ptrdiff_t>(from), v.begin() + static_cast<std::ptrdiff_t>(to), 0.0) /
-         static_cast<double>(to - from);
 }
 
 // bf16 autocast on the GPU trains: the loss of the last 20 of 120 steps is below 0.8 of the first 20's, as the CPU

@@ -10,6 +10,7 @@
 #include "src/families/sd/sd_family.h"
 #include "src/models/sd_checkpoint.h"
 #include "src/models/unet.h"
+#include "tests/train/toy_dataset.h"
 #include "src/objectives/flow_matching.h"
 
 namespace sdt::tiny_dit {
@@ -308,6 +309,19 @@ void write_checkpoint(const std::string& folder, const TinyDitConfig& c, uint64_
   save_safetensors(transformer_file(folder), tensors, {{"tiny_dit_config", config.dump()}});
   const fs::path link = fs::path(folder) / "sd";
   if (!fs::exists(link)) fs::create_directory_symlink(fs::absolute(sd_folder), link);
+}
+
+TrainArgs toy_run(const std::string& folder, TrainMode mode, const TinyDitConfig& config) {
+  register_family();
+  const std::filesystem::path root(folder);
+  std::filesystem::remove_all(root);
+  write_checkpoint((root / "model").string(), config, 3, SDT_FIXTURES "/sd/sd1");
+  TrainArgs args = training_args((root / "model").string(), testing_support::make_toy_dataset(root, 4, 64).string(), mode);
+  args.output_dir = (root / "out").string();
+  args.output_name = "toy";
+  args.train_batch_size = 2;
+  args.model_prediction_type = "raw";
+  return args;
 }
 
 }  // namespace sdt::tiny_dit

@@ -82,4 +82,8 @@ TrainArgs training_args(const std::string& model, const std::string& train_data_
 // SD diffusers folder `sd_folder` (linked as `sd/`).
 void write_checkpoint(const std::string& folder, const TinyDitConfig& config, uint64_t seed, const std::string& sd_folder);
 
+// A whole toy run in `folder` (emptied first): a DiT of `config` (seed 3) beside the tiny SD 1.x fixture, the toy
+// dataset at 64x64 (4 repeats), training_args with batch 2 and raw predictions, outputs in `folder`/out as "toy".
+TrainArgs toy_run(const std::string& folder, TrainMode mode, const TinyDitConfig& config = {});
+
 }  // namespace sdt::tiny_dit

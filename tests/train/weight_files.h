@@ -1,0 +1,47 @@
+// What the training tests compare: the weight files two runs wrote, and stretches of a loss curve.
+#pragma once
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "src/core/safetensors.h"
+#include "src/core/tensor_io.h"
+
+namespace sdt::testing_support {
+
+// Whether two weight files hold the same tensors bit for bit.
+inline bool bitwise_equal(const std::string& a, const std::string& b) {
+  safetensors::File fa(a), fb(b);
+  if (fa.tensors().size() != fb.tensors().size()) return false;
+  for (const auto& t : fa.tensors()) {
+    if (!fb.contains(t.name) || !at::equal(load_tensor(fa, t.name), load_tensor(fb, t.name))) return false;
+  }
+  return true;
+}
+
+// The largest difference between the tensors of two weight files whose names contain `part` (all but a LoRA's
+// alphas when empty), relative to the largest of them in `b`.
+inline double relative_difference(const std::string& a, const std::string& b, const std::string& part = "") {
+  safetensors::File fa(a), fb(b);
+  double difference = 0, largest = 1e-30;
+  for (const auto& t : fa.tensors()) {
+    if (t.name.ends_with(".alpha") || t.name.find(part) == std::string::npos) continue;
+    const at::Tensor x = load_tensor(fa, t.name).to(at::kDouble), y = load_tensor(fb, t.name).to(at::kDouble);
+    difference = std::max(difference, (x - y).abs().max().item<double>());
+    largest = std::max(largest, y.abs().max().item<double>());
+  }
+  return difference / largest;
+}
+
+// The mean of losses[from, to).
+inline double mean(const std::vector<double>& losses, size_t from, size_t to) {
+  return std::accumulate(losses.begin() + static_cast<std::ptrdiff_t>(from), losses.begin() + static_cast<std::ptrdiff_t>(to),
+                         0.0) /
+         static_cast<double>(to - from);
+}
+
+}  // namespace sdt::testing_support
