@@ -421,6 +421,7 @@ void Trainer::set_up_data() {
   scheduler_ = std::make_unique<LrScheduler>(*made_.optimizer, make_lr_schedule(schedule_args, world_.size, made_.uses_adafactor_schedule));
 
   loader_options_.seed = seed_;
+  loader_options_.pin_memory = device_.is_cuda();  // pinned batches copy to the GPU without a staging copy, async
   loader_options_.rank = world_.rank;
   loader_options_.world_size = world_.size;
   loader_options_.workers = static_cast<int>(args_.max_data_loader_n_workers);
@@ -635,8 +636,8 @@ at::Tensor Trainer::batch_latents(TrainBatch& batch, int64_t update_key) const {
     return cached.latents.to(device_, at::kFloat);
   }
   const at::Tensor images = batch.images.defined() ? batch.images : at::empty({0, 3, batch.bucket.height, batch.bucket.width});
-  return encode_latents(*family_, images.to(device_, precision_.vae), vae_latents_, seed_, update_key, batch.update_offset,
-                        RngPurpose::Latents);
+  return encode_latents(*family_, images.to(device_, precision_.vae, /*non_blocking=*/true), vae_latents_, seed_, update_key,
+                        batch.update_offset, RngPurpose::Latents);
 }
 
 // The text conditioning, through a trained text encoder with its graph, else without.
