@@ -5,6 +5,8 @@
 
 #include <mutex>
 
+#include <spdlog/spdlog.h>
+
 namespace sdt {
 
 namespace nn = torch::nn;
@@ -72,10 +74,28 @@ at::Tensor randn_from_host(at::IntArrayRef sizes, at::Generator& generator, cons
   return at::randn(sizes, generator, options.device(c10::kCPU)).to(options.device());
 }
 
+namespace {
+
+// kohya's --sdpa, --xformers and --mem_eff_attn all come to scaled_dot_product_attention here, which picks its kernel
+// per call from the device, dtype and shapes. The first attention on a GPU says which it picked.
+void log_attention_kernel_once(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
+  static std::once_flag once;
+  if (q.device().is_cpu()) return;
+  std::call_once(once, [&] {
+    static const char* const names[] = {"the math path", "flash attention", "memory-efficient attention", "cuDNN attention"};
+    const int64_t choice = at::_fused_sdp_choice(q, k, v, {}, 0.0, causal);
+    spdlog::info("attention: scaled_dot_product_attention on {} picked {} for {} heads of {} in {}", q.device().str(),
+                 choice >= 0 && choice < 4 ? names[choice] : "an unlisted kernel", q.size(1), q.size(3), c10::toString(q.scalar_type()));
+  });
+}
+
+}  // namespace
+
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 bool causal) {
   const int64_t batch = q.size(0), inner = q.size(2), head_dim = inner / heads;
   auto split = [&](const at::Tensor& t) { return t.view({batch, t.size(1), heads, head_dim}).transpose(1, 2); };
+  log_attention_kernel_once(split(q), split(k), split(v), causal);
   at::Tensor out = at::scaled_dot_product_attention(split(q), split(k), split(v), /*attn_mask=*/{}, /*dropout_p=*/0.0,
                                                     /*is_causal=*/causal);  // (B, heads, Nq, D)
   return out.transpose(1, 2).reshape({batch, q.size(1), inner});
