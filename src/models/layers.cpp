@@ -1,6 +1,5 @@
 #include "src/models/layers.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 
 #include <mutex>
