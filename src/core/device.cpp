@@ -26,7 +26,7 @@ c10::Device select_device(std::string_view flag, int local_rank) {
   if (flag == "cpu" || (flag == "auto" && count == 0)) return c10::Device(c10::kCPU);
   if (count == 0) {
     fail("--device", "cuda asked for, but no CUDA device is visible ({}; this LibTorch {} CUDA)", visible_devices(),
-         torch::cuda::is_available() || at::hasCUDA() ? "has" : "was built without");
+         at::hasCUDA() ? "has" : "was built without");
   }
   if (count > 1 && local_rank >= count) {
     fail("--device", "rank {} on its node has no GPU of its own: {} visible ({}); start at most {} processes per node",

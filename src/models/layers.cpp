@@ -94,8 +94,9 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
                                 bool causal) {
   const int64_t batch = q.size(0), inner = q.size(2), head_dim = inner / heads;
   auto split = [&](const at::Tensor& t) { return t.view({batch, t.size(1), heads, head_dim}).transpose(1, 2); };
-  log_attention_kernel_once(split(q), split(k), split(v), causal);
-  at::Tensor out = at::scaled_dot_product_attention(split(q), split(k), split(v), /*attn_mask=*/{}, /*dropout_p=*/0.0,
+  const at::Tensor q_heads = split(q), k_heads = split(k), v_heads = split(v);
+  log_attention_kernel_once(q_heads, k_heads, v_heads, causal);
+  at::Tensor out = at::scaled_dot_product_attention(q_heads, k_heads, v_heads, /*attn_mask=*/{}, /*dropout_p=*/0.0,
                                                     /*is_causal=*/causal);  // (B, heads, Nq, D)
   return out.transpose(1, 2).reshape({batch, q.size(1), inner});
 }
