@@ -19,6 +19,17 @@ ClipTextConfig ClipTextConfig::sd2() {
   return c;
 }
 
+ClipTextConfig ClipTextConfig::sdxl_bigg() {
+  ClipTextConfig c;
+  c.hidden_size = 1280;
+  c.intermediate_size = 5120;
+  c.num_layers = 32;
+  c.num_heads = 20;
+  c.act = "gelu";
+  c.projection_dim = 1280;
+  return c;
+}
+
 ClipAttentionImpl::ClipAttentionImpl(int64_t hidden, int64_t heads) : heads(heads) {
   q_proj = register_module("q_proj", Linear(hidden, hidden));
   k_proj = register_module("k_proj", Linear(hidden, hidden));
@@ -79,6 +90,10 @@ ClipTextTransformerImpl::ClipTextTransformerImpl(const ClipTextConfig& c) {
 
 ClipTextModelImpl::ClipTextModelImpl(ClipTextConfig config) : config(std::move(config)) {
   text_model = register_module("text_model", ClipTextTransformer(this->config));
+  if (this->config.projection_dim > 0) {
+    text_projection = register_module(
+        "text_projection", Linear(nn::LinearOptions(this->config.hidden_size, this->config.projection_dim).bias(false)));
+  }
 }
 
 ClipTextOutput ClipTextModelImpl::forward(const at::Tensor& ids) {
@@ -97,6 +112,7 @@ ClipTextOutput ClipTextModelImpl::forward(const at::Tensor& ids) {
   at::Tensor eos_position = config.eos_token_id == 2 ? ids.argmax(-1) : (ids == config.eos_token_id).to(at::kInt).argmax(-1);  // (B)
   at::Tensor batch = at::arange(ids.size(0), eos_position.options());
   out.pooled = out.last_hidden_state.index({batch, eos_position});  // (B, D)
+  if (text_projection) out.text_embeds = text_projection(out.pooled);
   return out;
 }
 

@@ -1,7 +1,8 @@
-// The CLIP text transformer (transformers' CLIPTextModel): SD 1.x's OpenAI ViT-L/14 text tower (quick_gelu) and
-// SD 2.x's OpenCLIP ViT-H text tower (gelu, 23 of its 24 layers, i.e. the penultimate layer). Parameters carry the
-// transformers names, `text_model.embeddings.token_embedding.weight` ..., so a diffusers `text_encoder/` state dict
-// maps onto named_parameters() one to one.
+// The CLIP text transformer (transformers' CLIPTextModel, and CLIPTextModelWithProjection with a projection_dim):
+// SD 1.x's OpenAI ViT-L/14 text tower (quick_gelu), SD 2.x's OpenCLIP ViT-H text tower (gelu, 23 of its 24 layers,
+// i.e. the penultimate layer), SDXL's ViT-L/14 and OpenCLIP ViT-bigG/14 with its projection. Parameters carry the
+// transformers names, `text_model.embeddings.token_embedding.weight` ..., `text_projection.weight`, so a diffusers
+// `text_encoder/` state dict maps onto named_parameters() one to one.
 #pragma once
 
 #include <optional>
@@ -26,14 +27,18 @@ struct ClipTextConfig {
   // Pooling picks the EOS position: with the legacy eos id 2 (SD1 configs) it is the argmax of the ids (EOS is the
   // largest id), otherwise the first position holding eos_token_id, as transformers does.
   int64_t eos_token_id = 2;
+  // CLIPTextModelWithProjection: text_projection (hidden -> projection_dim, no bias) on the pooled output; 0: none.
+  int64_t projection_dim = 0;
 
-  static ClipTextConfig sd1();  // openai/clip-vit-large-patch14
-  static ClipTextConfig sd2();  // OpenCLIP ViT-H/14 minus its last layer, as stabilityai/stable-diffusion-2 ships it
+  static ClipTextConfig sd1();        // openai/clip-vit-large-patch14 (also SDXL's first text encoder)
+  static ClipTextConfig sd2();        // OpenCLIP ViT-H/14 minus its last layer, as stabilityai/stable-diffusion-2 ships it
+  static ClipTextConfig sdxl_bigg();  // OpenCLIP ViT-bigG/14 with its projection, SDXL's second text encoder
 };
 
 struct ClipTextOutput {
   at::Tensor last_hidden_state;             // (B, S, D) after final_layer_norm
   at::Tensor pooled;                        // (B, D) last_hidden_state at each sequence's EOS
+  at::Tensor text_embeds;                   // (B, projection_dim) text_projection(pooled); undefined without one
   std::vector<at::Tensor> hidden_states;    // num_layers + 1 tensors (B, S, D): embeddings, then each layer's output
 };
 
@@ -101,6 +106,7 @@ struct ClipTextModelImpl : torch::nn::Module {
 
   ClipTextConfig config;
   ClipTextTransformer text_model{nullptr};
+  Linear text_projection{nullptr};  // with config.projection_dim only
 };
 TORCH_MODULE(ClipTextModel);
 

@@ -12,19 +12,25 @@
 #include "src/core/error.h"
 #include "src/core/tensor_io.h"
 #include "src/core/text.h"
+#include "src/models/ldm_layout.h"
 
 namespace sdt {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using ldm::build_in;
+using ldm::find_weights;
+using ldm::load_parameters;
+using ldm::openclip_key;
 
 SdConfig SdConfig::sd1() { return {false, ClipTextConfig::sd1(), VaeConfig::sd(), UNetConfig::sd1()}; }
 SdConfig SdConfig::sd2() { return {true, ClipTextConfig::sd2(), VaeConfig::sd(), UNetConfig::sd2()}; }
 
 namespace {
 
-constexpr const char* kLdmUnet = "model.diffusion_model.";
-constexpr const char* kLdmVae = "first_stage_model.";
+using ldm::Source;
+constexpr const char* kLdmUnet = ldm::kUnetPrefix;
+constexpr const char* kLdmVae = ldm::kVaePrefix;
 constexpr const char* kLdmClip = "cond_stage_model.transformer.";  // SD1
 constexpr const char* kLdmOpenClip = "cond_stage_model.model.";     // SD2
 
@@ -39,23 +45,14 @@ std::string join(const std::vector<std::string>& parts, size_t from, size_t to =
   return out;
 }
 
-// ---------------------------------------------------------------- where each parameter lives in a file
+}  // namespace
 
-// One parameter's tensor in a file.
-struct Source {
-  std::string key;
-  int fused_third = -1;  // OpenCLIP's in_proj holds q, k, v stacked along dim 0: which third is this parameter
-  bool conv1x1 = false;  // LDM stores this Linear weight (O, I) as a 1x1 convolution (O, I, 1, 1)
-};
-using KeyMap = std::function<Source(const std::string& name)>;
+namespace ldm {
 
-// diffusers U-Net name -> LDM key (without model.diffusion_model.). LDM numbers the U-Net's blocks flat:
-// input_blocks.0 is conv_in, then per level `layers_per_block` blocks of [resnet, attention] and one downsampler;
-// middle_block is [resnet, attention, resnet]; output_blocks per level `layers_per_block + 1` blocks of
-// [resnet, attention, upsampler].
-std::string unet_ldm_key(const std::string& name, const UNetConfig& c) {
+std::string unet_key(const std::string& name, const UNetConfig& c) {
   static const std::map<std::string, std::string> fixed = {
       {"time_embedding.linear_1", "time_embed.0"}, {"time_embedding.linear_2", "time_embed.2"},
+      {"add_embedding.linear_1", "label_emb.0.0"}, {"add_embedding.linear_2", "label_emb.0.2"},
       {"conv_in", "input_blocks.0.0"},           {"conv_norm_out", "out.0"},
       {"conv_out", "out.2"}};
   static const std::map<std::string, std::string> resnet_names = {
@@ -90,9 +87,7 @@ std::string unet_ldm_key(const std::string& name, const UNetConfig& c) {
   fail(name, "not a U-Net parameter name");
 }
 
-// diffusers VAE name -> LDM key (without first_stage_model.). LDM numbers the decoder's levels from the deepest
-// up, diffusers from the deepest down; mid-block attention projections are 1x1 convolutions in LDM.
-Source vae_ldm_key(const std::string& name, const VaeConfig& c) {
+Source vae_key(const std::string& name, const VaeConfig& c) {
   const std::vector<std::string> p = split(name, '.');
   if (p[0] == "quant_conv" || p[0] == "post_quant_conv" || p[1] == "conv_in" || p[1] == "conv_out") return {name};
   const std::string& coder = p[0];
@@ -115,10 +110,11 @@ Source vae_ldm_key(const std::string& name, const VaeConfig& c) {
   return {fmt::format("{}.{}.{}.block.{}.{}", coder, stem, level, p[4], resnet(5))};
 }
 
-// transformers CLIP name (text_model.*) -> OpenCLIP key (without cond_stage_model.model.).
 Source openclip_key(const std::string& name) {
   static const std::map<std::string, std::string> layer_names = {
       {"layer_norm1", "ln_1"}, {"layer_norm2", "ln_2"}, {"fc1", "c_fc"}, {"fc2", "c_proj"}};
+  // OpenCLIP computes x @ P; a Linear holds P transposed.
+  if (name == "text_projection.weight") return {.key = "text_projection", .transposed = true};
   const std::vector<std::string> p = split(name, '.');  // text_model.<...>
   if (p[1] == "embeddings") return {p[2] == "token_embedding" ? "token_embedding.weight" : "positional_embedding"};
   if (p[1] == "final_layer_norm") return {"ln_final." + p.back()};
@@ -132,6 +128,10 @@ Source openclip_key(const std::string& name) {
   if (p[4] == "mlp") return {block + "mlp." + layer_names.at(p[5]) + "." + p.back()};
   return {block + layer_names.at(p[4]) + "." + p.back()};
 }
+
+}  // namespace ldm
+
+namespace {
 
 // ---------------------------------------------------------------- loading
 
@@ -149,9 +149,10 @@ bool same_but_trailing_ones(at::IntArrayRef a, at::IntArrayRef b) {
   return trim(a).equals(trim(b));
 }
 
-// Copies every parameter of `module` from `file` through `map`. `owned` says which keys of the file belong to this
-// model (the rest belong to the other models of a single file, or are schedule buffers and the like); of those,
-// any key nothing read that `ignored` does not excuse is unexpected.
+}  // namespace
+
+namespace ldm {
+
 void load_parameters(torch::nn::Module& module, const safetensors::File& file, const KeyMap& map,
                      const std::function<bool(const std::string&)>& owned,
                      const std::function<bool(const std::string&)>& ignored, const std::string& what) {
@@ -168,6 +169,7 @@ void load_parameters(torch::nn::Module& module, const safetensors::File& file, c
     // A zero-copy view of the mapped file; copy_ converts to the parameter's dtype element by element.
     at::Tensor stored = load_tensor(file, source.key);
     if (source.fused_third >= 0) stored = stored.chunk(3, 0)[source.fused_third];
+    if (source.transposed) stored = stored.t();
     if (!stored.sizes().equals(param.sizes())) {
       if (!same_but_trailing_ones(stored.sizes(), param.sizes())) {
         fail(file.path() + ": " + source.key, "{} parameter {} has shape {}, the file holds {}{}", what, item.key(),
@@ -191,25 +193,12 @@ void load_parameters(torch::nn::Module& module, const safetensors::File& file, c
   fail(file.path(), "{}", message);
 }
 
+}  // namespace ldm
+
+namespace {
+
 bool everything(const std::string&) { return true; }
 bool nothing(const std::string&) { return false; }
-
-// Builds a model with its parameters born in `dtype`, so that loading never holds an fp32 copy of a bf16 model.
-// The default dtype is process-wide: build models from one thread at a time.
-template <typename Make>
-auto build_in(at::ScalarType dtype, Make make) {
-  if (!at::isFloatingType(dtype)) fail("model dtype", "expected a floating-point dtype, got {}", c10::toString(dtype));
-  const caffe2::TypeMeta saved = c10::get_default_dtype();
-  c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
-  try {
-    auto model = make();
-    c10::set_default_dtype(saved);
-    return model;
-  } catch (...) {
-    c10::set_default_dtype(saved);
-    throw;
-  }
-}
 
 // ---------------------------------------------------------------- config.json
 
@@ -236,8 +225,12 @@ T get(const json& j, const std::string& key, const T& fallback, const std::strin
 // Settings SD 1.x / 2.x keep at their defaults; anything else is an architecture we do not build.
 void require_default(const json& j, const std::string& key, const json& expected, const std::string& path) {
   if (!j.contains(key) || j[key].is_null() || j[key] == expected) return;
-  fail(path + ": " + key, "{} is not supported (SD 1.x / 2.x use {})", j[key].dump(), expected.dump());
+  fail(path + ": " + key, "{} is not supported (SD 1.x / 2.x and SDXL use {})", j[key].dump(), expected.dump());
 }
+
+}  // namespace
+
+namespace ldm {
 
 std::string find_weights(const std::string& folder, const std::vector<std::string>& names) {
   for (const auto& name : names) {
@@ -246,15 +239,16 @@ std::string find_weights(const std::string& folder, const std::vector<std::strin
   fail(folder, "no weights file: expected one of {}", first_few(names));
 }
 
-}  // namespace
+}  // namespace ldm
 
 UNetConfig read_unet_config(const std::string& path) {
   const json j = read_json(path);
   for (const auto& [key, value] : std::vector<std::pair<std::string, json>>{
            {"flip_sin_to_cos", true}, {"freq_shift", 0}, {"act_fn", "silu"}, {"center_input_sample", false},
-           {"class_embed_type", nullptr}, {"addition_embed_type", nullptr}, {"time_embedding_type", "positional"},
+           {"class_embed_type", nullptr}, {"time_embedding_type", "positional"},
            {"mid_block_type", "UNetMidBlock2DCrossAttn"}, {"only_cross_attention", false},
-           {"dual_cross_attention", false}, {"resnet_time_scale_shift", "default"}, {"transformer_layers_per_block", 1},
+           {"dual_cross_attention", false}, {"resnet_time_scale_shift", "default"},
+           {"reverse_transformer_layers_per_block", nullptr}, {"class_embeddings_concat", false},
            {"encoder_hid_dim", nullptr}, {"time_cond_proj_dim", nullptr}, {"mid_block_scale_factor", 1},
            {"num_class_embeds", nullptr}, {"conv_in_kernel", 3}, {"conv_out_kernel", 3}}) {
     require_default(j, key, value, path);
@@ -270,6 +264,21 @@ UNetConfig read_unet_config(const std::string& path) {
   c.norm_num_groups = get(j, "norm_num_groups", c.norm_num_groups, path);
   c.norm_eps = get(j, "norm_eps", c.norm_eps, path);
   const size_t levels = c.block_out_channels.size();
+
+  // SDXL: the pooled text embedding and the size embeddings through add_embedding.
+  const std::string addition = get(j, "addition_embed_type", std::string(), path);
+  if (addition == "text_time") {
+    c.addition_time_embed_dim = get(j, "addition_time_embed_dim", c.addition_time_embed_dim, path);
+    c.vector_conditioning_dim = get(j, "projection_class_embeddings_input_dim", int64_t{0}, path);
+    if (c.vector_conditioning_dim <= 0) fail(path, "addition_embed_type text_time needs projection_class_embeddings_input_dim");
+  } else if (!addition.empty()) {
+    fail(path + ": addition_embed_type", "'{}' is not supported (SDXL uses text_time)", addition);
+  }
+  if (j.contains("transformer_layers_per_block") && j["transformer_layers_per_block"].is_number_integer()) {
+    c.transformer_layers.assign(levels, j["transformer_layers_per_block"].get<int64_t>());
+  } else {
+    c.transformer_layers = get(j, "transformer_layers_per_block", std::vector<int64_t>(levels, 1), path);
+  }
 
   // num_attention_heads wins when set; otherwise attention_head_dim holds the head counts (diffusers' naming bug).
   const std::string heads_key = j.contains("num_attention_heads") && !j["num_attention_heads"].is_null()
@@ -290,8 +299,10 @@ UNetConfig read_unet_config(const std::string& path) {
   };
   c.down_attention = block_types("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D");
   c.up_attention = block_types("up_block_types", "CrossAttnUpBlock2D", "UpBlock2D");
-  if (c.down_attention.size() != levels || c.up_attention.size() != levels || c.num_heads.size() != levels) {
-    fail(path, "down_block_types, up_block_types and the head counts need one entry per block_out_channels entry ({})", levels);
+  if (c.down_attention.size() != levels || c.up_attention.size() != levels || c.num_heads.size() != levels ||
+      c.transformer_layers.size() != levels) {
+    fail(path, "down_block_types, up_block_types, the head counts and transformer_layers_per_block need one entry per "
+               "block_out_channels entry ({})", levels);
   }
   return c;
 }
@@ -334,6 +345,10 @@ ClipTextConfig read_clip_text_config(const std::string& path) {
   c.act = get(j, "hidden_act", c.act, path);
   c.layer_norm_eps = get(j, "layer_norm_eps", c.layer_norm_eps, path);
   c.eos_token_id = get(j, "eos_token_id", c.eos_token_id, path);
+  const auto architectures = get(j, "architectures", std::vector<std::string>{}, path);
+  if (std::find(architectures.begin(), architectures.end(), "CLIPTextModelWithProjection") != architectures.end()) {
+    c.projection_dim = get(j, "projection_dim", c.hidden_size, path);
+  }
   if (c.act != "quick_gelu" && c.act != "gelu") fail(path + ": hidden_act", "'{}' is not quick_gelu or gelu", c.act);
   return c;
 }
@@ -345,7 +360,7 @@ void load_unet_weights(UNet2DConditionModel& unet, const safetensors::File& file
   }
   const UNetConfig& config = unet->config;
   load_parameters(
-      *unet, file, [&](const std::string& n) { return Source{kLdmUnet + unet_ldm_key(n, config)}; },
+      *unet, file, [&](const std::string& n) { return Source{kLdmUnet + ldm::unet_key(n, config)}; },
       [](const std::string& k) { return starts_with(k, kLdmUnet); }, nothing, "U-Net");
 }
 
@@ -374,7 +389,7 @@ void load_vae_weights(AutoencoderKL& vae, const safetensors::File& file, WeightL
   load_parameters(
       *vae, file,
       [&](const std::string& n) {
-        Source s = vae_ldm_key(n, config);
+        Source s = ldm::vae_key(n, config);
         s.key = prefix + s.key;
         return s;
       },
@@ -382,42 +397,38 @@ void load_vae_weights(AutoencoderKL& vae, const safetensors::File& file, WeightL
       "VAE");
 }
 
-void load_text_encoder_weights(ClipTextModel& text, const safetensors::File& file, WeightLayout layout, bool v2) {
+void load_clip_weights(ClipTextModel& text, const safetensors::File& file, ClipLayout layout, const std::string& prefix,
+                       bool projection_as_kohya) {
   auto position_ids = [](const std::string& k) { return ends_with(k, "position_ids"); };  // a buffer, not a weight
-  if (layout == WeightLayout::diffusers) {
-    // transformers 5 writes CLIPTextModel without the `text_model.` level; the files the ecosystem has carry it.
-    const bool nested = file.contains("text_model.final_layer_norm.weight");
-    load_parameters(
-        *text, file, [&](const std::string& n) { return Source{nested ? n : n.substr(std::string("text_model.").size())}; },
-        everything, position_ids, "text encoder");
-    return;
-  }
-  if (!v2) {
-    // Old SD1 files lack the `text_model.` level.
-    const bool nested = file.contains(std::string(kLdmClip) + "text_model.final_layer_norm.weight");
+  auto owned = [&](const std::string& k) { return starts_with(k, prefix); };
+  if (layout == ClipLayout::transformers) {
+    // transformers 5 writes CLIPTextModel without the `text_model.` level, as old SD1 files did; most files carry it.
+    const bool nested = file.contains(prefix + "text_model.final_layer_norm.weight");
     load_parameters(
         *text, file,
-        [&](const std::string& n) { return Source{kLdmClip + (nested ? n : n.substr(std::string("text_model.").size()))}; },
-        [](const std::string& k) { return starts_with(k, kLdmClip); }, position_ids, "SD1 text encoder");
+        [&](const std::string& n) { return Source{prefix + (nested || !starts_with(n, "text_model.") ? n : n.substr(11))}; },
+        owned, position_ids, "text encoder");
     return;
   }
-  // OpenCLIP ViT-H has one layer more than SD2 uses (it conditions on the penultimate layer), plus the projection
-  // and logit scale of CLIP's contrastive head.
+  // OpenCLIP ViT-H has one layer more than SD2 uses (it conditions on the penultimate layer); the projection of CLIP's
+  // contrastive head is used by SDXL's bigG only, its logit scale by neither.
   const int64_t layers = text->config.num_layers;
   auto unused = [&](const std::string& k) {
-    if (position_ids(k) || ends_with(k, "text_projection") || ends_with(k, "logit_scale")) return true;
-    const std::string resblocks = std::string(kLdmOpenClip) + "transformer.resblocks.";
+    if (position_ids(k) || ends_with(k, "logit_scale")) return true;
+    if (ends_with(k, "text_projection")) return !text->text_projection;
+    const std::string resblocks = prefix + "transformer.resblocks.";
     if (!starts_with(k, resblocks)) return false;
     return std::stoll(split(k.substr(resblocks.size()), '.')[0]) >= layers;
   };
   load_parameters(
       *text, file,
-      [](const std::string& n) {
+      [&](const std::string& n) {
         Source s = openclip_key(n);
-        s.key = kLdmOpenClip + s.key;
+        s.key = prefix + s.key;
+        if (projection_as_kohya) s.transposed = false;
         return s;
       },
-      [](const std::string& k) { return starts_with(k, kLdmOpenClip); }, unused, "SD2 (OpenCLIP) text encoder");
+      owned, unused, "OpenCLIP text encoder");
 }
 
 SdModels load_diffusers_folder(const std::string& folder, at::ScalarType dtype) {
@@ -426,9 +437,9 @@ SdModels load_diffusers_folder(const std::string& folder, at::ScalarType dtype) 
   SdModels m;
   const ClipTextConfig text_config = read_clip_text_config((root / "text_encoder" / "config.json").string());
   m.text_encoder = build_in(dtype, [&] { return ClipTextModel(text_config); });
-  load_text_encoder_weights(m.text_encoder,
-                            safetensors::File(find_weights((root / "text_encoder").string(), {"model.safetensors", "model.fp16.safetensors"})),
-                            WeightLayout::diffusers, text_config.act == "gelu");
+  load_clip_weights(m.text_encoder,
+                    safetensors::File(find_weights((root / "text_encoder").string(), {"model.safetensors", "model.fp16.safetensors"})),
+                    ClipLayout::transformers, "");
 
   m.vae = load_vae((root / "vae").string(), VaeConfig::sd(), dtype);
 
@@ -451,7 +462,8 @@ SdModels load_ldm_checkpoint(const std::string& path, const SdConfig& config, at
   }
   SdModels m;
   m.text_encoder = build_in(dtype, [&] { return ClipTextModel(config.text); });
-  load_text_encoder_weights(m.text_encoder, file, WeightLayout::ldm, config.v2);
+  load_clip_weights(m.text_encoder, file, config.v2 ? ClipLayout::openclip : ClipLayout::transformers,
+                    config.v2 ? kLdmOpenClip : kLdmClip);
   m.vae = build_in(dtype, [&] { return AutoencoderKL(config.vae); });
   load_vae_weights(m.vae, file, WeightLayout::ldm);
   m.unet = build_in(dtype, [&] { return UNet2DConditionModel(config.unet); });
@@ -486,6 +498,7 @@ void save_ldm_checkpoint(const std::string& path, const SdModels& m, const SdCon
     t = t.detach();
     if (dtype) t = t.to(*dtype);
     if (s.conv1x1) t = t.unsqueeze(-1).unsqueeze(-1);  // (O, I) -> (O, I, 1, 1)
+    if (s.transposed) t = t.t().contiguous();
     if (s.fused_third >= 0) {
       fused[s.key][s.fused_third] = t;
     } else {
@@ -493,9 +506,9 @@ void save_ldm_checkpoint(const std::string& path, const SdModels& m, const SdCon
     }
   };
 
-  for (const auto& item : m.unet->named_parameters()) add({kLdmUnet + unet_ldm_key(item.key(), m.unet->config)}, item.value());
+  for (const auto& item : m.unet->named_parameters()) add({kLdmUnet + ldm::unet_key(item.key(), m.unet->config)}, item.value());
   for (const auto& item : m.vae->named_parameters()) {
-    Source s = vae_ldm_key(item.key(), m.vae->config);
+    Source s = ldm::vae_key(item.key(), m.vae->config);
     s.key = kLdmVae + s.key;
     add(s, item.value());
   }

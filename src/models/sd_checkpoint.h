@@ -73,6 +73,14 @@ void save_ldm_checkpoint(const std::string& path, const SdModels& models, const 
 enum class WeightLayout { diffusers, ldm };
 void load_unet_weights(UNet2DConditionModel& unet, const safetensors::File& file, WeightLayout layout);
 void load_vae_weights(AutoencoderKL& vae, const safetensors::File& file, WeightLayout layout);
-void load_text_encoder_weights(ClipTextModel& text, const safetensors::File& file, WeightLayout layout, bool v2);
+
+// A CLIP text encoder's weights under `prefix`, in transformers' names (a diffusers text_encoder/ with prefix "", SD1
+// files' "cond_stage_model.transformer.", SDXL files' "conditioner.embedders.0.transformer.") or OpenCLIP's (SD2
+// files' "cond_stage_model.model.", SDXL files' "conditioner.embedders.1.model."). OpenCLIP's text_projection P is
+// used as x @ P, so it loads transposed into the Linear; `projection_as_kohya` loads it untransposed as kohya's
+// sdxl_model_util does (its pooled vector is then x @ Pᵀ, not the model's).
+enum class ClipLayout { transformers, openclip };
+void load_clip_weights(ClipTextModel& text, const safetensors::File& file, ClipLayout layout, const std::string& prefix,
+                       bool projection_as_kohya = false);
 
 }  // namespace sdt

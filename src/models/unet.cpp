@@ -18,6 +18,19 @@ UNetConfig UNetConfig::sd2() {
   return c;
 }
 
+UNetConfig UNetConfig::sdxl() {
+  UNetConfig c;
+  c.block_out_channels = {320, 640, 1280};
+  c.down_attention = {false, true, true};
+  c.up_attention = {true, true, false};
+  c.num_heads = {5, 10, 20};
+  c.transformer_layers = {1, 2, 10};
+  c.cross_attention_dim = 2048;
+  c.use_linear_projection = true;
+  c.vector_conditioning_dim = 2816;
+  return c;
+}
+
 CrossAttentionImpl::CrossAttentionImpl(int64_t dim, int64_t context_dim, int64_t heads) : heads(heads) {
   to_q = register_module("to_q", Linear(nn::LinearOptions(dim, dim).bias(false)));
   to_k = register_module("to_k", Linear(nn::LinearOptions(context_dim, dim).bias(false)));
@@ -68,8 +81,8 @@ at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const at::Ten
   return h + ff(norm3(h));
 }
 
-Transformer2DImpl::Transformer2DImpl(int64_t channels, int64_t context_dim, int64_t heads, int64_t groups,
-                                     bool linear_projection) {
+Transformer2DImpl::Transformer2DImpl(int64_t channels, int64_t context_dim, int64_t heads, int64_t depth,
+                                     int64_t groups, bool linear_projection) {
   if (channels % heads != 0) fail("U-Net config", "{} channels do not split into {} attention heads", channels, heads);
   norm = register_module("norm", nn::GroupNorm(nn::GroupNormOptions(groups, channels).eps(1e-6)));
   if (linear_projection) {
@@ -77,7 +90,8 @@ Transformer2DImpl::Transformer2DImpl(int64_t channels, int64_t context_dim, int6
   } else {
     proj_in_conv = register_module("proj_in", Conv2d(nn::Conv2dOptions(channels, channels, 1)));
   }
-  transformer_blocks = register_module("transformer_blocks", nn::ModuleList(BasicTransformerBlock(channels, context_dim, heads)));
+  transformer_blocks = register_module("transformer_blocks", nn::ModuleList());
+  for (int64_t i = 0; i < depth; ++i) transformer_blocks->push_back(BasicTransformerBlock(channels, context_dim, heads));
   if (linear_projection) {
     proj_out_linear = register_module("proj_out", Linear(channels, channels));
   } else {
@@ -111,6 +125,11 @@ at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim) {
   return at::cat({at::cos(angles), at::sin(angles)}, -1);                                          // (B, dim)
 }
 
+at::Tensor size_embedding(const at::Tensor& sizes, int64_t dim) {
+  if (sizes.dim() != 2) fail("size conditioning", "expected (batch, values), got {}", c10::str(sizes.sizes()));
+  return timestep_embedding(sizes.flatten(), dim).reshape({sizes.size(0), sizes.size(1) * dim});
+}
+
 namespace {
 
 // Each ResNet and Transformer2D is one block (run_block). The closure holds the module (a shared pointer), so the
@@ -135,16 +154,20 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(s
   const UNetConfig& c = this->config;
   const auto levels = static_cast<int64_t>(c.block_out_channels.size());
   if (c.down_attention.size() != c.block_out_channels.size() || c.up_attention.size() != c.block_out_channels.size() ||
-      c.num_heads.size() != c.block_out_channels.size()) {
-    fail("U-Net config", "block types and head counts must have one entry per level ({})", levels);
+      c.num_heads.size() != c.block_out_channels.size() || c.transformer_layers.size() != c.block_out_channels.size()) {
+    fail("U-Net config", "block types, head counts and transformer depths must have one entry per level ({})", levels);
   }
   const int64_t c0 = c.block_out_channels[0], temb = 4 * c0, groups = c.norm_num_groups;
   auto resnet = [&](int64_t in, int64_t out) { return ResnetBlock2D(in, out, temb, groups, c.norm_eps); };
-  auto transformer = [&](int64_t channels, int64_t heads) {
-    return Transformer2D(channels, c.cross_attention_dim, heads, groups, c.use_linear_projection);
+  auto transformer = [&](int64_t level) {
+    return Transformer2D(c.block_out_channels[level], c.cross_attention_dim, c.num_heads[level],
+                         c.transformer_layers[level], groups, c.use_linear_projection);
   };
 
   time_embedding = register_module("time_embedding", TimestepEmbedding(c0, temb));
+  if (c.vector_conditioning_dim > 0) {
+    add_embedding = register_module("add_embedding", TimestepEmbedding(c.vector_conditioning_dim, temb));
+  }
   conv_in = register_module("conv_in", Conv2d(nn::Conv2dOptions(c.in_channels, c0, 3).padding(1)));
 
   down_blocks = register_module("down_blocks", nn::ModuleList());
@@ -155,7 +178,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(s
     if (c.down_attention[i]) level->attentions = level->register_module("attentions", nn::ModuleList());
     for (int64_t j = 0; j < c.layers_per_block; ++j) {
       level->resnets->push_back(resnet(j == 0 ? in : out, out));
-      if (c.down_attention[i]) level->attentions->push_back(transformer(out, c.num_heads[i]));
+      if (c.down_attention[i]) level->attentions->push_back(transformer(i));
     }
     if (i + 1 < levels) level->downsamplers = level->register_module("downsamplers", nn::ModuleList(Downsample2D(out, false)));
     down_blocks->push_back(level);
@@ -164,7 +187,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(s
   const int64_t deepest = c.block_out_channels.back();
   mid_block = register_module("mid_block", UNetLevel());
   mid_block->resnets = mid_block->register_module("resnets", nn::ModuleList(resnet(deepest, deepest), resnet(deepest, deepest)));
-  mid_block->attentions = mid_block->register_module("attentions", nn::ModuleList(transformer(deepest, c.num_heads.back())));
+  mid_block->attentions = mid_block->register_module("attentions", nn::ModuleList(transformer(levels - 1)));
 
   // Up level i mirrors down level levels-1-i; its last resnet also takes that down level's input-side skip.
   up_blocks = register_module("up_blocks", nn::ModuleList());
@@ -178,7 +201,7 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(UNetConfig config) : config(s
     for (int64_t j = 0; j <= c.layers_per_block; ++j) {
       const int64_t skip = j == c.layers_per_block ? skip_in : out;
       level->resnets->push_back(resnet((j == 0 ? prev_out : out) + skip, out));
-      if (c.up_attention[i]) level->attentions->push_back(transformer(out, c.num_heads[mirror]));
+      if (c.up_attention[i]) level->attentions->push_back(transformer(mirror));
     }
     if (i + 1 < levels) level->upsamplers = level->register_module("upsamplers", nn::ModuleList(Upsample2D(out)));
     up_blocks->push_back(level);
@@ -205,11 +228,20 @@ std::vector<std::shared_ptr<torch::nn::Module>> UNet2DConditionModelImpl::blocks
   return out;
 }
 
-at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context) {
+at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context,
+                                             const at::Tensor& vector) {
   const int64_t batch = sample.size(0);
   at::Tensor t = (timesteps.dim() == 0 ? timesteps.expand({batch}) : timesteps).to(sample.device());  // (B)
   at::Tensor t_emb = timestep_embedding(t, config.block_out_channels[0]).to(sample.scalar_type());  // (B, C0)
-  UNetStep step{time_embedding(t_emb), context, gradient_checkpointing && torch::GradMode::is_enabled(), block_runner};
+  at::Tensor emb = time_embedding(t_emb);                                                            // (B, 4 * C0)
+  if (add_embedding) {
+    if (!vector.defined() || vector.dim() != 2 || vector.size(1) != config.vector_conditioning_dim) {
+      fail("U-Net", "expected the vector conditioning (batch, {}), got {}", config.vector_conditioning_dim,
+           vector.defined() ? c10::str(vector.sizes()) : "none");
+    }
+    emb = emb + add_embedding(vector.to(emb.scalar_type()));
+  }
+  UNetStep step{emb, context, gradient_checkpointing && torch::GradMode::is_enabled(), block_runner};
 
   at::Tensor h = conv_in(sample);  // (B, C0, h, w)
   std::vector<at::Tensor> skips{h};

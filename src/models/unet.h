@@ -1,5 +1,6 @@
-// The SD 1.x / 2.x denoiser, diffusers UNet2DConditionModel: noisy latents (B, 4, h, w), timesteps (B) and text
-// states (B, S, D) -> the noise (or v) prediction (B, 4, h, w). Parameters carry the diffusers names
+// The SD 1.x / 2.x and SDXL denoiser, diffusers UNet2DConditionModel: noisy latents (B, 4, h, w), timesteps (B), text
+// states (B, S, D) and, for SDXL, the vector conditioning (B, 2816) -> the noise (or v) prediction (B, 4, h, w).
+// Parameters carry the diffusers names
 // (`down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight` ...), so a diffusers `unet/` state dict maps
 // onto named_parameters() one to one.
 #pragma once
@@ -24,13 +25,22 @@ struct UNetConfig {
   // UNet2DConditionModel uses it as the head count: SD1's 8 gives 8 heads of 40..160 channels, SD2's [5, 10, 20, 20]
   // gives heads of 64 channels.
   std::vector<int64_t> num_heads{8, 8, 8, 8};
+  // BasicTransformerBlocks per Transformer2D, per level (diffusers' transformer_layers_per_block; the mid block uses
+  // the last, an up level its mirror's): SDXL's [1, 2, 10].
+  std::vector<int64_t> transformer_layers{1, 1, 1, 1};
   int64_t cross_attention_dim = 768;
   bool use_linear_projection = false;  // SD2: proj_in / proj_out are Linear instead of 1x1 Conv2d
   int64_t norm_num_groups = 32;
   double norm_eps = 1e-5;
+  // SDXL's vector conditioning (diffusers' addition_embed_type "text_time"): a (B, vector_conditioning_dim) vector
+  // through `add_embedding` (SGM's label_emb) added to the time embedding; 0: none. SDXL's 2816 is the pooled text
+  // embedding (1280) and six sizes embedded with addition_time_embed_dim (256) channels each.
+  int64_t vector_conditioning_dim = 0;
+  int64_t addition_time_embed_dim = 256;
 
   static UNetConfig sd1();
-  static UNetConfig sd2();  // SD 2.0 / 2.1 (512 and 768-v use the same U-Net)
+  static UNetConfig sd2();   // SD 2.0 / 2.1 (512 and 768-v use the same U-Net)
+  static UNetConfig sdxl();  // SDXL base 1.0 and its fine-tunes
 };
 
 // diffusers Attention without biases on q/k/v: self-attention (context undefined) or cross-attention.
@@ -65,9 +75,10 @@ struct BasicTransformerBlockImpl : torch::nn::Module {
 };
 TORCH_MODULE(BasicTransformerBlock);
 
-// Transformer2DModel: GroupNorm, proj_in, one BasicTransformerBlock over the h*w pixels, proj_out, residual.
+// Transformer2DModel: GroupNorm, proj_in, `depth` BasicTransformerBlocks over the h*w pixels, proj_out, residual.
 struct Transformer2DImpl : torch::nn::Module {
-  Transformer2DImpl(int64_t channels, int64_t context_dim, int64_t heads, int64_t groups, bool linear_projection);
+  Transformer2DImpl(int64_t channels, int64_t context_dim, int64_t heads, int64_t depth, int64_t groups,
+                    bool linear_projection);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& context);  // (B, C, H, W), (B, S, D) -> (B, C, H, W)
 
   torch::nn::GroupNorm norm{nullptr};
@@ -106,9 +117,11 @@ TORCH_MODULE(UNetLevel);
 struct UNet2DConditionModelImpl : torch::nn::Module {
   explicit UNet2DConditionModelImpl(UNetConfig config);
 
-  // sample (B, in, h, w), timesteps (B) or a single value, context (B, S, cross_attention_dim) -> (B, out, h, w).
-  // Any h, w: upsampling follows the skip connections' sizes.
-  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context);
+  // sample (B, in, h, w), timesteps (B) or a single value, context (B, S, cross_attention_dim), and with
+  // config.vector_conditioning_dim the vector (B, vector_conditioning_dim) -> (B, out, h, w). Any h, w: upsampling
+  // follows the skip connections' sizes.
+  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context,
+                     const at::Tensor& vector = {});
 
   // The ResNets and Transformer2Ds in the order forward runs them: the blocks a BlockRunner runs, which hold all
   // weights but the stem, the head and the down/upsamplers.
@@ -119,6 +132,7 @@ struct UNet2DConditionModelImpl : torch::nn::Module {
   BlockRunner* block_runner = nullptr;  // not owned; see BlockRunner
 
   TimestepEmbedding time_embedding{nullptr};
+  TimestepEmbedding add_embedding{nullptr};  // with vector conditioning only
   Conv2d conv_in{nullptr}, conv_out{nullptr};
   torch::nn::ModuleList down_blocks, up_blocks;
   UNetLevel mid_block{nullptr};
@@ -129,5 +143,10 @@ TORCH_MODULE(UNet2DConditionModel);
 // diffusers get_timestep_embedding with flip_sin_to_cos=True, freq_shift=0: (B) -> (B, dim) = [cos, sin] of
 // t * 10000^(-k / (dim/2)), k = 0 .. dim/2 - 1, in fp32.
 at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim);
+
+// SDXL's size conditioning (kohya's get_size_embeddings, diffusers' add_time_proj): each of the k values of a row
+// (original height and width, crop top and left, target height and width) through timestep_embedding with `dim`
+// channels, concatenated: (B, k) -> (B, k * dim) in fp32.
+at::Tensor size_embedding(const at::Tensor& sizes, int64_t dim);
 
 }  // namespace sdt

@@ -42,6 +42,16 @@ class ClipTokenizer {
   static ClipTokenizer from_vocab_json_and_merges(const std::string& vocab_json_path,
                                                   const std::string& merges_txt_path, std::string_view pad_token);
 
+  // The same tokenizer padding with `id`, the text still cut only at its added tokens: kohya's
+  // `tokenizer2.pad_token_id = 0` for SDXL's second encoder, which pads with id 0 ("!") while a "!" in a
+  // caption stays the word "!</w>" (what kohya's pinned transformers 4.54.1 does with laion's bigG tokenizer,
+  // whose own padding token is "<|endoftext|>").
+  ClipTokenizer with_pad_id(int32_t id) const {
+    ClipTokenizer copy = *this;
+    copy.pad_id_ = id;
+    return copy;
+  }
+
   int32_t bos_id() const { return bos_id_; }
   int32_t eos_id() const { return eos_id_; }
   int32_t pad_id() const { return pad_id_; }

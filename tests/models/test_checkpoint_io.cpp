@@ -200,7 +200,7 @@ TEST(CheckpointIoSd1, TextEncoderFilesWrittenByTransformers5WithoutTheTextModelL
   const std::string flat = rewrite(kFixtures + "sd1/text_encoder/model.safetensors", "te_flat.safetensors",
                                    [](const std::string& k) { return k.substr(std::string("text_model.").size()); });
   ClipTextModel text(read_clip_text_config(kFixtures + "sd1/text_encoder/config.json"));
-  load_text_encoder_weights(text, safetensors::File(flat), WeightLayout::diffusers, false);
+  load_clip_weights(text, safetensors::File(flat), ClipLayout::transformers, "");
   expect_same_parameters(*load_diffusers_folder(kFixtures + "sd1").text_encoder, *text, "text encoder");
 }
 
