@@ -41,7 +41,9 @@ SDT_ARGS = [
     ("vae_latents", "Str", '"sample"', ["sample", "mean"], "latents encoded during training: a sample of the VAE's posterior (kohya), or its mean (deterministic; what sdt's latent caches store)", "dataset"),
     ("check_replicas_every_n_steps", "Int", "0", [], "data parallel: every N steps compare a checksum of the trained weights across ranks and stop, naming the ranks, if a replica diverged (0: never)", "training"),
     ("sharding", "Str", '"none"', ["none", "optimizer", "gradients", "full"], "data parallel: what each rank keeps only 1/N of: none (plain data parallel), optimizer (its state, ZeRO-1), gradients (and the gradients, ZeRO-2), full (and the weights, ZeRO-3/FSDP; block-stack models only)", "training"),
+    ("device", "Str", '"auto"', ["auto", "cuda", "cpu"], "where each rank computes: cuda (the GPU of its rank on the node; one GPU when CUDA_VISIBLE_DEVICES leaves it one), cpu, or auto (cuda when a GPU is visible)", "training"),
     ("family", "OptStr", "std::nullopt", [], "the model family to train (sd, ...); default: the family that recognises the checkpoint given by --pretrained_model_name_or_path", "model"),
+    ("text_projection_as_kohya", "Flag", "false", [], "SDXL single files: load the second text encoder's text_projection untransposed, as kohya's sdxl_model_util does (kohya's pooled vector), instead of as OpenCLIP and diffusers use it", "model"),
     ("tokenizer", "OptStr", "std::nullopt", [], "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json and merges.txt (default: the diffusers model folder's tokenizer/, else the vocabulary sdt ships in data/tokenizers/clip)", "model"),
 ]
 

@@ -16,6 +16,7 @@
 #include "src/core/error.h"
 #include "src/data/image.h"
 #include "src/families/sd/sd_family.h"
+#include "src/families/sdxl/sdxl_family.h"
 
 namespace sdt {
 namespace {
@@ -25,7 +26,8 @@ namespace fs = std::filesystem;
 // Every family this build has, under the name --family takes and caches record. A new family adds its line.
 std::map<std::string, FamilyRow>& registry() {
   static std::map<std::string, FamilyRow> families{
-      {"sd", {&load_sd_family, &is_sd_checkpoint}},  // SD 1.x / 2.x (--v2, --v_parameterization)
+      {"sd", {&load_sd_family, &is_sd_checkpoint}},        // SD 1.x / 2.x (--v2, --v_parameterization)
+      {"sdxl", {&load_sdxl_family, &is_sdxl_checkpoint}},  // SDXL and its fine-tunes
   };
   return families;
 }
@@ -73,6 +75,7 @@ FamilyOptions family_options_from_args(const TrainArgs& args) {
   o.tokenizer = args.tokenizer.value_or("");
   o.v2 = args.v2;
   o.v_parameterization = args.v_parameterization;
+  o.text_projection_as_kohya = args.text_projection_as_kohya;
   if (args.max_token_length) o.max_token_length = static_cast<int>(*args.max_token_length);
   if (args.clip_skip) o.clip_skip = static_cast<int>(*args.clip_skip);
   return o;
@@ -85,6 +88,8 @@ std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions
   }
   return it->second.load(options);
 }
+
+Conditioning Family::image_conditioning(const std::vector<ImageGeometry>&) const { return {}; }
 
 const at::Tensor& conditioning_tensor(const Conditioning& conditioning, std::string_view name) {
   for (const auto& [key, tensor] : conditioning) {

@@ -44,8 +44,16 @@ class TokenizeStrategy {
 };
 
 // The denoiser's conditioning by name, batch first, as the text-encoder caches store it (SD: "hidden_state"; a FLUX-style
-// family adds a pooled vector).
+// family adds a pooled vector), and what Family::image_conditioning adds (SDXL: "size_ids").
 using Conditioning = NamedTensors;
+
+// Where one image of a batch came from, as kohya's dataset reports it (original_sizes_hw, crop_top_lefts,
+// target_sizes_hw, whole pixels): what SDXL's size conditioning embeds.
+struct ImageGeometry {
+  int64_t original_height = 0, original_width = 0;  // the image before resizing
+  int64_t crop_top = 0, crop_left = 0;              // the crop of the resized image (left mirrored for a flipped one)
+  int64_t target_height = 0, target_width = 0;      // the bucket
+};
 // The tensor called `name`; sdt::Error naming what there is when it is missing.
 const at::Tensor& conditioning_tensor(const Conditioning& conditioning, std::string_view name);
 
@@ -156,8 +164,13 @@ class Family {
   virtual std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const = 0;
   // The denoiser's prediction for a noised batch, given TextEncodingStrategy::encode's outputs for its captions.
   virtual at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const = 0;
+  // The conditioning the denoiser takes from where each image of a batch came from, besides its caption, batch first
+  // (SDXL: "size_ids"); none by default.
+  virtual Conditioning image_conditioning(const std::vector<ImageGeometry>& images) const;
   // The layers a network (LoRA) adapts, in kohya's creation order; the convolution blocks' too with `conv_blocks`.
   virtual std::vector<NetworkTarget> network_targets(bool conv_blocks) const = 0;
+  // kohya's block layout of the denoiser, for block-wise dims and learning rates (NetworkTarget::block indexes it).
+  virtual NetworkBlockLayout network_block_layout() const = 0;
   virtual ParallelPlan parallel_plan() const = 0;
   // Runs the denoiser's blocks through `runner` (not owned; null: plain), or recomputes them in backward.
   virtual void set_block_runner(BlockRunner* runner) = 0;

@@ -21,6 +21,9 @@ struct FamilyOptions {
   bool v_parameterization = false;       // the model predicts v instead of the noise (SD 2.x 768-v)
   std::optional<int> max_token_length;   // 75 (none), 150 or 225 tokens per caption
   std::optional<int> clip_skip;          // condition on the output of the n-th layer from the end (1 = the last)
+  // SDXL single files: the second text encoder's text_projection as kohya loads it (untransposed, kohya's pooled
+  // vector) rather than as OpenCLIP and diffusers use it.
+  bool text_projection_as_kohya = false;
 };
 
 // One text-to-image run, with kohya's sample-image defaults.

@@ -1,19 +1,21 @@
 # ---------------------------------------------------------------- model families (issue #4)
-# The strategy interfaces and the registry (family.h), SD 1.x / 2.x as the first family, its samplers. Few
+# The strategy interfaces and the registry (family.h), SD 1.x / 2.x as the first family, its samplers, SDXL. Few
 # translation units: each LibTorch one costs ~20-30 s and ~1.3 GB to compile.
 add_library(sdt_families STATIC
   src/families/family.cpp
   src/families/sd/sd_family.cpp
+  src/families/sdxl/sdxl_family.cpp
   src/families/sd/sampling.cpp
 )
 target_link_libraries(sdt_families PUBLIC sdt_models sdt_objectives sdt_tokenizers sdt_data)
 target_precompile_headers(sdt_families REUSE_FROM sdt_torch)
 
 # Schedulers against diffusers (fixtures from tests/fixtures/sd/gen_sampling_fixtures.py), the strategies on the tiny
-# SD models, the registry, and `sdt sample` end to end.
+# SD and SDXL models (tests/fixtures/sdxl), the registry, and `sdt sample` end to end.
 add_executable(test_families
   tests/families/test_sampling.cpp
   tests/families/test_sd_family.cpp
+  tests/families/test_sdxl_family.cpp
 )
 target_link_libraries(test_families PRIVATE sdt_families sdt_networks GTest::gtest_main)
 target_compile_definitions(test_families PRIVATE

@@ -126,16 +126,30 @@ at::Tensor ClipTextModelImpl::encode(const at::Tensor& ids, std::optional<int64_
 
 at::Tensor encode_prompt_chunks(ClipTextModel& model, const at::Tensor& ids, std::optional<int64_t> clip_skip) {
   if (ids.dim() != 3) fail("CLIP text encoder", "expected chunked ids (batch, chunks, tokens), got {} dims", ids.dim());
-  const int64_t batch = ids.size(0), chunks = ids.size(1), tokens = ids.size(2);
-  at::Tensor hidden = model->encode(ids.reshape({batch * chunks, tokens}), clip_skip);  // (B*n, 77, D)
-  hidden = hidden.reshape({batch, chunks * tokens, hidden.size(-1)});                    // (B, n*77, D)
-  if (chunks == 1) return hidden;
+  return stitch_prompt_chunks(model->encode(ids.flatten(0, 1), clip_skip), ids.size(0));
+}
+
+at::Tensor stitch_prompt_chunks(const at::Tensor& hidden, int64_t batch) {
+  const int64_t chunks = hidden.size(0) / batch, tokens = hidden.size(1);
+  const at::Tensor joined = hidden.reshape({batch, chunks * tokens, hidden.size(-1)});  // (B, n*77, D)
+  if (chunks == 1) return joined;
   // kohya has a separate SD2 branch meant to patch chunks that start with EOS, but it compares a token id with the
   // EOS *string*, which is never equal, so both versions stitch the same way; so do we.
-  std::vector<at::Tensor> parts{hidden.slice(1, 0, 1)};
-  for (int64_t c = 0; c < chunks; ++c) parts.push_back(hidden.slice(1, c * tokens + 1, c * tokens + tokens - 1));
-  parts.push_back(hidden.slice(1, -1));
+  std::vector<at::Tensor> parts{joined.slice(1, 0, 1)};
+  for (int64_t c = 0; c < chunks; ++c) parts.push_back(joined.slice(1, c * tokens + 1, c * tokens + tokens - 1));
+  parts.push_back(joined.slice(1, -1));
   return at::cat(parts, 1);  // (B, 2 + (tokens - 2) * n, D)
+}
+
+at::Tensor weight_prompt_chunks(const at::Tensor& hidden, const at::Tensor& weights) {
+  const at::Tensor w = weights.to(hidden.device(), hidden.scalar_type());  // (B, n, 77)
+  const int64_t batch = w.size(0), windows = w.size(1), text = w.size(2) - 2;
+  at::Tensor per_position = w.select(1, 0);                                // (B, 77)
+  if (windows > 1) {
+    const at::Tensor one = at::ones({batch, 1}, w.options());
+    per_position = at::cat({one, w.slice(2, 1, -1).reshape({batch, windows * text}), one}, 1);  // (B, 2 + 75n)
+  }
+  return hidden * per_position.unsqueeze(-1);
 }
 
 }  // namespace sdt

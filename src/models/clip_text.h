@@ -115,4 +115,13 @@ TORCH_MODULE(ClipTextModel);
 // token. n = 1 gives the plain (B, 77, D).
 at::Tensor encode_prompt_chunks(ClipTextModel& model, const at::Tensor& ids, std::optional<int64_t> clip_skip = std::nullopt);
 
+// The stitching of encode_prompt_chunks on states already computed: (B * n, 77, D) -> (B, 2 + 75n, D); n = 1 gives
+// (B, 77, D).
+at::Tensor stitch_prompt_chunks(const at::Tensor& hidden, int64_t batch);
+
+// kohya's encode_tokens_with_weights on stitched states (B, 2 + 75n, D) with the tokenizer's per-id weights
+// (B, n, 77): one window's weights multiply all 77 positions; with several windows each window's 75 text weights
+// multiply its stretch of the stitched states, whose first and last positions keep weight 1.
+at::Tensor weight_prompt_chunks(const at::Tensor& hidden, const at::Tensor& weights);
+
 }  // namespace sdt

@@ -52,22 +52,22 @@ std::vector<double> parse_floats(const std::string& key, const std::string& text
   return values;
 }
 
-std::vector<int64_t> parse_block_ints(const std::string& key, const std::string& text) {
+std::vector<int64_t> parse_block_ints(const std::string& key, const std::string& text, const NetworkBlockLayout& blocks) {
   std::vector<int64_t> values;
   for (double v : parse_floats(key, text, false)) {
     if (v != std::floor(v)) fail("network_args " + key, "{} is not an integer", v);
     values.push_back(static_cast<int64_t>(v));
   }
-  if (values.size() != kNumTotalBlocks) {
-    fail("network_args " + key, "{} values given, expected {} (kohya's SD 1.x/2.x block layout)", values.size(), kNumTotalBlocks);
+  if (values.size() != static_cast<size_t>(blocks.total())) {
+    fail("network_args " + key, "{} values given, expected {} (kohya's {} block layout)", values.size(), blocks.total(), blocks.family);
   }
   return values;
 }
 
-std::vector<double> parse_block_floats(const std::string& key, const std::string& text) {
+std::vector<double> parse_block_floats(const std::string& key, const std::string& text, const NetworkBlockLayout& blocks) {
   std::vector<double> values = parse_floats(key, text, false);
-  if (values.size() != kNumTotalBlocks) {
-    fail("network_args " + key, "{} values given, expected {} (kohya's SD 1.x/2.x block layout)", values.size(), kNumTotalBlocks);
+  if (values.size() != static_cast<size_t>(blocks.total())) {
+    fail("network_args " + key, "{} values given, expected {} (kohya's {} block layout)", values.size(), blocks.total(), blocks.family);
   }
   return values;
 }
@@ -176,7 +176,8 @@ at::Tensor LoRAModuleImpl::delta_weight() const {
 // ---------------------------------------------------------------------------------------------------- configuration
 
 std::optional<std::vector<double>> block_lr_weight(const std::optional<std::string>& down, const std::optional<std::string>& mid,
-                                                   const std::optional<std::string>& up, double zero_threshold) {
+                                                   const std::optional<std::string>& up, double zero_threshold,
+                                                   const NetworkBlockLayout& blocks) {
   if (!down && !mid && !up) return std::nullopt;
   // A list when it has a comma, else a preset name with an optional "+base".
   auto side = [&](const std::string& key, const std::string& text) -> std::vector<double> {
@@ -187,9 +188,9 @@ std::optional<std::vector<double>> block_lr_weight(const std::optional<std::stri
       auto plus = text.find('+');
       const std::string name = text.substr(0, plus);
       const double base = plus == std::string::npos ? 0.0 : parse_number(key, text.substr(plus + 1));
-      const double last = kNumBlocks - 1;
-      for (int i = 0; i < kNumBlocks; ++i) {
-        const int r = kNumBlocks - 1 - i;  // reversed(range(n))
+      const double last = blocks.side - 1;
+      for (int i = 0; i < blocks.side; ++i) {
+        const int r = blocks.side - 1 - i;  // reversed(range(n))
         if (name == "cosine") w.push_back(std::sin(std::numbers::pi * (r / last) / 2) + base);
         else if (name == "sine") w.push_back(std::sin(std::numbers::pi * (i / last) / 2) + base);
         else if (name == "linear") w.push_back(i / last + base);
@@ -198,29 +199,33 @@ std::optional<std::vector<double>> block_lr_weight(const std::optional<std::stri
         else fail("network_args " + key, "unknown preset '{}' (expected a comma list or cosine, sine, linear, reverse_linear, zeros)", name);
       }
     }
-    w.resize(kNumBlocks, 1.0);  // kohya cuts long lists and pads short ones with 1.0
+    w.resize(blocks.side, 1.0);  // kohya cuts long lists and pads short ones with 1.0
     return w;
   };
   auto threshold = [&](std::vector<double> w) {
     for (double& v : w) v = v > zero_threshold ? v : 0.0;
     return w;
   };
-  std::vector<double> down_w = down ? threshold(side("down_lr_weight", *down)) : std::vector<double>(kNumBlocks, 1.0);
-  std::vector<double> mid_w{1.0};
+  std::vector<double> down_w = down ? threshold(side("down_lr_weight", *down)) : std::vector<double>(blocks.side, 1.0);
+  std::vector<double> mid_w(blocks.mid, 1.0);
   if (mid) {
     mid_w = parse_floats("mid_lr_weight", *mid, true);
-    mid_w.resize(1, 1.0);
+    mid_w.resize(blocks.mid, 1.0);
     mid_w = threshold(mid_w);
   }
-  std::vector<double> up_w = up ? threshold(side("up_lr_weight", *up)) : std::vector<double>(kNumBlocks, 1.0);
-  std::vector<double> weights = down_w;
+  std::vector<double> up_w = up ? threshold(side("up_lr_weight", *up)) : std::vector<double>(blocks.side, 1.0);
+  std::vector<double> weights;
+  if (blocks.outer_blocks) weights.push_back(1.0);  // SDXL's embeddings
+  weights.insert(weights.end(), down_w.begin(), down_w.end());
   weights.insert(weights.end(), mid_w.begin(), mid_w.end());
   weights.insert(weights.end(), up_w.begin(), up_w.end());
+  if (blocks.outer_blocks) weights.push_back(1.0);  // SDXL's output
   return weights;
 }
 
 LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, std::optional<double> network_alpha,
-                                          std::optional<double> network_dropout, const std::vector<std::string>& network_args) {
+                                          std::optional<double> network_dropout, const std::vector<std::string>& network_args,
+                                          const NetworkBlockLayout& blocks) {
   static const std::vector<std::string> known{
       "conv_dim",          "conv_alpha",          "block_dims",        "block_alphas",         "conv_block_dims",
       "conv_block_alphas", "down_lr_weight",      "mid_lr_weight",     "up_lr_weight",         "block_lr_zero_threshold",
@@ -249,30 +254,32 @@ LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, st
   c.dim = network_dim.value_or(4);
   c.alpha = network_alpha.value_or(1.0);
   c.dropout = network_dropout;
+  c.blocks = blocks;
+  const int total = blocks.total();
   if (auto conv_dim = number("conv_dim")) {
     c.conv_dim = static_cast<int64_t>(*conv_dim);
     c.conv_alpha = number("conv_alpha").value_or(1.0);
   }
   c.block_lr_weight = block_lr_weight(get("down_lr_weight"), get("mid_lr_weight"), get("up_lr_weight"),
-                                      number("block_lr_zero_threshold").value_or(0.0));
+                                      number("block_lr_zero_threshold").value_or(0.0), blocks);
   auto block_dims = get("block_dims");
   if (block_dims || c.block_lr_weight) {
     // kohya's get_block_dims_and_alphas: every block list is filled, from the flat values where not given.
-    c.block_dims = block_dims ? parse_block_ints("block_dims", *block_dims) : std::vector<int64_t>(kNumTotalBlocks, c.dim);
+    c.block_dims = block_dims ? parse_block_ints("block_dims", *block_dims, blocks) : std::vector<int64_t>(total, c.dim);
     auto alphas = get("block_alphas");
-    c.block_alphas = alphas ? parse_block_floats("block_alphas", *alphas) : std::vector<double>(kNumTotalBlocks, c.alpha);
+    c.block_alphas = alphas ? parse_block_floats("block_alphas", *alphas, blocks) : std::vector<double>(total, c.alpha);
     if (auto conv_dims = get("conv_block_dims")) {
-      c.conv_block_dims = parse_block_ints("conv_block_dims", *conv_dims);
+      c.conv_block_dims = parse_block_ints("conv_block_dims", *conv_dims, blocks);
       auto conv_alphas = get("conv_block_alphas");
-      c.conv_block_alphas = conv_alphas ? parse_block_floats("conv_block_alphas", *conv_alphas)
-                                        : std::vector<double>(kNumTotalBlocks, c.conv_alpha.value_or(1.0));
+      c.conv_block_alphas = conv_alphas ? parse_block_floats("conv_block_alphas", *conv_alphas, blocks)
+                                        : std::vector<double>(total, c.conv_alpha.value_or(1.0));
     } else if (c.conv_dim) {
-      c.conv_block_dims = std::vector<int64_t>(kNumTotalBlocks, *c.conv_dim);
-      c.conv_block_alphas = std::vector<double>(kNumTotalBlocks, *c.conv_alpha);
+      c.conv_block_dims = std::vector<int64_t>(total, *c.conv_dim);
+      c.conv_block_alphas = std::vector<double>(total, *c.conv_alpha);
     }
     // Blocks whose learning-rate weight is 0 get no modules.
     if (c.block_lr_weight) {
-      for (int i = 0; i < kNumTotalBlocks; ++i) {
+      for (int i = 0; i < total; ++i) {
         if ((*c.block_lr_weight)[i] != 0) continue;
         (*c.block_dims)[i] = 0;
         if (c.conv_block_dims) (*c.conv_block_dims)[i] = 0;
@@ -322,7 +329,7 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, const std::vec
       if (it != config.modules_dim_alpha->end()) std::tie(dim, alpha) = it->second;
     } else if (t.in_denoiser && config.block_dims) {
       int idx = t.block;
-      if (idx < 0) idx = kNumTotalBlocks - 1;  // Python's list[-1]
+      if (idx < 0) idx = config.blocks.total() - 1;  // Python's list[-1]
       if (linear_like) {
         dim = (*config.block_dims)[idx];
         alpha = (*config.block_alphas)[idx];
@@ -414,7 +421,7 @@ std::vector<LoraParamGroup> LoRANetworkImpl::prepare_optimizer_params(std::optio
         by_block[idx].push_back(lora);
       }
       for (int idx : order) {
-        const double weight = (*config.block_lr_weight)[idx < 0 ? kNumTotalBlocks - 1 : idx];
+        const double weight = (*config.block_lr_weight)[idx < 0 ? config.blocks.total() - 1 : idx];
         assemble(by_block[idx], lr * weight, ratio, fmt::format("unet_block{}", idx));
       }
     } else {

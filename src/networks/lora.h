@@ -81,11 +81,6 @@ struct LoRAModuleImpl : torch::nn::Module, Adapter {
 };
 TORCH_MODULE(LoRAModule);
 
-// kohya's block layout of networks/lora.py (SD 1.x / 2.x): 25 blocks, 0 unused, 1..12 the down side, 12 also the mid
-// block, 13..24 the up side; the family gives each target its index (NetworkTarget::block).
-inline constexpr int kNumBlocks = 12;
-inline constexpr int kNumTotalBlocks = 2 * kNumBlocks + 1;
-
 // `--network_dim`, `--network_alpha`, `--network_dropout` and `--network_args` as create_network reads them.
 struct LoRANetworkConfig {
   int64_t dim = 4;
@@ -94,9 +89,10 @@ struct LoRANetworkConfig {
   double multiplier = 1.0;
   std::optional<int64_t> conv_dim;
   std::optional<double> conv_alpha;
-  std::optional<std::vector<int64_t>> block_dims, conv_block_dims;    // kNumTotalBlocks entries
+  NetworkBlockLayout blocks;                                         // the family's, for the block lists
+  std::optional<std::vector<int64_t>> block_dims, conv_block_dims;    // blocks.total() entries
   std::optional<std::vector<double>> block_alphas, conv_block_alphas;
-  std::optional<std::vector<double>> block_lr_weight;                // kNumTotalBlocks entries
+  std::optional<std::vector<double>> block_lr_weight;                // blocks.total() entries
   std::optional<double> rank_dropout, module_dropout;
   std::optional<double> loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio;
   // Per module, from a file (create_network_from_weights / --dim_from_weights): only these modules are created.
@@ -108,14 +104,17 @@ struct LoRANetworkConfig {
 };
 
 // network_args ("key=value" strings, kohya's --network_args) on top of dim / alpha / dropout; an unknown key is an
-// error that names it and the nearest known key. Block lists, presets and thresholds are parsed as lora.py does.
+// error that names it and the nearest known key. Block lists, presets and thresholds are parsed as lora.py does, for
+// the family's block layout.
 LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, std::optional<double> network_alpha,
-                                          std::optional<double> network_dropout, const std::vector<std::string>& network_args);
+                                          std::optional<double> network_dropout, const std::vector<std::string>& network_args,
+                                          const NetworkBlockLayout& blocks = NetworkBlockLayout::sd());
 
 // kohya's get_block_lr_weight: comma lists (short ones padded with 1.0, long ones cut) or the presets cosine, sine,
 // linear, reverse_linear, zeros (optionally "+base"); weights <= zero_threshold become 0. nullopt when none is given.
 std::optional<std::vector<double>> block_lr_weight(const std::optional<std::string>& down, const std::optional<std::string>& mid,
-                                                   const std::optional<std::string>& up, double zero_threshold);
+                                                   const std::optional<std::string>& up, double zero_threshold,
+                                                   const NetworkBlockLayout& blocks = NetworkBlockLayout::sd());
 
 // The dims and alphas a file holds, per module: alpha is nullopt when the file has none (then alpha = dim).
 std::map<std::string, std::pair<int64_t, std::optional<double>>> lora_dims_from_file(const safetensors::File& file);

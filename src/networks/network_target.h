@@ -9,6 +9,21 @@
 
 namespace sdt {
 
+// kohya's block layout of a family's denoiser for block-wise dims, alphas and learning rates (networks/lora.py):
+// `side` blocks on each of the down and up sides and `mid` between them; SDXL adds a block before them (the embeddings)
+// and one after (the output). The values of block_dims and the like: SD 1.x/2.x 12 + 1 + 12 = 25 (index 0 unused),
+// SDXL 1 + 9 + 3 + 9 + 1 = 23. A target's NetworkTarget::block indexes them.
+struct NetworkBlockLayout {
+  int side = 12;
+  int mid = 1;
+  bool outer_blocks = false;
+  std::string family = "SD 1.x/2.x";  // for errors
+
+  int total() const { return 2 * side + mid + (outer_blocks ? 2 : 0); }
+  static NetworkBlockLayout sd() { return {}; }
+  static NetworkBlockLayout sdxl() { return {9, 3, true, "SDXL"}; }
+};
+
 struct NetworkTarget {
   std::string lora_name;                       // kohya's module name: "lora_unet_..." / "lora_te_..." (file key prefix)
   std::shared_ptr<torch::nn::Module> module;   // an sdt::Linear or sdt::Conv2d (src/models/layers.h)

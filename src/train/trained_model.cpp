@@ -24,9 +24,10 @@ class NetworkTraining final : public TrainedModel {
       : save_dtype_(save_dtype(args)), no_metadata_(args.no_metadata), scale_weight_norms_(args.scale_weight_norms) {
     const ModelBundle& models = family.models();
     models.denoiser->to(precision.frozen);
-    models.text_encoders.at(0)->to(precision.frozen);
+    for (const auto& encoder : models.text_encoders) encoder->to(precision.frozen);
     trains_text_encoder_ = !args.network_train_unet_only;
-    const LoRANetworkConfig config = parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args);
+    const LoRANetworkConfig config = parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout,
+                                                             args.network_args, family.network_block_layout());
     network_ = LoRANetwork(config, family.network_targets(config.adapts_conv_blocks()), trains_text_encoder_,
                            !args.network_train_text_encoder_only, generator);
     if (args.network_weights) {
@@ -77,9 +78,13 @@ class WholeModelTraining final : public TrainedModel {
     const ModelBundle& models = family.models();
     trains_text_encoder_ = !args.stop_text_encoder_training || *args.stop_text_encoder_training >= 0;
     models.denoiser->to(precision.trained);
-    models.text_encoders.at(0)->to(trains_text_encoder_ ? precision.trained : precision.frozen);
     add_group("unet.", *models.denoiser, args.learning_rate);
-    if (trains_text_encoder_) add_group("text_encoder.", *models.text_encoders.at(0), args.learning_rate_te.value_or(args.learning_rate));
+    // diffusers' folder names: text_encoder, text_encoder_2, ...
+    for (size_t i = 0; i < models.text_encoders.size(); ++i) {
+      models.text_encoders[i]->to(trains_text_encoder_ ? precision.trained : precision.frozen);
+      const std::string prefix = i == 0 ? "text_encoder." : fmt::format("text_encoder_{}.", i + 1);
+      if (trains_text_encoder_) add_group(prefix, *models.text_encoders[i], args.learning_rate_te.value_or(args.learning_rate));
+    }
     set_training(true);
   }
 
@@ -90,14 +95,17 @@ class WholeModelTraining final : public TrainedModel {
 
   void set_training(bool training) override {
     family_.models().denoiser->train(training);
-    if (trains_text_encoder_) family_.models().text_encoders.at(0)->train(training);
+    if (!trains_text_encoder_) return;
+    for (const auto& encoder : family_.models().text_encoders) encoder->train(training);
   }
 
   void after_update(int64_t global_step) override {
     if (!stop_text_encoder_at_ || global_step != *stop_text_encoder_at_ || !trains_text_encoder_) return;
     spdlog::info("step {}: the text encoder stops training (--stop_text_encoder_training)", global_step);
-    family_.models().text_encoders.at(0)->eval();
-    for (auto& p : family_.models().text_encoders.at(0)->parameters()) p.requires_grad_(false);
+    for (const auto& encoder : family_.models().text_encoders) {
+      encoder->eval();
+      for (auto& p : encoder->parameters()) p.requires_grad_(false);
+    }
     trains_text_encoder_ = false;
   }
 

@@ -110,6 +110,21 @@ Conditioning encode_captions(const Family& family, const std::vector<std::string
   return placeholder;
 }
 
+// The conditioning a family takes from where the batch's images came from (SDXL's size conditioning), as kohya's
+// dataset reports it: whole pixels, the crop's left already mirrored for a flipped image.
+Conditioning image_conditioning(const Family& family, const TrainBatch& batch, c10::Device device) {
+  std::vector<ImageGeometry> images;
+  for (size_t i = 0; i < batch.captions.size(); ++i) {
+    const Resolution& original = batch.original_sizes.at(i);
+    const CropLtrb& crop = batch.crop_ltrbs.at(i);
+    images.push_back({original.height, original.width, static_cast<int64_t>(crop.top), static_cast<int64_t>(crop.left),
+                      batch.bucket.height, batch.bucket.width});
+  }
+  Conditioning conditioning = family.image_conditioning(images);
+  for (auto& [name, c] : conditioning) c = c.to(device);
+  return conditioning;
+}
+
 std::string timestamp(const char* format) {
   const std::time_t now = std::time(nullptr);
   char buf[32];
@@ -317,7 +332,9 @@ Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : ar
 void Trainer::load_models(TrainMode mode) {
   family_ = load_family_for_training(args_);
   const ModelBundle& bundle = family_->models();
-  for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
+  std::vector<std::shared_ptr<torch::nn::Module>> all_models{bundle.denoiser, bundle.vae};
+  all_models.insert(all_models.end(), bundle.text_encoders.begin(), bundle.text_encoders.end());
+  for (const auto& m : all_models) {
     m->eval();
     for (auto& p : m->parameters()) p.requires_grad_(false);
   }
@@ -348,7 +365,7 @@ void Trainer::load_models(TrainMode mode) {
   std::set<const void*> trained_storage;
   const std::vector<at::Tensor> trained_params = trained_->params();
   for (const auto& p : trained_params) trained_storage.insert(p.unsafeGetTensorImpl());
-  for (const auto& m : {bundle.denoiser, bundle.vae, bundle.text_encoders.at(0)}) {
+  for (const auto& m : all_models) {
     for (const auto& p : m->parameters()) {
       if (!trained_storage.contains(p.unsafeGetTensorImpl())) frozen_bytes += p.numel() * static_cast<int64_t>(p.element_size());
     }
@@ -640,13 +657,20 @@ at::Tensor Trainer::batch_latents(TrainBatch& batch, int64_t update_key) const {
                         batch.update_offset, RngPurpose::Latents);
 }
 
-// The text conditioning, through a trained text encoder with its graph, else without.
+// The text conditioning, through a trained text encoder with its graph, else without; then the image conditioning.
 Conditioning Trainer::batch_conditioning(const TrainBatch& batch) const {
-  std::optional<torch::NoGradGuard> no_grad;
-  if (!trained_->trains_text_encoder()) no_grad.emplace();
-  if (!text_cache_ || batch.captions.empty()) return encode_captions(*family_, batch.captions, args_.weighted_captions);
-  Conditioning conditioning = family_->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache_->read_batch(batch.captions));
-  for (auto& [name, c] : conditioning) c = c.to(device_, at::kFloat);
+  Conditioning conditioning;
+  {
+    std::optional<torch::NoGradGuard> no_grad;
+    if (!trained_->trains_text_encoder()) no_grad.emplace();
+    if (!text_cache_ || batch.captions.empty()) {
+      conditioning = encode_captions(*family_, batch.captions, args_.weighted_captions);
+    } else {
+      conditioning = family_->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache_->read_batch(batch.captions));
+      for (auto& [name, c] : conditioning) c = c.to(device_, at::kFloat);
+    }
+  }
+  for (auto& named : image_conditioning(*family_, batch, device_)) conditioning.push_back(std::move(named));
   return conditioning;
 }
 
@@ -707,7 +731,8 @@ double Trainer::validation_loss() {
     const int64_t key = batch->update * (points + 1);  // the latents' streams, then one per validation point
     const at::Tensor latents = encode_latents(*family_, batch->images.to(device_, precision_.vae), vae_latents_, validation_seed_, key,
                                               batch->update_offset, RngPurpose::ValidationLatents);
-    const Conditioning conditioning = encode_captions(*family_, batch->captions, args_.weighted_captions);
+    Conditioning conditioning = encode_captions(*family_, batch->captions, args_.weighted_captions);
+    for (auto& named : image_conditioning(*family_, *batch, device_)) conditioning.push_back(std::move(named));
     for (int k = 0; k < points; ++k) {
       const NoisedBatch noised = objective_->noise_at_validation_point(
           latents, k, keyed_randoms(validation_seed_, key + k + 1, batch->update_offset, RngPurpose::ValidationNoise));

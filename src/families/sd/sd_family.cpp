@@ -8,6 +8,7 @@
 #include <regex>
 #include <utility>
 
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
@@ -18,12 +19,6 @@
 namespace sdt {
 namespace fs = std::filesystem;
 
-namespace {
-
-constexpr int64_t kWindow = 75;  // text ids per 77-id window
-
-// The CLIP vocabulary: OpenAI's .txt.gz, a folder with vocab.json and merges.txt, a diffusers model's tokenizer/, or
-// (a single-file checkpoint without --tokenizer) the vocabulary the project ships, as kohya users never need to find one.
 ClipTokenizer load_clip_tokenizer(const FamilyOptions& options) {
   const std::string_view pad_token = options.v2 ? ClipTokenizer::kSd2PadToken : ClipTokenizer::kSd1PadToken;
   fs::path path = options.tokenizer;
@@ -37,8 +32,6 @@ ClipTokenizer load_clip_tokenizer(const FamilyOptions& options) {
   }
   return ClipTokenizer::from_bpe_vocab_gz(path.string(), pad_token);
 }
-
-}  // namespace
 
 // ---------------------------------------------------------------- network targets (kohya's networks/lora.py)
 
@@ -95,46 +88,47 @@ void collect_layers(const std::shared_ptr<nn::Module>& module, const std::string
   }
 }
 
-using ParentTest = bool (*)(const nn::Module&);
-
-void find_targets(const std::shared_ptr<nn::Module>& module, const std::string& path, const std::string& prefix,
-                  const std::vector<ParentTest>& parent_tests, bool in_denoiser, std::vector<NetworkTarget>& out) {
-  for (const auto& [name, child] : children_in_diffusers_order(*module)) {
-    const std::string child_path = path.empty() ? name : path + "." + name;
-    bool is_target = std::any_of(parent_tests.begin(), parent_tests.end(), [&](ParentTest t) { return t(*child); });
-    if (is_target) {
-      std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> layers;
-      collect_layers(child, "", layers);
-      for (auto& [layer_path, layer] : layers) {
-        std::string lora_name = prefix + "." + child_path + "." + layer_path;
-        std::replace(lora_name.begin(), lora_name.end(), '.', '_');
-        out.push_back({lora_name, layer, in_denoiser, in_denoiser ? lora_block_index(lora_name) : -1});
-      }
-    }
-    find_targets(child, child_path, prefix, parent_tests, in_denoiser, out);
-  }
-}
-
-template <typename T>
-bool is_a(const nn::Module& m) {
-  return dynamic_cast<const T*>(&m) != nullptr;
-}
-
 }  // namespace
+
+std::vector<NetworkTarget> lora_targets(const std::shared_ptr<nn::Module>& model, const std::string& prefix,
+                                        const std::vector<ModuleTest>& parents, bool in_denoiser,
+                                        const std::function<std::string(const std::string&)>& rename) {
+  std::vector<NetworkTarget> out;
+  const std::function<void(const std::shared_ptr<nn::Module>&, const std::string&)> visit =
+      [&](const std::shared_ptr<nn::Module>& module, const std::string& path) {
+        for (const auto& [name, child] : children_in_diffusers_order(*module)) {
+          const std::string child_path = path.empty() ? name : path + "." + name;
+          if (std::any_of(parents.begin(), parents.end(), [&](ModuleTest t) { return t(*child); })) {
+            std::vector<std::pair<std::string, std::shared_ptr<nn::Module>>> layers;
+            collect_layers(child, "", layers);
+            for (auto& [layer_path, layer] : layers) {
+              const std::string module_path = child_path + "." + layer_path;
+              std::string lora_name = prefix + "." + (rename ? rename(module_path) : module_path);
+              std::replace(lora_name.begin(), lora_name.end(), '.', '_');
+              out.push_back({lora_name, layer, in_denoiser, -1});
+            }
+          }
+          visit(child, child_path);
+        }
+      };
+  visit(model, "");
+  return out;
+}
 
 std::vector<NetworkTarget> sd_network_targets(ClipTextModel text_encoder, UNet2DConditionModel unet, bool conv_blocks) {
   std::vector<NetworkTarget> targets;
-  if (text_encoder) {
-    find_targets(text_encoder.ptr(), "", "lora_te", {&is_a<ClipAttentionImpl>, &is_a<ClipMlpImpl>}, false, targets);
-  }
+  if (text_encoder) targets = lora_targets(text_encoder.ptr(), "lora_te", {&is_a<ClipAttentionImpl>, &is_a<ClipMlpImpl>}, false);
   if (unet) {
-    std::vector<ParentTest> parents{&is_a<Transformer2DImpl>};
+    std::vector<ModuleTest> parents{&is_a<Transformer2DImpl>};
     if (conv_blocks) {
       parents.push_back(&is_a<ResnetBlock2DImpl>);
       parents.push_back(&is_a<Downsample2DImpl>);
       parents.push_back(&is_a<Upsample2DImpl>);
     }
-    find_targets(unet.ptr(), "", "lora_unet", parents, true, targets);
+    for (NetworkTarget& t : lora_targets(unet.ptr(), "lora_unet", parents, true)) {
+      t.block = lora_block_index(t.lora_name);
+      targets.push_back(std::move(t));
+    }
   }
   return targets;
 }
@@ -174,22 +168,13 @@ Conditioning SdTextEncodingStrategy::encode(const Tokens& tokens) const {
   const at::Tensor ids = tokens.ids[0].to(module_device(*text_encoder));     // (B, n, 77)
   at::Tensor hidden = encode_prompt_chunks(text_encoder, ids, clip_skip_);   // (B, 2 + 75n, D); n = 1: (B, 77, D)
   if (tokens.weights.empty()) return {{"hidden_state", hidden}};
-
-  // encode_tokens_with_weights: one window's weights apply to all 77 positions; with several windows each window's
-  // 75 text weights apply to its stretch of the stitched states, whose first and last positions keep weight 1.
-  const at::Tensor weights = tokens.weights[0].to(hidden.device(), hidden.scalar_type());  // (B, n, 77)
-  const int64_t batch = weights.size(0), windows = weights.size(1);
-  at::Tensor per_position = weights.select(1, 0);                         // (B, 77)
-  if (windows > 1) {
-    const at::Tensor one = at::ones({batch, 1}, weights.options());
-    per_position = at::cat({one, weights.slice(2, 1, -1).reshape({batch, windows * kWindow}), one}, 1);  // (B, 2 + 75n)
-  }
-  return {{"hidden_state", hidden * per_position.unsqueeze(-1)}};
+  return {{"hidden_state", weight_prompt_chunks(hidden, tokens.weights[0])}};
 }
 
 // ---------------------------------------------------------------- latents
 
-SdLatentsCachingStrategy::SdLatentsCachingStrategy(AutoencoderKL vae) : vae_(std::move(vae)) {}
+SdLatentsCachingStrategy::SdLatentsCachingStrategy(AutoencoderKL vae, double scaling_factor, std::string suffix)
+    : vae_(std::move(vae)), scaling_factor_(scaling_factor), suffix_(std::move(suffix)) {}
 
 LatentsCacheLayout SdLatentsCachingStrategy::cache_layout(int64_t bucket_width, int64_t bucket_height,
                                                           bool flip_aug) const {
@@ -209,7 +194,7 @@ EncodedLatents SdLatentsCachingStrategy::encode(const at::Tensor& images, bool f
   const auto latents_of = [&](const at::Tensor& x) {  // (B, 3, H, W) -> (B, 4, H/8, W/8)
     const DiagonalGaussian posterior = vae->encode(x);
     const at::Tensor z = sampling == LatentSampling::mean ? posterior.mean : posterior.sample(generator);
-    return z * vae->config.scaling_factor;
+    return z * scaling_factor_;
   };
   const at::Tensor on_device = images.to(module_device(*vae));
   EncodedLatents out{latents_of(on_device), {}};
@@ -220,8 +205,9 @@ EncodedLatents SdLatentsCachingStrategy::encode(const at::Tensor& images, bool f
 // ---------------------------------------------------------------- text-encoder outputs
 
 SdTextEncoderOutputsCachingStrategy::SdTextEncoderOutputsCachingStrategy(const TokenizeStrategy& tokenize,
-                                                                         const TextEncodingStrategy& encode)
-    : tokenize_(tokenize), encode_(encode) {}
+                                                                         const TextEncodingStrategy& encode,
+                                                                         std::string suffix, std::vector<std::string> names)
+    : tokenize_(tokenize), encode_(encode), suffix_(std::move(suffix)), names_(std::move(names)) {}
 
 NamedTensors SdTextEncoderOutputsCachingStrategy::outputs_to_cache(const std::vector<std::string>& captions,
                                                                    bool weighted) const {
@@ -230,9 +216,15 @@ NamedTensors SdTextEncoderOutputsCachingStrategy::outputs_to_cache(const std::ve
 }
 
 Conditioning SdTextEncoderOutputsCachingStrategy::outputs_from_cache(const NamedTensors& stored) const {
-  const auto it = std::find_if(stored.begin(), stored.end(), [](const auto& named) { return named.first == "hidden_state"; });
-  if (it == stored.end()) fail("text-encoder output cache", "no 'hidden_state': expected SD's hidden states (B, S, D)");
-  return {*it};
+  Conditioning conditioning;
+  for (const std::string& name : names_) {
+    const auto it = std::find_if(stored.begin(), stored.end(), [&](const auto& named) { return named.first == name; });
+    if (it == stored.end()) {
+      fail("text-encoder output cache", "no '{}': expected {} (a cache of another family?)", name, fmt::join(names_, ", "));
+    }
+    conditioning.push_back(*it);
+  }
+  return conditioning;
 }
 
 // ---------------------------------------------------------------- the family
@@ -246,8 +238,8 @@ SdFamily::SdFamily(SdModels models, ClipTokenizer tokenizer, const FamilyOptions
       max_token_length_(options.max_token_length),
       tokenize_(std::move(tokenizer), options.max_token_length),
       encode_(models_.text_encoder, clip_skip_),
-      latents_(models_.vae),
-      outputs_(tokenize_, encode_) {}
+      latents_(models_.vae, models_.vae->config.scaling_factor, "_sd"),
+      outputs_(tokenize_, encode_, "_sd_te", {"hidden_state"}) {}
 
 at::Tensor SdFamily::sample(const SampleOptions& options) const {
   SdModels models = models_;

@@ -3,6 +3,7 @@
 // VAE's latents times 0.18215, and the U-Net sampled with DDIM / Euler / Euler ancestral.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 
@@ -12,6 +13,20 @@
 #include "src/tokenizers/clip_tokenizer.h"
 
 namespace sdt {
+
+// kohya's networks/lora.py module selection on one model: every Linear and Conv2d below each module a `parents` test
+// accepts, in the named_modules() order of the reference's model (diffusers' and transformers' registration order),
+// named `prefix` + "_" + its module path with "." replaced by "_" (`rename`, when given, rewrites the dotted path
+// first: SDXL's SGM names); no block indices.
+using ModuleTest = bool (*)(const torch::nn::Module&);
+std::vector<NetworkTarget> lora_targets(const std::shared_ptr<torch::nn::Module>& model, const std::string& prefix,
+                                        const std::vector<ModuleTest>& parents, bool in_denoiser,
+                                        const std::function<std::string(const std::string&)>& rename = {});
+
+template <typename T>
+bool is_a(const torch::nn::Module& m) {
+  return dynamic_cast<const T*>(&m) != nullptr;
+}
 
 // The layers kohya's networks/lora.py adapts, in its creation order (diffusers' named_modules order): every Linear and
 // Conv2d inside a Transformer2DModel of the U-Net (inside ResnetBlock2D / Downsample2D / Upsample2D as well with
@@ -45,32 +60,39 @@ class SdTextEncodingStrategy : public TextEncodingStrategy {
   std::optional<int64_t> clip_skip_;
 };
 
-// The VAE's posterior mean or sample times its scaling factor (0.18215): what the U-Net is trained on. kohya's
-// "_sd.npz" files hold the same latents unscaled.
+// The VAE's posterior mean or sample times the family's scaling factor (SD: 0.18215, SDXL: 0.13025): what the U-Net
+// is trained on (kohya's SdSdxlLatentsCachingStrategy). kohya's "_sd.npz" / "_sdxl.npz" files hold the same latents
+// unscaled.
 class SdLatentsCachingStrategy : public LatentsCachingStrategy {
  public:
-  explicit SdLatentsCachingStrategy(AutoencoderKL vae);
-  std::string cache_suffix() const override { return "_sd"; }
+  SdLatentsCachingStrategy(AutoencoderKL vae, double scaling_factor, std::string suffix);
+  std::string cache_suffix() const override { return suffix_; }
   LatentsCacheLayout cache_layout(int64_t bucket_width, int64_t bucket_height, bool flip_aug) const override;
   EncodedLatents encode(const at::Tensor& images, bool flip_aug, LatentSampling sampling,
                         std::optional<at::Generator> generator = std::nullopt) const override;
 
  private:
   AutoencoderKL vae_;
+  double scaling_factor_;
+  std::string suffix_;
 };
 
-// The stitched hidden states SdTextEncodingStrategy makes, stored as "hidden_state" (B, 2 + 75n, D), weights
-// applied for weighted captions. (kohya caches no text-encoder outputs for SD 1.x / 2.x.)
+// What a family's text-encoding strategy makes, stored under its names (SD: "hidden_state" (B, 2 + 75n, D); SDXL:
+// kohya's "hidden_state1", "hidden_state2", "pool2"), weights applied for weighted captions. (kohya caches no
+// text-encoder outputs for SD 1.x / 2.x.)
 class SdTextEncoderOutputsCachingStrategy : public TextEncoderOutputsCachingStrategy {
  public:
-  SdTextEncoderOutputsCachingStrategy(const TokenizeStrategy& tokenize, const TextEncodingStrategy& encode);
-  std::string cache_suffix() const override { return "_sd_te"; }
+  SdTextEncoderOutputsCachingStrategy(const TokenizeStrategy& tokenize, const TextEncodingStrategy& encode,
+                                      std::string suffix, std::vector<std::string> names);
+  std::string cache_suffix() const override { return suffix_; }
   NamedTensors outputs_to_cache(const std::vector<std::string>& captions, bool weighted) const override;
   Conditioning outputs_from_cache(const NamedTensors& stored) const override;
 
  private:
   const TokenizeStrategy& tokenize_;
   const TextEncodingStrategy& encode_;
+  std::string suffix_;
+  std::vector<std::string> names_;
 };
 
 class SdFamily : public Family {
@@ -92,6 +114,7 @@ class SdFamily : public Family {
   std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const override;  // DdpmObjective
   at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const override;
   std::vector<NetworkTarget> network_targets(bool conv_blocks) const override;
+  NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sd(); }
   ParallelPlan parallel_plan() const override;  // the U-Net's ResNets and Transformer2Ds; no block swap
   void set_block_runner(BlockRunner* runner) override;
   void set_gradient_checkpointing(bool on) override;
@@ -111,6 +134,11 @@ class SdFamily : public Family {
   SdLatentsCachingStrategy latents_;
   SdTextEncoderOutputsCachingStrategy outputs_;
 };
+
+// The CLIP vocabulary with SD 1.x's padding (EOS) or, with options.v2, SD 2.x's ("!"): options.tokenizer (OpenAI's
+// .txt.gz, or a folder with vocab.json and merges.txt), else a diffusers model's tokenizer/, else (a single-file
+// checkpoint) the vocabulary the project ships, as kohya users never need to find one.
+ClipTokenizer load_clip_tokenizer(const FamilyOptions& options);
 
 // The registry's loader for "sd": the models from a single file (SD 1.x or, with options.v2, SD 2.x architecture)
 // or a diffusers folder, the --vae replacement, and the CLIP tokenizer (options.tokenizer, or the model folder's

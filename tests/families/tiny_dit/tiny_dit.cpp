@@ -164,7 +164,7 @@ class TinyDitFamily final : public Family {
         bundle_{dit_.ptr(), sd_.vae.ptr(), {sd_.text_encoder.ptr()}},
         tokenize_(std::move(tokenizer), std::nullopt),
         encode_(sd_.text_encoder),
-        latents_(sd_.vae),
+        latents_(sd_.vae, sd_.vae->config.scaling_factor, "_sd"),
         outputs_(tokenize_, encode_) {}
   TinyDitFamily(const TinyDitFamily&) = delete;
   TinyDitFamily& operator=(const TinyDitFamily&) = delete;
@@ -206,6 +206,8 @@ class TinyDitFamily final : public Family {
     }
     return targets;
   }
+  // kohya's lora_flux has no block-wise dims: the lists keep SD's layout, which no target indexes.
+  NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sd(); }
   // The double blocks then the single blocks, two stacks that swap as kohya's FLUX does: --blocks_to_swap k swaps
   // k / 2 double blocks and twice the rest in single blocks (a double block is about two single blocks' weights).
   ParallelPlan parallel_plan() const override {

@@ -1,0 +1,193 @@
+// The SDXL family on the tiny fixture models (tests/fixtures/sdxl, made by gen_sdxl_fixtures.py with kohya's own
+// functions): kohya's text conditioning (both hidden states and pool2, one and two windows), the text_projection of
+// single files both ways, the latents' scale, the denoiser call with the size conditioning, and kohya's LoRA names.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <map>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "src/core/error.h"
+#include "src/core/tensor_io.h"
+#include "src/families/family.h"
+#include "src/families/sdxl/sdxl_family.h"
+#include "tests/models/compare.h"
+
+namespace sdt {
+namespace {
+
+using testing_support::expect_close;
+
+const std::string kFixtures = SDT_FIXTURES "/sdxl/";
+
+FamilyOptions tiny_options(const std::string& variant, const std::string& checkpoint = "") {
+  FamilyOptions options;
+  options.pretrained_model_name_or_path = kFixtures + variant + checkpoint;
+  options.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";  // byte-level: its ids fit the tiny text encoders
+  return options;
+}
+
+const Family& family(const std::string& variant) {
+  static std::map<std::string, std::unique_ptr<Family>> cache;
+  auto& slot = cache[variant];
+  if (!slot) slot = load_family("sdxl", tiny_options(variant));
+  return *slot;
+}
+
+std::map<std::string, at::Tensor> reference(const std::string& variant) {
+  std::map<std::string, at::Tensor> ref;
+  safetensors::File file(kFixtures + variant + "/reference.safetensors");
+  for (const auto& info : file.tensors()) ref[info.name] = load_tensor(file, info.name).clone();
+  return ref;
+}
+
+class SdxlFamilyTest : public ::testing::TestWithParam<std::string> {};
+
+// kohya's get_hidden_states_sdxl on the same ids, fp32: the same layers in the same order (errors ~1e-6 of the
+// outputs' scale); 1e-4 leaves room for other CPUs' kernels.
+TEST_P(SdxlFamilyTest, TextConditioningMatchesKohyaForOneAndTwoWindows) {
+  torch::NoGradGuard no_grad;
+  auto ref = reference(GetParam());
+  const TextEncodingStrategy& encode = family(GetParam()).text_encoding_strategy();
+  for (const auto& [windows, suffix] : {std::pair<int64_t, std::string>{2, ""}, {1, "_75"}}) {
+    Tokens tokens;
+    tokens.ids = {ref.at("te.ids1").slice(1, 0, windows), ref.at("te.ids2").slice(1, 0, windows)};
+    const Conditioning c = encode.encode(tokens);
+    expect_close(GetParam() + " hidden_state1" + suffix, conditioning_tensor(c, "hidden_state1"), ref.at("kohya.hidden_state1" + suffix));
+    expect_close(GetParam() + " hidden_state2" + suffix, conditioning_tensor(c, "hidden_state2"), ref.at("kohya.hidden_state2" + suffix));
+    expect_close(GetParam() + " pool2" + suffix, conditioning_tensor(c, "pool2"), ref.at("kohya.pool2" + suffix));
+  }
+}
+
+// From an SGM file kohya's pooled vector is x @ Pᵀ: with --text_projection_as_kohya sdt gives it; by default the
+// model's own (the diffusers folder's), which differs. (A single file is loaded with SDXL base's architecture; the
+// tiny one is told its own.)
+TEST_P(SdxlFamilyTest, SingleFileTextProjectionAsTheModelOrAsKohya) {
+  torch::NoGradGuard no_grad;
+  auto ref = reference(GetParam());
+  Tokens tokens;
+  tokens.ids = {ref.at("te.ids1"), ref.at("te.ids2")};
+  const SdxlModels folder = load_sdxl_diffusers_folder(kFixtures + GetParam());
+  const SdxlConfig config{folder.text_encoder1->config, folder.text_encoder2->config, folder.vae->config, folder.unet->config};
+  const std::string sgm = kFixtures + GetParam() + "/model_sgm.safetensors";
+  FamilyOptions options = tiny_options(GetParam(), "/model_sgm.safetensors");
+  const ClipTokenizer tokenizer = load_clip_tokenizer(options);
+  const SdxlFamily model(load_sgm_checkpoint(sgm, config), tokenizer, options);
+  expect_close(GetParam() + " pool2 from the single file", conditioning_tensor(model.text_encoding_strategy().encode(tokens), "pool2"),
+               ref.at("kohya.pool2"));
+  options.text_projection_as_kohya = true;
+  const SdxlFamily kohya(load_sgm_checkpoint(sgm, config, at::kFloat, true), tokenizer, options);
+  const at::Tensor pool2 = conditioning_tensor(kohya.text_encoding_strategy().encode(tokens), "pool2");
+  expect_close(GetParam() + " pool2 from the single file as kohya", pool2, ref.at("kohya.pool2_from_sgm"));
+  EXPECT_GT((pool2 - ref.at("kohya.pool2")).abs().max().item<double>(), 1e-2);
+  EXPECT_NE(model.text_encoder_settings(), kohya.text_encoder_settings());  // caches of one are not the other's
+}
+
+// kohya's SdxlNetworkTrainer.call_unet: context = [h1, h2], vector = [pool2, size embeddings]; diffusers' U-Net with
+// text_embeds and time_ids is the reference.
+TEST_P(SdxlFamilyTest, PredictionTakesTheTextAndSizeConditioning) {
+  torch::NoGradGuard no_grad;
+  auto ref = reference(GetParam());
+  const Family& sdxl = family(GetParam());
+  const at::Tensor context = ref.at("unet.context");
+  const int64_t d1 = 32, pooled = ref.at("unet.vector").size(1) - 6 * std::static_pointer_cast<UNet2DConditionModelImpl>(
+                                                                            sdxl.models().denoiser)->config.addition_time_embed_dim;
+  const at::Tensor sizes = ref.at("unet.size_ids");
+  std::vector<ImageGeometry> images;
+  for (int64_t i = 0; i < sizes.size(0); ++i) {
+    const auto v = [&](int64_t j) { return sizes[i][j].item<int64_t>(); };
+    images.push_back({v(0), v(1), v(2), v(3), v(4), v(5)});
+  }
+  Conditioning c{{"hidden_state1", context.slice(2, 0, d1)},
+                 {"hidden_state2", context.slice(2, d1)},
+                 {"pool2", ref.at("unet.vector").slice(1, 0, pooled)}};
+  for (auto& named : sdxl.image_conditioning(images)) c.push_back(named);
+  NoisedBatch batch{ref.at("unet.sample"), ref.at("unet.timesteps"), {}, {}};
+  expect_close(GetParam() + " predict", sdxl.predict(batch, c), ref.at("unet.out"));
+}
+
+TEST_P(SdxlFamilyTest, LatentsAreTheVaeMeanTimesSdxlsScale) {
+  torch::NoGradGuard no_grad;
+  const Family& sdxl = family(GetParam());
+  const at::Tensor image = at::rand({1, 3, 16, 16}) * 2 - 1;
+  AutoencoderKL vae = std::static_pointer_cast<AutoencoderKLImpl>(sdxl.models().vae);
+  const EncodedLatents latents = sdxl.latents_caching_strategy().encode(image, true, LatentSampling::mean);
+  EXPECT_TRUE(at::allclose(latents.latents, vae->encode(image).mean * 0.13025));
+  EXPECT_TRUE(at::allclose(latents.flipped, vae->encode(image.flip({3})).mean * 0.13025));
+  EXPECT_EQ(sdxl.latents_caching_strategy().cache_suffix(), "_sdxl");
+}
+
+TEST_P(SdxlFamilyTest, CachedTextEncoderOutputsAreKohyasThree) {
+  const Family& sdxl = family(GetParam());
+  const TextEncoderOutputsCachingStrategy& caching = sdxl.text_encoder_outputs_caching_strategy();
+  const NamedTensors stored = caching.outputs_to_cache({"a cat", "a dog!"}, false);
+  std::vector<std::string> names;
+  for (const auto& [name, t] : stored) names.push_back(name);
+  EXPECT_EQ(names, (std::vector<std::string>{"hidden_state1", "hidden_state2", "pool2"}));
+  const Conditioning back = caching.outputs_from_cache(stored);
+  for (size_t i = 0; i < stored.size(); ++i) EXPECT_TRUE(at::equal(back[i].second, stored[i].second));
+  EXPECT_THROW(caching.outputs_from_cache({stored[0]}), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Sdxl, SdxlFamilyTest, ::testing::Values("sdxl_a", "sdxl_b"));
+
+// kohya's SdxlTokenizeStrategy: the second tokenizer pads with id 0 where the first pads with EOS, and a "!" in a
+// caption stays the word "!</w>" for both (pad_token_id = 0 changes only the padding).
+TEST(SdxlTokenize, SecondTokenizerPadsWithZeroAndKeepsExclamationMarks) {
+  const Tokens tokens = family("sdxl_a").tokenize_strategy().tokenize({"hi!"}, false);
+  ASSERT_EQ(tokens.ids.size(), 2u);
+  const at::Tensor first = tokens.ids[0][0][0], second = tokens.ids[1][0][0];  // (77)
+  // BOS h i !</w> EOS: the fixture vocabulary has one id per byte, "!</w>" is 256.
+  EXPECT_EQ(first.slice(0, 0, 5).equal(second.slice(0, 0, 5)), true);
+  EXPECT_EQ(first[3].item<int64_t>(), 256);
+  EXPECT_EQ(first[5].item<int64_t>(), 999);   // EOS padding
+  EXPECT_EQ(second[5].item<int64_t>(), 0);    // id 0 padding
+}
+
+// The names and block indices of kohya's networks/lora.py for SDXL, in its creation order (which decides the initial
+// weights drawn and the order of parameter groups), from kohya's full-size U-Net: here a narrow U-Net of the same
+// structure (widths doubling at levels 1 and 2, transformer depths 2 and 10) with sdxl_b's text encoders.
+TEST(SdxlNetworkTargets, NamesBlocksAndOrderAreKohyas) {
+  std::ifstream in(kFixtures + "lora_names.json");
+  const nlohmann::json kohya = nlohmann::json::parse(in);
+  UNetConfig config = UNetConfig::sdxl();
+  config.block_out_channels = {8, 16, 32};
+  config.num_heads = {1, 1, 1};
+  config.norm_num_groups = 4;
+  config.cross_attention_dim = 8;
+  config.vector_conditioning_dim = 8;
+  const UNet2DConditionModel unet(config);
+  const ModelBundle& tiny = family("sdxl_b").models();
+  const ClipTextModel te1 = std::static_pointer_cast<ClipTextModelImpl>(tiny.text_encoders.at(0));
+  const ClipTextModel te2 = std::static_pointer_cast<ClipTextModelImpl>(tiny.text_encoders.at(1));
+  for (const auto& [key, conv] : {std::pair<std::string, bool>{"linear", false}, {"conv", true}}) {
+    const std::vector<NetworkTarget> targets = sdxl_network_targets(te1, te2, unet, conv);
+    for (size_t i = 0; i < std::min(targets.size(), kohya[key].size()); ++i) {
+      ASSERT_EQ(targets[i].lora_name, kohya[key][i][0].get<std::string>()) << key << " #" << i;
+      EXPECT_EQ(targets[i].block, kohya[key][i][1].get<int>()) << targets[i].lora_name;
+    }
+    EXPECT_EQ(targets.size(), kohya[key].size()) << key;
+  }
+}
+
+TEST(SdxlFamilyRegistry, RecognisesBothLayoutsAndRefusesV2) {
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, kFixtures + "sdxl_a"), "sdxl");
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, kFixtures + "sdxl_a/model_sgm.safetensors"), "sdxl");
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, SDT_FIXTURES "/sd/sd1"), "sd");
+  FamilyOptions options = tiny_options("sdxl_a");
+  options.v2 = true;
+  EXPECT_THROW(load_family("sdxl", options), Error);
+}
+
+TEST(SdxlFamilyRegistry, MetadataIsKohyasForSdxl) {
+  const Family& sdxl = family("sdxl_a");
+  EXPECT_EQ(sdxl.training_metadata().at("ss_base_model_version"), "sdxl_base_v1-0");
+  EXPECT_EQ(sdxl.model_spec().architecture, "stable-diffusion-xl-v1-base");
+  EXPECT_EQ(sdxl.model_spec().native_resolution, 1024);
+  EXPECT_EQ(sdxl.network_block_layout().total(), 23);
+}
+
+}  // namespace
+}  // namespace sdt
