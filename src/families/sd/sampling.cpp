@@ -165,15 +165,17 @@ std::unique_ptr<Scheduler> make_scheduler(SamplerKind kind, int64_t steps, Predi
 }
 
 at::Tensor denoise(UNet2DConditionModel& unet, const Scheduler& scheduler, const at::Tensor& noise,
-                   const at::Tensor& context, const at::Tensor& uncond_context, double guidance_scale,
+                   const UNetConditioning& cond, const UNetConditioning& uncond, double guidance_scale,
                    at::Generator& generator, const StepCallback& on_step) {
   torch::NoGradGuard no_grad;
-  const bool guided = uncond_context.defined();
-  const at::Tensor unet_context = guided ? at::cat({uncond_context, context}) : context;  // (2B or B, S, D)
-  at::Tensor latents = noise * scheduler.init_noise_sigma();                              // (B, C, h, w)
+  const bool guided = uncond.context.defined();
+  const auto batch = [&](const at::Tensor& u, const at::Tensor& c) { return guided && c.defined() ? at::cat({u, c}) : c; };
+  const at::Tensor context = batch(uncond.context, cond.context);  // (2B or B, S, D)
+  const at::Tensor vector = batch(uncond.vector, cond.vector);     // (2B or B, V), or undefined
+  at::Tensor latents = noise * scheduler.init_noise_sigma();       // (B, C, h, w)
   for (int64_t i = 0; i < scheduler.steps(); ++i) {
     const at::Tensor input = scheduler.scale_model_input(guided ? at::cat({latents, latents}) : latents, i);
-    at::Tensor prediction = unet->forward(input, scheduler.timesteps()[i], unet_context);
+    at::Tensor prediction = unet->forward(input, scheduler.timesteps()[i], context, vector);
     if (guided) {
       const std::vector<at::Tensor> halves = prediction.chunk(2);  // uncond, cond
       prediction = halves[0] + guidance_scale * (halves[1] - halves[0]);
@@ -182,6 +184,22 @@ at::Tensor denoise(UNet2DConditionModel& unet, const Scheduler& scheduler, const
     if (on_step) on_step(i, latents);
   }
   return latents;
+}
+
+std::pair<int64_t, int64_t> sample_width_height(const SampleOptions& options) {
+  return {std::max(64, options.width - options.width % 8), std::max(64, options.height - options.height % 8)};
+}
+
+uint64_t sample_seed(const SampleOptions& options, int64_t width, int64_t height) {
+  const uint64_t seed = options.seed ? *options.seed : std::random_device{}();
+  spdlog::info("sampling {}x{}, {} {} steps, guidance {}, seed {}", width, height, options.steps, options.sampler,
+               options.scale, seed);
+  return seed;
+}
+
+at::Tensor image_to_rgb8(const at::Tensor& images) {
+  const at::Tensor pixels = (images[0] / 2 + 0.5).clamp(0, 1).permute({1, 2, 0});
+  return (pixels * 255).round().to(at::kCPU, at::kByte).contiguous();  // (H, W, 3), on the host
 }
 
 at::Tensor weighted_prompt_embeddings(ClipTextModel& text_encoder, const WeightedTokenChunks& tokens,
@@ -199,8 +217,7 @@ at::Tensor weighted_prompt_embeddings(ClipTextModel& text_encoder, const Weighte
 at::Tensor sample_image(SdModels& models, const ClipTokenizer& tokenizer, const SampleOptions& options,
                         Prediction prediction, std::optional<int64_t> clip_skip) {
   torch::NoGradGuard no_grad;
-  const int64_t width = std::max(64, options.width - options.width % 8);
-  const int64_t height = std::max(64, options.height - options.height % 8);
+  const auto [width, height] = sample_width_height(options);
   const bool guided = options.scale > 1.0;
   const SamplingTokens tokens = tokenize_for_sampling(
       tokenizer, options.prompt, guided ? std::optional<std::string_view>(options.negative_prompt) : std::nullopt);
@@ -209,20 +226,15 @@ at::Tensor sample_image(SdModels& models, const ClipTokenizer& tokenizer, const 
       guided ? weighted_prompt_embeddings(models.text_encoder, *tokens.negative, clip_skip) : at::Tensor();
 
   const std::unique_ptr<Scheduler> scheduler = make_scheduler(sampler_from_name(options.sampler), options.steps, prediction);
-  const uint64_t seed = options.seed ? *options.seed : std::random_device{}();
-  spdlog::info("sampling {}x{}, {} {} steps, guidance {}, seed {}", width, height, options.steps, options.sampler,
-               options.scale, seed);
-  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(sample_seed(options, width, height));
   const int64_t factor = models.vae->downscale_factor();
   const at::Tensor noise = randn_from_host({1, models.vae->config.latent_channels, height / factor, width / factor},
                                            generator, context.options());
-  const at::Tensor latents = denoise(models.unet, *scheduler, noise, context, uncond_context, options.scale, generator,
+  const at::Tensor latents = denoise(models.unet, *scheduler, noise, {context}, {uncond_context}, options.scale, generator,
                                      [&](int64_t step, const at::Tensor&) {
                                        spdlog::debug("step {}/{}", step + 1, scheduler->steps());
                                      });
-  const at::Tensor images = latents_to_images(models.vae, latents);  // (1, 3, H, W) in [-1, 1]
-  const at::Tensor pixels = (images[0] / 2 + 0.5).clamp(0, 1).permute({1, 2, 0});
-  return (pixels * 255).round().to(at::kCPU, at::kByte).contiguous();  // (H, W, 3), on the host
+  return image_to_rgb8(latents_to_images(models.vae, latents));
 }
 
 }  // namespace sdt

@@ -18,6 +18,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include <torch/torch.h>
 
@@ -61,12 +62,27 @@ std::unique_ptr<Scheduler> make_scheduler(SamplerKind kind, int64_t steps, Predi
 // Called after each step with its index and the latents it produced.
 using StepCallback = std::function<void(int64_t step, const at::Tensor& latents)>;
 
-// The denoising loop. `noise` (B, 4, h, w) is unit normal noise; `context` (B, S, D) the prompt's conditioning and
-// `uncond_context` the negative prompt's (undefined: no classifier-free guidance). With guidance the U-Net runs on
-// the batch [uncond, cond] and the prediction is uncond + scale * (cond - uncond). Returns the final latents.
+// What the U-Net is conditioned on for one prompt: its text states (1, S, D) and, for SDXL, its vector (1, V).
+struct UNetConditioning {
+  at::Tensor context;
+  at::Tensor vector;  // undefined for SD 1.x / 2.x
+};
+
+// The denoising loop. `noise` (B, 4, h, w) is unit normal noise; `cond` the prompt's conditioning and `uncond` the
+// negative prompt's (its context undefined: no classifier-free guidance). With guidance the U-Net runs on the batch
+// [uncond, cond] and the prediction is uncond + scale * (cond - uncond). Returns the final latents.
 at::Tensor denoise(UNet2DConditionModel& unet, const Scheduler& scheduler, const at::Tensor& noise,
-                   const at::Tensor& context, const at::Tensor& uncond_context, double guidance_scale,
+                   const UNetConditioning& cond, const UNetConditioning& uncond, double guidance_scale,
                    at::Generator& generator, const StepCallback& on_step = nullptr);
+
+// kohya's sample-image size: width and height rounded down to a multiple of 8, at least 64.
+std::pair<int64_t, int64_t> sample_width_height(const SampleOptions& options);
+
+// The seed a sample image is drawn with: options.seed, or a random one, logged with the image's settings.
+uint64_t sample_seed(const SampleOptions& options, int64_t width, int64_t height);
+
+// Decoded images (1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8 RGB on the host, round(255 * clamp(image / 2 + 0.5, 0, 1)).
+at::Tensor image_to_rgb8(const at::Tensor& images);
 
 // kohya's sample-image text conditioning (lpw_stable_diffusion.get_weighted_text_embeddings, no_boseos_middle off):
 // each 77-id window encoded on its own (clip_skip as in training), the windows concatenated to (1, 77n, D), the hidden

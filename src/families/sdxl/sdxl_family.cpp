@@ -5,10 +5,12 @@
 #include <filesystem>
 #include <map>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <spdlog/spdlog.h>
 
 #include "src/core/error.h"
 #include "src/core/text.h"
+#include "src/families/sd/sampling.h"
 #include "src/models/ldm_layout.h"
 #include "src/objectives/ddpm.h"
 
@@ -142,9 +144,42 @@ SdxlFamily::SdxlFamily(SdxlModels models, const ClipTokenizer& tokenizer, const 
       latents_(models_.vae, kSdxlVaeScale, "_sdxl"),
       outputs_(tokenize_, encode_, "_te_outputs", {"hidden_state1", "hidden_state2", "pool2"}) {}
 
-at::Tensor SdxlFamily::sample(const SampleOptions&) const {
-  fail("sdt sample", "SDXL sample images are not built yet (kohya's SDXL pipeline with size conditioning); train "
-                     "without --sample_prompts for now");
+namespace {
+
+// kohya's vector conditioning: the pooled text embedding, then the size embeddings of (B, 6) size ids.
+at::Tensor vector_conditioning(const UNet2DConditionModel& unet, const at::Tensor& pool2, const at::Tensor& size_ids) {
+  const at::Tensor sizes = size_embedding(size_ids, unet->config.addition_time_embed_dim);
+  return at::cat({pool2, sizes.to(pool2.device(), pool2.scalar_type())}, 1);  // (B, P + 6 * 256)
+}
+
+}  // namespace
+
+// kohya's SDXL sample images (SdxlStableDiffusionLongPromptWeightingPipeline): each prompt through the training
+// strategies (weighted captions read; the negative prompt, "" when none, encoded the same way), the image's own size
+// as original and target size with no crop, then SD's schedulers and guidance; the latents divided by 0.13025.
+at::Tensor SdxlFamily::sample(const SampleOptions& options) const {
+  torch::NoGradGuard no_grad;
+  UNet2DConditionModel unet = models_.unet;
+  AutoencoderKL vae = models_.vae;
+  const auto [width, height] = sample_width_height(options);
+  const at::Tensor size_ids = at::tensor({height, width, int64_t{0}, int64_t{0}, height, width}, at::kFloat).reshape({1, 6});
+  const auto conditioning_of = [&](const std::string& prompt) -> UNetConditioning {
+    const Conditioning c = encode_.encode(tokenize_.tokenize({prompt}, /*weighted=*/true));
+    return {at::cat({conditioning_tensor(c, "hidden_state1"), conditioning_tensor(c, "hidden_state2")}, 2),
+            vector_conditioning(unet, conditioning_tensor(c, "pool2"), size_ids)};
+  };
+  const bool guided = options.scale > 1.0;
+  const UNetConditioning cond = conditioning_of(options.prompt);
+  const UNetConditioning uncond = guided ? conditioning_of(options.negative_prompt) : UNetConditioning{};
+
+  const std::unique_ptr<Scheduler> scheduler = make_scheduler(sampler_from_name(options.sampler), options.steps,
+                                                              v_parameterization_ ? Prediction::v : Prediction::epsilon);
+  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(sample_seed(options, width, height));
+  const int64_t factor = vae->downscale_factor();
+  const at::Tensor noise = randn_from_host({1, vae->config.latent_channels, height / factor, width / factor}, generator,
+                                           cond.context.options());
+  const at::Tensor latents = denoise(unet, *scheduler, noise, cond, uncond, options.scale, generator);
+  return image_to_rgb8(vae->decode(latents / kSdxlVaeScale));
 }
 
 void SdxlFamily::save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
@@ -162,9 +197,8 @@ at::Tensor SdxlFamily::predict(const NoisedBatch& batch, const Conditioning& con
   UNet2DConditionModel unet = models_.unet;
   const at::Tensor context = at::cat({conditioning_tensor(conditioning, "hidden_state1"),
                                       conditioning_tensor(conditioning, "hidden_state2")}, 2);  // (B, S, D1 + D2)
-  const at::Tensor& pool2 = conditioning_tensor(conditioning, "pool2");
-  const at::Tensor sizes = size_embedding(conditioning_tensor(conditioning, "size_ids"), unet->config.addition_time_embed_dim);
-  const at::Tensor vector = at::cat({pool2, sizes.to(pool2.device(), pool2.scalar_type())}, 1);  // (B, P + 6 * 256)
+  const at::Tensor vector = vector_conditioning(unet, conditioning_tensor(conditioning, "pool2"),
+                                                conditioning_tensor(conditioning, "size_ids"));
   return unet->forward(batch.model_input, batch.timesteps, context, vector);
 }
 
