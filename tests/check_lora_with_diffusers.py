@@ -1,7 +1,8 @@
-"""Loads a LoRA that sdt wrote with diffusers' kohya-format loader (StableDiffusionPipeline.load_lora_weights) into
-the tiny SD 1.x pipeline, and compares its U-Net and text-encoder outputs with sdt's own (merged weights).
+"""Loads a LoRA that sdt wrote with diffusers' kohya-format loader (load_lora_weights of StableDiffusionPipeline, or of
+StableDiffusionXLPipeline, which maps kohya's SGM names onto its U-Net) into the tiny SD 1.x or SDXL pipeline, and
+compares its U-Net and text-encoder outputs with sdt's own (the LoRA's adapters applied).
 
-    check_lora_with_diffusers.py SD1_FOLDER LORA.safetensors OURS.safetensors
+    check_lora_with_diffusers.py sd|sdxl DIFFUSERS_FOLDER LORA.safetensors OURS.safetensors
 
 OURS holds the inputs and sdt's outputs without and with the LoRA (tests/networks/write_lora_check_files.cpp).
 Passes when the outputs agree within 1e-4 of their scale (the base models' own conformance level) and the LoRA
@@ -12,9 +13,9 @@ import os
 import sys
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 TOLERANCE = 1e-4
 
@@ -23,21 +24,36 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def main(sd1, lora_path, ours_path):
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(sd1, "unet"), torch_dtype=torch.float32).eval()
-    text = CLIPTextModel.from_pretrained(os.path.join(sd1, "text_encoder"), dtype=torch.float32).eval()
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=text, tokenizer=None, unet=unet, scheduler=DDPMScheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+def outputs(family, folder, lora_path, ours):
+    """(what, diffusers' output with the LoRA) for the U-Net and each text encoder."""
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), torch_dtype=torch.float32).eval()
+    text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), dtype=torch.float32).eval()
+    if family == "sd":
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=text, tokenizer=None, unet=unet, scheduler=DDPMScheduler(),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.load_lora_weights(lora_path)
+        with torch.no_grad():
+            return [("unet", pipe.unet(ours["sample"], ours["timesteps"], encoder_hidden_states=ours["context"]).sample),
+                    ("text", pipe.text_encoder(ours["input_ids"]).last_hidden_state)]
+    text2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2"), dtype=torch.float32).eval()
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=text, text_encoder_2=text2, tokenizer=None, tokenizer_2=None,
+                                     unet=unet, scheduler=DDPMScheduler())
     pipe.load_lora_weights(lora_path)
-    ours = load_file(ours_path)
+    added = {"text_embeds": ours["text_embeds"], "time_ids": ours["time_ids"]}
     with torch.no_grad():
-        unet_out = pipe.unet(ours["sample"], ours["timesteps"], encoder_hidden_states=ours["context"]).sample
-        text_out = pipe.text_encoder(ours["input_ids"]).last_hidden_state
+        return [("unet", pipe.unet(ours["sample"], ours["timesteps"], encoder_hidden_states=ours["context"],
+                                   added_cond_kwargs=added).sample),
+                ("text", pipe.text_encoder(ours["input_ids"]).last_hidden_state),
+                ("text2", pipe.text_encoder_2(ours["input_ids"]).text_embeds)]
+
+
+def main(family, folder, lora_path, ours_path):
+    ours = load_file(ours_path)
     failed = False
-    for what, theirs, mine, base in [("unet", unet_out, ours["unet_lora"], ours["unet_base"]),
-                                     ("text encoder", text_out, ours["text_lora"], ours["text_base"])]:
+    for what, theirs in outputs(family, folder, lora_path, ours):
+        mine, base = ours[what + "_lora"], ours[what + "_base"]
         err, effect = rel_err(theirs, mine), rel_err(base, mine)
-        print(f"{what}: diffusers vs sdt max rel err {err:.3g}; the LoRA changes the output by {effect:.3g}")
+        print(f"{family} {what}: diffusers vs sdt max rel err {err:.3g}; the LoRA changes the output by {effect:.3g}")
         if err > TOLERANCE or effect < 100 * TOLERANCE:
             print(f"FAILED: {what}")
             failed = True
@@ -45,6 +61,6 @@ def main(sd1, lora_path, ours_path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) != 5:
         sys.exit(__doc__)
     sys.exit(main(*sys.argv[1:]))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# ctest wrapper: a LoRA written by sdt, loaded by diffusers' kohya-format LoRA loader into the tiny SD 1.x pipeline.
+# ctest wrapper: a LoRA written by sdt, loaded by diffusers' kohya-format LoRA loader into the tiny SD 1.x or SDXL
+# pipeline (FAMILY: sd or sdxl).
 # Exit 77 (ctest: skipped) when no Python was configured or it cannot import diffusers and peft.
 set -euo pipefail
-writer="$1"; sd1="$2"; python="${3:-}"
+writer="$1"; family="$2"; model="$3"; python="${4:-}"
 here="$(cd "$(dirname "$0")" && pwd)"
 if [ -z "$python" ] || [ ! -x "$python" ]; then
   echo "SKIPPED: no Python configured (cmake -DSDT_PYTHON=...); the diffusers LoRA check did not run"
@@ -13,5 +14,5 @@ if ! "$python" -c "import diffusers, peft" 2>/dev/null; then
   exit 77
 fi
 out="$(mktemp -d)"; trap 'rm -rf "$out"' EXIT
-"$writer" "$sd1" "$out"
-exec "$python" "$here/check_lora_with_diffusers.py" "$sd1" "$out/lora.safetensors" "$out/ours.safetensors"
+"$writer" "$family" "$model" "$out"
+exec "$python" "$here/check_lora_with_diffusers.py" "$family" "$model" "$out/lora.safetensors" "$out/ours.safetensors"

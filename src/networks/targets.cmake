@@ -23,13 +23,17 @@ target_precompile_headers(test_networks REUSE_FROM sdt_torch)
 # One thread: the models are tiny, and OpenMP workers on a busy 2-core machine cost ten times the work.
 gtest_discover_tests(test_networks DISCOVERY_TIMEOUT 60 PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")
 
-# A LoRA our code writes, loaded by diffusers' kohya-format loader (pipe.load_lora_weights) into the tiny SD 1.x
-# pipeline: its U-Net and text encoder outputs must equal ours with merged weights. Skipped (exit 77) when the
-# configured Python cannot import diffusers and peft.
+# A LoRA our code writes, loaded by diffusers' kohya-format loader (pipe.load_lora_weights) into the tiny SD 1.x and
+# SDXL pipelines: their U-Net and text encoder outputs must equal ours with the adapters applied. Skipped (exit 77) when
+# the configured Python cannot import diffusers and peft.
 add_executable(write_lora_check_files tests/networks/write_lora_check_files.cpp)
 target_link_libraries(write_lora_check_files PRIVATE sdt_networks sdt_families)
 target_precompile_headers(write_lora_check_files REUSE_FROM sdt_torch)
 add_test(NAME lora_diffusers_loads_ours
   COMMAND bash ${CMAKE_SOURCE_DIR}/tests/check_lora_with_diffusers.sh $<TARGET_FILE:write_lora_check_files>
-          ${CMAKE_SOURCE_DIR}/tests/fixtures/sd/sd1 "${SDT_PYTHON}")
-set_tests_properties(lora_diffusers_loads_ours PROPERTIES SKIP_RETURN_CODE 77 ENVIRONMENT "OMP_NUM_THREADS=1")
+          sd ${CMAKE_SOURCE_DIR}/tests/fixtures/sd/sd1 "${SDT_PYTHON}")
+add_test(NAME lora_diffusers_loads_ours_sdxl
+  COMMAND bash ${CMAKE_SOURCE_DIR}/tests/check_lora_with_diffusers.sh $<TARGET_FILE:write_lora_check_files>
+          sdxl ${CMAKE_SOURCE_DIR}/tests/fixtures/sdxl/sdxl_a "${SDT_PYTHON}")
+set_tests_properties(lora_diffusers_loads_ours lora_diffusers_loads_ours_sdxl PROPERTIES SKIP_RETURN_CODE 77
+                     ENVIRONMENT "OMP_NUM_THREADS=1")

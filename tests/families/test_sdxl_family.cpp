@@ -3,17 +3,20 @@
 // single files both ways, the latents' scale, the denoiser call with the size conditioning, and kohya's LoRA names.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <tuple>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
 #include "src/core/tensor_io.h"
 #include "src/families/family.h"
 #include "src/families/sdxl/sdxl_family.h"
+#include "src/networks/lora.h"
 #include "tests/models/compare.h"
 
 namespace sdt {
@@ -197,6 +200,50 @@ TEST(SdxlNetworkTargets, NamesBlocksAndOrderAreKohyas) {
     }
     EXPECT_EQ(targets.size(), kohya[key].size()) << key;
   }
+}
+
+// A LoRA kohya's networks/lora.py made on sdxl_a (gen_sdxl_fixtures.py, conv LoRA included) loads into sdt's network
+// with every key used, gives kohya's outputs with it applied (fp32, 1e-4 of their scale as the models' conformance),
+// and sdt saves back the very tensors kohya saved: kohya's loader takes sdt's files as its own.
+TEST(SdxlLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
+  torch::NoGradGuard no_grad;
+  auto ref = reference("sdxl_a");
+  const std::unique_ptr<Family> sdxl = load_family("sdxl", tiny_options("sdxl_a"));  // its own: the LoRA patches it
+  const std::string kohya_file = kFixtures + "lora_kohya.safetensors";
+  const LoRANetworkConfig config =
+      parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"}, sdxl->network_block_layout());
+  LoRANetwork network(config, sdxl->network_targets(config.adapts_conv_blocks()), true, true,
+                      at::make_generator<at::CPUGeneratorImpl>(1));
+  const LoadResult loaded = network->load_weights(kohya_file);
+  EXPECT_TRUE(loaded.missing.empty()) << loaded.missing.size() << " missing, first " << loaded.missing.front();
+  EXPECT_TRUE(loaded.unexpected.empty()) << loaded.unexpected.size() << " unexpected, first " << loaded.unexpected.front();
+  network->eval();
+
+  const ModelBundle& m = sdxl->models();
+  ClipTextModel te1 = std::static_pointer_cast<ClipTextModelImpl>(m.text_encoders.at(0));
+  ClipTextModel te2 = std::static_pointer_cast<ClipTextModelImpl>(m.text_encoders.at(1));
+  UNet2DConditionModel unet = std::static_pointer_cast<UNet2DConditionModelImpl>(m.denoiser);
+  expect_close("kohya LoRA te1 hidden_11", te1->forward(ref.at("te.ids1").reshape({-1, 77})).hidden_states[11],
+               ref.at("kohya_lora.te1_hidden_11"));
+  expect_close("kohya LoRA te2 text_embeds", te2->forward(ref.at("te.ids2").reshape({-1, 77})).text_embeds,
+               ref.at("kohya_lora.te2_text_embeds"));
+  const at::Tensor unet_out = unet->forward(ref.at("unet.sample"), ref.at("unet.timesteps"), ref.at("unet.context"), ref.at("unet.vector"));
+  expect_close("kohya LoRA unet", unet_out, ref.at("kohya_lora.unet_out"));
+  // The LoRA changes the outputs by far more than that, so a module left out cannot pass unnoticed.
+  for (const auto& [with, without] : {std::pair{"kohya_lora.unet_out", "unet.out"}, {"kohya_lora.te1_hidden_11", "te1.hidden_11"},
+                                      {"kohya_lora.te2_text_embeds", "te2.text_embeds"}}) {
+    EXPECT_GT(((ref.at(with) - ref.at(without)).abs().max() / ref.at(without).abs().max()).item<double>(), 1e-2) << with;
+  }
+
+  const std::string ours = ::testing::TempDir() + "/sdxl_lora_ours.safetensors";
+  network->save_weights(ours, at::kFloat, {});
+  safetensors::File saved(ours), kohya(kohya_file);
+  EXPECT_EQ(saved.tensors().size(), kohya.tensors().size());
+  for (const auto& t : kohya.tensors()) {
+    ASSERT_TRUE(saved.contains(t.name)) << t.name;
+    EXPECT_TRUE(at::equal(load_tensor(saved, t.name), load_tensor(kohya, t.name))) << t.name;
+  }
+  std::filesystem::remove(ours);
 }
 
 TEST(SdxlFamilyRegistry, RecognisesBothLayoutsAndRefusesV2) {
