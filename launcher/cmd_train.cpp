@@ -13,12 +13,12 @@
 namespace sdt {
 namespace {
 
-void print_help(TrainMode mode) {
+void print_help(const TrainCommand& command) {
   fmt::print(
       "usage: sdt {} [--config_file FILE.toml] [--output_config] [--name value | --name=value | --flag] ...\n\n"
       "Arguments have kohya-ss/sd-scripts' names ({}). The command line wins over --config_file,\n"
       "which wins over the defaults. docs/configuration.md has this list with the dataset config keys.\n",
-      mode == TrainMode::network ? "train" : "train_db", mode == TrainMode::network ? "train_network.py" : "train_db.py");
+      command.name, command.script);
   std::string group;
   for (const auto& spec : train_arg_specs()) {
     if (spec.group != group) {
@@ -38,14 +38,16 @@ std::string effective_config_toml(const ParsedTrainArgs& parsed) {
 
 }  // namespace
 
-int run_train(const std::vector<std::string>& argv, const World& world, TrainMode mode) {
+int run_train(const std::vector<std::string>& argv, const World& world, const TrainCommand& command) {
   for (const auto& a : argv) {
     if (a == "--help" || a == "-h") {
-      print_help(mode);
+      print_help(command);
       return 0;
     }
   }
   ParsedTrainArgs parsed = parse_train_args(argv);
+  if (!parsed.args.family) parsed.args.family = command.family;
+  const TrainMode mode = command.mode;
   const TrainArgs& args = parsed.args;
   init_logging({args.console_log_level, args.console_log_file, args.console_log_simple, args.log_all_ranks}, world.rank,
                world.size);

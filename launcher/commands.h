@@ -21,7 +21,25 @@ std::string version_report();
 
 int run_inspect(const std::string& path);
 int run_inspect_dataset(const std::vector<std::string>& argv);
-int run_train(const std::vector<std::string>& argv, const World& world, TrainMode mode);
+// A training command: its name, what it trains, the kohya script it answers to, and the family that script trains
+// (used when --family is not given; none: the checkpoint's).
+struct TrainCommand {
+  const char* name;
+  TrainMode mode;
+  const char* script;
+  std::optional<std::string> family;
+  const char* description;
+};
+inline const TrainCommand kTrainCommands[] = {
+    {"train", TrainMode::network, "train_network.py", std::nullopt,
+     "train a network (LoRA), as kohya's train_network.py; `sdt train --help` lists the arguments"},
+    {"train_db", TrainMode::whole_model, "train_db.py", std::nullopt,
+     "train the whole model (DreamBooth / fine-tuning), as kohya's train_db.py (for SDXL as sdxl_train.py)"},
+    {"sdxl_train_network", TrainMode::network, "sdxl_train_network.py", "sdxl",
+     "`sdt train` on SDXL, as kohya's sdxl_train_network.py, so its configs run unchanged"},
+    {"sdxl_train", TrainMode::whole_model, "sdxl_train.py", "sdxl", "`sdt train_db` on SDXL, as kohya's sdxl_train.py"},
+};
+int run_train(const std::vector<std::string>& argv, const World& world, const TrainCommand& command);
 
 // `sdt sample`: its options are added to `app` as a subcommand bound to `command`; run_sample runs it once parsed.
 struct SampleCommand {

@@ -1,4 +1,8 @@
 // sdt: one executable, one subcommand per job. `sdt --help` lists them.
+#include <string>
+#include <utility>
+#include <vector>
+
 #include <CLI/CLI.hpp>
 
 #include "cluster/world.h"
@@ -22,15 +26,16 @@ int main(int argc, char** argv) {
       "(write the first K processed images as PNG), --dump_dir DIR, --show_captions K, and any `sdt train` argument");
   inspect_dataset->prefix_command();
 
-  // `sdt train` takes kohya's ~190 arguments; its own parser (src/core/train_args) reads them, so
-  // CLI11 hands over everything after the word "train", --help included.
-  auto* train = app.add_subcommand("train", "train a network (LoRA), as kohya's train_network.py; `sdt train --help` lists the arguments");
-  train->alias("train_network");
-  train->prefix_command();
-  train->set_help_flag();
-  auto* train_db = app.add_subcommand("train_db", "train the whole model (DreamBooth / fine-tuning), as kohya's train_db.py");
-  train_db->prefix_command();
-  train_db->set_help_flag();
+  // The training commands take kohya's ~200 arguments; their own parser (src/core/train_args) reads them, so CLI11
+  // hands over everything after the command's name, --help included.
+  std::vector<std::pair<CLI::App*, const sdt::TrainCommand*>> train_commands;
+  for (const sdt::TrainCommand& command : sdt::kTrainCommands) {
+    auto* sub = app.add_subcommand(command.name, command.description);
+    if (std::string(command.name) == "train") sub->alias("train_network");
+    sub->prefix_command();
+    sub->set_help_flag();
+    train_commands.emplace_back(sub, &command);
+  }
 
   sdt::SampleCommand sample_command;
   auto* sample = sdt::add_sample_command(app, sample_command);
@@ -50,8 +55,9 @@ int main(int argc, char** argv) {
       if (inspect_path.empty()) throw CLI::RequiredError("file");
       return sdt::run_inspect(inspect_path);
     }
-    if (*train) return sdt::run_train(train->remaining(), session.world(), sdt::TrainMode::network);
-    if (*train_db) return sdt::run_train(train_db->remaining(), session.world(), sdt::TrainMode::whole_model);
+    for (const auto& [sub, command] : train_commands) {
+      if (*sub) return sdt::run_train(sub->remaining(), session.world(), *command);
+    }
     if (*sample) return sdt::run_sample(sample_command, sample->remaining());
     if (*merge_lora) return sdt::run_merge_lora(merge_lora_command, merge_lora->remaining());
     if (cache_commands.chosen()) return sdt::run_cache_command(cache_commands, session.world());

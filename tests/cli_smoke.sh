@@ -68,5 +68,23 @@ rm "$work/ds/5_sks/broken.png"
 check "--resolution -32 is named" 1 "resolution: expected positive sizes, got \"-32\"" -- \
   "$sdt" train "${lora[@]}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer" --train_data_dir "$work/ds" --resolution -32
 
+check "a min_bucket_reso below bucket_reso_steps is named" 1 "min_bucket_reso: 16 is smaller than bucket_reso_steps 64" -- \
+  "$sdt" train "${lora[@]}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer" --train_data_dir "$work/ds" --resolution 32 \
+  --enable_bucket --min_bucket_reso 16
+
+# kohya's SDXL script names: the same training on the SDXL family, a few steps on the tiny SDXL model.
+sdxl=(--pretrained_model_name_or_path "$src/tests/fixtures/sdxl/sdxl_a" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
+      --train_data_dir "$work/ds" --resolution 32 --enable_bucket --min_bucket_reso 32 --max_bucket_reso 64
+      --bucket_reso_steps 32 --max_train_steps 2 --console_log_level WARNING)
+check "sdxl_train_network trains an SDXL LoRA" 0 "" -- "$sdt" sdxl_train_network "${sdxl[@]}" --network_module networks.lora \
+  --output_dir "$work/sdxl_lora" --output_name lora
+check "the LoRA has kohya's SDXL names" 0 "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" -- \
+  "$sdt" inspect "$work/sdxl_lora/lora.safetensors"
+check "sdxl_train refuses train_db's text-encoder flags" 1 "stop_text_encoder_training: is train_db.py's" -- \
+  "$sdt" sdxl_train "${sdxl[@]}" --output_dir "$work/sdxl_full" --stop_text_encoder_training 5
+check "sdxl_train_network on an SD 1.x model is refused" 1 "not an SDXL diffusers folder" -- \
+  "$sdt" sdxl_train_network --pretrained_model_name_or_path "$src/tests/fixtures/sd/sd1" --network_module networks.lora \
+  --output_dir "$work/wrong" --train_data_dir "$work/ds" --resolution 32
+
 echo "$failures failure(s)"
 [ "$failures" = 0 ]

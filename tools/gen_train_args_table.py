@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Regenerates src/core/train_args_table.inc: the table of `sdt train` arguments under kohya's names.
 
-The names, kinds, defaults and choices are kohya-ss/sd-scripts' train_network.py command line, with train_db.py's
-and the transformer families' (flux_train_network.py) arguments (a kohya user's flags and config files must mean the
+The names, kinds, defaults and choices are kohya-ss/sd-scripts' train_network.py command line, with train_db.py's,
+SDXL's (sdxl_train.py) and the transformer families' (flux_train_network.py) arguments (a kohya user's flags and config files must mean the
 same here); the help texts are the English half
 of kohya's (Apache-2.0). sdt's own arguments are appended from SDT_ARGS below.
 
@@ -84,6 +84,17 @@ def collect(root: pathlib.Path):
     exec(compile(ast.Module(calls, []), "train_db.py", "exec"), {"parser": parser, "argparse": argparse})
     for action in parser._actions[before:]:
         groups[action.dest] = "fine-tuning (train_db)"
+    # sdxl_train.py's own arguments (`sdt train_db` / `sdt sdxl_train` on SDXL: its full fine-tuning).
+    tree = ast.parse((root / "sdxl_train.py").read_text())
+    setup = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup_parser")
+    known = {o for a in parser._actions for o in a.option_strings}
+    calls = [s for s in setup.body if isinstance(s, ast.Expr) and getattr(s.value.func, "attr", "") == "add_argument"
+             and s.value.args[0].value not in known]
+    before = len(parser._actions)
+    exec(compile(ast.Module(calls, []), "sdxl_train.py", "exec"),
+         {"parser": parser, "argparse": argparse, "UNET_NUM_BLOCKS_FOR_BLOCK_LR": 23})
+    for action in parser._actions[before:]:
+        groups[action.dest] = "SDXL"
     return [(a, groups[a.dest]) for a in parser._actions if a.option_strings and a.dest != "help"]
 
 

@@ -25,6 +25,10 @@ BucketSelector::BucketSelector(Resolution max_reso, int64_t min_size, int64_t ma
     : max_reso_(max_reso), steps_(steps), no_upscale_(no_upscale) {
   if (steps < 1) fail("bucket_reso_steps", "must be at least 1, got {}", steps);
   // kohya's adjust_min_max_bucket_reso_by_steps
+  if (min_size < steps) {
+    fail("min_bucket_reso", "{} is smaller than bucket_reso_steps {}, so it rounds down to 0 and no bucket fits (kohya "
+                            "divides by zero here); lower bucket_reso_steps or raise min_bucket_reso", min_size, steps);
+  }
   min_size = min_size / steps * steps;
   max_size = (max_size + steps - 1) / steps * steps;
   if (!no_upscale) {

@@ -130,6 +130,15 @@ struct ParallelPlan {
   std::string no_block_swap_reason;                                     // why, when `swap` is empty
 };
 
+// One optimizer group of full fine-tuning: parameters of one of the family's models at one learning rate.
+struct FullTrainingGroup {
+  std::string prefix;                         // of the parameters' names in a resume state: "unet.", "text_encoder."
+  std::shared_ptr<torch::nn::Module> model;
+  std::vector<std::string> parameters;        // names in `model`; empty: all of its parameters
+  double lr = 0;
+  bool text_encoder = false;                  // stops training at --stop_text_encoder_training
+};
+
 // What a family writes into SAI model-spec metadata (kohya's library/sai_model_spec.py), which A1111, ComfyUI and model
 // sites read: its architecture id ("/lora" is added for a LoRA), the implementation a LoRA and a checkpoint follow,
 // what the denoiser predicts (none for the flow-matching families) and the resolution it was made for.
@@ -167,6 +176,9 @@ class Family {
   // The conditioning the denoiser takes from where each image of a batch came from, besides its caption, batch first
   // (SDXL: "size_ids"); none by default.
   virtual Conditioning image_conditioning(const std::vector<ImageGeometry>& images) const;
+  // What full fine-tuning trains, as the family's kohya script for it decides (SD: train_db.py; SDXL: sdxl_train.py):
+  // a model, block or encoder in no group stays frozen. Arguments that script lacks, or bad values, are sdt::Errors.
+  virtual std::vector<FullTrainingGroup> full_training_groups(const TrainArgs& args) const = 0;
   // The layers a network (LoRA) adapts, in kohya's creation order; the convolution blocks' too with `conv_blocks`.
   virtual std::vector<NetworkTarget> network_targets(bool conv_blocks) const = 0;
   // kohya's block layout of the denoiser, for block-wise dims and learning rates (NetworkTarget::block indexes it).

@@ -106,7 +106,10 @@ at::Tensor Transformer2DImpl::forward(const at::Tensor& x, const at::Tensor& con
 
   at::Tensor tokens = proj_in_linear ? proj_in_linear(to_tokens(norm(x))) : to_tokens(proj_in_conv(norm(x)));
   for (const auto& block : *transformer_blocks) tokens = block->as<BasicTransformerBlock>()->forward(tokens, context);
-  at::Tensor out = proj_out_linear ? to_image(proj_out_linear(tokens)) : proj_out_conv(to_image(tokens).contiguous());
+  // Contiguous, as diffusers makes it: a channels-last result would send the next GroupNorm to PyTorch's channels-last
+  // kernel, whose backward crashes when the input needs no gradient but the norm's weights do (a frozen block before
+  // a trained one, sdxl_train.py's --block_lr).
+  at::Tensor out = proj_out_linear ? to_image(proj_out_linear(tokens)).contiguous() : proj_out_conv(to_image(tokens).contiguous());
   return out + x;
 }
 

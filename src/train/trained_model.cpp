@@ -69,22 +69,24 @@ class NetworkTraining final : public TrainedModel {
   std::optional<double> scale_weight_norms_;
 };
 
-// train_db.py: the denoiser at --learning_rate, the text encoder (unless --stop_text_encoder_training -1) at
-// --learning_rate_te or the same rate, until step --stop_text_encoder_training.
+// Full fine-tuning: the groups of the family's script (train_db.py for SD, sdxl_train.py for SDXL); text encoders in
+// them stop training at --stop_text_encoder_training.
 class WholeModelTraining final : public TrainedModel {
  public:
   WholeModelTraining(const TrainArgs& args, Family& family, const Precision& precision)
       : family_(family), save_dtype_(save_dtype(args)), stop_text_encoder_at_(args.stop_text_encoder_training) {
     const ModelBundle& models = family.models();
-    trains_text_encoder_ = !args.stop_text_encoder_training || *args.stop_text_encoder_training >= 0;
-    models.denoiser->to(precision.trained);
-    add_group("unet.", *models.denoiser, args.learning_rate);
-    // diffusers' folder names: text_encoder, text_encoder_2, ...
-    for (size_t i = 0; i < models.text_encoders.size(); ++i) {
-      models.text_encoders[i]->to(trains_text_encoder_ ? precision.trained : precision.frozen);
-      const std::string prefix = i == 0 ? "text_encoder." : fmt::format("text_encoder_{}.", i + 1);
-      if (trains_text_encoder_) add_group(prefix, *models.text_encoders[i], args.learning_rate_te.value_or(args.learning_rate));
+    models.denoiser->to(precision.frozen);
+    for (const auto& encoder : models.text_encoders) encoder->to(precision.frozen);
+    for (const FullTrainingGroup& group : family.full_training_groups(args)) {
+      group.model->to(precision.trained);
+      add_group(group);
+      if (group.text_encoder) {
+        trains_text_encoder_ = true;
+        trained_text_encoders_.push_back(group.model);
+      }
     }
+    if (groups_.empty()) fail("full fine-tuning", "nothing to train: every learning rate is 0");
     set_training(true);
   }
 
@@ -96,13 +98,13 @@ class WholeModelTraining final : public TrainedModel {
   void set_training(bool training) override {
     family_.models().denoiser->train(training);
     if (!trains_text_encoder_) return;
-    for (const auto& encoder : family_.models().text_encoders) encoder->train(training);
+    for (const auto& encoder : trained_text_encoders_) encoder->train(training);
   }
 
   void after_update(int64_t global_step) override {
     if (!stop_text_encoder_at_ || global_step != *stop_text_encoder_at_ || !trains_text_encoder_) return;
     spdlog::info("step {}: the text encoder stops training (--stop_text_encoder_training)", global_step);
-    for (const auto& encoder : family_.models().text_encoders) {
+    for (const auto& encoder : trained_text_encoders_) {
       encoder->eval();
       for (auto& p : encoder->parameters()) p.requires_grad_(false);
     }
@@ -117,20 +119,26 @@ class WholeModelTraining final : public TrainedModel {
   }
 
  private:
-  void add_group(const std::string& prefix, torch::nn::Module& module, double lr) {
-    ParamGroup group{{}, lr};
-    for (const auto& item : module.named_parameters()) {
-      at::Tensor p = item.value();
+  void add_group(const FullTrainingGroup& group) {
+    ParamGroup params{{}, group.lr};
+    const auto named = group.model->named_parameters();
+    const auto take = [&](const std::string& name, at::Tensor p) {
       p.requires_grad_(true);
-      group.params.push_back(p);
-      named_.emplace_back(prefix + item.key(), p);
+      params.params.push_back(p);
+      named_.emplace_back(group.prefix + name, p);
+    };
+    if (group.parameters.empty()) {
+      for (const auto& item : named) take(item.key(), item.value());
+    } else {
+      for (const std::string& name : group.parameters) take(name, named[name]);
     }
-    groups_.push_back(std::move(group));
+    groups_.push_back(std::move(params));
   }
 
   Family& family_;
   std::optional<at::ScalarType> save_dtype_;
   std::optional<int64_t> stop_text_encoder_at_;
+  std::vector<std::shared_ptr<torch::nn::Module>> trained_text_encoders_;
 };
 
 }  // namespace

@@ -150,6 +150,11 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.full_bf16 && args.mixed_precision != "bf16") fail("--full_bf16", "requires --mixed_precision bf16, as in kohya");
   if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
+  if (args.fused_backward_pass || args.fused_optimizer_groups) {
+    fail(args.fused_backward_pass ? "--fused_backward_pass" : "--fused_optimizer_groups",
+         "not built yet: sdt steps the optimizer after backward (kohya's per-parameter steps inside backward save the "
+         "gradients' memory); lower memory with --gradient_checkpointing or --sharding instead");
+  }
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
   if (args.train_batch_size < 1) fail("--train_batch_size", "must be at least 1, got {}", args.train_batch_size);
   if (!args.max_train_epochs && args.max_train_steps < 1) {  // --max_train_epochs, when given, sets the steps

@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 #include <numeric>
 
+#include "src/core/error.h"
 #include "src/core/safetensors.h"
 #include "src/models/sdxl_checkpoint.h"
 #include "src/train/trainer.h"
@@ -99,24 +101,62 @@ TEST(SdxlTraining, CachedLatentsAndTextEncoderOutputsGiveTheLossesOfEncodingOnTh
   fs::remove_all(root);
 }
 
-TEST(SdxlTraining, FullFineTuneWritesAnSgmFileThatLoadsBack) {
+// sdxl_train.py's rules: the text encoders train only with --train_text_encoder, each at its own rate (0: frozen);
+// --block_lr sets the rate of each of the U-Net's 23 blocks (0: frozen). The result is an SGM file that loads back.
+TEST(SdxlTraining, FullFineTuneTrainsWhatSdxlTrainPyTrainsAndWritesAnSgmFile) {
   const fs::path root = fs::path(testing::TempDir()) / "sdt_sdxl_full";
   fs::remove_all(root);
-  TrainArgs args = tiny_sdxl_run(root);
-  args.max_train_steps = 4;
-  args.learning_rate = 1e-4;
-  const TrainSummary summary = train(args, World{}, TrainMode::whole_model);
-  ASSERT_EQ(summary.steps, 4);
-  const SdxlModels folder = load_sdxl_diffusers_folder(kModel);
-  const SdxlConfig config{folder.text_encoder1->config, folder.text_encoder2->config, folder.vae->config, folder.unet->config};
-  const SdxlModels trained = load_sgm_checkpoint(summary.weights_path, config);
-  // The U-Net and both text encoders trained (train_db.py trains the text encoders unless told otherwise); the VAE not.
-  EXPECT_FALSE(at::equal(trained.unet->conv_in->weight, folder.unet->conv_in->weight));
+  const SdxlModels base = load_sdxl_diffusers_folder(kModel);
+  const SdxlConfig config{base.text_encoder1->config, base.text_encoder2->config, base.vae->config, base.unet->config};
   const auto first_fc1 = [](ClipTextModel te) { return te->text_model->encoder->layers[0]->as<ClipEncoderLayer>()->mlp->fc1->weight; };
-  EXPECT_FALSE(at::equal(first_fc1(trained.text_encoder1), first_fc1(folder.text_encoder1)));
-  EXPECT_FALSE(at::equal(trained.text_encoder2->text_projection->weight, folder.text_encoder2->text_projection->weight));
-  EXPECT_TRUE(at::equal(trained.vae->encoder->conv_in->weight, folder.vae->encoder->conv_in->weight));
-  EXPECT_EQ(safetensors::File(summary.weights_path).metadata().at("modelspec.architecture"), "stable-diffusion-xl-v1-base");
+  const auto changed = [](const at::Tensor& a, const at::Tensor& b) { return !at::equal(a, b); };
+  const auto run = [&](const std::string& name, const std::function<void(TrainArgs&)>& configure) {
+    TrainArgs args = tiny_sdxl_run(root);
+    args.max_train_steps = 2;
+    args.learning_rate = 1e-4;
+    args.output_dir = (root / name).string();
+    configure(args);
+    const TrainSummary summary = train(args, World{}, TrainMode::whole_model);
+    EXPECT_EQ(safetensors::File(summary.weights_path).metadata().at("modelspec.architecture"), "stable-diffusion-xl-v1-base");
+    return load_sgm_checkpoint(summary.weights_path, config);
+  };
+
+  const SdxlModels unet_only = run("unet_only", [](TrainArgs&) {});
+  EXPECT_TRUE(changed(unet_only.unet->conv_in->weight, base.unet->conv_in->weight));
+  EXPECT_FALSE(changed(first_fc1(unet_only.text_encoder1), first_fc1(base.text_encoder1)));
+  EXPECT_FALSE(changed(unet_only.text_encoder2->text_projection->weight, base.text_encoder2->text_projection->weight));
+  EXPECT_FALSE(changed(unet_only.vae->encoder->conv_in->weight, base.vae->encoder->conv_in->weight));
+
+  const SdxlModels first_encoder = run("te1", [](TrainArgs& args) {
+    args.train_text_encoder = true;
+    args.learning_rate_te2 = 0.0;
+  });
+  EXPECT_TRUE(changed(first_fc1(first_encoder.text_encoder1), first_fc1(base.text_encoder1)));
+  EXPECT_FALSE(changed(first_encoder.text_encoder2->text_projection->weight, base.text_encoder2->text_projection->weight));
+
+  // Block 0 (time and label embeddings) and the input blocks 1..9 frozen, the rest at 1e-4.
+  const SdxlModels blocks = run("blocks", [](TrainArgs& args) {
+    std::string rates = "0,0,0,0,0,0,0,0,0,0";
+    for (int i = 10; i < 23; ++i) rates += ",1e-4";
+    args.block_lr = rates;
+  });
+  EXPECT_FALSE(changed(blocks.unet->time_embedding->linear_1->weight, base.unet->time_embedding->linear_1->weight));
+  EXPECT_FALSE(changed(blocks.unet->conv_in->weight, base.unet->conv_in->weight));  // input_blocks.0
+  EXPECT_TRUE(changed(blocks.unet->conv_out->weight, base.unet->conv_out->weight));  // out, block 22
+  fs::remove_all(root);
+}
+
+TEST(SdxlTraining, TrainDbArgumentsAreRefusedWithSdxlTrainPysNames) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_sdxl_refused";
+  fs::remove_all(root);
+  TrainArgs args = tiny_sdxl_run(root);
+  args.stop_text_encoder_training = 5;
+  try {
+    train(args, World{}, TrainMode::whole_model);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--train_text_encoder"), std::string::npos) << e.what();
+  }
   fs::remove_all(root);
 }
 

@@ -264,6 +264,21 @@ at::Tensor SdFamily::predict(const NoisedBatch& batch, const Conditioning& condi
   return unet->forward(batch.model_input, batch.timesteps, conditioning_tensor(conditioning, "hidden_state"));
 }
 
+std::vector<FullTrainingGroup> SdFamily::full_training_groups(const TrainArgs& args) const {
+  for (const auto& [given, flag] : {std::pair{args.train_text_encoder, "--train_text_encoder"},
+                                    {args.learning_rate_te1.has_value(), "--learning_rate_te1"},
+                                    {args.learning_rate_te2.has_value(), "--learning_rate_te2"},
+                                    {args.block_lr.has_value(), "--block_lr"}}) {
+    if (given) fail(flag, "is sdxl_train.py's (SDXL); SD trains as train_db.py: --learning_rate_te, --stop_text_encoder_training");
+  }
+  std::vector<FullTrainingGroup> groups{{.prefix = "unet.", .model = models_.unet.ptr(), .lr = args.learning_rate}};
+  if (!args.stop_text_encoder_training || *args.stop_text_encoder_training >= 0) {
+    groups.push_back({.prefix = "text_encoder.", .model = models_.text_encoder.ptr(),
+                      .lr = args.learning_rate_te.value_or(args.learning_rate), .text_encoder = true});
+  }
+  return groups;
+}
+
 std::vector<NetworkTarget> SdFamily::network_targets(bool conv_blocks) const {
   return sd_network_targets(models_.text_encoder, models_.unet, conv_blocks);
 }

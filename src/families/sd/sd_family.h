@@ -113,6 +113,9 @@ class SdFamily : public Family {
   std::string name() const override { return "sd"; }
   std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const override;  // DdpmObjective
   at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const override;
+  // train_db.py: the U-Net at --learning_rate, the text encoder (unless --stop_text_encoder_training -1) at
+  // --learning_rate_te or the same rate.
+  std::vector<FullTrainingGroup> full_training_groups(const TrainArgs& args) const override;
   std::vector<NetworkTarget> network_targets(bool conv_blocks) const override;
   NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sd(); }
   ParallelPlan parallel_plan() const override;  // the U-Net's ResNets and Transformer2Ds; no block swap

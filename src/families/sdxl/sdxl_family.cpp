@@ -2,6 +2,7 @@
 #include "src/families/sdxl/sdxl_family.h"
 
 #include <algorithm>
+#include <charconv>
 #include <filesystem>
 #include <map>
 
@@ -210,6 +211,51 @@ Conditioning SdxlFamily::image_conditioning(const std::vector<ImageGeometry>& im
     }
   }
   return {{"size_ids", at::tensor(values, at::kFloat).reshape({static_cast<int64_t>(images.size()), 6})}};
+}
+
+std::vector<FullTrainingGroup> SdxlFamily::full_training_groups(const TrainArgs& args) const {
+  if (args.stop_text_encoder_training) {
+    fail("--stop_text_encoder_training", "is train_db.py's; SDXL trains as sdxl_train.py: the text encoders train with "
+                                         "--train_text_encoder, at --learning_rate_te1 and --learning_rate_te2");
+  }
+  if (args.learning_rate_te) fail("--learning_rate_te", "is train_db.py's; SDXL's are --learning_rate_te1 and --learning_rate_te2");
+  std::vector<FullTrainingGroup> groups;
+  const std::shared_ptr<nn::Module> unet = models_.unet.ptr();
+  if (args.learning_rate != 0 && !args.block_lr) groups.push_back({.prefix = "unet.", .model = unet, .lr = args.learning_rate});
+  if (args.learning_rate != 0 && args.block_lr) {
+    // kohya's get_block_params_to_optimize: each parameter's block from its SGM name; a block at 0 is frozen.
+    std::vector<double> rates;
+    for (const std::string& value : split(*args.block_lr, ',')) {
+      const std::string text = trim(value);
+      double rate = 0;
+      const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), rate);
+      if (error != std::errc() || end != text.data() + text.size()) fail("--block_lr", "'{}' is not a number", text);
+      rates.push_back(rate);
+    }
+    if (rates.size() != 23) fail("--block_lr", "{} values given, expected 23 (SDXL's U-Net blocks)", rates.size());
+    std::vector<std::vector<std::string>> names(23);
+    for (const auto& item : unet->named_parameters()) {
+      const std::string sgm = ldm::unet_key(item.key(), models_.unet->config);
+      const int block = sgm.starts_with("time_embed.") || sgm.starts_with("label_emb.") ? 0
+                        : sgm.starts_with("out.")                                      ? 22
+                                                                                        : sdxl_block_index(sgm);
+      names.at(static_cast<size_t>(block)).push_back(item.key());
+    }
+    for (size_t i = 0; i < 23; ++i) {
+      if (rates[i] != 0) groups.push_back({.prefix = "unet.", .model = unet, .parameters = names[i], .lr = rates[i]});
+    }
+  }
+  if (args.train_text_encoder) {
+    const std::pair<ClipTextModel, std::optional<double>> encoders[] = {{models_.text_encoder1, args.learning_rate_te1},
+                                                                         {models_.text_encoder2, args.learning_rate_te2}};
+    for (size_t i = 0; i < 2; ++i) {
+      const double lr = encoders[i].second.value_or(args.learning_rate);
+      if (lr == 0) continue;
+      groups.push_back({.prefix = fmt::format("text_encoder{}.", i + 1), .model = encoders[i].first.ptr(), .lr = lr,
+                        .text_encoder = true});
+    }
+  }
+  return groups;
 }
 
 std::vector<NetworkTarget> SdxlFamily::network_targets(bool conv_blocks) const {

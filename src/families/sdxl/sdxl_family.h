@@ -69,6 +69,10 @@ class SdxlFamily : public Family {
   at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const override;
   // "size_ids" (B, 6) float32: original height and width, crop top and left, target height and width.
   Conditioning image_conditioning(const std::vector<ImageGeometry>& images) const override;
+  // sdxl_train.py: the U-Net at --learning_rate (0: frozen) or, with --block_lr, each of its 23 blocks at its rate
+  // (0: frozen); with --train_text_encoder each encoder at --learning_rate_te1 / --learning_rate_te2 (default
+  // --learning_rate; 0: frozen).
+  std::vector<FullTrainingGroup> full_training_groups(const TrainArgs& args) const override;
   std::vector<NetworkTarget> network_targets(bool conv_blocks) const override;
   NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sdxl(); }
   ParallelPlan parallel_plan() const override;  // the U-Net's ResNets and Transformer2Ds; no block swap

@@ -206,6 +206,15 @@ class TinyDitFamily final : public Family {
     }
     return targets;
   }
+  // As SD's train_db.py: the transformer, and the text encoder unless --stop_text_encoder_training -1.
+  std::vector<FullTrainingGroup> full_training_groups(const TrainArgs& args) const override {
+    std::vector<FullTrainingGroup> groups{{.prefix = "unet.", .model = dit_.ptr(), .lr = args.learning_rate}};
+    if (!args.stop_text_encoder_training || *args.stop_text_encoder_training >= 0) {
+      groups.push_back({.prefix = "text_encoder.", .model = sd_.text_encoder.ptr(),
+                        .lr = args.learning_rate_te.value_or(args.learning_rate), .text_encoder = true});
+    }
+    return groups;
+  }
   // kohya's lora_flux has no block-wise dims: the lists keep SD's layout, which no target indexes.
   NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sd(); }
   // The double blocks then the single blocks, two stacks that swap as kohya's FLUX does: --blocks_to_swap k swaps
