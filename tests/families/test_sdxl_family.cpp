@@ -17,6 +17,7 @@
 #include "src/families/family.h"
 #include "src/families/sdxl/sdxl_family.h"
 #include "src/networks/lora.h"
+#include "src/networks/merge.h"
 #include "tests/models/compare.h"
 
 namespace sdt {
@@ -247,6 +248,24 @@ TEST(SdxlLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
     EXPECT_TRUE(at::equal(load_tensor(saved, t.name), load_tensor(kohya, t.name))) << t.name;
   }
   std::filesystem::remove(ours);
+}
+
+// kohya's sdxl_merge_lora.py: the same file merged into the weights (ratio 1) gives the outputs of the applied LoRA,
+// to fp32 rounding of the merged weights.
+TEST(SdxlLora, MergedIntoTheModelGivesTheOutputsOfTheAppliedLora) {
+  torch::NoGradGuard no_grad;
+  auto ref = reference("sdxl_a");
+  const std::unique_ptr<Family> sdxl = load_family("sdxl", tiny_options("sdxl_a"));
+  const std::vector<std::string> skipped =
+      merge_loras_into_targets(sdxl->network_targets(true), {kFixtures + "lora_kohya.safetensors"}, {1.0}, at::kFloat);
+  EXPECT_TRUE(skipped.empty()) << skipped.size() << " keys skipped, first " << skipped.front();
+  const ModelBundle& m = sdxl->models();
+  UNet2DConditionModel unet = std::static_pointer_cast<UNet2DConditionModelImpl>(m.denoiser);
+  ClipTextModel te2 = std::static_pointer_cast<ClipTextModelImpl>(m.text_encoders.at(1));
+  expect_close("merged kohya LoRA unet", unet->forward(ref.at("unet.sample"), ref.at("unet.timesteps"), ref.at("unet.context"), ref.at("unet.vector")),
+               ref.at("kohya_lora.unet_out"));
+  expect_close("merged kohya LoRA te2 text_embeds", te2->forward(ref.at("te.ids2").reshape({-1, 77})).text_embeds,
+               ref.at("kohya_lora.te2_text_embeds"));
 }
 
 TEST(SdxlFamilyRegistry, RecognisesBothLayoutsAndRefusesV2) {
