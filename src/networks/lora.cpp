@@ -324,8 +324,10 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, const std::vec
     const bool linear_like = is_linear(*t.module) || is_conv_1x1(*t.module);
     std::optional<int64_t> dim;
     std::optional<double> alpha;
+    if (!t.other_name.empty()) other_names_.emplace(t.lora_name, t.other_name);
     if (config.modules_dim_alpha) {
       auto it = config.modules_dim_alpha->find(t.lora_name);
+      if (it == config.modules_dim_alpha->end() && !t.other_name.empty()) it = config.modules_dim_alpha->find(t.other_name);
       if (it != config.modules_dim_alpha->end()) std::tie(dim, alpha) = it->second;
     } else if (t.in_denoiser && config.block_dims) {
       int idx = t.block;
@@ -476,20 +478,29 @@ LoadResult LoRANetworkImpl::load_weights(const std::string& path) {
   std::map<std::string, at::Tensor> own;
   for (const auto& item : named_parameters()) own.emplace(item.key(), item.value());
   for (const auto& item : named_buffers()) own.emplace(item.key(), item.value());
+  std::set<std::string> read;
   for (auto& [key, tensor] : own) {
-    if (!file.contains(key)) {
+    // "<lora_name>.<suffix>", or the same under the module's other name.
+    std::string stored = key;
+    if (!file.contains(stored)) {
+      const size_t dot = key.find('.');
+      const auto other = other_names_.find(key.substr(0, dot));
+      if (other != other_names_.end()) stored = other->second + key.substr(dot);
+    }
+    if (!file.contains(stored)) {
       result.missing.push_back(key);
       continue;
     }
-    const auto& info = file.info(key);
+    const auto& info = file.info(stored);
     if (info.shape != tensor.sizes().vec()) {
-      fail(path + ": tensor '" + key + "'", "shape [{}] does not match the network's [{}] (different dim or model?)",
+      fail(path + ": tensor '" + stored + "'", "shape [{}] does not match the network's [{}] (different dim or model?)",
            fmt::join(info.shape, ", "), fmt::join(tensor.sizes(), ", "));
     }
-    tensor.copy_(load_tensor(file, key));
+    tensor.copy_(load_tensor(file, stored));
+    read.insert(stored);
   }
   for (const auto& t : file.tensors()) {
-    if (!own.contains(t.name)) result.unexpected.push_back(t.name);
+    if (!read.contains(t.name)) result.unexpected.push_back(t.name);
   }
   return result;
 }

@@ -157,7 +157,8 @@ struct LoRANetworkImpl : torch::nn::Module {
   // --scale_weight_norms: kohya's apply_max_norm_regularization.
   MaxNormResult apply_max_norm_regularization(double max_norm);
 
-  // --network_weights: kohya's load_weights (non-strict: keys on one side only are reported, shapes must match).
+  // --network_weights: kohya's load_weights (non-strict: keys on one side only are reported, shapes must match). A
+  // module's weights under its target's other_name load as under its lora_name.
   LoadResult load_weights(const std::string& path);
 
   // The state dict in kohya's key order and names, in `dtype` when given (alpha included, as kohya casts it).
@@ -170,6 +171,8 @@ struct LoRANetworkImpl : torch::nn::Module {
   std::vector<LoRAModule> text_encoder_loras, unet_loras;  // kohya's creation order
   std::vector<std::string> skipped;                        // modules a dim of 0 left out
 
+ private:
+  std::map<std::string, std::string> other_names_;  // lora_name -> the target's other_name
 };
 TORCH_MODULE(LoRANetwork);
 

@@ -33,6 +33,7 @@ std::vector<std::string> merge_loras_into_targets(const std::vector<NetworkTarge
   std::map<std::string, std::shared_ptr<nn::Module>> name_to_module;
   for (const NetworkTarget& t : targets) {
     name_to_module.emplace(t.lora_name, t.module);
+    if (!t.other_name.empty()) name_to_module.emplace(t.other_name, t.module);
   }
 
   torch::NoGradGuard no_grad;

@@ -29,6 +29,9 @@ struct NetworkTarget {
   std::shared_ptr<torch::nn::Module> module;   // an sdt::Linear or sdt::Conv2d (src/models/layers.h)
   bool in_denoiser = false;                    // the denoiser's (kohya's unet_loras), else a text encoder's
   int block = -1;                              // kohya's block index for block-wise dims and lrs; -1: none
+  // The name other tools' files give the same module, which kohya reads as lora_name (SDXL's U-Net by its diffusers
+  // path, `lora_unet_down_blocks_1_attentions_0_...`: kohya's convert_diffusers_to_sai_if_needed); empty: none.
+  std::string other_name;
 };
 
 }  // namespace sdt

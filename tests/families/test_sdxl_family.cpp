@@ -250,6 +250,46 @@ TEST(SdxlLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
   std::filesystem::remove(ours);
 }
 
+// Other trainers write SDXL LoRAs under the diffusers U-Net's module paths (`lora_unet_down_blocks_1_attentions_0_...`);
+// kohya renames them to its SGM names on loading (convert_diffusers_to_sai_if_needed), and sdt reads them so: each
+// U-Net target's other name is the one kohya maps to its name, and kohya's file with its U-Net keys so renamed loads
+// and gives kohya's outputs.
+TEST(SdxlLora, DiffusersNamedFilesLoadAsKohyaRenamesThem) {
+  torch::NoGradGuard no_grad;
+  std::ifstream in(kFixtures + "lora_diffusers_names.json");
+  const nlohmann::json kohya_names = nlohmann::json::parse(in);  // diffusers-path name -> kohya's SGM name
+  const std::unique_ptr<Family> sdxl = load_family("sdxl", tiny_options("sdxl_a"));
+  const std::vector<NetworkTarget> targets = sdxl->network_targets(true);
+  std::map<std::string, std::string> to_diffusers;
+  for (const NetworkTarget& t : targets) {
+    if (!t.in_denoiser) continue;
+    ASSERT_TRUE(kohya_names.contains(t.other_name)) << t.other_name;
+    EXPECT_EQ(kohya_names[t.other_name].get<std::string>(), t.lora_name);
+    to_diffusers[t.lora_name] = t.other_name;
+  }
+
+  safetensors::File kohya(kFixtures + "lora_kohya.safetensors");
+  NamedTensors renamed;
+  for (const auto& info : kohya.tensors()) {
+    const size_t dot = info.name.find('.');
+    const auto it = to_diffusers.find(info.name.substr(0, dot));
+    renamed.emplace_back(it == to_diffusers.end() ? info.name : it->second + info.name.substr(dot), load_tensor(kohya, info.name));
+  }
+  const std::string file = ::testing::TempDir() + "/sdxl_lora_diffusers_names.safetensors";
+  save_safetensors(file, renamed, {});
+  const LoRANetworkConfig config =
+      parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"}, sdxl->network_block_layout());
+  LoRANetwork network(config, targets, true, true, at::make_generator<at::CPUGeneratorImpl>(1));
+  const LoadResult loaded = network->load_weights(file);
+  EXPECT_TRUE(loaded.missing.empty() && loaded.unexpected.empty()) << loaded.missing.size() << " missing, " << loaded.unexpected.size() << " unexpected";
+  network->eval();
+  auto ref = reference("sdxl_a");
+  UNet2DConditionModel unet = std::static_pointer_cast<UNet2DConditionModelImpl>(sdxl->models().denoiser);
+  expect_close("diffusers-named kohya LoRA unet", unet->forward(ref.at("unet.sample"), ref.at("unet.timesteps"), ref.at("unet.context"), ref.at("unet.vector")),
+               ref.at("kohya_lora.unet_out"));
+  std::filesystem::remove(file);
+}
+
 // kohya's sdxl_merge_lora.py: the same file merged into the weights (ratio 1) gives the outputs of the applied LoRA,
 // to fp32 rounding of the merged weights.
 TEST(SdxlLora, MergedIntoTheModelGivesTheOutputsOfTheAppliedLora) {

@@ -77,10 +77,17 @@ std::vector<NetworkTarget> sdxl_network_targets(ClipTextModel text_encoder1, Cli
     parents.push_back(&is_a<Downsample2DImpl>);
     parents.push_back(&is_a<Upsample2DImpl>);
   }
-  // lora_targets names each target once, in order: the SGM paths it was given line up with its targets.
-  std::vector<std::string> sgm_paths;
-  const auto rename = [&](const std::string& path) { return sgm_paths.emplace_back(sgm_module_path(path, unet->config)); };
+  // lora_targets names each target once, in order: the paths it was given line up with its targets. Files named by
+  // the diffusers paths (other trainers') load as kohya loads them.
+  std::vector<std::string> sgm_paths, diffusers_names;
+  const auto rename = [&](const std::string& path) {
+    std::string name = "lora_unet_" + path;
+    std::replace(name.begin(), name.end(), '.', '_');
+    diffusers_names.push_back(name);
+    return sgm_paths.emplace_back(sgm_module_path(path, unet->config));
+  };
   std::vector<NetworkTarget> unet_targets = lora_targets(unet.ptr(), "lora_unet", parents, true, rename);
+  for (size_t i = 0; i < unet_targets.size(); ++i) unet_targets[i].other_name = diffusers_names[i];
   std::vector<size_t> order(unet_targets.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return before_in_sgm_order(sgm_paths[a], sgm_paths[b]); });
