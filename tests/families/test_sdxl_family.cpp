@@ -308,6 +308,34 @@ TEST(SdxlLora, MergedIntoTheModelGivesTheOutputsOfTheAppliedLora) {
                ref.at("kohya_lora.te2_text_embeds"));
 }
 
+// kohya's block-wise network args on SDXL's 23 blocks (presets over 9 down and up blocks, 3 mid, the outer two at 1,
+// the zero threshold removing blocks), from networks/lora.py itself.
+TEST(SdxlLora, BlockListsAreKohyasFor23Blocks) {
+  std::ifstream in(kFixtures + "lora_block_lists.json");
+  const nlohmann::json kohya = nlohmann::json::parse(in);
+  std::vector<std::string> args;
+  for (const auto& [key, value] : kohya["network_args"].items()) args.push_back(key + "=" + value.get<std::string>());
+  const LoRANetworkConfig c = parse_lora_network_args(4, 1.0, std::nullopt, args, NetworkBlockLayout::sdxl());
+  ASSERT_TRUE(c.block_lr_weight && c.block_dims && c.block_alphas && c.conv_block_dims && c.conv_block_alphas);
+  const auto expect_doubles = [](const std::vector<double>& ours, const nlohmann::json& theirs, const char* what) {
+    ASSERT_EQ(ours.size(), theirs.size()) << what;
+    for (size_t i = 0; i < ours.size(); ++i) EXPECT_NEAR(ours[i], theirs[i].get<double>(), 1e-12) << what << "[" << i << "]";
+  };
+  expect_doubles(*c.block_lr_weight, kohya["block_lr_weight"], "block_lr_weight");
+  expect_doubles(*c.block_alphas, kohya["block_alphas"], "block_alphas");
+  expect_doubles(*c.conv_block_alphas, kohya["conv_block_alphas"], "conv_block_alphas");
+  EXPECT_EQ(*c.block_dims, kohya["block_dims"].get<std::vector<int64_t>>());
+  EXPECT_EQ(*c.conv_block_dims, kohya["conv_block_dims"].get<std::vector<int64_t>>());
+  std::string sd_lists = "4";  // SD's 25 values
+  for (int i = 1; i < 25; ++i) sd_lists += ",4";
+  try {
+    parse_lora_network_args(4, 1.0, std::nullopt, {"block_dims=" + sd_lists}, NetworkBlockLayout::sdxl());
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("25 values given, expected 23 (kohya's SDXL block layout)"), std::string::npos) << e.what();
+  }
+}
+
 TEST(SdxlFamilyRegistry, RecognisesBothLayoutsAndRefusesV2) {
   EXPECT_EQ(family_of_checkpoint(std::nullopt, kFixtures + "sdxl_a"), "sdxl");
   EXPECT_EQ(family_of_checkpoint(std::nullopt, kFixtures + "sdxl_a/model_sgm.safetensors"), "sdxl");
