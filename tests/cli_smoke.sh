@@ -80,6 +80,9 @@ check "sdxl_train_network trains an SDXL LoRA" 0 "" -- "$sdt" sdxl_train_network
   --output_dir "$work/sdxl_lora" --output_name lora
 check "the LoRA has kohya's SDXL names" 0 "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" -- \
   "$sdt" inspect "$work/sdxl_lora/lora.safetensors"
+check "cache-te encodes SDXL's three text-encoder outputs" 0 "" -- "$sdt" cache-te "${sdxl[@]}" --cache_dir "$work/sdxl_cache"
+check "cache-latents encodes SDXL latents" 0 "" -- "$sdt" cache-latents "${sdxl[@]}" --cache_dir "$work/sdxl_cache"
+check "the caches hold SDXL's entries" 0 "hidden_state2" -- bash -c "h5dump -H $work/sdxl_cache/*text*.h5 2>/dev/null || h5ls -r $work/sdxl_cache/*text*.h5"
 check "sdxl_train refuses train_db's text-encoder flags" 1 "stop_text_encoder_training: is train_db.py's" -- \
   "$sdt" sdxl_train "${sdxl[@]}" --output_dir "$work/sdxl_full" --stop_text_encoder_training 5
 check "sdxl_train_network on an SD 1.x model is refused" 1 "not an SDXL diffusers folder" -- \
