@@ -67,35 +67,25 @@ def collect(root: pathlib.Path):
         env[function](parser, *args)
         for action in parser._actions[before:]:
             groups[action.dest] = group
-    tree = ast.parse((root / "train_network.py").read_text())
-    setup = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup_parser")
-    calls = [s for s in setup.body if isinstance(s, ast.Expr) and getattr(s.value.func, "attr", "") == "add_argument"]
-    before = len(parser._actions)
-    exec(compile(ast.Module(calls, []), "train_network.py", "exec"), {"parser": parser, "argparse": argparse})
-    for action in parser._actions[before:]:
-        groups[action.dest] = "network"
-    # train_db.py's own arguments (`sdt train_db`, full fine-tuning / DreamBooth), those train_network.py lacks.
-    tree = ast.parse((root / "train_db.py").read_text())
-    setup = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup_parser")
-    known = {o for a in parser._actions for o in a.option_strings}
-    calls = [s for s in setup.body if isinstance(s, ast.Expr) and getattr(s.value.func, "attr", "") == "add_argument"
-             and s.value.args[0].value not in known]
-    before = len(parser._actions)
-    exec(compile(ast.Module(calls, []), "train_db.py", "exec"), {"parser": parser, "argparse": argparse})
-    for action in parser._actions[before:]:
-        groups[action.dest] = "fine-tuning (train_db)"
-    # sdxl_train.py's own arguments (`sdt train_db` / `sdt sdxl_train` on SDXL: its full fine-tuning).
-    tree = ast.parse((root / "sdxl_train.py").read_text())
-    setup = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup_parser")
-    known = {o for a in parser._actions for o in a.option_strings}
-    calls = [s for s in setup.body if isinstance(s, ast.Expr) and getattr(s.value.func, "attr", "") == "add_argument"
-             and s.value.args[0].value not in known]
-    before = len(parser._actions)
-    exec(compile(ast.Module(calls, []), "sdxl_train.py", "exec"),
-         {"parser": parser, "argparse": argparse, "UNET_NUM_BLOCKS_FOR_BLOCK_LR": 23})
-    for action in parser._actions[before:]:
-        groups[action.dest] = "SDXL"
+    add_script_arguments(parser, groups, root / "train_network.py", "network", {})
+    # The full fine-tuning scripts' own arguments, those the parser lacks: train_db.py (`sdt train_db`: DreamBooth /
+    # fine-tuning) and sdxl_train.py (`sdt sdxl_train`, and `sdt train_db` on SDXL).
+    add_script_arguments(parser, groups, root / "train_db.py", "fine-tuning (train_db)", {})
+    add_script_arguments(parser, groups, root / "sdxl_train.py", "SDXL", {"UNET_NUM_BLOCKS_FOR_BLOCK_LR": 23})
     return [(a, groups[a.dest]) for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def add_script_arguments(parser, groups, script: pathlib.Path, group: str, constants: dict):
+    """The add_argument calls of the script's setup_parser for options the parser lacks, run with `constants`."""
+    tree = ast.parse(script.read_text())
+    setup = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "setup_parser")
+    known = {o for a in parser._actions for o in a.option_strings}
+    calls = [s for s in setup.body if isinstance(s, ast.Expr) and getattr(s.value.func, "attr", "") == "add_argument"
+             and s.value.args[0].value not in known]
+    before = len(parser._actions)
+    exec(compile(ast.Module(calls, []), script.name, "exec"), {"parser": parser, "argparse": argparse, **constants})
+    for action in parser._actions[before:]:
+        groups[action.dest] = group
 
 
 def cxx_string(s: str) -> str:
