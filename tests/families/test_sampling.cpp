@@ -74,11 +74,11 @@ TEST_P(SamplerConformance, EveryStepMatchesDiffusers) {
   {
     at::Generator same = at::make_generator<at::CPUGeneratorImpl>(42);
     (void)at::randn({1, 4, 8, 6}, same);
-    denoise(unet, *scheduler, noise * (1.0 + 1.0 / (1 << 23)), {r.at("cond")}, {r.at("uncond")}, 7.5, same,
+    denoise(unet, *scheduler, noise * (1.0 + 1.0 / (1 << 23)), {r.at("cond"), {}}, {r.at("uncond"), {}}, 7.5, same,
             [&](int64_t, const at::Tensor& latents) { one_ulp_trajectory.push_back(latents.clone()); });
   }
   int64_t steps_seen = 0;
-  const at::Tensor final_latents = denoise(unet, *scheduler, noise, {r.at("cond")}, {r.at("uncond")}, 7.5, generator,
+  const at::Tensor final_latents = denoise(unet, *scheduler, noise, {r.at("cond"), {}}, {r.at("uncond"), {}}, 7.5, generator,
                                            [&](int64_t step, const at::Tensor& latents) {
                                              const std::string name = key + "step" + std::to_string(step);
                                              const at::Tensor& expected = r.at(name);

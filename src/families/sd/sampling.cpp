@@ -230,7 +230,7 @@ at::Tensor sample_image(SdModels& models, const ClipTokenizer& tokenizer, const 
   const int64_t factor = models.vae->downscale_factor();
   const at::Tensor noise = randn_from_host({1, models.vae->config.latent_channels, height / factor, width / factor},
                                            generator, context.options());
-  const at::Tensor latents = denoise(models.unet, *scheduler, noise, {context}, {uncond_context}, options.scale, generator,
+  const at::Tensor latents = denoise(models.unet, *scheduler, noise, {context, {}}, {uncond_context, {}}, options.scale, generator,
                                      [&](int64_t step, const at::Tensor&) {
                                        spdlog::debug("step {}/{}", step + 1, scheduler->steps());
                                      });
