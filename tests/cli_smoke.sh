@@ -83,6 +83,10 @@ check "the LoRA has kohya's SDXL names" 0 "lora_unet_input_blocks_4_1_transforme
 check "cache-te encodes SDXL's three text-encoder outputs" 0 "" -- "$sdt" cache-te "${sdxl[@]}" --cache_dir "$work/sdxl_cache"
 check "cache-latents encodes SDXL latents" 0 "" -- "$sdt" cache-latents "${sdxl[@]}" --cache_dir "$work/sdxl_cache"
 check "the caches hold SDXL's entries" 0 "hidden_state2" -- bash -c "h5dump -H $work/sdxl_cache/*text*.h5 2>/dev/null || h5ls -r $work/sdxl_cache/*text*.h5"
+check "sample draws an SDXL image as kohya's SDXL pipeline" 0 "wrote .*sdxl.png" -- "$sdt" sample \
+  --pretrained_model_name_or_path "$src/tests/fixtures/sdxl/sdxl_a" --tokenizer_vocab "$src/tests/fixtures/sd/sampling/tokenizer" \
+  --prompt "a red square" --steps 2 --seed 3 --width 64 --height 72 --output "$work/sdxl.png"
+check "the SDXL image is a 64x72 PNG (IHDR width, height)" 0 "^ +0 +0 +0 +64 +0 +0 +0 +72$" -- od -An -tu1 -j16 -N8 "$work/sdxl.png"
 check "sdxl_train refuses train_db's text-encoder flags" 1 "stop_text_encoder_training: is train_db.py's" -- \
   "$sdt" sdxl_train "${sdxl[@]}" --output_dir "$work/sdxl_full" --stop_text_encoder_training 5
 check "sdxl_train_network on an SD 1.x model is refused" 1 "not an SDXL diffusers folder" -- \
