@@ -22,8 +22,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-namespace nn = torch::nn;
-
 // The SGM path of a U-Net module (kohya's SDXL U-Net has the SGM layout): the diffusers path through the single-file
 // key map.
 std::string sgm_module_path(const std::string& diffusers_path, const UNetConfig& config) {
@@ -50,13 +48,38 @@ bool before_in_sgm_order(const std::string& a, const std::string& b) {
   return false;
 }
 
-// kohya's get_block_index for SDXL.
+// kohya's get_block_index for SDXL (and sdxl_train.py's get_block_params_to_optimize): 0 the time and label
+// embeddings, 1 + n input_blocks.n, 10 + n middle_block.n, 13 + n output_blocks.n, 22 the output.
 int sdxl_block_index(const std::string& sgm_path) {
   const std::vector<std::string> p = split(sgm_path, '.');
+  if (p[0] == "time_embed" || p[0] == "label_emb") return 0;
   if (p[0] == "input_blocks") return 1 + std::stoi(p[1]);
   if (p[0] == "middle_block") return 10 + std::stoi(p[1]);
   if (p[0] == "output_blocks") return 13 + std::stoi(p[1]);
+  if (p[0] == "out") return 22;
   return -1;
+}
+
+// sdxl_train.py's --block_lr: the U-Net's parameters by block, each block at its rate; a block at 0 is frozen.
+std::vector<FullTrainingGroup> unet_block_groups(const std::string& block_lr, const UNet2DConditionModel& unet) {
+  std::vector<double> rates;
+  for (const std::string& value : split(block_lr, ',')) {
+    const std::string text = trim(value);
+    double rate = 0;
+    const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), rate);
+    if (error != std::errc() || end != text.data() + text.size()) fail("--block_lr", "'{}' is not a number", text);
+    rates.push_back(rate);
+  }
+  if (rates.size() != 23) fail("--block_lr", "{} values given, expected 23 (SDXL's U-Net blocks)", rates.size());
+  std::vector<std::vector<std::string>> names(23);
+  for (const auto& item : unet->named_parameters()) {
+    names.at(static_cast<size_t>(sdxl_block_index(ldm::unet_key(item.key(), unet->config)))).push_back(item.key());
+  }
+  std::vector<FullTrainingGroup> groups;
+  for (size_t i = 0; i < 23; ++i) {
+    if (rates[i] != 0) groups.push_back({.prefix = "unet.", .model = unet.ptr(), .parameters = names[i], .lr = rates[i]});
+  }
+  return groups;
 }
 
 }  // namespace
@@ -227,30 +250,9 @@ std::vector<FullTrainingGroup> SdxlFamily::full_training_groups(const TrainArgs&
   }
   if (args.learning_rate_te) fail("--learning_rate_te", "is train_db.py's; SDXL's are --learning_rate_te1 and --learning_rate_te2");
   std::vector<FullTrainingGroup> groups;
-  const std::shared_ptr<nn::Module> unet = models_.unet.ptr();
-  if (args.learning_rate != 0 && !args.block_lr) groups.push_back({.prefix = "unet.", .model = unet, .lr = args.learning_rate});
-  if (args.learning_rate != 0 && args.block_lr) {
-    // kohya's get_block_params_to_optimize: each parameter's block from its SGM name; a block at 0 is frozen.
-    std::vector<double> rates;
-    for (const std::string& value : split(*args.block_lr, ',')) {
-      const std::string text = trim(value);
-      double rate = 0;
-      const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), rate);
-      if (error != std::errc() || end != text.data() + text.size()) fail("--block_lr", "'{}' is not a number", text);
-      rates.push_back(rate);
-    }
-    if (rates.size() != 23) fail("--block_lr", "{} values given, expected 23 (SDXL's U-Net blocks)", rates.size());
-    std::vector<std::vector<std::string>> names(23);
-    for (const auto& item : unet->named_parameters()) {
-      const std::string sgm = ldm::unet_key(item.key(), models_.unet->config);
-      const int block = sgm.starts_with("time_embed.") || sgm.starts_with("label_emb.") ? 0
-                        : sgm.starts_with("out.")                                      ? 22
-                                                                                        : sdxl_block_index(sgm);
-      names.at(static_cast<size_t>(block)).push_back(item.key());
-    }
-    for (size_t i = 0; i < 23; ++i) {
-      if (rates[i] != 0) groups.push_back({.prefix = "unet.", .model = unet, .parameters = names[i], .lr = rates[i]});
-    }
+  if (args.learning_rate != 0) {
+    groups = args.block_lr ? unet_block_groups(*args.block_lr, models_.unet)
+                           : std::vector<FullTrainingGroup>{{.prefix = "unet.", .model = models_.unet.ptr(), .lr = args.learning_rate}};
   }
   if (args.train_text_encoder) {
     const std::pair<ClipTextModel, std::optional<double>> encoders[] = {{models_.text_encoder1, args.learning_rate_te1},
