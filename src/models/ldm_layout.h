@@ -3,7 +3,10 @@
 // copies a model's parameters from a file through such a mapping. sd_checkpoint.cpp defines them.
 #pragma once
 
+#include <array>
 #include <functional>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -11,6 +14,7 @@
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
+#include "src/core/tensor_io.h"
 #include "src/models/unet.h"
 #include "src/models/vae.h"
 
@@ -39,6 +43,29 @@ Source vae_key(const std::string& name, const VaeConfig& config);
 
 // transformers CLIP name (text_model.*, text_projection.weight) -> OpenCLIP key (without its model's prefix).
 Source openclip_key(const std::string& name);
+
+// The key maps of whole models in a single file, used to load and to save (so each is the other's inverse): the U-Net
+// under model.diffusion_model., a VAE under `prefix`, an OpenCLIP text encoder under `prefix` (with
+// `projection_as_kohya`, text_projection as kohya holds it: untransposed), a transformers-named one under `prefix`.
+KeyMap unet_map(const UNetConfig& config);
+KeyMap vae_map(const VaeConfig& config, const std::string& prefix);
+KeyMap openclip_map(const std::string& prefix, bool projection_as_kohya = false);
+KeyMap prefixed_map(const std::string& prefix);
+
+// A single file's tensors, gathered model by model through their key maps (the inverse of load_parameters): each
+// parameter in `dtype` (or its own), as the file holds it (1x1 convolutions, transposed weights, OpenCLIP's q, k, v
+// fused into in_proj, which come last).
+class SingleFileWriter {
+ public:
+  explicit SingleFileWriter(std::optional<at::ScalarType> dtype) : dtype_(dtype) {}
+  void add(const torch::nn::Module& module, const KeyMap& map);
+  NamedTensors tensors() const;
+
+ private:
+  std::optional<at::ScalarType> dtype_;
+  NamedTensors tensors_;
+  std::map<std::string, std::array<at::Tensor, 3>> fused_;  // in_proj: q, k, v
+};
 
 // Copies every parameter of `module` from `file` through `map`. `owned` says which keys of the file belong to this
 // model (the rest belong to the other models of a single file, or are schedule buffers and the like); of those, any

@@ -1,6 +1,5 @@
 #include "src/models/sd_checkpoint.h"
 
-#include <array>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -127,6 +126,54 @@ Source openclip_key(const std::string& name) {
   }
   if (p[4] == "mlp") return {block + "mlp." + layer_names.at(p[5]) + "." + p.back()};
   return {block + layer_names.at(p[4]) + "." + p.back()};
+}
+
+KeyMap unet_map(const UNetConfig& config) {
+  return [config](const std::string& name) { return Source{kUnetPrefix + unet_key(name, config)}; };
+}
+
+KeyMap vae_map(const VaeConfig& config, const std::string& prefix) {
+  return [config, prefix](const std::string& name) {
+    Source s = vae_key(name, config);
+    s.key = prefix + s.key;
+    return s;
+  };
+}
+
+KeyMap openclip_map(const std::string& prefix, bool projection_as_kohya) {
+  return [prefix, projection_as_kohya](const std::string& name) {
+    Source s = openclip_key(name);
+    s.key = prefix + s.key;
+    if (projection_as_kohya) s.transposed = false;
+    return s;
+  };
+}
+
+KeyMap prefixed_map(const std::string& prefix) {
+  return [prefix](const std::string& name) { return Source{prefix + name}; };
+}
+
+// ---------------------------------------------------------------- saving
+
+void SingleFileWriter::add(const torch::nn::Module& module, const KeyMap& map) {
+  for (const auto& item : module.named_parameters()) {
+    const Source s = map(item.key());
+    at::Tensor t = item.value().detach();
+    if (dtype_) t = t.to(*dtype_);
+    if (s.conv1x1) t = t.unsqueeze(-1).unsqueeze(-1);  // (O, I) -> (O, I, 1, 1)
+    if (s.transposed) t = t.t().contiguous();
+    if (s.fused_third >= 0) {
+      fused_[s.key][s.fused_third] = t;
+    } else {
+      tensors_.emplace_back(s.key, t);
+    }
+  }
+}
+
+NamedTensors SingleFileWriter::tensors() const {
+  NamedTensors out = tensors_;
+  for (const auto& [key, qkv] : fused_) out.emplace_back(key, at::cat({qkv[0], qkv[1], qkv[2]}));
+  return out;
 }
 
 }  // namespace ldm
@@ -358,10 +405,8 @@ void load_unet_weights(UNet2DConditionModel& unet, const safetensors::File& file
     load_parameters(*unet, file, [](const std::string& n) { return Source{n}; }, everything, nothing, "U-Net");
     return;
   }
-  const UNetConfig& config = unet->config;
-  load_parameters(
-      *unet, file, [&](const std::string& n) { return Source{kLdmUnet + ldm::unet_key(n, config)}; },
-      [](const std::string& k) { return starts_with(k, kLdmUnet); }, nothing, "U-Net");
+  load_parameters(*unet, file, ldm::unet_map(unet->config), [](const std::string& k) { return starts_with(k, kLdmUnet); },
+                  nothing, "U-Net");
 }
 
 void load_vae_weights(AutoencoderKL& vae, const safetensors::File& file, WeightLayout layout) {
@@ -385,14 +430,8 @@ void load_vae_weights(AutoencoderKL& vae, const safetensors::File& file, WeightL
   }
   // A full checkpoint, or a VAE-only file without the prefix (whose `loss.*` training weights are not the VAE's).
   const std::string prefix = file.contains(std::string(kLdmVae) + "encoder.conv_in.weight") ? kLdmVae : "";
-  const VaeConfig& config = vae->config;
   load_parameters(
-      *vae, file,
-      [&](const std::string& n) {
-        Source s = ldm::vae_key(n, config);
-        s.key = prefix + s.key;
-        return s;
-      },
+      *vae, file, ldm::vae_map(vae->config, prefix),
       [&](const std::string& k) { return prefix.empty() ? !starts_with(k, "loss.") : starts_with(k, prefix); }, nothing,
       "VAE");
 }
@@ -406,7 +445,10 @@ void load_clip_weights(ClipTextModel& text, const safetensors::File& file, ClipL
     const bool nested = file.contains(prefix + "text_model.final_layer_norm.weight");
     load_parameters(
         *text, file,
-        [&](const std::string& n) { return Source{prefix + (nested || !starts_with(n, "text_model.") ? n : n.substr(11))}; },
+        [&](const std::string& n) {
+          const std::string level = "text_model.";
+          return Source{prefix + (nested || !starts_with(n, level) ? n : n.substr(level.size()))};
+        },
         owned, position_ids, "text encoder");
     return;
   }
@@ -420,15 +462,7 @@ void load_clip_weights(ClipTextModel& text, const safetensors::File& file, ClipL
     if (!starts_with(k, resblocks)) return false;
     return std::stoll(split(k.substr(resblocks.size()), '.')[0]) >= layers;
   };
-  load_parameters(
-      *text, file,
-      [&](const std::string& n) {
-        Source s = openclip_key(n);
-        s.key = prefix + s.key;
-        if (projection_as_kohya) s.transposed = false;
-        return s;
-      },
-      owned, unused, "OpenCLIP text encoder");
+  load_parameters(*text, file, ldm::openclip_map(prefix, projection_as_kohya), owned, unused, "OpenCLIP text encoder");
 }
 
 SdModels load_diffusers_folder(const std::string& folder, at::ScalarType dtype) {
@@ -492,36 +526,11 @@ AutoencoderKL load_vae(const std::string& path, const VaeConfig& config, at::Sca
 
 void save_ldm_checkpoint(const std::string& path, const SdModels& m, const SdConfig& config,
                          std::optional<at::ScalarType> dtype, const safetensors::Metadata& metadata) {
-  NamedTensors out;
-  std::map<std::string, std::array<at::Tensor, 3>> fused;  // OpenCLIP in_proj: q, k, v
-  auto add = [&](const Source& s, at::Tensor t) {
-    t = t.detach();
-    if (dtype) t = t.to(*dtype);
-    if (s.conv1x1) t = t.unsqueeze(-1).unsqueeze(-1);  // (O, I) -> (O, I, 1, 1)
-    if (s.transposed) t = t.t().contiguous();
-    if (s.fused_third >= 0) {
-      fused[s.key][s.fused_third] = t;
-    } else {
-      out.emplace_back(s.key, t);
-    }
-  };
-
-  for (const auto& item : m.unet->named_parameters()) add({kLdmUnet + ldm::unet_key(item.key(), m.unet->config)}, item.value());
-  for (const auto& item : m.vae->named_parameters()) {
-    Source s = ldm::vae_key(item.key(), m.vae->config);
-    s.key = kLdmVae + s.key;
-    add(s, item.value());
-  }
-  for (const auto& item : m.text_encoder->named_parameters()) {
-    if (!config.v2) {
-      add({kLdmClip + item.key()}, item.value());
-      continue;
-    }
-    Source s = openclip_key(item.key());
-    s.key = kLdmOpenClip + s.key;
-    add(s, item.value());
-  }
-  for (auto& [key, qkv] : fused) out.emplace_back(key, at::cat({qkv[0], qkv[1], qkv[2]}));
+  ldm::SingleFileWriter writer(dtype);
+  writer.add(*m.unet, ldm::unet_map(m.unet->config));
+  writer.add(*m.vae, ldm::vae_map(m.vae->config, kLdmVae));
+  writer.add(*m.text_encoder, config.v2 ? ldm::openclip_map(kLdmOpenClip) : ldm::prefixed_map(kLdmClip));
+  NamedTensors out = writer.tensors();
 
   if (config.v2) {
     // What OpenCLIP loaders expect besides SD2's 23 layers, made up as kohya does when no source checkpoint is at

@@ -1,10 +1,8 @@
 #include "src/models/sdxl_checkpoint.h"
 
-#include <array>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <map>
 
 #include <nlohmann/json.hpp>
 
@@ -80,32 +78,12 @@ SdxlModels load_sgm_checkpoint(const std::string& path, const SdxlConfig& config
 
 void save_sgm_checkpoint(const std::string& path, const SdxlModels& m, std::optional<at::ScalarType> dtype,
                          const safetensors::Metadata& metadata, bool projection_as_kohya) {
-  NamedTensors out;
-  std::map<std::string, std::array<at::Tensor, 3>> fused;  // OpenCLIP in_proj: q, k, v
-  auto add = [&](const ldm::Source& s, at::Tensor t) {
-    t = t.detach();
-    if (dtype) t = t.to(*dtype);
-    if (s.conv1x1) t = t.unsqueeze(-1).unsqueeze(-1);  // (O, I) -> (O, I, 1, 1)
-    if (s.transposed && !projection_as_kohya) t = t.t().contiguous();
-    if (s.fused_third >= 0) {
-      fused[s.key][s.fused_third] = t;
-    } else {
-      out.emplace_back(s.key, t);
-    }
-  };
-  for (const auto& item : m.unet->named_parameters()) add({ldm::kUnetPrefix + ldm::unet_key(item.key(), m.unet->config)}, item.value());
-  for (const auto& item : m.vae->named_parameters()) {
-    ldm::Source s = ldm::vae_key(item.key(), m.vae->config);
-    s.key = ldm::kVaePrefix + s.key;
-    add(s, item.value());
-  }
-  for (const auto& item : m.text_encoder1->named_parameters()) add({kText1Prefix + item.key()}, item.value());
-  for (const auto& item : m.text_encoder2->named_parameters()) {
-    ldm::Source s = ldm::openclip_key(item.key());
-    s.key = kText2Prefix + s.key;
-    add(s, item.value());
-  }
-  for (auto& [key, qkv] : fused) out.emplace_back(key, at::cat({qkv[0], qkv[1], qkv[2]}));
+  ldm::SingleFileWriter writer(dtype);
+  writer.add(*m.unet, ldm::unet_map(m.unet->config));
+  writer.add(*m.vae, ldm::vae_map(m.vae->config, ldm::kVaePrefix));
+  writer.add(*m.text_encoder1, ldm::prefixed_map(kText1Prefix));
+  writer.add(*m.text_encoder2, ldm::openclip_map(kText2Prefix, projection_as_kohya));
+  NamedTensors out = writer.tensors();
   // CLIP's contrastive temperature, which OpenCLIP loaders expect and nothing here uses: ln(100), its trained value.
   out.emplace_back(std::string(kText2Prefix) + "logit_scale",
                    at::full({}, std::log(100.0), out.front().second.options()));

@@ -18,6 +18,7 @@
 #include "src/families/sdxl/sdxl_family.h"
 #include "src/networks/lora.h"
 #include "src/networks/merge.h"
+#include "tests/fixture_files.h"
 #include "tests/models/compare.h"
 
 namespace sdt {
@@ -42,10 +43,7 @@ const Family& family(const std::string& variant) {
 }
 
 std::map<std::string, at::Tensor> reference(const std::string& variant) {
-  std::map<std::string, at::Tensor> ref;
-  safetensors::File file(kFixtures + variant + "/reference.safetensors");
-  for (const auto& info : file.tensors()) ref[info.name] = load_tensor(file, info.name).clone();
-  return ref;
+  return testing_support::read_tensors(kFixtures + variant + "/reference.safetensors");
 }
 
 class SdxlFamilyTest : public ::testing::TestWithParam<std::string> {};
@@ -184,8 +182,7 @@ TEST(SdxlTokenize, SecondTokenizerPadsWithZeroAndKeepsExclamationMarks) {
 // weights drawn and the order of parameter groups), from kohya's full-size U-Net: here a narrow U-Net of the same
 // structure (widths doubling at levels 1 and 2, transformer depths 2 and 10) with sdxl_b's text encoders.
 TEST(SdxlNetworkTargets, NamesBlocksAndOrderAreKohyas) {
-  std::ifstream in(kFixtures + "lora_names.json");
-  const nlohmann::json kohya = nlohmann::json::parse(in);
+  const nlohmann::json kohya = testing_support::read_json(kFixtures + "lora_names.json");
   UNetConfig config = UNetConfig::sdxl();
   config.block_out_channels = {8, 16, 32};
   config.num_heads = {1, 1, 1};
@@ -256,8 +253,7 @@ TEST(SdxlLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
 // and gives kohya's outputs.
 TEST(SdxlLora, DiffusersNamedFilesLoadAsKohyaRenamesThem) {
   torch::NoGradGuard no_grad;
-  std::ifstream in(kFixtures + "lora_diffusers_names.json");
-  const nlohmann::json kohya_names = nlohmann::json::parse(in);  // diffusers-path name -> kohya's SGM name
+  const nlohmann::json kohya_names = testing_support::read_json(kFixtures + "lora_diffusers_names.json");  // -> SGM name
   const std::unique_ptr<Family> sdxl = load_family("sdxl", tiny_options("sdxl_a"));
   const std::vector<NetworkTarget> targets = sdxl->network_targets(true);
   std::map<std::string, std::string> to_diffusers;
@@ -311,8 +307,7 @@ TEST(SdxlLora, MergedIntoTheModelGivesTheOutputsOfTheAppliedLora) {
 // kohya's block-wise network args on SDXL's 23 blocks (presets over 9 down and up blocks, 3 mid, the outer two at 1,
 // the zero threshold removing blocks), from networks/lora.py itself.
 TEST(SdxlLora, BlockListsAreKohyasFor23Blocks) {
-  std::ifstream in(kFixtures + "lora_block_lists.json");
-  const nlohmann::json kohya = nlohmann::json::parse(in);
+  const nlohmann::json kohya = testing_support::read_json(kFixtures + "lora_block_lists.json");
   std::vector<std::string> args;
   for (const auto& [key, value] : kohya["network_args"].items()) args.push_back(key + "=" + value.get<std::string>());
   const LoRANetworkConfig c = parse_lora_network_args(4, 1.0, std::nullopt, args, NetworkBlockLayout::sdxl());

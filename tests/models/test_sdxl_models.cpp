@@ -11,6 +11,7 @@
 #include "src/core/error.h"
 #include "src/core/tensor_io.h"
 #include "src/models/sdxl_checkpoint.h"
+#include "tests/fixture_files.h"
 #include "tests/models/compare.h"
 
 namespace sdt {
@@ -31,8 +32,7 @@ Variant& variant(const std::string& name) {
   if (it != cache.end()) return it->second;
   Variant v;
   v.models = load_sdxl_diffusers_folder(kFixtures + name);
-  safetensors::File ref(kFixtures + name + "/reference.safetensors");
-  for (const auto& info : ref.tensors()) v.ref[info.name] = load_tensor(ref, info.name).clone();
+  v.ref = testing_support::read_tensors(kFixtures + name + "/reference.safetensors");
   return cache.emplace(name, std::move(v)).first->second;
 }
 

@@ -13,6 +13,7 @@
 #include "src/families/sd/sd_family.h"
 #include "src/models/sd_checkpoint.h"
 #include "src/networks/lora.h"
+#include "tests/fixture_files.h"
 #include "tests/models/compare.h"
 
 namespace sdt::lora_test {
@@ -20,17 +21,8 @@ namespace sdt::lora_test {
 inline const std::string kSd = SDT_FIXTURES "/sd/";
 inline const std::string kNetworks = SDT_FIXTURES "/networks/";
 
-inline nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return nlohmann::json::parse(in);
-}
-
-inline std::map<std::string, at::Tensor> read_tensors(const std::string& path) {
-  safetensors::File file(path);
-  std::map<std::string, at::Tensor> out;
-  for (const auto& info : file.tensors()) out[info.name] = load_tensor(file, info.name).clone();
-  return out;
-}
+using testing_support::read_json;
+using testing_support::read_tensors;
 
 inline at::Generator seeded(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
 

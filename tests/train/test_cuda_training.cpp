@@ -40,20 +40,8 @@ class CudaTraining : public ::testing::Test {
 TrainArgs sd_lora_run(const std::string& tag, const std::string& device) {
   const fs::path root = fs::path(testing::TempDir()) / ("sdt_cuda_sd_" + tag);
   fs::remove_all(root);
-  TrainArgs args;
+  TrainArgs args = testing_support::tiny_lora_run(root, SDT_FIXTURES "/sd/sd1");
   args.device = device;
-  args.pretrained_model_name_or_path = SDT_FIXTURES "/sd/sd1";
-  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";
-  args.train_data_dir = testing_support::make_toy_dataset(root, 4).string();
-  args.resolution = "32";
-  args.output_dir = (root / "out").string();
-  args.output_name = "toy";
-  args.network_module = "networks.lora";
-  args.network_dim = 4;
-  args.network_alpha = 4;
-  args.train_batch_size = 2;
-  args.seed = 1;
-  args.max_data_loader_n_workers = 1;
   return args;
 }
 

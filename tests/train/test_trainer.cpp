@@ -23,25 +23,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path make_dataset(const fs::path& root) { return testing_support::make_toy_dataset(root, 4); }
-
 TrainArgs tiny_run(const fs::path& root) {
-  TrainArgs args;
-  args.pretrained_model_name_or_path = SDT_FIXTURES "/sd/sd1";  // a diffusers folder: its configs give the tiny sizes
-  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";  // byte-level: its ids fit the tiny text encoder
-  args.train_data_dir = make_dataset(root).string();
-  args.resolution = "32";
-  args.output_dir = (root / "out").string();
-  args.output_name = "toy";
-  args.network_module = "networks.lora";
-  args.network_dim = 4;
-  args.network_alpha = 4;
+  TrainArgs args = testing_support::tiny_lora_run(root, SDT_FIXTURES "/sd/sd1");
   args.network_train_unet_only = true;
   args.learning_rate = 1e-2;
   args.max_train_steps = 300;
-  args.train_batch_size = 2;
-  args.seed = 1;
-  args.max_data_loader_n_workers = 1;
   args.min_timestep = 400;
   args.max_timestep = 600;
   return args;

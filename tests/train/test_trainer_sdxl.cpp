@@ -6,44 +6,29 @@
 
 #include <filesystem>
 #include <functional>
-#include <numeric>
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
 #include "src/models/sdxl_checkpoint.h"
 #include "src/train/trainer.h"
 #include "tests/train/toy_dataset.h"
+#include "tests/train/weight_files.h"
 
 namespace sdt {
 namespace {
 
 namespace fs = std::filesystem;
+using testing_support::mean;
 
 const std::string kModel = SDT_FIXTURES "/sdxl/sdxl_a";
 
 TrainArgs tiny_sdxl_run(const fs::path& root) {
-  TrainArgs args;
-  args.pretrained_model_name_or_path = kModel;               // recognised as SDXL from its U-Net's config
-  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";   // byte-level: its ids fit the tiny text encoders
-  args.train_data_dir = testing_support::make_toy_dataset(root, 4).string();
-  args.resolution = "32";
-  args.output_dir = (root / "out").string();
-  args.output_name = "toy";
-  args.network_module = "networks.lora";
-  args.network_dim = 4;
-  args.network_alpha = 4;
+  TrainArgs args = testing_support::tiny_lora_run(root, kModel);  // recognised as SDXL from its U-Net's config
   args.learning_rate = 1e-2;
   args.max_train_steps = 200;
-  args.train_batch_size = 2;
-  args.seed = 1;
-  args.max_data_loader_n_workers = 1;
   args.min_timestep = 400;
   args.max_timestep = 600;
   return args;
-}
-
-double mean(const std::vector<double>& v, size_t from, size_t to) {
-  return std::accumulate(v.begin() + static_cast<long>(from), v.begin() + static_cast<long>(to), 0.0) / static_cast<double>(to - from);
 }
 
 TEST(SdxlTraining, LoraLossFallsAndTheFileIsKohyasSdxlLora) {

@@ -1,5 +1,6 @@
 // The trainer tests' dataset: two flat-colour images with a bright square at different places, `size` x `size`,
-// captioned by colour, in a DreamBooth folder `<repeats>_toy` under `root`/train. Returns `root`/train.
+// captioned by colour, in a DreamBooth folder `<repeats>_toy` under `root`/train. Returns `root`/train. And the
+// trainer tests' run on it.
 #pragma once
 
 #include <filesystem>
@@ -9,6 +10,8 @@
 
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
+
+#include "src/core/train_args.h"
 
 namespace sdt::testing_support {
 
@@ -25,6 +28,26 @@ inline std::filesystem::path make_toy_dataset(const std::filesystem::path& root,
     ++i;
   }
   return root / "train";
+}
+
+// A rank-4 LoRA (alpha 4) of `model`, a tiny fixture model's diffusers folder (its configs give the tiny sizes), on
+// the toy dataset (4 repeats) made under `root`, at 32 pixels, batch 2, seed 1, one loader worker, written to
+// `root`/out/toy*. The byte-level fixture vocabulary's ids fit the tiny text encoders.
+inline TrainArgs tiny_lora_run(const std::filesystem::path& root, const std::string& model) {
+  TrainArgs args;
+  args.pretrained_model_name_or_path = model;
+  args.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";
+  args.train_data_dir = make_toy_dataset(root, 4).string();
+  args.resolution = "32";
+  args.output_dir = (root / "out").string();
+  args.output_name = "toy";
+  args.network_module = "networks.lora";
+  args.network_dim = 4;
+  args.network_alpha = 4;
+  args.train_batch_size = 2;
+  args.seed = 1;
+  args.max_data_loader_n_workers = 1;
+  return args;
 }
 
 }  // namespace sdt::testing_support
