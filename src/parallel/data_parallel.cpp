@@ -155,6 +155,15 @@ void DataParallel::clip_grad_norm(double max_norm) {
   }
 }
 
+void DataParallel::set_on_gradient(std::function<void(at::Tensor&)> on_gradient, const std::string& flag) {
+  if (!replicated()) {
+    fail(flag, "steps each weight inside backward from its whole averaged gradient, so it works with --sharding none "
+         "without --blocks_to_swap (got --sharding {}{}); sharding already keeps 1/N of the gradients per rank",
+         sharding_name(mode_), engine_ ? " and a block engine" : "");
+  }
+  reducer_->set_on_gradient(std::move(on_gradient));
+}
+
 void DataParallel::after_step() {
   if (shards_) shards_->gather_parameters();  // blocks gather their masters when they next run
 }

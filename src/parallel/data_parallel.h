@@ -57,6 +57,11 @@ class DataParallel {
   void clip_grad_norm(double max_norm);
   void after_step();         // after optimizer.step()
 
+  // `on_gradient` gets each trained tensor as soon as its gradient, averaged over the ranks, is whole
+  // (GradientReducer::set_on_gradient): for optimizer steps inside backward. Only where every rank holds every
+  // gradient whole: --sharding none without a block engine (sdt::Error naming `flag` otherwise).
+  void set_on_gradient(std::function<void(at::Tensor& tensor)> on_gradient, const std::string& flag);
+
   // Collective; rank 0 writes the file.
   void save_optimizer_state(const Optimizer& optimizer, const std::string& path);
   void load_optimizer_state(Optimizer& optimizer, const std::string& path);

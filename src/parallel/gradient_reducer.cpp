@@ -121,7 +121,19 @@ void GradientReducer::set_sync(bool sync) {
   sync_ = sync;
 }
 
+void GradientReducer::set_on_gradient(std::function<void(at::Tensor&)> on_gradient) {
+  on_gradient_ = std::move(on_gradient);
+  if (communicator_.size() > 1) return;  // the buckets' hooks are in place; finish() calls it
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    torch::autograd::impl::set_post_acc_grad_hooks(parameters_[i], std::make_unique<ReadyHook>(*this, i));
+  }
+}
+
 void GradientReducer::mark_ready(size_t parameter) {
+  if (communicator_.size() == 1) {  // a hook exists in one process only to pass the gradient on
+    if (sync_) on_gradient_(parameters_[parameter]);
+    return;
+  }
   std::lock_guard lock(mutex_);
   if (!sync_) return;
   if (arrived_[parameter]) {
@@ -150,6 +162,7 @@ void GradientReducer::start(Bucket& bucket) {
     has_gradient[k] = p.grad().defined() ? 1 : 0;
     if (has_gradient[k]) {
       slot.view(p.sizes()).copy_(p.grad());
+      if (on_gradient_) parameters_[bucket.parameters[k]].mutable_grad().reset();  // its mean comes back in finish()
     } else {
       slot.zero_();
     }
@@ -191,6 +204,7 @@ void GradientReducer::finish() {
       } else {
         p.mutable_grad() = at::empty_like(p).copy_(mean);
       }
+      if (on_gradient_) on_gradient_(p);
     }
     bucket.waiting = bucket.parameters.size();
   }

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -55,6 +56,13 @@ class GradientReducer {
 
   // After a backward with sync on: waits for every bucket, writes the means into .grad.
   void finish();
+
+  // Calls `on_gradient` with each parameter as soon as its final gradient (the mean over the ranks) is in .grad: in
+  // one process from the parameter's post-accumulate-grad hook during backward, with several ranks in finish() as each
+  // bucket's mean lands (a rank's own gradient is then dropped once it is copied into its bucket). A parameter that no
+  // rank used is not passed. For optimizer steps inside backward (kohya's --fused_backward_pass), which then free
+  // each gradient.
+  void set_on_gradient(std::function<void(at::Tensor& parameter)> on_gradient);
 
   // Seconds the last finish() waited for communication that backward did not hide. With NCCL
   // this includes the GPU work still queued before the reductions (the host waits for both).
@@ -91,6 +99,7 @@ class GradientReducer {
   bool sync_ = true;
   double last_wait_seconds_ = 0;
   size_t last_overlapped_buckets_ = 0;
+  std::function<void(at::Tensor&)> on_gradient_;
   std::mutex mutex_;  // autograd may run hooks on its device threads
 };
 

@@ -401,6 +401,7 @@ MadeOptimizer make_optimizer(const TrainArgs& args, const std::vector<ParamGroup
     c.beta1 = read.number_or_none("beta1", c.beta1);
     c.weight_decay = read.number("weight_decay", c.weight_decay);
     c.scale_parameter = read.flag("scale_parameter", c.scale_parameter);
+    c.stochastic_bf16_rounding = args.fused_backward_pass;  // kohya's fused Adafactor (library/adafactor_fused.py)
     read.finish();
     out.optimizer = std::make_unique<Adafactor>(groups, c);
     out.name = "transformers.optimization.Adafactor";

@@ -72,6 +72,33 @@ at::Tensor Optimizer::step(LossClosure closure) {
   return loss;
 }
 
+void Optimizer::update() {
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    for (at::Tensor& p : param_groups_[g].params()) {
+      if (p.grad().defined()) update_parameter(g, p);
+    }
+  }
+}
+
+void Optimizer::update_parameter(size_t, at::Tensor&) {
+  fail("--optimizer_type", "{} steps every parameter together (its step size comes from all of them); it cannot step one alone", kind_);
+}
+
+void Optimizer::step_parameters(const std::vector<at::Tensor>& params) {
+  if (!updates_each_parameter_alone()) fail("--optimizer_type", "{} steps all parameters together; it cannot step some alone", kind_);
+  if (group_of_.empty()) {
+    for (size_t g = 0; g < param_groups_.size(); ++g) {
+      for (const at::Tensor& p : param_groups_[g].params()) group_of_[p.unsafeGetTensorImpl()] = g;
+    }
+  }
+  at::NoGradGuard no_grad;
+  for (at::Tensor p : params) {
+    const auto it = group_of_.find(p.unsafeGetTensorImpl());
+    if (it == group_of_.end()) fail("optimizer", "step_parameters: a tensor of shape {} is not one of its parameters", c10::str(p.sizes()));
+    if (p.grad().defined()) update_parameter(it->second, p);
+  }
+}
+
 ParamState& Optimizer::state_of(const at::Tensor& param) {
   auto& slot = state_[param.unsafeGetTensorImpl()];
   if (!slot) slot = std::make_unique<ParamState>();
@@ -149,34 +176,29 @@ void load_optimizer_state(Optimizer& optimizer, const std::string& path) {
 
 AdamW::AdamW(const std::vector<ParamGroup>& groups, AdamWConfig config) : Optimizer("AdamW", groups), config_(config) {}
 
-void AdamW::update() {
+void AdamW::update_parameter(size_t group, at::Tensor& p) {
   const auto [beta1, beta2, eps, weight_decay] = config_;
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    const double lr = group_lr(g);
-    for (at::Tensor& p : param_groups_[g].params()) {
-      if (!p.grad().defined()) continue;
-      const at::Tensor& grad = p.grad();
-      ParamState& state = state_of(p);
-      if (state.tensors.empty()) {
-        state.tensors["exp_avg"] = at::zeros_like(p, at::MemoryFormat::Preserve);
-        state.tensors["exp_avg_sq"] = at::zeros_like(p, at::MemoryFormat::Preserve);
-      }
-      at::Tensor& exp_avg = state.tensors["exp_avg"];
-      at::Tensor& exp_avg_sq = state.tensors["exp_avg_sq"];
-      state.step += 1;
-
-      if (weight_decay != 0) p.mul_(1 - lr * weight_decay);
-      exp_avg.lerp_(grad, 1 - beta1);
-      exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-      const double step = static_cast<double>(state.step);
-      const double bias_correction1 = 1 - std::pow(beta1, step);
-      const double bias_correction2 = 1 - std::pow(beta2, step);
-      const double step_size = lr / bias_correction1;
-      // PyTorch writes `bias_correction2 ** 0.5`, which is pow, not sqrt; keep it for bitwise results.
-      const at::Tensor denom = (exp_avg_sq.sqrt() / std::pow(bias_correction2, 0.5)).add_(eps);
-      p.addcdiv_(exp_avg, denom, -step_size);
-    }
+  const double lr = group_lr(group);
+  const at::Tensor& grad = p.grad();
+  ParamState& state = state_of(p);
+  if (state.tensors.empty()) {
+    state.tensors["exp_avg"] = at::zeros_like(p, at::MemoryFormat::Preserve);
+    state.tensors["exp_avg_sq"] = at::zeros_like(p, at::MemoryFormat::Preserve);
   }
+  at::Tensor& exp_avg = state.tensors["exp_avg"];
+  at::Tensor& exp_avg_sq = state.tensors["exp_avg_sq"];
+  state.step += 1;
+
+  if (weight_decay != 0) p.mul_(1 - lr * weight_decay);
+  exp_avg.lerp_(grad, 1 - beta1);
+  exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
+  const double step = static_cast<double>(state.step);
+  const double bias_correction1 = 1 - std::pow(beta1, step);
+  const double bias_correction2 = 1 - std::pow(beta2, step);
+  const double step_size = lr / bias_correction1;
+  // PyTorch writes `bias_correction2 ** 0.5`, which is pow, not sqrt; keep it for bitwise results.
+  const at::Tensor denom = (exp_avg_sq.sqrt() / std::pow(bias_correction2, 0.5)).add_(eps);
+  p.addcdiv_(exp_avg, denom, -step_size);
 }
 
 // ---------------------------------------------------------------- AdamW8bit (bitsandbytes)
@@ -252,45 +274,40 @@ AdamW8bit::AdamW8bit(const std::vector<ParamGroup>& groups, AdamW8bitConfig conf
       signed_midpoints_(midpoints_of(signed_map_)),
       unsigned_midpoints_(midpoints_of(unsigned_map_)) {}
 
-void AdamW8bit::update() {
+void AdamW8bit::update_parameter(size_t group, at::Tensor& p) {
   const auto [beta1, beta2, eps, weight_decay, min_8bit_size] = config_;
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    const double lr = group_lr(g);
-    for (at::Tensor& p : param_groups_[g].params()) {
-      if (!p.grad().defined()) continue;
-      const at::Tensor grad = p.grad().to(at::kFloat);
-      ParamState& state = state_of(p);
-      const bool quantized = p.numel() >= min_8bit_size;
-      if (state.tensors.empty()) {
-        const at::ScalarType type = quantized ? at::kByte : at::kFloat;
-        state.tensors["state1"] = at::zeros(p.sizes(), p.options().dtype(type));
-        state.tensors["state2"] = at::zeros(p.sizes(), p.options().dtype(type));
-        if (quantized) {
-          const int64_t blocks = (p.numel() + kBlock - 1) / kBlock;
-          state.tensors["absmax1"] = at::zeros({blocks}, p.options().dtype(at::kFloat));
-          state.tensors["absmax2"] = at::zeros({blocks}, p.options().dtype(at::kFloat));
-        }
-      }
-      state.step += 1;
-
-      at::Tensor& state1 = state.tensors["state1"];
-      at::Tensor& state2 = state.tensors["state2"];
-      at::Tensor m = quantized ? dequantize(state1, state.tensors["absmax1"], signed_map_.to(p.device())) : state1;
-      at::Tensor v = quantized ? dequantize(state2, state.tensors["absmax2"], unsigned_map_.to(p.device())) : state2;
-      m.mul_(beta1).add_(grad, 1 - beta1);
-      v.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-      const double step = static_cast<double>(state.step);
-      const double correction1 = 1 - std::pow(beta1, step);
-      const double correction2 = std::sqrt(1 - std::pow(beta2, step));
-      const double step_size = -lr * correction2 / correction1;
-      p.add_(m / v.sqrt().add_(correction2 * eps), step_size);
-      if (weight_decay > 0) p.mul_(1 - lr * weight_decay);
-      if (quantized) {
-        quantize(m, signed_map_.to(p.device()), signed_midpoints_.to(p.device()), true, state1, state.tensors["absmax1"]);
-        quantize(v, unsigned_map_.to(p.device()), unsigned_midpoints_.to(p.device()), false, state2,
-                 state.tensors["absmax2"]);
-      }
+  const double lr = group_lr(group);
+  const at::Tensor grad = p.grad().to(at::kFloat);
+  ParamState& state = state_of(p);
+  const bool quantized = p.numel() >= min_8bit_size;
+  if (state.tensors.empty()) {
+    const at::ScalarType type = quantized ? at::kByte : at::kFloat;
+    state.tensors["state1"] = at::zeros(p.sizes(), p.options().dtype(type));
+    state.tensors["state2"] = at::zeros(p.sizes(), p.options().dtype(type));
+    if (quantized) {
+      const int64_t blocks = (p.numel() + kBlock - 1) / kBlock;
+      state.tensors["absmax1"] = at::zeros({blocks}, p.options().dtype(at::kFloat));
+      state.tensors["absmax2"] = at::zeros({blocks}, p.options().dtype(at::kFloat));
     }
+  }
+  state.step += 1;
+
+  at::Tensor& state1 = state.tensors["state1"];
+  at::Tensor& state2 = state.tensors["state2"];
+  at::Tensor m = quantized ? dequantize(state1, state.tensors["absmax1"], signed_map_.to(p.device())) : state1;
+  at::Tensor v = quantized ? dequantize(state2, state.tensors["absmax2"], unsigned_map_.to(p.device())) : state2;
+  m.mul_(beta1).add_(grad, 1 - beta1);
+  v.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
+  const double step = static_cast<double>(state.step);
+  const double correction1 = 1 - std::pow(beta1, step);
+  const double correction2 = std::sqrt(1 - std::pow(beta2, step));
+  const double step_size = -lr * correction2 / correction1;
+  p.add_(m / v.sqrt().add_(correction2 * eps), step_size);
+  if (weight_decay > 0) p.mul_(1 - lr * weight_decay);
+  if (quantized) {
+    quantize(m, signed_map_.to(p.device()), signed_midpoints_.to(p.device()), true, state1, state.tensors["absmax1"]);
+    quantize(v, unsigned_map_.to(p.device()), unsigned_midpoints_.to(p.device()), false, state2,
+             state.tensors["absmax2"]);
   }
 }
 
@@ -298,26 +315,21 @@ void AdamW8bit::update() {
 
 Lion::Lion(const std::vector<ParamGroup>& groups, LionConfig config) : Optimizer("Lion", groups), config_(config) {}
 
-void Lion::update() {
+void Lion::update_parameter(size_t group, at::Tensor& p) {
   const double weight_decay =
-      config_.decoupled_weight_decay ? config_.weight_decay / config_.initial_lr : config_.weight_decay;
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    const double lr = group_lr(g);
-    for (at::Tensor& p : param_groups_[g].params()) {
-      if (!p.grad().defined()) continue;
-      const at::Tensor& grad = p.grad();
-      ParamState& state = state_of(p);
-      if (state.tensors.empty()) state.tensors["exp_avg"] = at::zeros_like(p);
-      at::Tensor& exp_avg = state.tensors["exp_avg"];
-      state.step += 1;
+  config_.decoupled_weight_decay ? config_.weight_decay / config_.initial_lr : config_.weight_decay;
+  const double lr = group_lr(group);
+  const at::Tensor& grad = p.grad();
+  ParamState& state = state_of(p);
+  if (state.tensors.empty()) state.tensors["exp_avg"] = at::zeros_like(p);
+  at::Tensor& exp_avg = state.tensors["exp_avg"];
+  state.step += 1;
 
-      p.mul_(1 - lr * weight_decay);
-      // The step is the sign of an interpolation that uses beta1; the momentum itself decays with beta2.
-      const at::Tensor direction = exp_avg.clone().mul_(config_.beta1).add(grad, 1 - config_.beta1).sgn_();
-      p.add_(direction, -lr);
-      exp_avg.mul_(config_.beta2).add_(grad, 1 - config_.beta2);
-    }
-  }
+  p.mul_(1 - lr * weight_decay);
+  // The step is the sign of an interpolation that uses beta1; the momentum itself decays with beta2.
+  const at::Tensor direction = exp_avg.clone().mul_(config_.beta1).add(grad, 1 - config_.beta1).sgn_();
+  p.add_(direction, -lr);
+  exp_avg.mul_(config_.beta2).add_(grad, 1 - config_.beta2);
 }
 
 // ---------------------------------------------------------------- SGD (torch.optim.SGD)
@@ -328,32 +340,35 @@ SGD::SGD(const std::vector<ParamGroup>& groups, SGDConfig config) : Optimizer("S
                            "dampening={})", config_.momentum, config_.dampening);
 }
 
-void SGD::update() {
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    const double lr = group_lr(g);
-    for (at::Tensor& p : param_groups_[g].params()) {
-      if (!p.grad().defined()) continue;
-      at::Tensor grad = p.grad();
-      ParamState& state = state_of(p);
-      state.step += 1;
-      if (config_.weight_decay != 0) grad = grad.add(p, config_.weight_decay);
-      if (config_.momentum != 0) {
-        auto buffer = state.tensors.find("momentum_buffer");
-        if (buffer == state.tensors.end()) {
-          buffer = state.tensors.emplace("momentum_buffer", grad.detach().clone()).first;
-        } else {
-          buffer->second.mul_(config_.momentum).add_(grad, 1 - config_.dampening);
-        }
-        grad = config_.nesterov ? grad.add(buffer->second, config_.momentum) : buffer->second;
-      }
-      p.add_(grad, -lr);
+void SGD::update_parameter(size_t group, at::Tensor& p) {
+  const double lr = group_lr(group);
+  at::Tensor grad = p.grad();
+  ParamState& state = state_of(p);
+  state.step += 1;
+  if (config_.weight_decay != 0) grad = grad.add(p, config_.weight_decay);
+  if (config_.momentum != 0) {
+    auto buffer = state.tensors.find("momentum_buffer");
+    if (buffer == state.tensors.end()) {
+      buffer = state.tensors.emplace("momentum_buffer", grad.detach().clone()).first;
+    } else {
+      buffer->second.mul_(config_.momentum).add_(grad, 1 - config_.dampening);
     }
+    grad = config_.nesterov ? grad.add(buffer->second, config_.momentum) : buffer->second;
   }
+  p.add_(grad, -lr);
 }
 
 // ---------------------------------------------------------------- Adafactor (transformers)
 
 namespace {
+
+// `source` (fp32) into the bf16 `target`, rounded up or down at random in proportion to the distance: a random 16-bit
+// integer added to the fp32 bits, the low 16 bits then dropped (kohya's copy_stochastic_, torch's default generator).
+void copy_stochastically_rounded(at::Tensor& target, const at::Tensor& source) {
+  at::Tensor bits = at::randint_like(source, 0, 1 << 16, source.options().dtype(at::kInt));
+  bits.add_(source.view(at::kInt)).bitwise_and_(-65536);
+  target.copy_(bits.view(at::kFloat));
+}
 
 at::Tensor root_mean_square(const at::Tensor& t) {
   return t.norm(2) / std::pow(static_cast<double>(t.numel()), 0.5);
@@ -384,73 +399,73 @@ double Adafactor::effective_lr(size_t group) const {
   return scale * relative_step_size(group, state.step);
 }
 
-void Adafactor::update() {
+void Adafactor::update_parameter(size_t group, at::Tensor& p) {
   const AdafactorConfig& c = config_;
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    for (at::Tensor& p : param_groups_[g].params()) {
-      if (!p.grad().defined()) continue;
-      const at::Tensor grad = p.grad().to(at::kFloat);
-      const bool factored = grad.dim() >= 2;
-      ParamState& state = state_of(p);
-      if (state.tensors.empty()) {
-        if (c.beta1) state.tensors["exp_avg"] = at::zeros_like(grad);
-        if (factored) {
-          std::vector<int64_t> row_shape(grad.sizes().begin(), grad.sizes().end() - 1);
-          std::vector<int64_t> col_shape(grad.sizes().begin(), grad.sizes().end() - 2);
-          col_shape.push_back(grad.size(-1));
-          state.tensors["exp_avg_sq_row"] = at::zeros(row_shape, grad.options());
-          state.tensors["exp_avg_sq_col"] = at::zeros(col_shape, grad.options());
-        } else {
-          state.tensors["exp_avg_sq"] = at::zeros_like(grad);
-        }
-      }
-      at::Tensor p_fp32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
-      state.step += 1;
-      state.tensors["RMS"] = root_mean_square(p_fp32);
-
-      // transformers' lr is a Python float, or a 0-d float32 tensor once the parameter's RMS scales it;
-      // the two round differently (the weight-decay factor most of all), so both forms are kept.
-      const double step_size = relative_step_size(g, state.step);
-      const at::Tensor& rms = state.tensors["RMS"];
-      const bool lr_is_tensor = c.scale_parameter && rms.item<double>() > c.eps2;
-      const at::Tensor lr_tensor = lr_is_tensor ? rms * step_size : at::Tensor();
-      const double lr_value = (c.scale_parameter ? c.eps2 : 1.0) * step_size;
-
-      const double beta2t = 1.0 - std::pow(static_cast<double>(state.step), c.decay_rate);
-      at::Tensor update = grad.pow(2) + c.eps1;
-      if (factored) {
-        at::Tensor& row = state.tensors["exp_avg_sq_row"];
-        at::Tensor& col = state.tensors["exp_avg_sq_col"];
-        row.mul_(beta2t).add_(update.mean(-1), 1.0 - beta2t);
-        col.mul_(beta2t).add_(update.mean(-2), 1.0 - beta2t);
-        // The second moment approximated by the outer product of its row and column means.
-        const at::Tensor row_factor = (row / row.mean(-1, true)).rsqrt_().unsqueeze(-1);
-        const at::Tensor col_factor = col.unsqueeze(-2).rsqrt();
-        update = at::mul(row_factor, col_factor);
-        update.mul_(grad);
-      } else {
-        at::Tensor& exp_avg_sq = state.tensors["exp_avg_sq"];
-        exp_avg_sq.mul_(beta2t).add_(update, 1.0 - beta2t);
-        update = exp_avg_sq.rsqrt().mul_(grad);
-      }
-      update.div_((root_mean_square(update) / c.clip_threshold).clamp_min_(1.0));
-      if (lr_is_tensor) {
-        update.mul_(lr_tensor);
-      } else {
-        update.mul_(lr_value);
-      }
-      if (c.beta1) {
-        at::Tensor& exp_avg = state.tensors["exp_avg"];
-        exp_avg.mul_(*c.beta1).add_(update, 1 - *c.beta1);
-        update = exp_avg;
-      }
-      if (c.weight_decay != 0) {
-        const double alpha = lr_is_tensor ? (lr_tensor * -c.weight_decay).item<double>() : -c.weight_decay * lr_value;
-        p_fp32.add_(p_fp32, alpha);
-      }
-      p_fp32.add_(-update);
-      if (p_fp32.data_ptr() != p.data_ptr()) p.copy_(p_fp32);
+  const at::Tensor grad = p.grad().to(at::kFloat);
+  const bool factored = grad.dim() >= 2;
+  ParamState& state = state_of(p);
+  if (state.tensors.empty()) {
+    if (c.beta1) state.tensors["exp_avg"] = at::zeros_like(grad);
+    if (factored) {
+      std::vector<int64_t> row_shape(grad.sizes().begin(), grad.sizes().end() - 1);
+      std::vector<int64_t> col_shape(grad.sizes().begin(), grad.sizes().end() - 2);
+      col_shape.push_back(grad.size(-1));
+      state.tensors["exp_avg_sq_row"] = at::zeros(row_shape, grad.options());
+      state.tensors["exp_avg_sq_col"] = at::zeros(col_shape, grad.options());
+    } else {
+      state.tensors["exp_avg_sq"] = at::zeros_like(grad);
     }
+  }
+  at::Tensor p_fp32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
+  state.step += 1;
+  state.tensors["RMS"] = root_mean_square(p_fp32);
+
+  // transformers' lr is a Python float, or a 0-d float32 tensor once the parameter's RMS scales it;
+  // the two round differently (the weight-decay factor most of all), so both forms are kept.
+  const double step_size = relative_step_size(group, state.step);
+  const at::Tensor& rms = state.tensors["RMS"];
+  const bool lr_is_tensor = c.scale_parameter && rms.item<double>() > c.eps2;
+  const at::Tensor lr_tensor = lr_is_tensor ? rms * step_size : at::Tensor();
+  const double lr_value = (c.scale_parameter ? c.eps2 : 1.0) * step_size;
+
+  const double beta2t = 1.0 - std::pow(static_cast<double>(state.step), c.decay_rate);
+  at::Tensor update = grad.pow(2) + c.eps1;
+  if (factored) {
+    at::Tensor& row = state.tensors["exp_avg_sq_row"];
+    at::Tensor& col = state.tensors["exp_avg_sq_col"];
+    row.mul_(beta2t).add_(update.mean(-1), 1.0 - beta2t);
+    col.mul_(beta2t).add_(update.mean(-2), 1.0 - beta2t);
+    // The second moment approximated by the outer product of its row and column means.
+    const at::Tensor row_factor = (row / row.mean(-1, true)).rsqrt_().unsqueeze(-1);
+    const at::Tensor col_factor = col.unsqueeze(-2).rsqrt();
+    update = at::mul(row_factor, col_factor);
+    update.mul_(grad);
+  } else {
+    at::Tensor& exp_avg_sq = state.tensors["exp_avg_sq"];
+    exp_avg_sq.mul_(beta2t).add_(update, 1.0 - beta2t);
+    update = exp_avg_sq.rsqrt().mul_(grad);
+  }
+  update.div_((root_mean_square(update) / c.clip_threshold).clamp_min_(1.0));
+  if (lr_is_tensor) {
+    update.mul_(lr_tensor);
+  } else {
+    update.mul_(lr_value);
+  }
+  if (c.beta1) {
+    at::Tensor& exp_avg = state.tensors["exp_avg"];
+    exp_avg.mul_(*c.beta1).add_(update, 1 - *c.beta1);
+    update = exp_avg;
+  }
+  if (c.weight_decay != 0) {
+    const double alpha = lr_is_tensor ? (lr_tensor * -c.weight_decay).item<double>() : -c.weight_decay * lr_value;
+    p_fp32.add_(p_fp32, alpha);
+  }
+  p_fp32.add_(-update);
+  if (p_fp32.data_ptr() == p.data_ptr()) return;
+  if (c.stochastic_bf16_rounding && p.scalar_type() == at::kBFloat16) {
+    copy_stochastically_rounded(p, p_fp32);
+  } else {
+    p.copy_(p_fp32);
   }
 }
 

@@ -69,14 +69,22 @@ class Optimizer : public torch::optim::Optimizer {
 
   at::Tensor step(LossClosure closure = nullptr) final;
 
+  // Whether one parameter's update depends on that parameter alone (every optimizer but Prodigy, whose step size is
+  // estimated from all of them): then step_parameters() may step some parameters before the others have gradients.
+  virtual bool updates_each_parameter_alone() const { return true; }
+  // Steps `params` alone (those with a gradient), as step() would step them: kohya's fused steps in backward.
+  void step_parameters(const std::vector<at::Tensor>& params);
+
   OptimizerState export_state() const;
   // Restores a state exported by the same kind of optimizer over parameters of the same shapes;
   // throws sdt::Error naming what does not fit.
   void import_state(const OptimizerState& state);
 
  protected:
-  // One update of every parameter that has a gradient (autograd is off).
-  virtual void update() = 0;
+  // One update of every parameter that has a gradient (autograd is off): update_parameter() for each, group by group.
+  virtual void update();
+  // One update of one parameter of `group` that has a gradient (what every optimizer but Prodigy defines).
+  virtual void update_parameter(size_t group, at::Tensor& p);
   // Scalars kept for the whole optimizer rather than per parameter (Prodigy's d estimate).
   virtual std::map<std::string, double> scalars() const { return {}; }
   virtual void set_scalars(const std::map<std::string, double>& values) {}
@@ -87,6 +95,7 @@ class Optimizer : public torch::optim::Optimizer {
 
  private:
   std::string kind_;
+  std::map<const void*, size_t> group_of_;  // parameter -> group, for step_parameters()
 };
 
 struct AdamWConfig {
@@ -100,7 +109,7 @@ class AdamW final : public Optimizer {
   AdamW(const std::vector<ParamGroup>& groups, AdamWConfig config);
 
  private:
-  void update() override;
+  void update_parameter(size_t group, at::Tensor& p) override;
   AdamWConfig config_;
 };
 
@@ -125,7 +134,7 @@ class AdamW8bit final : public Optimizer {
   static at::Tensor dynamic_map(bool is_signed);
 
  private:
-  void update() override;
+  void update_parameter(size_t group, at::Tensor& p) override;
   AdamW8bitConfig config_;
   at::Tensor signed_map_, unsigned_map_;
   at::Tensor signed_midpoints_, unsigned_midpoints_;  // between neighbouring codes: nearest-code search
@@ -144,7 +153,7 @@ class Lion final : public Optimizer {
   Lion(const std::vector<ParamGroup>& groups, LionConfig config);
 
  private:
-  void update() override;
+  void update_parameter(size_t group, at::Tensor& p) override;
   LionConfig config_;
 };
 
@@ -160,7 +169,7 @@ class SGD final : public Optimizer {
   SGD(const std::vector<ParamGroup>& groups, SGDConfig config);
 
  private:
-  void update() override;
+  void update_parameter(size_t group, at::Tensor& p) override;
   SGDConfig config_;
 };
 
@@ -173,6 +182,9 @@ struct AdafactorConfig {
   bool scale_parameter = true;
   bool relative_step = true;         // lr = min(1e-2, 1/sqrt(step)) (× RMS of the parameter); group lrs unused
   bool warmup_init = false;          // relative lr = min(1e-6 × step, 1/sqrt(step))
+  // kohya's fused Adafactor (--fused_backward_pass) writes a bf16 parameter's fp32 update back with stochastic
+  // rounding (random low 16 bits added before truncation), transformers' with round-to-nearest.
+  bool stochastic_bf16_rounding = false;
 };
 
 class Adafactor final : public Optimizer {
@@ -183,7 +195,7 @@ class Adafactor final : public Optimizer {
   double effective_lr(size_t group) const;
 
  private:
-  void update() override;
+  void update_parameter(size_t group, at::Tensor& p) override;
   double relative_step_size(size_t group, int64_t step) const;
   AdafactorConfig config_;
 };
@@ -209,6 +221,7 @@ class Prodigy final : public Optimizer {
   Prodigy(const std::vector<ParamGroup>& groups, ProdigyConfig config);
 
   double d() const { return d_; }
+  bool updates_each_parameter_alone() const override { return false; }
 
  private:
   void update() override;

@@ -39,6 +39,7 @@
 #include "src/parallel/data_parallel.h"
 #include "src/parallel/memory_plan.h"
 #include "src/train/dataset_metadata.h"
+#include "src/train/fused_steps.h"
 #include "src/train/lr_schedule.h"
 #include "src/train/make_optimizer.h"
 #include "src/train/metrics.h"
@@ -150,11 +151,6 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.full_bf16 && args.mixed_precision != "bf16") fail("--full_bf16", "requires --mixed_precision bf16, as in kohya");
   if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
-  if (args.fused_backward_pass || args.fused_optimizer_groups) {
-    fail(args.fused_backward_pass ? "--fused_backward_pass" : "--fused_optimizer_groups",
-         "not built yet: sdt steps the optimizer after backward (kohya's per-parameter steps inside backward save the "
-         "gradients' memory); lower memory with --gradient_checkpointing or --sharding instead");
-  }
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
   if (args.train_batch_size < 1) fail("--train_batch_size", "must be at least 1, got {}", args.train_batch_size);
   if (!args.max_train_epochs && args.max_train_steps < 1) {  // --max_train_epochs, when given, sets the steps
@@ -247,6 +243,7 @@ class Trainer {
   std::unique_ptr<TrainedModel> trained_;
   std::unique_ptr<DataParallel> parallel_;
   MadeOptimizer made_;
+  std::unique_ptr<FusedSteps> fused_;  // --fused_backward_pass / --fused_optimizer_groups: steps inside backward
   LossScaler scaler_;
   DataParallel::MemoryPlan memory_plan_;
   int64_t bytes_before_run_ = 0;
@@ -365,6 +362,10 @@ void Trainer::load_models(TrainMode mode) {
                                              std::move(engine));
   made_ = make_optimizer(args_, parallel_->optimizer_groups());
   parallel_->check_optimizer(made_.optimizer->kind());
+  if (FusedSteps::requested(args_)) {
+    fused_ = std::make_unique<FusedSteps>(*made_.optimizer, parallel_->optimizer_groups(), args_, precision_.loss_scaling);
+    parallel_->set_on_gradient([this](at::Tensor& tensor) { fused_->on_gradient(tensor); }, FusedSteps::flag(args_));
+  }
 
   int64_t frozen_bytes = 0;
   std::set<const void*> trained_storage;
@@ -377,6 +378,9 @@ void Trainer::load_models(TrainMode mode) {
   }
   const int64_t element = trained_params.empty() ? 4 : static_cast<int64_t>(trained_params.front().element_size());
   memory_plan_ = parallel_->plan_memory(frozen_bytes, optimizer_bytes_per_element(made_.optimizer->kind(), element));
+  // Fused steps free each group's gradients as it steps: in one process only the largest group's are held whole
+  // (with several ranks the reducer's buckets hold them all, as DDP's do).
+  if (fused_ && world_.size == 1) memory_plan_.gradients = fused_->largest_group_bytes();
   if (world_.rank == 0) spdlog::info("{}", DataParallel::describe(memory_plan_, sharding, world_.size));
 }
 
@@ -626,6 +630,7 @@ void Trainer::step(TrainBatch& batch, StepTimes& times) {
   phase = Clock::now();
   phase_ = "gradient averaging";
   parallel_->finish();
+  if (fused_) fused_->finish_backward();
   times.communication += seconds_since(phase);
 }
 
@@ -699,8 +704,10 @@ double Trainer::optimizer_update(StepTimes& times, bool& stop_now) {
   phase = Clock::now();
   const bool finite = !precision_.loss_scaling || parallel_->unscale(scaler_.scale);
   if (finite) {
-    if (args_.max_grad_norm > 0) parallel_->clip_grad_norm(args_.max_grad_norm);
-    made_.optimizer->step();
+    if (!fused_) {  // fused steps clipped and stepped every tensor in backward
+      if (args_.max_grad_norm > 0) parallel_->clip_grad_norm(args_.max_grad_norm);
+      made_.optimizer->step();
+    }
     parallel_->after_step();
   } else {
     spdlog::warn("step {}: gradients overflowed at loss scale {}; skipping the update", position_.global_step + 1, scaler_.scale);

@@ -206,6 +206,36 @@ TEST(DistributedTrainer, SdxlFullFineTuneOnNRanksEqualsOneProcess) {
   expect_ranks_train_like_one_process(TrainMode::whole_model, "sdxl_full", SDT_FIXTURES "/sdxl/sdxl_a");
 }
 
+// kohya's --fused_backward_pass (sdxl_train.py): Adafactor steps each weight inside backward, as soon as its gradient
+// averaged over the ranks is in (in finish(), bucket by bucket), each clipped by its own norm. N ranks give what one
+// process gives with the whole global batch.
+TEST(DistributedTrainer, SdxlFusedBackwardPassOnNRanksEqualsOneProcess) {
+  const World& world = *the_world;
+  const fs::path root = scratch("sdxl_fused");
+  if (world.rank == 0) fs::remove_all(root);
+  barrier();
+  TrainArgs args = tiny_run(root, TrainMode::whole_model, SDT_FIXTURES "/sdxl/sdxl_a");
+  args.optimizer_type = "Adafactor";
+  args.optimizer_args = {"relative_step=False", "scale_parameter=False"};
+  args.lr_scheduler = "constant";
+  args.fused_backward_pass = true;
+  args.max_grad_norm = 0.05;  // every tensor clipped by its own norm
+  args.train_batch_size = 2;
+  args.output_dir = (root / fmt::format("rank{}", world.rank)).string();
+  const TrainSummary ranks = train(args, world, TrainMode::whole_model);
+  if (world.rank == 0) {
+    TrainArgs whole = args;
+    whole.train_batch_size = 2 * world.size;
+    whole.output_dir = (root / "whole").string();
+    const TrainSummary one = train(whole, World{}, TrainMode::whole_model);
+    expect_same_losses(ranks.losses, one.losses, "fused steps: N ranks vs one process with batch N*b");
+    const double difference = max_relative_difference(ranks.weights_path, one.weights_path);
+    std::cout << "sdxl_fused on " << world.size << " ranks: max relative weight difference to one process " << difference << "\n";
+    EXPECT_LT(difference, 1e-5);
+  }
+  barrier();
+}
+
 // The second family, the tiny DiT (flow matching, blocks of several tensors, LoRA adapters inside its blocks), on N
 // ranks with --sharding full and --blocks_to_swap 2 together (1 of 3 double blocks and 2 of 4 single blocks on the
 // host) trains like one plain process with the whole global batch, LoRA and full fine-tuning. (Small

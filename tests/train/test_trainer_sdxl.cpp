@@ -11,6 +11,7 @@
 #include "src/core/safetensors.h"
 #include "src/models/sdxl_checkpoint.h"
 #include "src/train/trainer.h"
+#include "tests/fixture_files.h"
 #include "tests/train/toy_dataset.h"
 #include "tests/train/weight_files.h"
 
@@ -128,6 +129,31 @@ TEST(SdxlTraining, FullFineTuneTrainsWhatSdxlTrainPyTrainsAndWritesAnSgmFile) {
   EXPECT_FALSE(changed(blocks.unet->time_embedding->linear_1->weight, base.unet->time_embedding->linear_1->weight));
   EXPECT_FALSE(changed(blocks.unet->conv_in->weight, base.unet->conv_in->weight));  // input_blocks.0
   EXPECT_TRUE(changed(blocks.unet->conv_out->weight, base.unet->conv_out->weight));  // out, block 22
+  fs::remove_all(root);
+}
+
+// sdxl_train.py's --fused_backward_pass: Adafactor steps every weight inside backward. Without clipping that is the
+// ordinary step, bit for bit; with --max_grad_norm each tensor is clipped by its own norm, so the weights differ.
+TEST(SdxlTraining, FusedBackwardPassStepsAsAdafactorDoesAfterBackward) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_sdxl_fused";
+  fs::remove_all(root);
+  const auto run = [&](const std::string& name, bool fused, double max_grad_norm) {
+    TrainArgs args = tiny_sdxl_run(root);
+    args.max_train_steps = 3;
+    args.optimizer_type = "Adafactor";
+    args.fused_backward_pass = fused;
+    args.max_grad_norm = max_grad_norm;
+    args.output_dir = (root / name).string();
+    const TrainSummary summary = train(args, World{}, TrainMode::whole_model);
+    return testing_support::read_tensors(summary.weights_path);
+  };
+  const auto fused = run("fused", true, 0), plain = run("plain", false, 0), clipped = run("clipped", true, 1e-3);
+  size_t differing = 0;
+  for (const auto& [name, weight] : plain) {
+    EXPECT_TRUE(at::equal(fused.at(name), weight)) << name;
+    differing += !at::equal(clipped.at(name), weight);
+  }
+  EXPECT_GT(differing, 100u) << "clipping each tensor at 1e-3 changes the trained weights";
   fs::remove_all(root);
 }
 
