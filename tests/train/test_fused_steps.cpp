@@ -212,3 +212,31 @@ TEST(FusedSteps, RefusesWhatCannotBeFusedNamingTheFlag) {
 
 }  // namespace
 }  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// kohya's fused Adafactor writes a bf16 weight's update back with stochastic rounding: an update of 0.001 to weights
+// of 1.0 (bf16's spacing just below 1 is 2^-8) is lost by round-to-nearest, but moves a quarter of the weights one
+// spacing down, so the mean moves by the update (4096 weights: the mean's standard deviation is 2.7e-5).
+TEST(FusedSteps, Bf16WeightsTakeAdafactorsUpdateWithStochasticRounding) {
+  const auto step_once = [](bool stochastic) {
+    at::Tensor w = at::ones({64, 64}, at::kBFloat16).set_requires_grad(true);
+    AdafactorConfig config;
+    config.relative_step = false;
+    config.scale_parameter = false;
+    config.stochastic_bf16_rounding = stochastic;
+    Adafactor optimizer({{{w}, 1e-3}}, config);
+    w.mutable_grad() = at::ones_like(w);
+    at::manual_seed(3);
+    optimizer.step();
+    return w.detach().to(at::kFloat);
+  };
+  EXPECT_TRUE(at::equal(step_once(false), at::ones({64, 64})));
+  const at::Tensor rounded = step_once(true);
+  EXPECT_NEAR(rounded.mean().item<double>(), 1.0 - 1e-3, 1.5e-4);
+  EXPECT_TRUE(at::all((rounded == 1.0) | (rounded == 1.0 - 1.0 / 256)).item<bool>());
+}
+
+}  // namespace
+}  // namespace sdt
