@@ -2,6 +2,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <cmath>
 #include <mutex>
 
 #include <spdlog/spdlog.h>
@@ -67,6 +68,14 @@ c10::Device module_device(const torch::nn::Module& module) {
   for (const auto& p : module.parameters()) return p.device();
   for (const auto& b : module.buffers()) return b.device();
   return c10::Device(c10::kCPU);
+}
+
+at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim) {
+  const int64_t half = dim / 2;
+  // Same operation order as diffusers, so the fp32 frequencies are bit-identical (t reaches ~1000 rad).
+  at::Tensor exponent = at::arange(half, timesteps.options().dtype(at::kFloat)) * -std::log(10000.0) / half;
+  at::Tensor angles = timesteps.to(at::kFloat).unsqueeze(1) * at::exp(exponent).unsqueeze(0);  // (B, half)
+  return at::cat({at::cos(angles), at::sin(angles)}, -1);                                          // (B, dim)
 }
 
 at::Tensor randn_from_host(at::IntArrayRef sizes, at::Generator& generator, const at::TensorOptions& options) {

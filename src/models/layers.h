@@ -82,6 +82,10 @@ c10::Device module_device(const torch::nn::Module& module);
 // seeded draw gives the same numbers on every device.
 at::Tensor randn_from_host(at::IntArrayRef sizes, at::Generator& generator, const at::TensorOptions& options);
 
+// diffusers get_timestep_embedding with flip_sin_to_cos=True, freq_shift=0: (B) -> (B, dim) = [cos, sin] of
+// t * 10000^(-k / (dim/2)), k = 0 .. dim/2 - 1, in fp32.
+at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim);
+
 // Multi-head attention of already projected q, k, v: (B, Nq, H*D), (B, Nk, H*D), (B, Nk, H*D) -> (B, Nq, H*D).
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 bool causal = false);

@@ -8,6 +8,7 @@ add_library(sdt_models STATIC
   src/models/unet.cpp
   src/models/sd_checkpoint.cpp
   src/models/sdxl_checkpoint.cpp
+  src/models/flux.cpp
 )
 target_link_libraries(sdt_models PUBLIC sdt_torch)
 target_precompile_headers(sdt_models REUSE_FROM sdt_torch)
@@ -20,6 +21,7 @@ add_executable(test_models
   tests/models/test_checkpoint_io.cpp
   tests/models/test_gradient_checkpointing.cpp
   tests/models/test_sdxl_models.cpp
+  tests/models/test_flux_models.cpp
 )
 target_link_libraries(test_models PRIVATE sdt_models GTest::gtest_main)
 target_compile_definitions(test_models PRIVATE SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures")

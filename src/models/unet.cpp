@@ -120,14 +120,6 @@ TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t channels, int64_t dim) {
 
 at::Tensor TimestepEmbeddingImpl::forward(const at::Tensor& x) { return linear_2(at::silu(linear_1(x))); }
 
-at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim) {
-  const int64_t half = dim / 2;
-  // Same operation order as diffusers, so the fp32 frequencies are bit-identical (t reaches ~1000 rad).
-  at::Tensor exponent = at::arange(half, timesteps.options().dtype(at::kFloat)) * -std::log(10000.0) / half;
-  at::Tensor angles = timesteps.to(at::kFloat).unsqueeze(1) * at::exp(exponent).unsqueeze(0);  // (B, half)
-  return at::cat({at::cos(angles), at::sin(angles)}, -1);                                          // (B, dim)
-}
-
 at::Tensor size_embedding(const at::Tensor& sizes, int64_t dim) {
   if (sizes.dim() != 2) fail("size conditioning", "expected (batch, values), got {}", c10::str(sizes.sizes()));
   return timestep_embedding(sizes.flatten(), dim).reshape({sizes.size(0), sizes.size(1) * dim});

@@ -140,10 +140,6 @@ struct UNet2DConditionModelImpl : torch::nn::Module {
 };
 TORCH_MODULE(UNet2DConditionModel);
 
-// diffusers get_timestep_embedding with flip_sin_to_cos=True, freq_shift=0: (B) -> (B, dim) = [cos, sin] of
-// t * 10000^(-k / (dim/2)), k = 0 .. dim/2 - 1, in fp32.
-at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim);
-
 // SDXL's size conditioning (kohya's get_size_embeddings, diffusers' add_time_proj): each of the k values of a row
 // (original height and width, crop top and left, target height and width) through timestep_embedding with `dim`
 // channels, concatenated: (B, k) -> (B, k * dim) in fp32.

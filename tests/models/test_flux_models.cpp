@@ -1,0 +1,109 @@
+// The FLUX.1 and Chroma transformers against kohya-ss/sd-scripts' own (library/flux_models.py, chroma_models.py) on
+// tiny random configs (tests/fixtures/flux/gen_flux_fixtures.py): a dev-like and a schnell-like FLUX, with and
+// without the T5 attention mask, and a Chroma; the 2x2 packing and the image ids against kohya's flux_utils.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "src/core/error.h"
+#include "src/core/safetensors.h"
+#include "src/models/flux.h"
+#include "tests/fixture_files.h"
+#include "tests/models/compare.h"
+
+namespace sdt {
+namespace {
+
+using testing_support::expect_close;
+
+struct Variant {
+  FluxConfig config;
+  std::map<std::string, at::Tensor> tensors;
+  FluxTransformer model{nullptr};
+  const at::Tensor& input(const std::string& name) const { return tensors.at("input." + name); }
+};
+
+Variant load_variant(const std::string& name) {
+  const std::string path = SDT_FIXTURES "/flux/" + name + ".safetensors";
+  Variant v;
+  const nlohmann::json c = nlohmann::json::parse(safetensors::File(path).metadata().at("config"));
+  FluxConfig& f = v.config;
+  f.in_channels = c["in_channels"];
+  f.vec_in_dim = c["vec_in_dim"];
+  f.context_in_dim = c["context_in_dim"];
+  f.hidden_size = c["hidden_size"];
+  f.mlp_ratio = c["mlp_ratio"];
+  f.num_heads = c["num_heads"];
+  f.depth = c["depth"];
+  f.depth_single_blocks = c["depth_single_blocks"];
+  f.axes_dim = c["axes_dim"].get<std::vector<int64_t>>();
+  f.theta = c["theta"];
+  f.qkv_bias = c["qkv_bias"];
+  f.guidance_embed = c["guidance_embed"];
+  f.chroma = c.value("chroma", false);
+  if (f.chroma) {
+    f.approximator_in_dim = c["approximator_in_dim"];
+    f.approximator_depth = c["approximator_depth"];
+    f.approximator_hidden_size = c["approximator_hidden_size"];
+  }
+  v.tensors = testing_support::read_tensors(path);
+  v.model = FluxTransformer(f);
+  torch::NoGradGuard no_grad;
+  size_t loaded = 0;
+  for (auto& item : v.model->named_parameters()) {
+    const std::string& key = item.key();
+    at::Tensor& param = item.value();
+    const auto found = v.tensors.find(key);
+    if (found == v.tensors.end()) {
+      ADD_FAILURE() << name << ": the reference has no " << key;
+      continue;
+    }
+    param.copy_(found->second);
+    ++loaded;
+  }
+  size_t weights = 0;
+  for (const auto& [key, t] : v.tensors) weights += !key.starts_with("input.") && !key.starts_with("output.");
+  EXPECT_EQ(loaded, weights) << name << ": every weight of the reference has its parameter, under the same name";
+  v.model->eval();
+  return v;
+}
+
+at::Tensor run(Variant& v, bool masked) {
+  torch::NoGradGuard no_grad;
+  return v.model->forward(v.input("img"), v.input("img_ids"), v.input("txt"), v.input("txt_ids"), v.input("timesteps"),
+                          v.input("y"), v.config.guidance_embed ? v.input("guidance") : at::Tensor(),
+                          masked ? v.input("txt_mask") : at::Tensor());
+}
+
+// fp32 throughout, the same operations as kohya's; the differences are the order of sums inside matmuls and attention
+// (an ulp, 6e-8, per operation through 3 to 5 blocks of a few dozen operations each): 1e-5 of the output's scale
+// leaves a factor of ten, where a wrong modulation chunk, RoPE pair or token order is of the output's own size.
+TEST(FluxModels, TransformerMatchesKohyasFluxAndChroma) {
+  for (const std::string name : {"flux_a", "flux_b", "chroma_a"}) {
+    Variant v = load_variant(name);
+    if (!v.config.chroma) expect_close(name + " without mask", run(v, false), v.tensors.at("output.unmasked"), 1e-5);
+    expect_close(name + " with the T5 mask", run(v, true), v.tensors.at("output.masked"), 1e-5);
+  }
+}
+
+TEST(FluxModels, PackingAndImageIdsAreKohyas) {
+  for (const std::string name : {"flux_a", "flux_b", "chroma_a"}) {
+    const Variant v = load_variant(name);
+    const at::Tensor& latents = v.input("latents");
+    EXPECT_TRUE(at::equal(pack_latents(latents), v.input("img"))) << name;
+    const int64_t h = latents.size(2) / 2, w = latents.size(3) / 2;
+    EXPECT_TRUE(at::equal(flux_image_ids(latents.size(0), h, w), v.input("img_ids"))) << name;
+    EXPECT_TRUE(at::equal(unpack_latents(v.tensors.at("output.masked"), h, w), v.tensors.at("output.unpacked"))) << name;
+    EXPECT_TRUE(at::equal(unpack_latents(pack_latents(latents), h, w), latents)) << name;
+  }
+}
+
+TEST(FluxModels, ConfigsThatCannotBeBuiltAreRefused) {
+  FluxConfig bad = FluxConfig::dev();
+  bad.axes_dim = {16, 56, 48};
+  EXPECT_THROW(FluxTransformer{bad}, Error);
+  EXPECT_EQ(FluxConfig::chroma_base().chroma_modulations(), 3 * 38 + 12 * 19 + 2);  // chroma_models.py's mod_index_length
+}
+
+}  // namespace
+}  // namespace sdt
