@@ -357,9 +357,7 @@ UNetConfig read_unet_config(const std::string& path) {
 VaeConfig read_vae_config(const std::string& path) {
   const json j = read_json(path);
   for (const auto& [key, value] : std::vector<std::pair<std::string, json>>{
-           {"act_fn", "silu"}, {"use_quant_conv", true}, {"use_post_quant_conv", true},
-           {"mid_block_add_attention", true}, {"shift_factor", nullptr}, {"latents_mean", nullptr},
-           {"latents_std", nullptr}}) {
+           {"act_fn", "silu"}, {"mid_block_add_attention", true}, {"latents_mean", nullptr}, {"latents_std", nullptr}}) {
     require_default(j, key, value, path);
   }
   VaeConfig c;
@@ -370,6 +368,11 @@ VaeConfig read_vae_config(const std::string& path) {
   c.layers_per_block = get(j, "layers_per_block", c.layers_per_block, path);
   c.norm_num_groups = get(j, "norm_num_groups", c.norm_num_groups, path);
   c.scaling_factor = get(j, "scaling_factor", c.scaling_factor, path);
+  if (j.contains("shift_factor") && !j["shift_factor"].is_null()) c.shift_factor = get(j, "shift_factor", c.shift_factor, path);
+  c.use_quant_conv = get(j, "use_quant_conv", c.use_quant_conv, path);
+  if (get(j, "use_post_quant_conv", c.use_quant_conv, path) != c.use_quant_conv) {
+    fail(path + ": use_post_quant_conv", "differs from use_quant_conv; sdt's VAE has both 1x1 convs or neither");
+  }
   for (const auto& key : {"down_block_types", "up_block_types"}) {
     const std::string expected = key == std::string("down_block_types") ? "DownEncoderBlock2D" : "UpDecoderBlock2D";
     const auto types = get(j, key, std::vector<std::string>(c.block_out_channels.size(), expected), path);

@@ -12,6 +12,15 @@ constexpr double kVaeEps = 1e-6;  // every GroupNorm of the SD VAE
 
 VaeConfig VaeConfig::sd() { return {}; }
 
+VaeConfig VaeConfig::flux() {
+  VaeConfig c;
+  c.latent_channels = 16;
+  c.scaling_factor = 0.3611;
+  c.shift_factor = 0.1159;
+  c.use_quant_conv = false;
+  return c;
+}
+
 at::Tensor DiagonalGaussian::sample(std::optional<at::Generator> generator) const {
   if (!generator) return mean + std() * at::randn(mean.sizes(), mean.options());
   return mean + std() * randn_from_host(mean.sizes(), *generator, mean.options());
@@ -111,8 +120,10 @@ AutoencoderKLImpl::AutoencoderKLImpl(VaeConfig config) : config(std::move(config
   const int64_t latent = this->config.latent_channels;
   encoder = register_module("encoder", VaeEncoder(this->config));
   decoder = register_module("decoder", VaeDecoder(this->config));
-  quant_conv = register_module("quant_conv", Conv2d(nn::Conv2dOptions(2 * latent, 2 * latent, 1)));
-  post_quant_conv = register_module("post_quant_conv", Conv2d(nn::Conv2dOptions(latent, latent, 1)));
+  if (this->config.use_quant_conv) {
+    quant_conv = register_module("quant_conv", Conv2d(nn::Conv2dOptions(2 * latent, 2 * latent, 1)));
+    post_quant_conv = register_module("post_quant_conv", Conv2d(nn::Conv2dOptions(latent, latent, 1)));
+  }
 }
 
 int64_t AutoencoderKLImpl::downscale_factor() const { return int64_t{1} << (config.block_out_channels.size() - 1); }
@@ -173,7 +184,7 @@ at::Tensor AutoencoderKLImpl::encode_moments(const at::Tensor& images, const Vae
   if (images.dim() != 4 || images.size(1) != config.in_channels) {
     fail("VAE encode", "expected images (batch, {}, height, width), got {}", config.in_channels, c10::str(images.sizes()));
   }
-  auto whole = [&](const at::Tensor& x) { return quant_conv(encoder(x)); };
+  auto whole = [&](const at::Tensor& x) { return config.use_quant_conv ? quant_conv(encoder(x)) : encoder(x); };
   return per_image(images, split.slice_batch, [&](const at::Tensor& x) {
     if (split.tile && (x.size(2) > split.tile_sample_size || x.size(3) > split.tile_sample_size)) {
       return run_tiled(x, split.tile_sample_size, split.tile_sample_size / downscale_factor(), split.tile_overlap, whole);
@@ -191,7 +202,7 @@ at::Tensor AutoencoderKLImpl::decode(const at::Tensor& latents, const VaeSplit& 
   if (latents.dim() != 4 || latents.size(1) != config.latent_channels) {
     fail("VAE decode", "expected latents (batch, {}, height, width), got {}", config.latent_channels, c10::str(latents.sizes()));
   }
-  auto whole = [&](const at::Tensor& z) { return decoder(post_quant_conv(z)); };
+  auto whole = [&](const at::Tensor& z) { return decoder(config.use_quant_conv ? post_quant_conv(z) : z); };
   const int64_t latent_tile = split.tile_sample_size / downscale_factor();
   return per_image(latents, split.slice_batch, [&](const at::Tensor& z) {
     if (split.tile && (z.size(2) > latent_tile || z.size(3) > latent_tile)) {
@@ -203,11 +214,11 @@ at::Tensor AutoencoderKLImpl::decode(const at::Tensor& latents, const VaeSplit& 
 
 at::Tensor images_to_latents(AutoencoderKL& vae, const at::Tensor& images, std::optional<at::Generator> generator,
                              const VaeSplit& split) {
-  return vae->encode(images, split).sample(std::move(generator)) * vae->config.scaling_factor;
+  return (vae->encode(images, split).sample(std::move(generator)) - vae->config.shift_factor) * vae->config.scaling_factor;
 }
 
 at::Tensor latents_to_images(AutoencoderKL& vae, const at::Tensor& latents, const VaeSplit& split) {
-  return vae->decode(latents / vae->config.scaling_factor, split);
+  return vae->decode(latents / vae->config.scaling_factor + vae->config.shift_factor, split);
 }
 
 }  // namespace sdt

@@ -1,4 +1,5 @@
-// The SD VAE, diffusers AutoencoderKL: images (B, 3, H, W) in [-1, 1] <-> latents (B, 4, H/8, W/8). Parameters carry
+// The VAE of SD, SDXL and FLUX, diffusers AutoencoderKL: images (B, 3, H, W) in [-1, 1] <-> latents (B, 4 or 16, H/8,
+// W/8) (FLUX's autoencoder: 16 channels, no quant convs, a shift before the scale). Parameters carry
 // the diffusers names (`encoder.down_blocks.0.resnets.0.conv1.weight` ...), so a diffusers `vae/` state dict maps
 // onto named_parameters() one to one.
 #pragma once
@@ -19,9 +20,13 @@ struct VaeConfig {
   std::vector<int64_t> block_out_channels{128, 256, 512, 512};
   int64_t layers_per_block = 2;
   int64_t norm_num_groups = 32;
-  double scaling_factor = 0.18215;  // latents for the U-Net are sample * scaling_factor
+  double scaling_factor = 0.18215;  // latents for the denoiser are (sample - shift_factor) * scaling_factor
+  double shift_factor = 0.0;
+  bool use_quant_conv = true;       // the 1x1 quant_conv after the encoder and post_quant_conv before the decoder
 
   static VaeConfig sd();
+  // FLUX.1's autoencoder (BFL's ae.safetensors, kohya's AutoEncoderParams for FLUX): 16 latent channels.
+  static VaeConfig flux();
 };
 
 // How to split large inputs. Slicing runs the batch one image at a time (identical results, less memory). Tiling
@@ -105,14 +110,14 @@ struct AutoencoderKLImpl : torch::nn::Module {
   VaeConfig config;
   VaeEncoder encoder{nullptr};
   VaeDecoder decoder{nullptr};
-  Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};
+  Conv2d quant_conv{nullptr}, post_quant_conv{nullptr};  // with use_quant_conv only
 
  private:
   at::Tensor encode_moments(const at::Tensor& images, const VaeSplit& split);  // (B, 2 * latent_channels, h, w)
 };
 TORCH_MODULE(AutoencoderKL);
 
-// What training and caching use: images -> U-Net latents (a posterior sample, times scaling_factor), and back.
+// What training and caching use: images -> the denoiser's latents (a posterior sample, shifted and scaled), and back.
 at::Tensor images_to_latents(AutoencoderKL& vae, const at::Tensor& images, std::optional<at::Generator> generator = std::nullopt,
                              const VaeSplit& split = {});
 at::Tensor latents_to_images(AutoencoderKL& vae, const at::Tensor& latents, const VaeSplit& split = {});

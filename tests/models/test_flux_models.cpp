@@ -3,11 +3,15 @@
 // without the T5 attention mask, and a Chroma; the 2x2 packing and the image ids against kohya's flux_utils.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
+
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
 #include "src/models/flux.h"
+#include "src/models/sd_checkpoint.h"
 #include "tests/fixture_files.h"
 #include "tests/models/compare.h"
 
@@ -103,6 +107,59 @@ TEST(FluxModels, ConfigsThatCannotBeBuiltAreRefused) {
   bad.axes_dim = {16, 56, 48};
   EXPECT_THROW(FluxTransformer{bad}, Error);
   EXPECT_EQ(FluxConfig::chroma_base().chroma_modulations(), 3 * 38 + 12 * 19 + 2);  // chroma_models.py's mod_index_length
+}
+
+}  // namespace
+}  // namespace sdt
+
+namespace sdt {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A fixture's weights alone (without its input.* and output.*) in `path`.
+void write_weights(const std::map<std::string, at::Tensor>& tensors, const std::string& path) {
+  NamedTensors weights;
+  for (const auto& [key, t] : tensors) {
+    if (!key.starts_with("input.") && !key.starts_with("output.")) weights.emplace_back(key, t);
+  }
+  save_safetensors(path, weights, {});
+}
+
+// fp32 convolutions and GroupNorms over a few hundred values each, a handful of layers deep: 1e-5 of the scale.
+void expect_autoencoder_matches(AutoencoderKL& vae, const std::map<std::string, at::Tensor>& f, const std::string& name) {
+  torch::NoGradGuard no_grad;
+  const DiagonalGaussian posterior = vae->encode(f.at("input.image"));
+  expect_close(name + " posterior mean", posterior.mean, f.at("output.mean"), 1e-5);
+  expect_close(name + " posterior log-variance", posterior.logvar, f.at("output.logvar"), 1e-5);
+  const at::Tensor latents = (posterior.mean - vae->config.shift_factor) * vae->config.scaling_factor;
+  expect_close(name + " shifted and scaled latents", latents, f.at("output.latents"), 1e-5);
+  expect_close(name + " decoded", latents_to_images(vae, f.at("output.latents")), f.at("output.decoded"), 1e-5);
+}
+
+// FLUX's autoencoder: diffusers' AutoencoderKL with FLUX's config, loaded from a diffusers folder (its config.json:
+// 16 channels, no quant convs, shift and scale), and BFL's own layout (kohya's AutoEncoder), loaded from a file.
+TEST(FluxModels, AutoencoderMatchesDiffusersAndKohyaInBothLayouts) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_ae";
+  fs::remove_all(root);
+  fs::create_directories(root / "vae");
+  const std::string diffusers_path = SDT_FIXTURES "/flux/ae_diffusers.safetensors";
+  const auto diffusers = testing_support::read_tensors(diffusers_path);
+  write_weights(diffusers, (root / "vae" / "diffusion_pytorch_model.safetensors").string());
+  std::ofstream(root / "vae" / "config.json") << safetensors::File(diffusers_path).metadata().at("config");
+  AutoencoderKL from_folder = load_vae((root / "vae").string(), VaeConfig::flux());
+  EXPECT_FALSE(from_folder->config.use_quant_conv);
+  EXPECT_DOUBLE_EQ(from_folder->config.shift_factor, 0.1159);
+  expect_autoencoder_matches(from_folder, diffusers, "diffusers AutoencoderKL (FLUX config)");
+
+  const auto bfl = testing_support::read_tensors(SDT_FIXTURES "/flux/ae_bfl.safetensors");
+  write_weights(bfl, (root / "ae.safetensors").string());
+  VaeConfig config = VaeConfig::flux();
+  config.block_out_channels = {32, 64};
+  config.layers_per_block = 1;
+  AutoencoderKL from_file = load_vae((root / "ae.safetensors").string(), config);
+  expect_autoencoder_matches(from_file, bfl, "kohya's AutoEncoder (BFL layout)");
+  fs::remove_all(root);
 }
 
 }  // namespace
