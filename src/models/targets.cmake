@@ -9,6 +9,7 @@ add_library(sdt_models STATIC
   src/models/sd_checkpoint.cpp
   src/models/sdxl_checkpoint.cpp
   src/models/flux.cpp
+  src/models/t5.cpp
 )
 target_link_libraries(sdt_models PUBLIC sdt_torch)
 target_precompile_headers(sdt_models REUSE_FROM sdt_torch)

@@ -12,6 +12,7 @@
 #include "src/core/safetensors.h"
 #include "src/models/flux.h"
 #include "src/models/sd_checkpoint.h"
+#include "src/models/t5.h"
 #include "tests/fixture_files.h"
 #include "tests/models/compare.h"
 
@@ -160,6 +161,49 @@ TEST(FluxModels, AutoencoderMatchesDiffusersAndKohyaInBothLayouts) {
   AutoencoderKL from_file = load_vae((root / "ae.safetensors").string(), config);
   expect_autoencoder_matches(from_file, bfl, "kohya's AutoEncoder (BFL layout)");
   fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// transformers' T5EncoderModel (gated-gelu T5 v1.1) in two shapes, its config read from config.json as a user's
+// folder holds it, with and without the attention mask. fp32; softmax over up to 40 keys and 2-3 layers: 1e-5 of the
+// scale.
+TEST(FluxModels, T5EncoderMatchesTransformers) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_t5_config";
+  fs::create_directories(root);
+  for (const std::string name : {"t5_a", "t5_b"}) {
+    const std::string path = SDT_FIXTURES "/flux/" + name + ".safetensors";
+    std::ofstream(root / "config.json") << safetensors::File(path).metadata().at("config");
+    const T5Config config = read_t5_config((root / "config.json").string());
+    const auto f = testing_support::read_tensors(path);
+    T5EncoderModel t5(config);
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& item : t5->named_parameters()) item.value().copy_(f.at(item.key()));
+    }
+    EXPECT_TRUE(at::equal(f.at("shared.weight"), f.at("encoder.embed_tokens.weight")));
+    torch::NoGradGuard no_grad;
+    expect_close(name + " last_hidden_state", t5->forward(f.at("input.ids")), f.at("output.unmasked"), 1e-5);
+    expect_close(name + " last_hidden_state with the mask", t5->forward(f.at("input.ids"), f.at("input.mask")), f.at("output.masked"), 1e-5);
+  }
+  fs::remove_all(root);
+}
+
+// transformers' buckets for relative positions -300..300 with FLUX's 32 buckets and max distance 128, computed here
+// from the formula's definition in double precision (exact bins below 8, logarithmic bins to 128, one bin beyond).
+TEST(FluxModels, T5RelativePositionBucketsFollowTheDefinition) {
+  const at::Tensor relative = at::arange(-300, 301, at::kLong);
+  const at::Tensor buckets = t5_relative_position_bucket(relative, 32, 128);
+  for (int64_t r = -300; r <= 300; ++r) {
+    const int64_t distance = std::abs(r);
+    int64_t expected = r > 0 ? 16 : 0;
+    expected += distance < 8 ? distance : std::min<int64_t>(15, 8 + static_cast<int64_t>(std::log(distance / 8.0) / std::log(16.0) * 8));
+    EXPECT_EQ(buckets[r + 300].item<int64_t>(), expected) << "relative position " << r;
+  }
 }
 
 }  // namespace
