@@ -55,6 +55,7 @@ copy_from_usr include/zip.h include/zipconf.h "$arch_lib/libzip.so*"
 copy_from_usr include/unicode "$arch_lib/libicuuc.so*" "$arch_lib/libicudata.so*"
 copy_from_usr include/openssl include/x86_64-linux-gnu/openssl "$arch_lib/libcrypto.so*"
 copy_from_usr include/zlib.h include/zconf.h "$arch_lib/libz.so*"
+copy_from_usr include/sentencepiece_processor.h include/sentencepiece_trainer.h "$arch_lib/libsentencepiece.so*"
 # Links that point into the system (Debian's alternatives, /lib) point to the same file inside the bundle instead.
 while read -r link; do
   target="$(readlink -f "/usr/${link#"$out"/}")"
@@ -136,7 +137,7 @@ sdt's build dependencies besides LibTorch, packed by launcher/setup.sh bundle on
 (glibc $(ldd --version | head -1 | awk '{print $NF}')) from commit $(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown).
 OpenCV $opencv_version (core, imgproc, imgcodecs) is built from source; the rest are Debian's packages:
 $(dpkg-query -W -f='  ${Package} ${Version}\n' libtoml11-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev \
-    libgtest-dev libhdf5-dev libopenmpi-dev libzip-dev libicu-dev libssl-dev zlib1g-dev 2>/dev/null)
+    libgtest-dev libhdf5-dev libopenmpi-dev libzip-dev libicu-dev libssl-dev zlib1g-dev libsentencepiece-dev 2>/dev/null)
 Licences: each library's own, in share/doc/<package>/copyright (Debian's) and share/licenses/opencv4 (OpenCV, Apache-2.0,
 and the image libraries it builds).
 Use: SDT_BUNDLE=\$PWD/$(basename "$out") Torch_DIR=... bash launcher/setup.sh build

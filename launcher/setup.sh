@@ -42,6 +42,7 @@ apt_packages=(
   libopencv-imgcodecs-dev libopencv-imgproc-dev libwebp-dev libpng-dev libjpeg-dev  # image decoding / resizing
   libopenblas0-pthread                                      # fast fp32 BLAS for CPU runs
   libicu-dev zlib1g-dev                                     # CLIP tokenizer: Unicode classes, case, NFC; its .txt.gz vocabulary
+  libsentencepiece-dev                                      # T5 tokenizer (FLUX, Chroma, SD3): T5's SentencePiece model
   libssl-dev                                                # SHA-256 (libcrypto) for the sshs_* hashes kohya writes into LoRA files
 )
 

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <zlib.h>
 
+#include "src/core/data_files.h"
 #include "src/core/error.h"
 #include "src/tokenizers/text_cleaning.h"
 
@@ -323,21 +324,7 @@ void ClipTokenizer::encode_word(std::string_view word, std::vector<int32_t>& ids
 }
 
 std::string ClipTokenizer::bundled_vocab_gz() {
-  const std::filesystem::path relative = std::filesystem::path("tokenizers") / "clip" / "bpe_simple_vocab_16e6.txt.gz";
-  std::vector<std::filesystem::path> candidates;
-  if (const char* data_dir = std::getenv("SDT_DATA_DIR")) candidates.push_back(std::filesystem::path(data_dir) / relative);
-  std::error_code error;
-  const std::filesystem::path executable = std::filesystem::read_symlink("/proc/self/exe", error);
-  if (!error) {
-    candidates.push_back(executable.parent_path() / "data" / relative);                    // the build folder
-    candidates.push_back(executable.parent_path().parent_path() / "data" / relative);      // build/ in the checkout
-    candidates.push_back(executable.parent_path().parent_path() / "share" / "sdt" / relative);  // an installed prefix
-  }
-  for (const auto& path : candidates) {
-    if (std::filesystem::is_regular_file(path)) return path.string();
-  }
-  fail("tokenizer", "the CLIP vocabulary the project ships (data/{}) is not beside the executable; pass --tokenizer or "
-                    "set SDT_DATA_DIR to the project's data/ folder", relative.string());
+  return shipped_data_file("tokenizers/clip/bpe_simple_vocab_16e6.txt.gz", "CLIP vocabulary", "--tokenizer");
 }
 
 }  // namespace sdt
