@@ -24,8 +24,13 @@ CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
   cmd->add_option("--sampler", s.sampler, "ddim, euler or euler_a")
       ->check(CLI::IsMember({"ddim", "euler", "euler_a", "k_euler", "k_euler_a"}))
       ->capture_default_str();
-  cmd->add_option("--steps", s.steps, "denoising steps")->check(CLI::Range(1, 1000))->capture_default_str();
-  cmd->add_option("--scale", s.scale, "classifier-free guidance scale (1: none)")->capture_default_str();
+  cmd->add_option_function<int>("--steps", [&s](const int& steps) { s.steps = steps; },
+                                "denoising steps (default: kohya's, SD and SDXL 30, FLUX 20)")
+      ->check(CLI::Range(1, 1000));
+  cmd->add_option_function<double>("--scale", [&s](const double& scale) { s.scale = scale; },
+                                   "classifier-free guidance scale, 1: none (default: SD and SDXL 7.5, FLUX 1)");
+  cmd->add_option_function<double>("--guidance_scale", [&s](const double& g) { s.guidance_scale = g; },
+                                   "FLUX.1 dev's embedded guidance (default 3.5)");
   cmd->add_option_function<uint64_t>("--seed", [&s](const uint64_t& seed) { s.seed = seed; },
                                      "random seed (default: a random one, logged)");
   cmd->add_option("--width", s.width, "image width, rounded down to a multiple of 8 (at least 64)")->capture_default_str();

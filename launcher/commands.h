@@ -38,6 +38,9 @@ inline const TrainCommand kTrainCommands[] = {
     {"sdxl_train_network", TrainMode::network, "sdxl_train_network.py", "sdxl",
      "`sdt train` on SDXL, as kohya's sdxl_train_network.py, so its configs run unchanged"},
     {"sdxl_train", TrainMode::whole_model, "sdxl_train.py", "sdxl", "`sdt train_db` on SDXL, as kohya's sdxl_train.py"},
+    {"flux_train_network", TrainMode::network, "flux_train_network.py", "flux",
+     "`sdt train` on FLUX.1 / Chroma, as kohya's flux_train_network.py, so its configs run unchanged"},
+    {"flux_train", TrainMode::whole_model, "flux_train.py", "flux", "`sdt train_db` on FLUX.1 / Chroma, as kohya's flux_train.py"},
 };
 int run_train(const std::vector<std::string>& argv, const World& world, const TrainCommand& command);
 

@@ -16,6 +16,7 @@
 #include "src/core/error.h"
 #include "src/data/image.h"
 #include "src/families/sd/sd_family.h"
+#include "src/families/flux/flux_family.h"
 #include "src/families/sdxl/sdxl_family.h"
 
 namespace sdt {
@@ -28,6 +29,7 @@ std::map<std::string, FamilyRow>& registry() {
   static std::map<std::string, FamilyRow> families{
       {"sd", {&load_sd_family, &is_sd_checkpoint}},        // SD 1.x / 2.x (--v2, --v_parameterization)
       {"sdxl", {&load_sdxl_family, &is_sdxl_checkpoint}},  // SDXL and its fine-tunes
+      {"flux", {&load_flux_family, &is_flux_checkpoint}},  // FLUX.1 dev / schnell and Chroma (--model_type chroma)
   };
   return families;
 }
@@ -78,6 +80,13 @@ FamilyOptions family_options_from_args(const TrainArgs& args) {
   o.text_projection_as_kohya = args.text_projection_as_kohya;
   if (args.max_token_length) o.max_token_length = static_cast<int>(*args.max_token_length);
   if (args.clip_skip) o.clip_skip = static_cast<int>(*args.clip_skip);
+  o.clip_l = args.clip_l;
+  o.t5xxl = args.t5xxl;
+  o.ae = args.ae;
+  if (args.t5xxl_max_token_length) o.t5xxl_max_token_length = static_cast<int>(*args.t5xxl_max_token_length);
+  o.apply_t5_attn_mask = args.apply_t5_attn_mask;
+  o.guidance_scale = args.guidance_scale;
+  o.model_type = args.model_type;
   return o;
 }
 

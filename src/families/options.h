@@ -24,15 +24,23 @@ struct FamilyOptions {
   // SDXL single files: the second text encoder's text_projection as kohya loads it (untransposed, kohya's pooled
   // vector) rather than as OpenCLIP and diffusers use it.
   bool text_projection_as_kohya = false;
+  // FLUX.1 / Chroma (flux_train_network.py): the transformer is --pretrained_model_name_or_path, its text encoders and
+  // autoencoder come as separate files.
+  std::optional<std::string> clip_l, t5xxl, ae;
+  std::optional<int> t5xxl_max_token_length;  // none: 256 for schnell, 512 for dev and Chroma
+  bool apply_t5_attn_mask = false;            // mask T5's padding in T5 and in the transformer's attention
+  double guidance_scale = 3.5;                // dev's embedded guidance while training
+  std::string model_type = "flux";            // flux | chroma
 };
 
-// One text-to-image run, with kohya's sample-image defaults.
+// One text-to-image run; what is not given takes the family's kohya default.
 struct SampleOptions {
   std::string prompt;
   std::string negative_prompt;
-  std::string sampler = "ddim";  // ddim, euler, euler_a (kohya also accepts k_euler, k_euler_a)
-  int steps = 30;
-  double scale = 7.5;            // classifier-free guidance; 1 or less runs the prompt alone
+  std::string sampler = "ddim";  // ddim, euler, euler_a (kohya also accepts k_euler, k_euler_a); FLUX: its Euler
+  std::optional<int> steps;      // none: SD and SDXL 30, FLUX 20
+  std::optional<double> scale;   // classifier-free guidance, 1 or less: none. None: SD and SDXL 7.5, FLUX 1
+  std::optional<double> guidance_scale;  // FLUX dev's embedded guidance; none: 3.5
   std::optional<uint64_t> seed;  // none: a random seed, which is logged
   int width = 512;               // pixels; rounded down to a multiple of 8, at least 64, as kohya does
   int height = 512;

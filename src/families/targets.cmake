@@ -5,6 +5,7 @@ add_library(sdt_families STATIC
   src/families/family.cpp
   src/families/sd/sd_family.cpp
   src/families/sdxl/sdxl_family.cpp
+  src/families/flux/flux_family.cpp
   src/families/sd/sampling.cpp
 )
 target_link_libraries(sdt_families PUBLIC sdt_models sdt_objectives sdt_tokenizers sdt_data)

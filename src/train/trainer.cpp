@@ -990,7 +990,8 @@ void Trainer::sample_images(std::optional<int64_t> epoch) {
     o.negative_prompt = p.negative_prompt;
     o.sampler = p.sampler.value_or(args_.sample_sampler);
     if (p.steps) o.steps = static_cast<int>(*p.steps);
-    if (p.scale) o.scale = *p.scale;
+    o.scale = p.scale;
+    o.guidance_scale = p.guidance_scale;
     if (p.seed) o.seed = static_cast<uint64_t>(*p.seed);
     if (p.width) o.width = static_cast<int>(*p.width);
     if (p.height) o.height = static_cast<int>(*p.height);

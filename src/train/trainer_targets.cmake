@@ -7,7 +7,7 @@ target_link_libraries(sdt_trainer PUBLIC sdt_families sdt_networks sdt_train_opt
 target_precompile_headers(sdt_trainer REUSE_FROM sdt_torch)
 target_compile_definitions(sdt_trainer PRIVATE SDT_VERSION="${PROJECT_VERSION}")
 
-add_executable(test_trainer tests/train/test_trainer.cpp tests/train/test_trainer_sdxl.cpp tests/train/test_sai_model_spec.cpp
+add_executable(test_trainer tests/train/test_trainer.cpp tests/train/test_trainer_sdxl.cpp tests/train/test_trainer_flux.cpp tests/train/test_sai_model_spec.cpp
                             tests/train/test_dataset_metadata.cpp)
 target_link_libraries(test_trainer PRIVATE sdt_trainer GTest::gtest_main)
 target_compile_definitions(test_trainer PRIVATE SDT_SOURCE_DIR="${CMAKE_SOURCE_DIR}" SDT_FIXTURES="${CMAKE_SOURCE_DIR}/tests/fixtures"

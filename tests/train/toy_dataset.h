@@ -50,4 +50,18 @@ inline TrainArgs tiny_lora_run(const std::filesystem::path& root, const std::str
   return args;
 }
 
+// tiny_lora_run on the tiny FLUX.1 dev fixture (tests/fixtures/flux/tiny: the transformer, T5, the autoencoder; the
+// tiny SD text encoder as CLIP-L), flow matching with sigmoid timesteps and raw predictions, T5 cut to 16 tokens.
+inline TrainArgs tiny_flux_run(const std::filesystem::path& root) {
+  TrainArgs args = tiny_lora_run(root, SDT_FIXTURES "/flux/tiny/transformer.safetensors");
+  args.family = "flux";
+  args.clip_l = SDT_FIXTURES "/sd/sd1/text_encoder";
+  args.t5xxl = SDT_FIXTURES "/flux/tiny/t5";
+  args.ae = SDT_FIXTURES "/flux/tiny/ae";
+  args.t5xxl_max_token_length = 16;
+  args.timestep_sampling = "sigmoid";
+  args.model_prediction_type = "raw";
+  return args;
+}
+
 }  // namespace sdt::testing_support

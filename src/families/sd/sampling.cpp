@@ -192,8 +192,8 @@ std::pair<int64_t, int64_t> sample_width_height(const SampleOptions& options) {
 
 uint64_t sample_seed(const SampleOptions& options, int64_t width, int64_t height) {
   const uint64_t seed = options.seed ? *options.seed : std::random_device{}();
-  spdlog::info("sampling {}x{}, {} {} steps, guidance {}, seed {}", width, height, options.steps, options.sampler,
-               options.scale, seed);
+  spdlog::info("sampling {}x{}, {} {} steps, guidance {}, seed {}", width, height, sd_sample_steps(options), options.sampler,
+               sd_sample_scale(options), seed);
   return seed;
 }
 
@@ -218,19 +218,19 @@ at::Tensor sample_image(SdModels& models, const ClipTokenizer& tokenizer, const 
                         Prediction prediction, std::optional<int64_t> clip_skip) {
   torch::NoGradGuard no_grad;
   const auto [width, height] = sample_width_height(options);
-  const bool guided = options.scale > 1.0;
+  const bool guided = sd_sample_scale(options) > 1.0;
   const SamplingTokens tokens = tokenize_for_sampling(
       tokenizer, options.prompt, guided ? std::optional<std::string_view>(options.negative_prompt) : std::nullopt);
   const at::Tensor context = weighted_prompt_embeddings(models.text_encoder, tokens.prompt, clip_skip);  // (1, 77n, D)
   const at::Tensor uncond_context =
       guided ? weighted_prompt_embeddings(models.text_encoder, *tokens.negative, clip_skip) : at::Tensor();
 
-  const std::unique_ptr<Scheduler> scheduler = make_scheduler(sampler_from_name(options.sampler), options.steps, prediction);
+  const std::unique_ptr<Scheduler> scheduler = make_scheduler(sampler_from_name(options.sampler), sd_sample_steps(options), prediction);
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(sample_seed(options, width, height));
   const int64_t factor = models.vae->downscale_factor();
   const at::Tensor noise = randn_from_host({1, models.vae->config.latent_channels, height / factor, width / factor},
                                            generator, context.options());
-  const at::Tensor latents = denoise(models.unet, *scheduler, noise, {context, {}}, {uncond_context, {}}, options.scale, generator,
+  const at::Tensor latents = denoise(models.unet, *scheduler, noise, {context, {}}, {uncond_context, {}}, sd_sample_scale(options), generator,
                                      [&](int64_t step, const at::Tensor&) {
                                        spdlog::debug("step {}/{}", step + 1, scheduler->steps());
                                      });

@@ -78,6 +78,10 @@ at::Tensor denoise(UNet2DConditionModel& unet, const Scheduler& scheduler, const
 // kohya's sample-image size: width and height rounded down to a multiple of 8, at least 64.
 std::pair<int64_t, int64_t> sample_width_height(const SampleOptions& options);
 
+// kohya's defaults for SD and SDXL sample images: 30 steps, guidance 7.5.
+inline int sd_sample_steps(const SampleOptions& options) { return options.steps.value_or(30); }
+inline double sd_sample_scale(const SampleOptions& options) { return options.scale.value_or(7.5); }
+
 // The seed a sample image is drawn with: options.seed, or a random one, logged with the image's settings.
 uint64_t sample_seed(const SampleOptions& options, int64_t width, int64_t height);
 

@@ -173,8 +173,10 @@ Conditioning SdTextEncodingStrategy::encode(const Tokens& tokens) const {
 
 // ---------------------------------------------------------------- latents
 
-SdLatentsCachingStrategy::SdLatentsCachingStrategy(AutoencoderKL vae, double scaling_factor, std::string suffix)
-    : vae_(std::move(vae)), scaling_factor_(scaling_factor), suffix_(std::move(suffix)) {}
+SdLatentsCachingStrategy::SdLatentsCachingStrategy(AutoencoderKL vae, double scaling_factor, std::string suffix,
+                                                   double shift_factor, bool resolution_in_keys)
+    : vae_(std::move(vae)), scaling_factor_(scaling_factor), suffix_(std::move(suffix)), shift_factor_(shift_factor),
+      resolution_in_keys_(resolution_in_keys) {}
 
 LatentsCacheLayout SdLatentsCachingStrategy::cache_layout(int64_t bucket_width, int64_t bucket_height,
                                                           bool flip_aug) const {
@@ -183,7 +185,8 @@ LatentsCacheLayout SdLatentsCachingStrategy::cache_layout(int64_t bucket_width, 
     fail("latent cache", "bucket {}x{}: expected positive sides that are multiples of the VAE's {} pixels per latent",
          bucket_width, bucket_height, factor);
   }
-  return {"latents", flip_aug ? "latents_flipped" : "",
+  const std::string size = resolution_in_keys_ ? fmt::format("_{}x{}", bucket_height / factor, bucket_width / factor) : "";
+  return {"latents" + size, flip_aug ? "latents_flipped" + size : "",
           {vae_->config.latent_channels, bucket_height / factor, bucket_width / factor}};
 }
 
@@ -194,7 +197,7 @@ EncodedLatents SdLatentsCachingStrategy::encode(const at::Tensor& images, bool f
   const auto latents_of = [&](const at::Tensor& x) {  // (B, 3, H, W) -> (B, 4, H/8, W/8)
     const DiagonalGaussian posterior = vae->encode(x);
     const at::Tensor z = sampling == LatentSampling::mean ? posterior.mean : posterior.sample(generator);
-    return z * scaling_factor_;
+    return (z - shift_factor_) * scaling_factor_;
   };
   const at::Tensor on_device = images.to(module_device(*vae));
   EncodedLatents out{latents_of(on_device), {}};

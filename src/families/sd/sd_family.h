@@ -60,12 +60,14 @@ class SdTextEncodingStrategy : public TextEncodingStrategy {
   std::optional<int64_t> clip_skip_;
 };
 
-// The VAE's posterior mean or sample times the family's scaling factor (SD: 0.18215, SDXL: 0.13025): what the U-Net
-// is trained on (kohya's SdSdxlLatentsCachingStrategy). kohya's "_sd.npz" / "_sdxl.npz" files hold the same latents
-// unscaled.
+// The VAE's posterior mean or sample, less the shift, times the family's scaling factor (SD: 0.18215, SDXL: 0.13025,
+// FLUX: (z - 0.1159) x 0.3611): what the denoiser is trained on (kohya's SdSdxlLatentsCachingStrategy; FLUX's
+// FluxLatentsCachingStrategy). kohya's "_sd.npz" / "_sdxl.npz" files hold SD's latents unscaled, "_flux.npz" FLUX's
+// scaled, under keys with the latents' size (`resolution_in_keys`: "latents_64x64").
 class SdLatentsCachingStrategy : public LatentsCachingStrategy {
  public:
-  SdLatentsCachingStrategy(AutoencoderKL vae, double scaling_factor, std::string suffix);
+  SdLatentsCachingStrategy(AutoencoderKL vae, double scaling_factor, std::string suffix, double shift_factor = 0,
+                           bool resolution_in_keys = false);
   std::string cache_suffix() const override { return suffix_; }
   LatentsCacheLayout cache_layout(int64_t bucket_width, int64_t bucket_height, bool flip_aug) const override;
   EncodedLatents encode(const at::Tensor& images, bool flip_aug, LatentSampling sampling,
@@ -75,6 +77,8 @@ class SdLatentsCachingStrategy : public LatentsCachingStrategy {
   AutoencoderKL vae_;
   double scaling_factor_;
   std::string suffix_;
+  double shift_factor_;
+  bool resolution_in_keys_;
 };
 
 // What a family's text-encoding strategy makes, stored under its names (SD: "hidden_state" (B, 2 + 75n, D); SDXL:

@@ -199,17 +199,17 @@ at::Tensor SdxlFamily::sample(const SampleOptions& options) const {
     return {at::cat({conditioning_tensor(c, "hidden_state1"), conditioning_tensor(c, "hidden_state2")}, 2),
             vector_conditioning(unet, conditioning_tensor(c, "pool2"), size_ids)};
   };
-  const bool guided = options.scale > 1.0;
+  const bool guided = sd_sample_scale(options) > 1.0;
   const UNetConditioning cond = conditioning_of(options.prompt);
   const UNetConditioning uncond = guided ? conditioning_of(options.negative_prompt) : UNetConditioning{};
 
-  const std::unique_ptr<Scheduler> scheduler = make_scheduler(sampler_from_name(options.sampler), options.steps,
+  const std::unique_ptr<Scheduler> scheduler = make_scheduler(sampler_from_name(options.sampler), sd_sample_steps(options),
                                                               v_parameterization_ ? Prediction::v : Prediction::epsilon);
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(sample_seed(options, width, height));
   const int64_t factor = vae->downscale_factor();
   const at::Tensor noise = randn_from_host({1, vae->config.latent_channels, height / factor, width / factor}, generator,
                                            cond.context.options());
-  const at::Tensor latents = denoise(unet, *scheduler, noise, cond, uncond, options.scale, generator);
+  const at::Tensor latents = denoise(unet, *scheduler, noise, cond, uncond, sd_sample_scale(options), generator);
   return image_to_rgb8(vae->decode(latents / kSdxlVaeScale));
 }
 

@@ -1,0 +1,109 @@
+// `sdt flux_train_network` / `flux_train` on the tiny FLUX.1 dev fixture (tests/fixtures/flux/tiny): through the same
+// trainer as SD and SDXL, a LoRA lowers the loss and carries kohya's FLUX metadata; block swap changes no bit;
+// full fine-tuning writes BFL's transformer file, which loads back.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "src/core/error.h"
+#include "src/core/safetensors.h"
+#include "src/models/flux_checkpoint.h"
+#include "src/train/trainer.h"
+#include "tests/fixture_files.h"
+#include "tests/train/toy_dataset.h"
+#include "tests/train/weight_files.h"
+
+namespace sdt {
+namespace {
+
+namespace fs = std::filesystem;
+using testing_support::mean;
+
+// A LoRA of the transformer and CLIP-L at lr 1e-2 for 120 steps: the mean loss of the last 20 steps falls below 0.9x
+// the first 20's (the tiny model fits the toy images' colours; seed 1 goes from 1.33 to 1.14).
+TEST(FluxTraining, LoraLossFallsAndTheFileIsKohyasFluxLora) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_lora";
+  fs::remove_all(root);
+  TrainArgs args = testing_support::tiny_flux_run(root);
+  args.learning_rate = 1e-2;
+  args.max_train_steps = 120;
+  const TrainSummary summary = train(args, World{}, TrainMode::network);
+  ASSERT_EQ(summary.losses.size(), 120u);
+  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 100, 120);
+  std::cout << "FLUX LoRA loss: first 20 steps " << first << ", last 20 " << last << "\n";
+  EXPECT_LT(last, 0.9 * first);
+  const safetensors::File file(summary.weights_path);
+  EXPECT_EQ(file.metadata().at("ss_base_model_version"), "flux1");
+  EXPECT_EQ(file.metadata().at("modelspec.architecture"), "flux-1-dev/lora");
+  EXPECT_TRUE(file.contains("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"));
+  EXPECT_TRUE(file.contains("lora_unet_single_blocks_3_linear2.lora_up.weight"));
+  EXPECT_TRUE(file.contains("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"));
+  fs::remove_all(root);
+}
+
+// --blocks_to_swap 2 (1 of 3 double blocks and 2 of 4 single blocks on the host, recomputed in backward) gives the
+// weights of the same run without swap: bit for bit for the transformer's LoRA; with CLIP-L's LoRA too, bit for bit
+// against --gradient_checkpointing (recomputing each block sums the gradient of the vector every block reads in
+// another order than one backward through the whole graph does).
+TEST(FluxTraining, BlockSwapChangesNoBit) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_swap";
+  fs::remove_all(root);
+  const auto run = [&](const std::string& name, bool unet_only, bool checkpointing, int64_t swap) {
+    TrainArgs args = testing_support::tiny_flux_run(root);
+    args.learning_rate = 1e-2;
+    args.max_train_steps = 4;
+    args.network_train_unet_only = unet_only;
+    args.gradient_checkpointing = checkpointing;
+    args.blocks_to_swap = swap;
+    args.output_dir = (root / name).string();
+    return testing_support::read_tensors(train(args, World{}, TrainMode::network).weights_path);
+  };
+  const auto expect_same = [](const auto& a, const auto& b, const char* what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    for (const auto& [name, t] : a) EXPECT_TRUE(at::equal(t, b.at(name))) << what << ": " << name;
+  };
+  expect_same(run("plain", true, false, 0), run("swapped", true, false, 2), "transformer LoRA");
+  expect_same(run("checkpointed", false, true, 0), run("checkpointed_swapped", false, true, 2), "with CLIP-L's LoRA");
+  fs::remove_all(root);
+}
+
+// flux_train.py's output: the transformer in BFL's single file, trained, loading back with the tiny model's config.
+TEST(FluxTraining, FullFineTuneWritesTheTransformerInBflsLayout) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_full";
+  fs::remove_all(root);
+  TrainArgs args = testing_support::tiny_flux_run(root);
+  args.learning_rate = 1e-4;
+  args.max_train_steps = 2;
+  const TrainSummary summary = train(args, World{}, TrainMode::whole_model);
+  const FluxTransformer base = load_flux_transformer(SDT_FIXTURES "/flux/tiny/transformer.safetensors");
+  const FluxTransformer trained = load_flux_transformer(summary.weights_path);
+  EXPECT_EQ(trained->config.depth, 3);
+  EXPECT_EQ(trained->config.depth_single_blocks, 4);
+  EXPECT_FALSE(at::equal(trained->img_in->weight, base->img_in->weight));
+  EXPECT_EQ(safetensors::File(summary.weights_path).metadata().at("modelspec.architecture"), "flux-1-dev");
+  fs::remove_all(root);
+}
+
+TEST(FluxTraining, KohyasRefusalsAreNamed) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_refused";
+  fs::remove_all(root);
+  const auto expect_refused = [&](const std::function<void(TrainArgs&)>& configure, const std::string& words) {
+    TrainArgs args = testing_support::tiny_flux_run(root);
+    configure(args);
+    try {
+      train(args, World{}, TrainMode::network);
+      ADD_FAILURE() << "expected an error with " << words;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+    }
+  };
+  expect_refused([](TrainArgs& a) { a.t5xxl.reset(); }, "--t5xxl");
+  expect_refused([](TrainArgs& a) { a.ae.reset(); }, "--ae");
+  expect_refused([](TrainArgs& a) { a.model_type = "chroma"; a.apply_t5_attn_mask = true; }, "holds a FLUX.1 transformer");
+  expect_refused([](TrainArgs& a) { a.blocks_to_swap = 3; }, "--blocks_to_swap");
+  expect_refused([](TrainArgs& a) { a.weighted_captions = true; }, "--weighted_captions");
+  fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace sdt
