@@ -17,6 +17,7 @@ add_executable(test_families
   tests/families/test_sampling.cpp
   tests/families/test_sd_family.cpp
   tests/families/test_sdxl_family.cpp
+  tests/families/test_flux_family.cpp
 )
 target_link_libraries(test_families PRIVATE sdt_families sdt_networks GTest::gtest_main)
 target_compile_definitions(test_families PRIVATE

@@ -50,10 +50,10 @@ inline TrainArgs tiny_lora_run(const std::filesystem::path& root, const std::str
   return args;
 }
 
-// tiny_lora_run on the tiny FLUX.1 dev fixture (tests/fixtures/flux/tiny: the transformer, T5, the autoencoder; the
-// tiny SD text encoder as CLIP-L), flow matching with sigmoid timesteps and raw predictions, T5 cut to 16 tokens.
-inline TrainArgs tiny_flux_run(const std::filesystem::path& root) {
-  TrainArgs args = tiny_lora_run(root, SDT_FIXTURES "/flux/tiny/transformer.safetensors");
+// The tiny FLUX.1 dev fixture as the model of `args` (tests/fixtures/flux/tiny: the transformer, T5, the autoencoder;
+// the tiny SD text encoder as CLIP-L), flow matching with sigmoid timesteps and raw predictions, T5 cut to 16 tokens.
+inline void use_tiny_flux(TrainArgs& args) {
+  args.pretrained_model_name_or_path = SDT_FIXTURES "/flux/tiny/transformer.safetensors";
   args.family = "flux";
   args.clip_l = SDT_FIXTURES "/sd/sd1/text_encoder";
   args.t5xxl = SDT_FIXTURES "/flux/tiny/t5";
@@ -61,6 +61,12 @@ inline TrainArgs tiny_flux_run(const std::filesystem::path& root) {
   args.t5xxl_max_token_length = 16;
   args.timestep_sampling = "sigmoid";
   args.model_prediction_type = "raw";
+}
+
+// tiny_lora_run on the tiny FLUX.1 dev fixture.
+inline TrainArgs tiny_flux_run(const std::filesystem::path& root) {
+  TrainArgs args = tiny_lora_run(root, SDT_FIXTURES "/flux/tiny/transformer.safetensors");
+  use_tiny_flux(args);
   return args;
 }
 

@@ -4,12 +4,12 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <random>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <spdlog/spdlog.h>
 
 #include "src/core/error.h"
-#include "src/families/sd/sampling.h"
 #include "src/objectives/flow_matching.h"
 
 namespace sdt {
@@ -146,7 +146,9 @@ at::Tensor FluxFamily::sample(const SampleOptions& options) const {
   const int64_t width = std::max<int64_t>(64, options.width - options.width % unit);
   const int steps = options.steps.value_or(20);
   const double cfg = options.scale.value_or(1.0), guidance = options.guidance_scale.value_or(3.5);
-  const uint64_t seed = sample_seed(options, width, height);
+  const uint64_t seed = options.seed ? *options.seed : std::random_device{}();
+  spdlog::info("sampling {}x{}, {} Euler steps, embedded guidance {}, classifier-free guidance {}, seed {}", width, height,
+               steps, guidance, cfg, seed);
   const Conditioning cond = encode_.encode(tokenize_.tokenize({options.prompt}, false));
   const Conditioning uncond = cfg != 1.0 ? encode_.encode(tokenize_.tokenize({options.negative_prompt}, false)) : Conditioning{};
 

@@ -1,0 +1,139 @@
+// The FLUX.1 family on the tiny fixture model (tests/fixtures/flux/tiny, made by gen_flux_fixtures.py with kohya's own
+// code): kohya's text conditioning with and without T5's mask, its sample images, its lora_flux module names, the
+// latents' shift and scale under kohya's size keys, the block-swap split, the registry's recognition and metadata.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "src/core/error.h"
+#include "src/families/family.h"
+#include "src/families/flux/flux_family.h"
+#include "tests/fixture_files.h"
+#include "tests/models/compare.h"
+
+namespace sdt {
+namespace {
+
+using testing_support::expect_close;
+
+const std::string kTiny = SDT_FIXTURES "/flux/tiny/";
+
+FamilyOptions tiny_options(bool apply_t5_attn_mask = false) {
+  FamilyOptions options;
+  options.pretrained_model_name_or_path = kTiny + "transformer.safetensors";
+  options.clip_l = SDT_FIXTURES "/sd/sd1/text_encoder";
+  options.t5xxl = kTiny + "t5";
+  options.ae = kTiny + "ae";
+  options.tokenizer = SDT_FIXTURES "/sd/sampling/tokenizer";  // byte-level: its ids fit the tiny CLIP-L
+  options.t5xxl_max_token_length = 16;
+  options.apply_t5_attn_mask = apply_t5_attn_mask;
+  return options;
+}
+
+const Family& family(bool apply_t5_attn_mask) {
+  static std::unique_ptr<Family> plain = load_family("flux", tiny_options(false)), masked = load_family("flux", tiny_options(true));
+  return apply_t5_attn_mask ? *masked : *plain;
+}
+
+const std::map<std::string, at::Tensor>& reference() {
+  static const auto tensors = testing_support::read_tensors(kTiny + "reference.safetensors");
+  return tensors;
+}
+
+nlohmann::json reference_metadata(const char* key) {
+  return nlohmann::json::parse(safetensors::File(kTiny + "reference.safetensors").metadata().at(key));
+}
+
+// kohya's FluxTextEncodingStrategy on the same captions (its tokenizers' ids, T5 with 16 tokens), fp32: the same
+// layers in the same order; 1e-5 of the outputs' scale.
+TEST(FluxFamily, TextConditioningMatchesKohyaWithAndWithoutT5sMask) {
+  torch::NoGradGuard no_grad;
+  const auto captions = reference_metadata("captions").get<std::vector<std::string>>();
+  for (bool masked : {false, true}) {
+    const Family& f = family(masked);
+    const Conditioning c = f.text_encoding_strategy().encode(f.tokenize_strategy().tokenize(captions, false));
+    expect_close("l_pooled", conditioning_tensor(c, "l_pooled"), reference().at("text.l_pooled"), 1e-5);
+    expect_close(masked ? "t5_out with the mask" : "t5_out", conditioning_tensor(c, "t5_out"),
+                 reference().at(masked ? "text.t5_out_masked" : "text.t5_out"), 1e-5);
+    EXPECT_TRUE(at::equal(conditioning_tensor(c, "t5_attn_mask"), reference().at("text.t5_attn_mask")));
+    EXPECT_TRUE(at::equal(conditioning_tensor(c, "txt_ids"), at::zeros({2, 16, 3})));
+  }
+  EXPECT_THROW(family(false).tokenize_strategy().tokenize({"a"}, true), Error);  // kohya's FLUX has no weighted captions
+}
+
+// kohya's sample_image_inference on the tiny model (gen_flux_fixtures.py): the shifted schedule, Euler steps with the
+// embedded guidance, classifier-free guidance and T5's mask in the second; 3 to 4 steps of fp32 models, 1 level of 255.
+TEST(FluxFamily, SampleImagesMatchKohyasFluxSampler) {
+  const nlohmann::json samples = reference_metadata("samples");
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const nlohmann::json& s = samples[i];
+    SampleOptions options;
+    options.prompt = s["prompt"];
+    options.negative_prompt = s["negative_prompt"];
+    options.width = s["width"];
+    options.height = s["height"];
+    options.steps = s["steps"];
+    options.scale = s["scale"];
+    options.guidance_scale = s["guidance"];
+    options.seed = s["seed"];
+    const at::Tensor image = family(s["mask"]).sample(options);
+    const at::Tensor& expected = reference().at(fmt::format("sample.{}", i));
+    ASSERT_EQ(image.sizes(), expected.sizes());
+    EXPECT_GT(expected.max().item<int64_t>(), expected.min().item<int64_t>() + 50) << "a flat reference proves little";
+    const int64_t worst = (image.to(at::kInt) - expected.to(at::kInt)).abs().max().item<int64_t>();
+    std::cout << "[conformance] FLUX sample " << i << ": max pixel difference " << worst << "\n";
+    EXPECT_LE(worst, 1) << i;
+  }
+}
+
+// networks/lora_flux.py's modules for the tiny model, CLIP-L's and T5's included (train_t5xxl), in kohya's order.
+TEST(FluxFamily, LoraModuleNamesAreKohyasLoraFluxNames) {
+  const ModelBundle& models = family(false).models();
+  const auto clip = std::dynamic_pointer_cast<ClipTextModelImpl>(models.text_encoders.at(0));
+  const auto t5 = std::dynamic_pointer_cast<T5EncoderModelImpl>(models.text_encoders.at(1));
+  const auto transformer = std::dynamic_pointer_cast<FluxTransformerImpl>(models.denoiser);
+  ASSERT_TRUE(clip && t5 && transformer);
+  std::vector<std::string> names;
+  for (const NetworkTarget& t : flux_network_targets(ClipTextModel(clip), T5EncoderModel(t5), FluxTransformer(transformer))) {
+    names.push_back(t.lora_name);
+  }
+  EXPECT_EQ(names, testing_support::read_json(kTiny + "lora_names.json").get<std::vector<std::string>>());
+  EXPECT_EQ(family(false).network_targets(false).size(), names.size() - 14) << "T5's 14 only with train_t5xxl";
+}
+
+// kohya's FLUX latents: the autoencoder's mean less 0.1159, times 0.3611, under "latents_<h>x<w>".
+TEST(FluxFamily, LatentsAreShiftedAndScaledUnderSizeKeys) {
+  torch::NoGradGuard no_grad;
+  const LatentsCachingStrategy& latents = family(false).latents_caching_strategy();
+  const LatentsCacheLayout layout = latents.cache_layout(32, 24, true);
+  EXPECT_EQ(layout.latents_key, "latents_12x16");
+  EXPECT_EQ(layout.flipped_key, "latents_flipped_12x16");
+  EXPECT_EQ(layout.shape, (std::vector<int64_t>{16, 12, 16}));
+  EXPECT_EQ(latents.cache_suffix(), "_flux");
+  const at::Tensor images = at::rand({1, 3, 24, 32}) * 2 - 1;
+  auto ae = std::dynamic_pointer_cast<AutoencoderKLImpl>(family(false).models().vae);
+  const at::Tensor expected = (ae->encode(images).mean - 0.1159) * 0.3611;
+  EXPECT_TRUE(at::allclose(latents.encode(images, false, LatentSampling::mean).latents, expected));
+}
+
+TEST(FluxFamily, BlockSwapSplitsAsKohyaAndKeepsTwoOfEachStack) {
+  const ParallelPlan plan = family(false).parallel_plan();
+  ASSERT_EQ(plan.blocks.size(), 7u);
+  const auto stacks = plan.swap(2);  // 1 double block, 2 single blocks
+  ASSERT_EQ(stacks.size(), 2u);
+  EXPECT_EQ(std::tie(stacks[0].first, stacks[0].count, stacks[0].blocks_to_swap), std::make_tuple(size_t{0}, size_t{3}, int64_t{1}));
+  EXPECT_EQ(std::tie(stacks[1].first, stacks[1].count, stacks[1].blocks_to_swap), std::make_tuple(size_t{3}, size_t{4}, int64_t{2}));
+  EXPECT_THROW(plan.swap(3), Error);  // 4 single blocks would leave none... of the 2 kohya keeps
+}
+
+TEST(FluxFamily, RecognisedFromTheTransformerFileWithItsMetadata) {
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, kTiny + "transformer.safetensors"), "flux");
+  EXPECT_FALSE(is_flux_checkpoint(SDT_FIXTURES "/sdxl/sdxl_a/unet/diffusion_pytorch_model.safetensors"));
+  const Family& f = family(false);
+  EXPECT_EQ(f.training_metadata().at("ss_base_model_version"), "flux1");
+  EXPECT_EQ(f.model_spec().architecture, "flux-1-dev");
+  EXPECT_EQ(f.text_encoder_settings(), "flux dev t5xxl_max_token_length=16 apply_t5_attn_mask=false");
+}
+
+}  // namespace
+}  // namespace sdt
