@@ -93,5 +93,29 @@ check "sdxl_train_network on an SD 1.x model is refused" 1 "not an SDXL diffuser
   "$sdt" sdxl_train_network --pretrained_model_name_or_path "$src/tests/fixtures/sd/sd1" --network_module networks.lora \
   --output_dir "$work/wrong" --train_data_dir "$work/ds" --resolution 32
 
+# kohya's FLUX script names on the tiny FLUX.1 dev model: the transformer file, and CLIP-L, T5 and the autoencoder beside.
+flux_model=(--pretrained_model_name_or_path "$src/tests/fixtures/flux/tiny/transformer.safetensors"
+            --clip_l "$src/tests/fixtures/sd/sd1/text_encoder" --t5xxl "$src/tests/fixtures/flux/tiny/t5"
+            --ae "$src/tests/fixtures/flux/tiny/ae" --t5xxl_max_token_length 16)
+flux=("${flux_model[@]}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer" --train_data_dir "$work/ds" --resolution 32
+      --enable_bucket --min_bucket_reso 32 --max_bucket_reso 64 --bucket_reso_steps 32 --max_train_steps 2
+      --console_log_level WARNING)
+check "flux_train_network trains a FLUX LoRA with block swap" 0 "" -- "$sdt" flux_train_network "${flux[@]}" \
+  --network_module networks.lora --blocks_to_swap 2 --output_dir "$work/flux_lora" --output_name lora
+check "the LoRA has kohya's lora_flux names" 0 "lora_unet_single_blocks_0_linear1.lora_down.weight" -- \
+  "$sdt" inspect "$work/flux_lora/lora.safetensors"
+check "cache-te encodes FLUX's text-encoder outputs" 0 "" -- "$sdt" cache-te "${flux[@]}" --cache_dir "$work/flux_cache"
+check "the cache holds T5's outputs and mask" 0 "t5_attn_mask" -- bash -c "h5dump -H $work/flux_cache/*text*.h5 2>/dev/null || h5ls -r $work/flux_cache/*text*.h5"
+check "sample draws a FLUX image with kohya's sampler" 0 "wrote .*flux.png" -- "$sdt" sample "${flux_model[@]}" \
+  --tokenizer_vocab "$src/tests/fixtures/sd/sampling/tokenizer" --prompt "a red square" --steps 2 --seed 3 --width 64 \
+  --height 80 --output "$work/flux.png"
+check "the FLUX image is a 64x80 PNG (IHDR width, height)" 0 "^ +0 +0 +0 +64 +0 +0 +0 +80$" -- od -An -tu1 -j16 -N8 "$work/flux.png"
+check "merge-lora merges a FLUX LoRA into the transformer" 0 "" -- "$sdt" merge-lora --sd_model \
+  "$src/tests/fixtures/flux/tiny/transformer.safetensors" --models "$work/flux_lora/lora.safetensors" --ratios 0.8 \
+  --save_to "$work/flux_merged.safetensors" "${flux_model[@]:2}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
+check "the merged transformer keeps BFL's names" 0 "double_blocks.0.img_attn.qkv.weight" -- "$sdt" inspect "$work/flux_merged.safetensors"
+check "flux_train_network without --t5xxl is refused as in kohya" 1 "t5xxl: required" -- \
+  "$sdt" flux_train_network "${flux[@]:0:4}" "${flux[@]:6}" --network_module networks.lora --output_dir "$work/wrong"
+
 echo "$failures failure(s)"
 [ "$failures" = 0 ]
