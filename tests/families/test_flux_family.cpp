@@ -3,11 +3,17 @@
 // latents' shift and scale under kohya's size keys, the block-swap split, the registry's recognition and metadata.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
+#include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
+#include "src/core/tensor_io.h"
 #include "src/families/family.h"
 #include "src/families/flux/flux_family.h"
+#include "src/networks/lora.h"
+#include "src/networks/merge.h"
 #include "tests/fixture_files.h"
 #include "tests/models/compare.h"
 
@@ -133,6 +139,68 @@ TEST(FluxFamily, RecognisedFromTheTransformerFileWithItsMetadata) {
   EXPECT_EQ(f.training_metadata().at("ss_base_model_version"), "flux1");
   EXPECT_EQ(f.model_spec().architecture, "flux-1-dev");
   EXPECT_EQ(f.text_encoder_settings(), "flux dev t5xxl_max_token_length=16 apply_t5_attn_mask=false");
+}
+
+}  // namespace
+}  // namespace sdt
+
+namespace sdt {
+namespace {
+
+at::Tensor flux_out(const Family& f) {
+  const auto& r = reference();
+  auto transformer = std::dynamic_pointer_cast<FluxTransformerImpl>(f.models().denoiser);
+  return transformer->forward(r.at("lora.input.img"), r.at("lora.input.img_ids"), r.at("lora.input.txt"), r.at("lora.input.txt_ids"),
+                              r.at("lora.input.timesteps"), r.at("lora.input.y"), r.at("lora.input.guidance"), at::Tensor());
+}
+
+at::Tensor clip_pooled(const Family& f) {
+  auto clip = std::dynamic_pointer_cast<ClipTextModelImpl>(f.models().text_encoders.at(0));
+  return clip->forward(reference().at("lora.input.ids")).pooled;
+}
+
+// A LoRA kohya's networks/lora_flux.py made on the tiny model (gen_flux_fixtures.py: the transformer and CLIP-L, random
+// non-zero weights) loads into sdt's network with every key used, gives kohya's outputs with it applied (fp32, 1e-5 of
+// their scale as the models' conformance), and sdt saves back the very tensors kohya saved: kohya's loader takes sdt's
+// files as its own.
+TEST(FluxLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
+  torch::NoGradGuard no_grad;
+  const std::unique_ptr<Family> flux = load_family("flux", tiny_options());  // its own: the LoRA patches it
+  const std::string kohya_file = kTiny + "lora_kohya.safetensors";
+  const LoRANetworkConfig config = parse_lora_network_args(4, 2.0, std::nullopt, {}, flux->network_block_layout());
+  LoRANetwork network(config, flux->network_targets(false), true, true, at::make_generator<at::CPUGeneratorImpl>(1));
+  const LoadResult loaded = network->load_weights(kohya_file);
+  EXPECT_TRUE(loaded.missing.empty()) << loaded.missing.size() << " missing, first " << loaded.missing.front();
+  EXPECT_TRUE(loaded.unexpected.empty()) << loaded.unexpected.size() << " unexpected, first " << loaded.unexpected.front();
+  network->eval();
+  expect_close("kohya LoRA transformer", flux_out(*flux), reference().at("lora.flux_out"), 1e-5);
+  expect_close("kohya LoRA CLIP-L pooled", clip_pooled(*flux), reference().at("lora.clip_pooled"), 1e-5);
+  // The LoRA changes the outputs by far more than that, so a module left out cannot pass unnoticed.
+  for (const auto& [with, without] : {std::pair{"lora.flux_out", "lora.flux_base"}, {"lora.clip_pooled", "lora.clip_base"}}) {
+    const auto& r = reference();
+    EXPECT_GT(((r.at(with) - r.at(without)).abs().max() / r.at(without).abs().max()).item<double>(), 1e-2) << with;
+  }
+  const std::string ours = ::testing::TempDir() + "/flux_lora_ours.safetensors";
+  network->save_weights(ours, at::kFloat, {});
+  safetensors::File saved(ours), kohya(kohya_file);
+  EXPECT_EQ(saved.tensors().size(), kohya.tensors().size());
+  for (const auto& t : kohya.tensors()) {
+    ASSERT_TRUE(saved.contains(t.name)) << t.name;
+    EXPECT_TRUE(at::equal(load_tensor(saved, t.name), load_tensor(kohya, t.name))) << t.name;
+  }
+  std::filesystem::remove(ours);
+}
+
+// kohya's flux_merge_lora.py: the same file merged into the weights (ratio 1) gives the outputs of the applied LoRA, to
+// fp32 rounding of the merged weights.
+TEST(FluxLora, MergedIntoTheModelGivesTheOutputsOfTheAppliedLora) {
+  torch::NoGradGuard no_grad;
+  const std::unique_ptr<Family> flux = load_family("flux", tiny_options());
+  const std::vector<std::string> skipped = merge_loras_into_targets(flux->network_targets(false), {kTiny + "lora_kohya.safetensors"},
+                                                                    {1.0}, at::kFloat);
+  EXPECT_TRUE(skipped.empty()) << skipped.size() << " keys skipped, first " << skipped.front();
+  expect_close("merged kohya LoRA transformer", flux_out(*flux), reference().at("lora.flux_out"), 1e-5);
+  expect_close("merged kohya LoRA CLIP-L pooled", clip_pooled(*flux), reference().at("lora.clip_pooled"), 1e-5);
 }
 
 }  // namespace
