@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ctest wrapper: a LoRA written by sdt, loaded by diffusers' kohya-format LoRA loader into the tiny SD 1.x or SDXL
-# pipeline (FAMILY: sd or sdxl).
+# pipeline (FAMILY: sd, sdxl or flux).
 # Exit 77 (ctest: skipped) when no Python was configured or it cannot import diffusers and peft.
 set -euo pipefail
 writer="$1"; family="$2"; model="$3"; python="${4:-}"

@@ -35,5 +35,8 @@ add_test(NAME lora_diffusers_loads_ours
 add_test(NAME lora_diffusers_loads_ours_sdxl
   COMMAND bash ${CMAKE_SOURCE_DIR}/tests/check_lora_with_diffusers.sh $<TARGET_FILE:write_lora_check_files>
           sdxl ${CMAKE_SOURCE_DIR}/tests/fixtures/sdxl/sdxl_a "${SDT_PYTHON}")
-set_tests_properties(lora_diffusers_loads_ours lora_diffusers_loads_ours_sdxl PROPERTIES SKIP_RETURN_CODE 77
+add_test(NAME lora_diffusers_loads_ours_flux
+  COMMAND bash ${CMAKE_SOURCE_DIR}/tests/check_lora_with_diffusers.sh $<TARGET_FILE:write_lora_check_files>
+          flux ${CMAKE_SOURCE_DIR}/tests/fixtures/flux/tiny "${SDT_PYTHON}")
+set_tests_properties(lora_diffusers_loads_ours lora_diffusers_loads_ours_sdxl lora_diffusers_loads_ours_flux PROPERTIES SKIP_RETURN_CODE 77
                      ENVIRONMENT "OMP_NUM_THREADS=1")

@@ -1,7 +1,7 @@
 // For tests/check_lora_with_diffusers.py: writes a LoRA (U-Net with conv LoRA, and the text encoders) for the tiny
-// SD 1.x or SDXL model with random non-zero weights, and the outputs of our models with it applied (its adapters on
-// the layers) and without.
-//   write_lora_check_files sd|sdxl DIFFUSERS_FOLDER OUT_DIR  ->  OUT_DIR/lora.safetensors, OUT_DIR/ours.safetensors
+// SD 1.x or SDXL model, or (the transformer and CLIP-L) for the tiny FLUX.1 dev model, with random non-zero weights,
+// and the outputs of our models with it applied (its adapters on the layers) and without.
+//   write_lora_check_files sd|sdxl|flux MODEL_FOLDER OUT_DIR  ->  OUT_DIR/lora.safetensors, OUT_DIR/ours.safetensors
 #include <cstdio>
 #include <string>
 
@@ -9,6 +9,7 @@
 
 #include "src/core/error.h"
 #include "src/families/sd/sd_family.h"
+#include "src/families/flux/flux_family.h"
 #include "src/families/sdxl/sdxl_family.h"
 #include "src/models/sd_checkpoint.h"
 #include "src/models/sdxl_checkpoint.h"
@@ -81,18 +82,49 @@ void write_sdxl(const std::string& folder, const std::string& out) {
                          {"unet_lora", lora[0]}, {"text_lora", lora[1]}, {"text2_lora", lora[2]}});
 }
 
+// FLUX.1 dev: kohya's lora_flux names for the transformer and CLIP-L (the tiny fixture, tests/fixtures/flux/tiny, with
+// the tiny SD text encoder as CLIP-L); the transformer's packed inputs, CLIP-L's pooled output.
+void write_flux(const std::string& folder, const std::string& out) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  sdt::FluxModels m;
+  m.transformer = sdt::load_flux_transformer(folder + "/transformer.safetensors");
+  m.clip_l = sdt::load_flux_clip_l(folder + "/../../sd/sd1/text_encoder");
+  const auto config = sdt::parse_lora_network_args(4, 2.0, std::nullopt, {});
+  sdt::LoRANetwork network = write_lora(sdt::flux_network_targets(m.clip_l, nullptr, m.transformer), config, gen, out);
+  const sdt::FluxConfig& c = m.transformer->config;
+  at::Tensor img = at::randn({2, 24, c.in_channels}, gen), txt = at::randn({2, 16, c.context_in_dim}, gen);
+  at::Tensor y = at::randn({2, c.vec_in_dim}, gen), img_ids = sdt::flux_image_ids(2, 4, 6), txt_ids = at::zeros({2, 16, 3});
+  at::Tensor timesteps = at::tensor({0.3f, 0.8f}), guidance = at::tensor({3.5f, 2.0f});
+  at::Tensor ids = at::tensor({998, 5, 17, 300, 999, 999, 998, 42, 999, 999, 999, 999}, at::kLong).reshape({2, 6});
+  torch::NoGradGuard no_grad;
+  const auto outputs = [&] {
+    return std::vector<at::Tensor>{m.transformer->forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, at::Tensor()),
+                                   m.clip_l->forward(ids).pooled};
+  };
+  const std::vector<at::Tensor> lora = outputs();
+  network->remove();
+  const std::vector<at::Tensor> base = outputs();
+  sdt::save_safetensors(out + "/ours.safetensors",
+                        {{"img", img}, {"txt", txt}, {"y", y}, {"img_ids", img_ids}, {"txt_ids", txt_ids}, {"timesteps", timesteps},
+                         {"guidance", guidance}, {"input_ids", ids}, {"transformer_base", base[0]}, {"text_base", base[1]},
+                         {"transformer_lora", lora[0]}, {"text_lora", lora[1]}});
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4 || (std::string(argv[1]) != "sd" && std::string(argv[1]) != "sdxl")) {
-    std::fprintf(stderr, "usage: %s sd|sdxl DIFFUSERS_FOLDER OUT_DIR\n", argv[0]);
+  const std::string family = argc == 4 ? argv[1] : "";
+  if (family != "sd" && family != "sdxl" && family != "flux") {
+    std::fprintf(stderr, "usage: %s sd|sdxl|flux MODEL_FOLDER OUT_DIR\n", argv[0]);
     return 2;
   }
   try {
-    if (std::string(argv[1]) == "sd") {
+    if (family == "sd") {
       write_sd(argv[2], argv[3]);
-    } else {
+    } else if (family == "sdxl") {
       write_sdxl(argv[2], argv[3]);
+    } else {
+      write_flux(argv[2], argv[3]);
     }
   } catch (const sdt::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
