@@ -65,6 +65,13 @@ CLI::App* add_merge_lora_command(CLI::App& app, MergeLoraCommand& command);
 // `model_flags`: the arguments merge-lora does not know itself (kohya's model flags, for the checkpoint's family).
 int run_merge_lora(const MergeLoraCommand& command, const std::vector<std::string>& model_flags);
 
+// `sdt convert-flux-lora`: kohya's networks/convert_flux_lora.py arguments.
+struct ConvertFluxLoraCommand {
+  std::string src, dst, src_path, dst_path;
+};
+CLI::App* add_convert_flux_lora_command(CLI::App& app, ConvertFluxLoraCommand& command);
+int run_convert_flux_lora(const ConvertFluxLoraCommand& command);
+
 // `sdt cache-latents` and `sdt cache-te` (cmd_cache.cpp): `sdt train`'s arguments plus the cache's own.
 struct CacheCommands {
   CLI::App* latents = nullptr;

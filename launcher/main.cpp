@@ -41,6 +41,8 @@ int main(int argc, char** argv) {
   auto* sample = sdt::add_sample_command(app, sample_command);
   sdt::MergeLoraCommand merge_lora_command;
   auto* merge_lora = sdt::add_merge_lora_command(app, merge_lora_command);
+  sdt::ConvertFluxLoraCommand convert_flux_lora_command;
+  auto* convert_flux_lora = sdt::add_convert_flux_lora_command(app, convert_flux_lora_command);
   const sdt::CacheCommands cache_commands = sdt::add_cache_commands(app);
 
   try {
@@ -60,6 +62,7 @@ int main(int argc, char** argv) {
     }
     if (*sample) return sdt::run_sample(sample_command, sample->remaining());
     if (*merge_lora) return sdt::run_merge_lora(merge_lora_command, merge_lora->remaining());
+    if (*convert_flux_lora) return sdt::run_convert_flux_lora(convert_flux_lora_command);
     if (cache_commands.chosen()) return sdt::run_cache_command(cache_commands, session.world());
   } catch (const std::exception& e) {
     // One rank's error ends the whole job, with the rank named: the others would wait for it forever.

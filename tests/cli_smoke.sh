@@ -114,6 +114,10 @@ check "merge-lora merges a FLUX LoRA into the transformer" 0 "" -- "$sdt" merge-
   "$src/tests/fixtures/flux/tiny/transformer.safetensors" --models "$work/flux_lora/lora.safetensors" --ratios 0.8 \
   --save_to "$work/flux_merged.safetensors" "${flux_model[@]:2}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
 check "the merged transformer keeps BFL's names" 0 "double_blocks.0.img_attn.qkv.weight" -- "$sdt" inspect "$work/flux_merged.safetensors"
+check "convert-flux-lora writes ai-toolkit's layout" 0 "saved" -- "$sdt" convert-flux-lora --src sd-scripts --dst ai-toolkit \
+  --src_path "$work/flux_lora/lora.safetensors" --dst_path "$work/flux_lora_ait.safetensors"
+check "the converted LoRA has diffusers' names" 0 "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" -- \
+  "$sdt" inspect "$work/flux_lora_ait.safetensors"
 check "flux_train_network without --t5xxl is refused as in kohya" 1 "t5xxl: required" -- \
   "$sdt" flux_train_network "${flux[@]:0:4}" "${flux[@]:6}" --network_module networks.lora --output_dir "$work/wrong"
 

@@ -6,6 +6,7 @@ add_library(sdt_families STATIC
   src/families/sd/sd_family.cpp
   src/families/sdxl/sdxl_family.cpp
   src/families/flux/flux_family.cpp
+  src/families/flux/flux_lora_format.cpp
   src/families/sd/sampling.cpp
 )
 target_link_libraries(sdt_families PUBLIC sdt_models sdt_objectives sdt_tokenizers sdt_data)

@@ -35,6 +35,9 @@ target_link_libraries(bench_lora_step PRIVATE sdt_trainer)
 target_precompile_headers(bench_lora_step REUSE_FROM sdt_torch)
 
 # Memory plan, measured peak and step time per rank in every --sharding mode, one process or under mpiexec (not run by ctest).
+add_executable(bench_flux_train bench/bench_flux_train.cpp)
+target_link_libraries(bench_flux_train PRIVATE sdt_trainer)
+target_precompile_headers(bench_flux_train REUSE_FROM sdt_torch)
 add_executable(bench_train_sharding bench/bench_train_sharding.cpp)
 target_link_libraries(bench_train_sharding PRIVATE sdt_trainer)
 target_precompile_headers(bench_train_sharding REUSE_FROM sdt_torch)

@@ -12,6 +12,7 @@
 #include "src/core/tensor_io.h"
 #include "src/families/family.h"
 #include "src/families/flux/flux_family.h"
+#include "src/families/flux/flux_lora_format.h"
 #include "src/networks/lora.h"
 #include "src/networks/merge.h"
 #include "tests/fixture_files.h"
@@ -201,6 +202,53 @@ TEST(FluxLora, MergedIntoTheModelGivesTheOutputsOfTheAppliedLora) {
   EXPECT_TRUE(skipped.empty()) << skipped.size() << " keys skipped, first " << skipped.front();
   expect_close("merged kohya LoRA transformer", flux_out(*flux), reference().at("lora.flux_out"), 1e-5);
   expect_close("merged kohya LoRA CLIP-L pooled", clip_pooled(*flux), reference().at("lora.clip_pooled"), 1e-5);
+}
+
+}  // namespace
+}  // namespace sdt
+
+namespace sdt {
+namespace {
+
+NamedTensors with_prefix(const std::map<std::string, at::Tensor>& tensors, const std::string& prefix) {
+  NamedTensors out;
+  for (const auto& [name, t] : tensors) {
+    if (name.starts_with(prefix)) out.emplace_back(name.substr(prefix.size()), t);
+  }
+  return out;
+}
+
+void expect_same_tensors(const NamedTensors& actual, const NamedTensors& expected, const std::string& what) {
+  std::map<std::string, at::Tensor> mine(actual.begin(), actual.end());
+  ASSERT_EQ(mine.size(), expected.size()) << what;
+  for (const auto& [name, t] : expected) {
+    ASSERT_TRUE(mine.contains(name)) << what << ": " << name;
+    EXPECT_TRUE(at::equal(mine.at(name), t)) << what << ": " << name;
+  }
+}
+
+// kohya's networks/convert_flux_lora.py on the kohya-written LoRA (gen_flux_fixtures.py): to ai-toolkit's layout (qkv
+// and linear1 split into their parts, alpha / rank folded in) and back (parts stacked block-diagonally, alpha = rank);
+// the same tensors bit for bit. Every module's up · down · alpha / rank survives the round trip.
+TEST(FluxLora, ConvertsToAndFromAiToolkitAsKohyasScript) {
+  torch::NoGradGuard no_grad;
+  const auto converted = testing_support::read_tensors(kTiny + "lora_converted.safetensors");
+  NamedTensors kohya;
+  for (const auto& [name, t] : testing_support::read_tensors(kTiny + "lora_kohya.safetensors")) kohya.emplace_back(name, t);
+  const NamedTensors ai_toolkit = flux_lora_to_ai_toolkit(kohya);
+  expect_same_tensors(ai_toolkit, with_prefix(converted, "ai_toolkit."), "to ai-toolkit");
+  const NamedTensors back = flux_lora_to_kohya(with_prefix(converted, "ai_toolkit."));
+  expect_same_tensors(back, with_prefix(converted, "back."), "back to kohya");
+
+  std::map<std::string, at::Tensor> before(kohya.begin(), kohya.end()), after(back.begin(), back.end());
+  for (const std::string module : {"lora_unet_double_blocks_1_img_attn_qkv", "lora_unet_single_blocks_2_linear1",
+                                   "lora_unet_double_blocks_0_txt_mlp_2"}) {
+    const auto delta = [](std::map<std::string, at::Tensor>& m, const std::string& k) {
+      const at::Tensor down = m.at(k + ".lora_down.weight");
+      return at::matmul(m.at(k + ".lora_up.weight"), down) * (m.at(k + ".alpha").item<double>() / down.size(0));
+    };
+    expect_close(module + " up.down.scale after the round trip", delta(after, module), delta(before, module), 1e-6);
+  }
 }
 
 }  // namespace

@@ -204,7 +204,8 @@ ParallelPlan FluxFamily::parallel_plan() const {
             if (double_swapped > static_cast<int64_t>(doubles) - 2 || single_swapped > static_cast<int64_t>(singles) - 2) {
               fail("--blocks_to_swap", "{} swaps {} double and {} single blocks; this model has {} and {}, and keeps two of "
                    "each on the device (at most {})", k, double_swapped, single_swapped, doubles, singles,
-                   std::min<int64_t>(2 * (static_cast<int64_t>(doubles) - 2) + 1, (static_cast<int64_t>(singles) - 2) / 2 * 2));
+                   std::max<int64_t>(0, std::min<int64_t>(2 * (static_cast<int64_t>(doubles) - 2) + 1,
+                                                          (static_cast<int64_t>(singles) - 2) / 2 * 2)));
             }
             return std::vector<ParallelPlan::SwapStack>{{0, doubles, double_swapped}, {doubles, singles, single_swapped}};
           }};
