@@ -9,14 +9,12 @@
 
 #include <filesystem>
 #include <fstream>
-#include <random>
 
 #include <fmt/format.h>
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "bench/train_bench.h"
 #include "cluster/world.h"
 #include "src/models/flux_checkpoint.h"
 #include "src/train/trainer.h"
@@ -24,22 +22,6 @@
 namespace fs = std::filesystem;
 
 namespace {
-
-void make_images(const fs::path& dir, int size) {
-  fs::create_directories(dir / "1_bench");
-  std::mt19937 rng(0);
-  for (int i = 0; i < 12; ++i) {
-    cv::Mat m(size, size, CV_8UC3, cv::Scalar(rng() % 256, rng() % 256, rng() % 256));
-    cv::rectangle(m, cv::Rect(rng() % (size / 2), rng() % (size / 2), size / 3, size / 3), cv::Scalar(250, 250, 250), cv::FILLED);
-    cv::imwrite((dir / "1_bench" / fmt::format("{:02d}.png", i)).string(), m);
-    std::ofstream(dir / "1_bench" / fmt::format("{:02d}.txt", i)) << "a square, number " << i;
-  }
-}
-
-double max_over_ranks(double value, const sdt::World& world) {
-  if (world.size > 1) MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return value;
-}
 
 int64_t bytes_of(const std::shared_ptr<torch::nn::Module>& block) {
   int64_t bytes = 0;
@@ -79,7 +61,7 @@ int main(int argc, char** argv) {
       fs::remove_all(work);
       fs::create_directories(work);
       sdt::save_flux_transformer((work / "transformer.safetensors").string(), transformer, std::nullopt, {});
-      make_images(work / "images", resolution);
+      sdt::bench::make_images(work / "images", resolution);
     }
   }
   if (world.size > 1) MPI_Barrier(MPI_COMM_WORLD);
@@ -123,9 +105,9 @@ int main(int argc, char** argv) {
     const sdt::TrainSummary summary = sdt::train(args, world, sdt::TrainMode::network);
     const sdt::StepTimes& t = summary.times;
     const double n = static_cast<double>(t.steps);
-    const double plan = max_over_ranks(static_cast<double>(summary.planned_bytes), world) / 1048576.0;
-    const double peak = max_over_ranks(static_cast<double>(summary.peak_bytes), world) / 1048576.0;
-    const double total = max_over_ranks(1e3 * t.total() / n, world);
+    const double plan = sdt::bench::max_over_ranks(static_cast<double>(summary.planned_bytes), world) / 1048576.0;
+    const double peak = sdt::bench::max_over_ranks(static_cast<double>(summary.peak_bytes), world) / 1048576.0;
+    const double total = sdt::bench::max_over_ranks(1e3 * t.total() / n, world);
     if (world.rank == 0) {
       const double swapped = setting.ends_with("+swap") ? moved / 1048576.0 / (sharding == "full" ? world.size : 1) : 0.0;
       fmt::print("LoRA ranks {}  --sharding {:9s} plan {:7.0f} MiB  peak {:7.0f} MiB  ms/step {:7.0f} (forward {:.0f}, "

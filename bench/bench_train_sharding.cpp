@@ -8,16 +8,14 @@
 
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <sstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#include <opencv2/imgcodecs.hpp>
-#include <opencv2/imgproc.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "bench/train_bench.h"
 #include "cluster/world.h"
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
@@ -48,22 +46,6 @@ void make_model(const fs::path& source, const fs::path& model, const std::vector
   sdt::save_safetensors((model / "unet/diffusion_pytorch_model.safetensors").string(), tensors, {});
 }
 
-void make_images(const fs::path& dir) {
-  fs::create_directories(dir / "1_bench");
-  std::mt19937 rng(0);
-  for (int i = 0; i < 12; ++i) {
-    cv::Mat m(64, 64, CV_8UC3, cv::Scalar(rng() % 256, rng() % 256, rng() % 256));
-    cv::rectangle(m, cv::Rect(rng() % 40, rng() % 40, 20, 20), cv::Scalar(250, 250, 250), cv::FILLED);
-    cv::imwrite((dir / "1_bench" / fmt::format("{:02d}.png", i)).string(), m);
-    std::ofstream(dir / "1_bench" / fmt::format("{:02d}.txt", i)) << "a square, number " << i;
-  }
-}
-
-double max_over_ranks(double value, const sdt::World& world) {
-  if (world.size > 1) MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return value;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -84,7 +66,7 @@ int main(int argc, char** argv) {
   if (world.rank == 0) {
     fs::remove_all(work);
     make_model(source, work / "model", channels);
-    make_images(work / "images");
+    sdt::bench::make_images(work / "images");
   }
   if (world.size > 1) MPI_Barrier(MPI_COMM_WORLD);
   spdlog::set_level(spdlog::level::warn);
@@ -114,11 +96,11 @@ int main(int argc, char** argv) {
       const sdt::TrainSummary summary = sdt::train(args, world, mode);
       const sdt::StepTimes& t = summary.times;
       const double n = static_cast<double>(t.steps);
-      const double plan = max_over_ranks(static_cast<double>(summary.planned_bytes), world) / 1048576.0;
-      const double peak = max_over_ranks(static_cast<double>(summary.peak_bytes), world) / 1048576.0;
-      const double total = max_over_ranks(1e3 * t.total() / n, world);
-      const double communication = max_over_ranks(1e3 * t.communication / n, world);
-      const double backward = max_over_ranks(1e3 * t.backward / n, world);
+      const double plan = sdt::bench::max_over_ranks(static_cast<double>(summary.planned_bytes), world) / 1048576.0;
+      const double peak = sdt::bench::max_over_ranks(static_cast<double>(summary.peak_bytes), world) / 1048576.0;
+      const double total = sdt::bench::max_over_ranks(1e3 * t.total() / n, world);
+      const double communication = sdt::bench::max_over_ranks(1e3 * t.communication / n, world);
+      const double backward = sdt::bench::max_over_ranks(1e3 * t.backward / n, world);
       if (world.rank == 0) {
         fmt::print("{:7s} ranks {}  --sharding {:9s}  plan {:7.1f} MiB  peak {:7.1f} MiB  ms/step {:7.1f} "
                    "(forward {:.1f}, backward {:.1f}, communication {:.1f}, optimizer {:.1f})\n",

@@ -72,8 +72,8 @@ TEST(FamilyRegistry, FindsSdByNameAndHandsOutItsModels) {
 }
 
 TEST(FamilyRegistry, UnknownNameIsAnErrorListingTheKnownOnes) {
-  const std::string message = error_of([] { load_family("flux", tiny_options(false)); });
-  EXPECT_NE(message.find("unknown family 'flux': this build has sd"), std::string::npos) << message;
+  const std::string message = error_of([] { load_family("sd3", tiny_options(false)); });
+  EXPECT_NE(message.find("unknown family 'sd3': this build has flux, sd, sdxl"), std::string::npos) << message;
 }
 
 // The family comes from the checkpoint (its tensor names, or its diffusers U-Net config) unless --family names it.
@@ -82,10 +82,10 @@ TEST(FamilyRegistry, RecognisesSdCheckpointsAndNamesTheFamilyOtherwise) {
   EXPECT_EQ(family_of_checkpoint(std::nullopt, SDT_FIXTURES "/sd/sd1/model_ldm.safetensors"), "sd") << "an LDM single file";
   EXPECT_EQ(family_of_checkpoint(std::string("sd"), SDT_FIXTURES "/networks/lora_sd1.safetensors"), "sd") << "--family wins";
   std::string message = error_of([] { family_of_checkpoint(std::nullopt, SDT_FIXTURES "/networks/lora_sd1.safetensors"); });
-  EXPECT_NE(message.find("no model family of this build (sd, sdxl) recognises it"), std::string::npos) << message;
+  EXPECT_NE(message.find("no model family of this build (flux, sd, sdxl) recognises it"), std::string::npos) << message;
   EXPECT_NE(message.find("--family"), std::string::npos) << message;
-  message = error_of([] { family_of_checkpoint(std::string("flux"), SDT_FIXTURES "/sd/sd1"); });
-  EXPECT_NE(message.find("unknown family 'flux': this build has sd"), std::string::npos) << message;
+  message = error_of([] { family_of_checkpoint(std::string("sd3"), SDT_FIXTURES "/sd/sd1"); });
+  EXPECT_NE(message.find("unknown family 'sd3': this build has flux, sd, sdxl"), std::string::npos) << message;
   message = error_of([] { family_of_checkpoint(std::nullopt, SDT_FIXTURES "/sd/no_such_model"); });
   EXPECT_NE(message.find("no such checkpoint file or diffusers folder"), std::string::npos) << message;
 }

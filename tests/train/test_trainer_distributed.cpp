@@ -236,6 +236,28 @@ TEST(DistributedTrainer, SdxlFusedBackwardPassOnNRanksEqualsOneProcess) {
   barrier();
 }
 
+// `args` (--sharding full with --blocks_to_swap, its output folder under `root`) on this job's ranks against one plain
+// process with the whole global batch (no sharding, no swap): the same losses, weights within 1e-5 of the largest.
+void expect_sharded_swapped_ranks_train_like_one_process(TrainArgs args, TrainMode mode, const fs::path& root, const std::string& tag) {
+  const World& world = *the_world;
+  args.output_dir = (root / fmt::format("{}_rank{}", tag, world.rank)).string();
+  const TrainSummary ranks = train(args, world, mode);
+  if (world.rank == 0) {
+    TrainArgs one = args;
+    one.sharding = "none";
+    one.blocks_to_swap = 0;
+    one.train_batch_size = world.size;
+    one.output_dir = (root / (tag + "_one")).string();
+    const TrainSummary single = train(one, World{}, mode);
+    expect_same_losses(ranks.losses, single.losses, tag.c_str());
+    const double difference = max_relative_difference(ranks.weights_path, single.weights_path);
+    std::cout << tag << " on " << world.size << " fully sharded, swapping ranks: max relative weight difference to one "
+              << "process " << difference << "\n";
+    EXPECT_LT(difference, 1e-5);
+  }
+  barrier();
+}
+
 // The second family, the tiny DiT (flow matching, blocks of several tensors, LoRA adapters inside its blocks), on N
 // ranks with --sharding full and --blocks_to_swap 2 together (1 of 3 double blocks and 2 of 4 single blocks on the
 // host) trains like one plain process with the whole global batch, LoRA and full fine-tuning. (Small
@@ -256,29 +278,13 @@ TEST(DistributedTrainer, TinyDitFullyShardedAndSwappedOnNRanksEqualsOneProcess) 
   }
   barrier();
   for (TrainMode mode : {TrainMode::network, TrainMode::whole_model}) {
-    const std::string tag = mode == TrainMode::network ? "lora" : "full";
     TrainArgs args = tiny_dit::training_args((root / "model").string(), (root / "train").string(), mode);
     args.max_train_steps = 4;
     args.seed = 7;
     args.sharding = "full";
     args.blocks_to_swap = 2;
     args.learning_rate = mode == TrainMode::network ? 1e-3 : 2e-5;
-    args.output_dir = (root / fmt::format("{}_rank{}", tag, world.rank)).string();
-    const TrainSummary ranks = train(args, world, mode);
-    if (world.rank == 0) {
-      TrainArgs one = args;
-      one.sharding = "none";
-      one.blocks_to_swap = 0;
-      one.train_batch_size = world.size;
-      one.output_dir = (root / (tag + "_one")).string();
-      const TrainSummary single = train(one, World{}, mode);
-      expect_same_losses(ranks.losses, single.losses, tag.c_str());
-      const double difference = max_relative_difference(ranks.weights_path, single.weights_path);
-      std::cout << "tiny DiT " << tag << " on " << world.size << " fully sharded, swapping ranks: max relative weight difference to one "
-                << "process " << difference << "\n";
-      EXPECT_LT(difference, 1e-5);
-    }
-    barrier();
+    expect_sharded_swapped_ranks_train_like_one_process(args, mode, root, mode == TrainMode::network ? "tiny_dit_lora" : "tiny_dit_full");
   }
 }
 
@@ -294,29 +300,13 @@ TEST(DistributedTrainer, FluxFullyShardedAndSwappedOnNRanksEqualsOneProcess) {
   if (world.rank == 0) fs::remove_all(root);
   barrier();
   for (TrainMode mode : {TrainMode::network, TrainMode::whole_model}) {
-    const std::string tag = mode == TrainMode::network ? "lora" : "full";
     TrainArgs args = tiny_run(root, mode);
     testing_support::use_tiny_flux(args);
     args.sharding = "full";
     args.blocks_to_swap = 2;
     if (mode == TrainMode::network) args.optimizer_type = "SGDNesterov";
     args.learning_rate = mode == TrainMode::network ? 0.05 : 2e-5;
-    args.output_dir = (root / fmt::format("{}_rank{}", tag, world.rank)).string();
-    const TrainSummary ranks = train(args, world, mode);
-    if (world.rank == 0) {
-      TrainArgs one = args;
-      one.sharding = "none";
-      one.blocks_to_swap = 0;
-      one.train_batch_size = world.size;
-      one.output_dir = (root / (tag + "_one")).string();
-      const TrainSummary single = train(one, World{}, mode);
-      expect_same_losses(ranks.losses, single.losses, tag.c_str());
-      const double difference = max_relative_difference(ranks.weights_path, single.weights_path);
-      std::cout << "FLUX " << tag << " on " << world.size << " fully sharded, swapping ranks: max relative weight difference "
-                << "to one process " << difference << "\n";
-      EXPECT_LT(difference, 1e-5);
-    }
-    barrier();
+    expect_sharded_swapped_ranks_train_like_one_process(args, mode, root, mode == TrainMode::network ? "flux_lora" : "flux_full");
   }
 }
 

@@ -9,7 +9,6 @@
 #include "src/core/safetensors.h"
 #include "src/models/flux_checkpoint.h"
 #include "src/train/trainer.h"
-#include "tests/fixture_files.h"
 #include "tests/train/toy_dataset.h"
 #include "tests/train/weight_files.h"
 
@@ -56,14 +55,11 @@ TEST(FluxTraining, BlockSwapChangesNoBit) {
     args.gradient_checkpointing = checkpointing;
     args.blocks_to_swap = swap;
     args.output_dir = (root / name).string();
-    return testing_support::read_tensors(train(args, World{}, TrainMode::network).weights_path);
+    return train(args, World{}, TrainMode::network).weights_path;
   };
-  const auto expect_same = [](const auto& a, const auto& b, const char* what) {
-    ASSERT_EQ(a.size(), b.size()) << what;
-    for (const auto& [name, t] : a) EXPECT_TRUE(at::equal(t, b.at(name))) << what << ": " << name;
-  };
-  expect_same(run("plain", true, false, 0), run("swapped", true, false, 2), "transformer LoRA");
-  expect_same(run("checkpointed", false, true, 0), run("checkpointed_swapped", false, true, 2), "with CLIP-L's LoRA");
+  EXPECT_TRUE(testing_support::bitwise_equal(run("plain", true, false, 0), run("swapped", true, false, 2))) << "transformer LoRA";
+  EXPECT_TRUE(testing_support::bitwise_equal(run("checkpointed", false, true, 0), run("checkpointed_swapped", false, true, 2)))
+      << "with CLIP-L's LoRA";
   fs::remove_all(root);
 }
 
@@ -80,18 +76,11 @@ TEST(FluxTraining, CachedLatentsAndTextEncoderOutputsGiveTheLossesOfEncodingOnTh
   args.apply_t5_attn_mask = true;
   args.flip_aug = true;
   args.vae_latents = "mean";
-  const TrainSummary on_the_fly = train(args, World{}, TrainMode::network);
-
-  args.cache_latents_to_disk = true;
-  args.cache_text_encoder_outputs_to_disk = true;
-  args.output_dir = (root / "cached").string();
-  const TrainSummary cached = train(args, World{}, TrainMode::network);
-  ASSERT_EQ(cached.losses.size(), on_the_fly.losses.size());
-  for (size_t i = 0; i < on_the_fly.losses.size(); ++i) {
-    EXPECT_NEAR(cached.losses[i], on_the_fly.losses[i], 1e-5 * on_the_fly.losses[i]) << "step " << i + 1;
-  }
+  testing_support::expect_cached_runs_give_the_losses_of_encoding(args, (root / "cached").string());
   // Outputs cached with T5's mask are not this run's without it (kohya does not use them either): a named error.
   args.apply_t5_attn_mask = false;
+  args.cache_latents_to_disk = true;
+  args.cache_text_encoder_outputs_to_disk = true;
   args.output_dir = (root / "unmasked").string();
   try {
     train(args, World{}, TrainMode::network);

@@ -74,16 +74,7 @@ TEST(SdxlTraining, CachedLatentsAndTextEncoderOutputsGiveTheLossesOfEncodingOnTh
   args.network_train_unet_only = true;
   args.flip_aug = true;
   args.vae_latents = "mean";
-  const TrainSummary on_the_fly = train(args, World{}, TrainMode::network);
-
-  args.cache_latents_to_disk = true;
-  args.cache_text_encoder_outputs_to_disk = true;
-  args.output_dir = (root / "cached").string();
-  const TrainSummary cached = train(args, World{}, TrainMode::network);
-  ASSERT_EQ(cached.losses.size(), on_the_fly.losses.size());
-  for (size_t i = 0; i < on_the_fly.losses.size(); ++i) {
-    EXPECT_NEAR(cached.losses[i], on_the_fly.losses[i], 1e-5 * on_the_fly.losses[i]) << "step " << i + 1;
-  }
+  testing_support::expect_cached_runs_give_the_losses_of_encoding(args, (root / "cached").string());
   fs::remove_all(root);
 }
 

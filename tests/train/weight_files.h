@@ -1,5 +1,8 @@
-// What the training tests compare: the weight files two runs wrote, and stretches of a loss curve.
+// What the training tests compare: the weight files two runs wrote, stretches of a loss curve, the losses of runs with
+// and without caches.
 #pragma once
+
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <numeric>
@@ -10,6 +13,7 @@
 
 #include "src/core/safetensors.h"
 #include "src/core/tensor_io.h"
+#include "src/train/trainer.h"
 
 namespace sdt::testing_support {
 
@@ -35,6 +39,21 @@ inline double relative_difference(const std::string& a, const std::string& b, co
     largest = std::max(largest, y.abs().max().item<double>());
   }
   return difference / largest;
+}
+
+// kohya's --cache_latents_to_disk and --cache_text_encoder_outputs_to_disk: `args` run encoding the images and the
+// captions each step, then from the caches (written to `cached_output_dir`), give the same loss at every step (1e-5
+// relative: the same operations, once stored).
+inline void expect_cached_runs_give_the_losses_of_encoding(TrainArgs args, const std::string& cached_output_dir) {
+  const TrainSummary on_the_fly = train(args, World{}, TrainMode::network);
+  args.cache_latents_to_disk = true;
+  args.cache_text_encoder_outputs_to_disk = true;
+  args.output_dir = cached_output_dir;
+  const TrainSummary cached = train(args, World{}, TrainMode::network);
+  ASSERT_EQ(cached.losses.size(), on_the_fly.losses.size());
+  for (size_t i = 0; i < on_the_fly.losses.size(); ++i) {
+    EXPECT_NEAR(cached.losses[i], on_the_fly.losses[i], 1e-5 * on_the_fly.losses[i]) << "step " << i + 1;
+  }
 }
 
 // The mean of losses[from, to).
