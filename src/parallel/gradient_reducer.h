@@ -22,7 +22,8 @@
 // Parameters without requires_grad (frozen) never enter a bucket and are not broadcast.
 //
 // Each parameter's post-accumulate-grad hook is the reducer's while it lives (a tensor has one).
-// In a one-process world the reducer does nothing at all (no buckets, no hooks, no copies).
+// In a one-process world the reducer does nothing at all (no buckets, no hooks, no copies), unless
+// set_on_gradient asks for each gradient as it arrives.
 #pragma once
 
 #include <cstdint>

@@ -93,6 +93,38 @@ TEST(FluxFamily, SampleImagesMatchKohyasFluxSampler) {
   }
 }
 
+// Chroma (tests/fixtures/flux/tiny/chroma.safetensors, kohya's Chroma of the tiny model's widths) through the family:
+// no CLIP-L (its pooled vector is zeros, as kohya's dummy), T5's mask required, the approximator's modulations from the
+// timestep and the guidance; kohya's sampler on it, 1 level of 255.
+TEST(FluxFamily, ChromaSampleMatchesKohyasSampler) {
+  FamilyOptions options = tiny_options(true);
+  options.pretrained_model_name_or_path = kTiny + "chroma.safetensors";
+  options.model_type = "chroma";
+  options.clip_l.reset();
+  const std::unique_ptr<Family> chroma = load_family("flux", options);
+  EXPECT_EQ(chroma->model_spec().architecture, "chroma");
+  EXPECT_EQ(chroma->training_metadata().at("ss_base_model_version"), "chroma");
+  EXPECT_EQ(chroma->models().text_encoders.size(), 1u) << "T5 alone";
+  const nlohmann::json s = reference_metadata("chroma_samples")[0];
+  SampleOptions sample;
+  sample.prompt = s["prompt"];
+  sample.width = s["width"];
+  sample.height = s["height"];
+  sample.steps = s["steps"];
+  sample.scale = s["scale"];
+  sample.guidance_scale = s["guidance"];
+  sample.seed = s["seed"];
+  const at::Tensor image = chroma->sample(sample);
+  const at::Tensor& expected = reference().at("chroma_sample.0");
+  ASSERT_EQ(image.sizes(), expected.sizes());
+  EXPECT_GT(expected.max().item<int64_t>(), expected.min().item<int64_t>() + 50) << "a flat reference proves little";
+  const int64_t worst = (image.to(at::kInt) - expected.to(at::kInt)).abs().max().item<int64_t>();
+  std::cout << "[conformance] Chroma sample: max pixel difference " << worst << "\n";
+  EXPECT_LE(worst, 1);
+  options.apply_t5_attn_mask = false;
+  EXPECT_THROW(load_family("flux", options), Error) << "kohya requires --apply_t5_attn_mask for Chroma";
+}
+
 // networks/lora_flux.py's modules for the tiny model, CLIP-L's and T5's included (train_t5xxl), in kohya's order.
 TEST(FluxFamily, LoraModuleNamesAreKohyasLoraFluxNames) {
   const ModelBundle& models = family(false).models();
