@@ -1,7 +1,8 @@
 #include "src/models/flux_checkpoint.h"
 
 #include <filesystem>
-#include <set>
+#include <fstream>
+#include <map>
 
 #include <nlohmann/json.hpp>
 
@@ -43,6 +44,129 @@ std::string weights_in(const std::string& path) {
   return ldm::find_weights(path, {"model.safetensors", "diffusion_pytorch_model.safetensors", "model.fp16.safetensors"});
 }
 
+// The FluxTransformer2DModel folder `path` names: itself, or a pipeline's transformer/; empty when neither.
+std::string diffusers_transformer_folder(const std::string& path) {
+  for (const fs::path folder : {fs::path(path), fs::path(path) / "transformer"}) {
+    const fs::path config = folder / "config.json";
+    if (!fs::is_regular_file(config)) continue;
+    std::ifstream in(config);
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    if (!j.is_discarded() && j.value("_class_name", std::string()) == "FluxTransformer2DModel") return folder.string();
+  }
+  return "";
+}
+
+// Every tensor of a diffusers folder's weight files (diffusion_pytorch_model*.safetensors: one file or shards).
+std::map<std::string, at::Tensor> diffusers_weights(const std::string& folder) {
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& entry : fs::directory_iterator(folder)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with("diffusion_pytorch_model") || !name.ends_with(".safetensors")) continue;
+    const safetensors::File file(entry.path().string());
+    for (const auto& info : file.tensors()) tensors[info.name] = load_tensor(file, info.name);
+  }
+  if (tensors.empty()) fail(folder, "no diffusion_pytorch_model*.safetensors weights");
+  return tensors;
+}
+
+// diffusers' names -> BFL's, the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers.
+std::map<std::string, at::Tensor> bfl_from_diffusers(std::map<std::string, at::Tensor> d, const FluxConfig& c, const std::string& folder) {
+  std::map<std::string, at::Tensor> out;
+  const auto take = [&](const std::string& key) {
+    const auto it = d.find(key);
+    if (it == d.end()) fail(folder, "no tensor '{}': not the FLUX transformer its config describes", key);
+    at::Tensor t = it->second;
+    d.erase(it);
+    return t;
+  };
+  const auto linear = [&](const std::string& from, const std::string& to) {
+    out[to + ".weight"] = take(from + ".weight");
+    out[to + ".bias"] = take(from + ".bias");
+  };
+  const auto fused = [&](const std::vector<std::string>& from, const std::string& to) {
+    for (const char* part : {".weight", ".bias"}) {
+      std::vector<at::Tensor> pieces;
+      for (const std::string& f : from) pieces.push_back(take(f + part));
+      out[to + part] = at::cat(pieces, 0);
+    }
+  };
+  linear("x_embedder", "img_in");
+  linear("context_embedder", "txt_in");
+  linear("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer");
+  linear("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer");
+  linear("time_text_embed.text_embedder.linear_1", "vector_in.in_layer");
+  linear("time_text_embed.text_embedder.linear_2", "vector_in.out_layer");
+  if (c.guidance_embed) {
+    linear("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer");
+    linear("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer");
+  }
+  for (int64_t i = 0; i < c.depth; ++i) {
+    const std::string a = fmt::format("transformer_blocks.{}.", i), b = fmt::format("double_blocks.{}.", i);
+    linear(a + "norm1.linear", b + "img_mod.lin");
+    linear(a + "norm1_context.linear", b + "txt_mod.lin");
+    fused({a + "attn.to_q", a + "attn.to_k", a + "attn.to_v"}, b + "img_attn.qkv");
+    fused({a + "attn.add_q_proj", a + "attn.add_k_proj", a + "attn.add_v_proj"}, b + "txt_attn.qkv");
+    out[b + "img_attn.norm.query_norm.scale"] = take(a + "attn.norm_q.weight");
+    out[b + "img_attn.norm.key_norm.scale"] = take(a + "attn.norm_k.weight");
+    out[b + "txt_attn.norm.query_norm.scale"] = take(a + "attn.norm_added_q.weight");
+    out[b + "txt_attn.norm.key_norm.scale"] = take(a + "attn.norm_added_k.weight");
+    linear(a + "attn.to_out.0", b + "img_attn.proj");
+    linear(a + "attn.to_add_out", b + "txt_attn.proj");
+    linear(a + "ff.net.0.proj", b + "img_mlp.0");
+    linear(a + "ff.net.2", b + "img_mlp.2");
+    linear(a + "ff_context.net.0.proj", b + "txt_mlp.0");
+    linear(a + "ff_context.net.2", b + "txt_mlp.2");
+  }
+  for (int64_t i = 0; i < c.depth_single_blocks; ++i) {
+    const std::string a = fmt::format("single_transformer_blocks.{}.", i), b = fmt::format("single_blocks.{}.", i);
+    linear(a + "norm.linear", b + "modulation.lin");
+    fused({a + "attn.to_q", a + "attn.to_k", a + "attn.to_v", a + "proj_mlp"}, b + "linear1");
+    linear(a + "proj_out", b + "linear2");
+    out[b + "norm.query_norm.scale"] = take(a + "attn.norm_q.weight");
+    out[b + "norm.key_norm.scale"] = take(a + "attn.norm_k.weight");
+  }
+  // diffusers' AdaLayerNormContinuous holds (scale, shift); BFL's final modulation (shift, scale).
+  for (const char* part : {".weight", ".bias"}) {
+    const std::vector<at::Tensor> halves = take(std::string("norm_out.linear") + part).chunk(2, 0);
+    out[std::string("final_layer.adaLN_modulation.1") + part] = at::cat({halves[1], halves[0]}, 0);
+  }
+  linear("proj_out", "final_layer.linear");
+  if (!d.empty()) fail(folder, "{} tensors of no FLUX transformer layer, first '{}'", d.size(), d.begin()->first);
+  return out;
+}
+
+FluxConfig flux_config_from_diffusers(const std::string& folder) {
+  std::ifstream in(fs::path(folder) / "config.json");
+  const nlohmann::json j = nlohmann::json::parse(in);
+  FluxConfig c;
+  c.in_channels = j.value("in_channels", c.in_channels);
+  c.depth = j.value("num_layers", c.depth);
+  c.depth_single_blocks = j.value("num_single_layers", c.depth_single_blocks);
+  c.num_heads = j.value("num_attention_heads", c.num_heads);
+  c.hidden_size = c.num_heads * j.value("attention_head_dim", int64_t{128});
+  c.context_in_dim = j.value("joint_attention_dim", c.context_in_dim);
+  c.vec_in_dim = j.value("pooled_projection_dim", c.vec_in_dim);
+  c.guidance_embed = j.value("guidance_embeds", false);
+  c.axes_dim = j.value("axes_dims_rope", c.axes_dim);
+  if (j.value("patch_size", 1) != 1) fail(folder + "/config.json", "patch_size {}: FLUX's transformer takes 1", j.value("patch_size", 1));
+  return c;
+}
+
+FluxTransformer load_diffusers_transformer(const std::string& folder, at::ScalarType dtype) {
+  const FluxConfig config = flux_config_from_diffusers(folder);
+  std::map<std::string, at::Tensor> weights = bfl_from_diffusers(diffusers_weights(folder), config, folder);
+  FluxTransformer transformer = ldm::build_in(dtype, [&] { return FluxTransformer(config); });
+  torch::NoGradGuard no_grad;
+  for (auto& item : transformer->named_parameters()) {
+    const at::Tensor& value = weights.at(item.key());
+    if (value.sizes() != item.value().sizes()) {
+      fail(folder, "'{}' is {} where the config gives {}", item.key(), c10::str(value.sizes()), c10::str(item.value().sizes()));
+    }
+    item.value().copy_(value);
+  }
+  return transformer;
+}
+
 }  // namespace
 
 FluxConfig flux_config_from_file(const safetensors::File& file, const std::string& prefix) {
@@ -78,18 +202,24 @@ FluxConfig flux_config_from_file(const safetensors::File& file, const std::strin
 }
 
 bool is_flux_checkpoint(const std::string& path) {
-  if (fs::is_directory(path) || !path.ends_with(".safetensors")) return false;
+  if (fs::is_directory(path)) return !diffusers_transformer_folder(path).empty();
+  if (!path.ends_with(".safetensors")) return false;
   const safetensors::File file(path);
   const std::string prefix = prefix_of(file);
   return file.contains(prefix + "double_blocks.0.img_attn.qkv.weight") && file.contains(prefix + "img_in.weight");
 }
 
 FluxTransformer load_flux_transformer(const std::string& path, at::ScalarType dtype) {
+  if (fs::is_directory(path)) {
+    const std::string folder = diffusers_transformer_folder(path);
+    if (folder.empty()) fail(path, "neither a FLUX transformer file nor a diffusers FluxTransformer2DModel folder");
+    return load_diffusers_transformer(folder, dtype);
+  }
   const safetensors::File file(path);
   const std::string prefix = prefix_of(file);
   if (!file.contains(prefix + "double_blocks.0.img_attn.qkv.weight")) {
     fail(path, "not a FLUX transformer in Black Forest Labs' layout (no double_blocks.0.img_attn.qkv.weight){}",
-         file.contains("transformer_blocks.0.attn.add_k_proj.bias") ? ": a diffusers transformer, which sdt does not read yet" : "");
+         file.contains("transformer_blocks.0.attn.add_k_proj.bias") ? ": diffusers' names; give its folder, with config.json" : "");
   }
   FluxTransformer transformer = ldm::build_in(dtype, [&] { return FluxTransformer(flux_config_from_file(file, prefix)); });
   ldm::load_parameters(*transformer, file, [&](const std::string& name) { return ldm::Source{prefix + name}; },

@@ -1,6 +1,6 @@
 // FLUX.1 / Chroma checkpoints as kohya's flux_train_network.py takes them: the transformer in Black Forest Labs' single
-// file (flux1-dev.safetensors; keys with or without `model.diffusion_model.`), CLIP-L (--clip_l), T5-XXL (--t5xxl)
-// and the autoencoder (--ae) each in its own file. The transformer's variant comes from its weights, as kohya's
+// file (flux1-dev.safetensors; keys with or without `model.diffusion_model.`) or a diffusers FluxTransformer2DModel
+// folder, CLIP-L (--clip_l), T5-XXL (--t5xxl) and the autoencoder (--ae) each in its own file. The transformer's variant comes from its weights, as kohya's
 // analyze_checkpoint_state finds it: dev (guidance_in) or schnell (none), Chroma (distilled_guidance_layer), the block
 // counts, widths and head size.
 #pragma once
@@ -27,9 +27,13 @@ struct FluxModels {
 // FLUX's [16, 56, 56] for its head size of 128; a file with another head size (a test model) names its axes in the
 // metadata key "flux_axes_dim" ("[4, 6, 6]"), else it is an sdt::Error.
 FluxConfig flux_config_from_file(const safetensors::File& file, const std::string& prefix);
-// Whether a file holds a FLUX or Chroma transformer (BFL keys).
+// Whether `path` holds a FLUX or Chroma transformer: a file with BFL's keys, or a diffusers FluxTransformer2DModel
+// folder (or a pipeline folder with one in transformer/).
 bool is_flux_checkpoint(const std::string& path);
 
+// A BFL file, or a diffusers folder: its config.json and its weights (one file, or shards with their index) under
+// BFL's names, as diffusers' convert_flux_transformer_checkpoint_to_diffusers maps them, reversed (q, k, v and the
+// single blocks' MLP input fused again; the final modulation's halves back in BFL's shift-then-scale order).
 FluxTransformer load_flux_transformer(const std::string& path, at::ScalarType dtype = at::kFloat);
 // --clip_l: a transformers CLIPTextModel file (CLIP ViT-L/14's config), or a folder with config.json and its weights.
 ClipTextModel load_flux_clip_l(const std::string& path, at::ScalarType dtype = at::kFloat);

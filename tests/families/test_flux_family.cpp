@@ -285,3 +285,26 @@ TEST(FluxLora, ConvertsToAndFromAiToolkitAsKohyasScript) {
 
 }  // namespace
 }  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// The tiny transformer as diffusers saves it (gen_flux_fixtures.py: diffusers' own conversion of the BFL file, three
+// shards and their index) loads to the same weights: the same outputs bit for bit; the family recognises the folder.
+TEST(FluxFamily, DiffusersTransformerFolderLoadsAsTheBflFile) {
+  torch::NoGradGuard no_grad;
+  const std::string folder = kTiny + "diffusers_transformer";
+  EXPECT_EQ(family_of_checkpoint(std::nullopt, folder), "flux");
+  const FluxTransformer bfl = load_flux_transformer(kTiny + "transformer.safetensors"), diffusers = load_flux_transformer(folder);
+  EXPECT_EQ(diffusers->config.depth, 3);
+  EXPECT_EQ(diffusers->config.axes_dim, (std::vector<int64_t>{4, 6, 6}));
+  const auto& r = reference();
+  const auto run = [&](FluxTransformer t) {
+    return t->forward(r.at("lora.input.img"), r.at("lora.input.img_ids"), r.at("lora.input.txt"), r.at("lora.input.txt_ids"),
+                      r.at("lora.input.timesteps"), r.at("lora.input.y"), r.at("lora.input.guidance"), at::Tensor());
+  };
+  EXPECT_TRUE(at::equal(run(diffusers), run(bfl)));
+}
+
+}  // namespace
+}  // namespace sdt
