@@ -3,8 +3,6 @@
 // latents' shift and scale under kohya's size keys, the block-swap split, the registry's recognition and metadata.
 #include <gtest/gtest.h>
 
-#include <filesystem>
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
 
@@ -17,6 +15,7 @@
 #include "src/networks/merge.h"
 #include "tests/fixture_files.h"
 #include "tests/models/compare.h"
+#include "tests/networks/kohya_file_checks.h"
 
 namespace sdt {
 namespace {
@@ -83,13 +82,8 @@ TEST(FluxFamily, SampleImagesMatchKohyasFluxSampler) {
     options.scale = s["scale"];
     options.guidance_scale = s["guidance"];
     options.seed = s["seed"];
-    const at::Tensor image = family(s["mask"]).sample(options);
-    const at::Tensor& expected = reference().at(fmt::format("sample.{}", i));
-    ASSERT_EQ(image.sizes(), expected.sizes());
-    EXPECT_GT(expected.max().item<int64_t>(), expected.min().item<int64_t>() + 50) << "a flat reference proves little";
-    const int64_t worst = (image.to(at::kInt) - expected.to(at::kInt)).abs().max().item<int64_t>();
-    std::cout << "[conformance] FLUX sample " << i << ": max pixel difference " << worst << "\n";
-    EXPECT_LE(worst, 1) << i;
+    testing_support::expect_image_within_one_level(family(s["mask"]).sample(options), reference().at(fmt::format("sample.{}", i)),
+                                                   fmt::format("FLUX sample {}", i));
   }
 }
 
@@ -114,13 +108,7 @@ TEST(FluxFamily, ChromaSampleMatchesKohyasSampler) {
   sample.scale = s["scale"];
   sample.guidance_scale = s["guidance"];
   sample.seed = s["seed"];
-  const at::Tensor image = chroma->sample(sample);
-  const at::Tensor& expected = reference().at("chroma_sample.0");
-  ASSERT_EQ(image.sizes(), expected.sizes());
-  EXPECT_GT(expected.max().item<int64_t>(), expected.min().item<int64_t>() + 50) << "a flat reference proves little";
-  const int64_t worst = (image.to(at::kInt) - expected.to(at::kInt)).abs().max().item<int64_t>();
-  std::cout << "[conformance] Chroma sample: max pixel difference " << worst << "\n";
-  EXPECT_LE(worst, 1);
+  testing_support::expect_image_within_one_level(chroma->sample(sample), reference().at("chroma_sample.0"), "Chroma sample");
   options.apply_t5_attn_mask = false;
   EXPECT_THROW(load_family("flux", options), Error) << "kohya requires --apply_t5_attn_mask for Chroma";
 }
@@ -202,9 +190,7 @@ TEST(FluxLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
   const std::string kohya_file = kTiny + "lora_kohya.safetensors";
   const LoRANetworkConfig config = parse_lora_network_args(4, 2.0, std::nullopt, {}, flux->network_block_layout());
   LoRANetwork network(config, flux->network_targets(false), true, true, at::make_generator<at::CPUGeneratorImpl>(1));
-  const LoadResult loaded = network->load_weights(kohya_file);
-  EXPECT_TRUE(loaded.missing.empty()) << loaded.missing.size() << " missing, first " << loaded.missing.front();
-  EXPECT_TRUE(loaded.unexpected.empty()) << loaded.unexpected.size() << " unexpected, first " << loaded.unexpected.front();
+  testing_support::expect_loads_every_key(network, kohya_file);
   network->eval();
   expect_close("kohya LoRA transformer", flux_out(*flux), reference().at("lora.flux_out"), 1e-5);
   expect_close("kohya LoRA CLIP-L pooled", clip_pooled(*flux), reference().at("lora.clip_pooled"), 1e-5);
@@ -213,15 +199,7 @@ TEST(FluxLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
     const auto& r = reference();
     EXPECT_GT(((r.at(with) - r.at(without)).abs().max() / r.at(without).abs().max()).item<double>(), 1e-2) << with;
   }
-  const std::string ours = ::testing::TempDir() + "/flux_lora_ours.safetensors";
-  network->save_weights(ours, at::kFloat, {});
-  safetensors::File saved(ours), kohya(kohya_file);
-  EXPECT_EQ(saved.tensors().size(), kohya.tensors().size());
-  for (const auto& t : kohya.tensors()) {
-    ASSERT_TRUE(saved.contains(t.name)) << t.name;
-    EXPECT_TRUE(at::equal(load_tensor(saved, t.name), load_tensor(kohya, t.name))) << t.name;
-  }
-  std::filesystem::remove(ours);
+  testing_support::expect_saves_back_the_same_tensors(network, kohya_file);
 }
 
 // kohya's flux_merge_lora.py: the same file merged into the weights (ratio 1) gives the outputs of the applied LoRA, to

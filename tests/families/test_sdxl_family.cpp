@@ -20,6 +20,7 @@
 #include "src/networks/merge.h"
 #include "tests/fixture_files.h"
 #include "tests/models/compare.h"
+#include "tests/networks/kohya_file_checks.h"
 
 namespace sdt {
 namespace {
@@ -153,13 +154,8 @@ TEST_P(SdxlFamilyTest, SampleImageMatchesDiffusersSdxlPipeline) {
     options.seed = seed;
     options.width = 64;
     options.height = 72;
-    const at::Tensor image = family(GetParam()).sample(options);
-    const at::Tensor& expected = ref.at("sample." + sampler);
-    ASSERT_EQ(image.sizes(), expected.sizes());
-    EXPECT_GT(expected.max().item<int64_t>(), expected.min().item<int64_t>() + 50) << "a flat reference proves little";
-    const int64_t worst = (image.to(at::kInt) - expected.to(at::kInt)).abs().max().item<int64_t>();
-    std::cout << "[conformance] " << GetParam() << " " << sampler << " sample: max pixel difference " << worst << "\n";
-    EXPECT_LE(worst, 1) << sampler;
+    testing_support::expect_image_within_one_level(family(GetParam()).sample(options), ref.at("sample." + sampler),
+                                                   GetParam() + " " + sampler + " sample");
   }
 }
 
@@ -215,9 +211,7 @@ TEST(SdxlLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
       parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"}, sdxl->network_block_layout());
   LoRANetwork network(config, sdxl->network_targets(config.adapts_conv_blocks()), true, true,
                       at::make_generator<at::CPUGeneratorImpl>(1));
-  const LoadResult loaded = network->load_weights(kohya_file);
-  EXPECT_TRUE(loaded.missing.empty()) << loaded.missing.size() << " missing, first " << loaded.missing.front();
-  EXPECT_TRUE(loaded.unexpected.empty()) << loaded.unexpected.size() << " unexpected, first " << loaded.unexpected.front();
+  testing_support::expect_loads_every_key(network, kohya_file);
   network->eval();
 
   const ModelBundle& m = sdxl->models();
@@ -236,15 +230,7 @@ TEST(SdxlLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
     EXPECT_GT(((ref.at(with) - ref.at(without)).abs().max() / ref.at(without).abs().max()).item<double>(), 1e-2) << with;
   }
 
-  const std::string ours = ::testing::TempDir() + "/sdxl_lora_ours.safetensors";
-  network->save_weights(ours, at::kFloat, {});
-  safetensors::File saved(ours), kohya(kohya_file);
-  EXPECT_EQ(saved.tensors().size(), kohya.tensors().size());
-  for (const auto& t : kohya.tensors()) {
-    ASSERT_TRUE(saved.contains(t.name)) << t.name;
-    EXPECT_TRUE(at::equal(load_tensor(saved, t.name), load_tensor(kohya, t.name))) << t.name;
-  }
-  std::filesystem::remove(ours);
+  testing_support::expect_saves_back_the_same_tensors(network, kohya_file);
 }
 
 // Other trainers write SDXL LoRAs under the diffusers U-Net's module paths (`lora_unet_down_blocks_1_attentions_0_...`);

@@ -28,4 +28,15 @@ inline void expect_close(const std::string& what, const at::Tensor& actual, cons
   EXPECT_GT(scale, 0.0) << what << ": an all-zero reference proves nothing";
 }
 
+// A sample image (H, W, 3) uint8 against the reference pipeline's: at most one level of 255 apart per pixel (a few
+// sampling steps amplify the models' ~1e-6 fp32 differences a little), and a reference with contrast (a flat one proves
+// little). Prints the largest difference.
+inline void expect_image_within_one_level(const at::Tensor& image, const at::Tensor& expected, const std::string& what) {
+  ASSERT_EQ(image.sizes(), expected.sizes()) << what;
+  EXPECT_GT(expected.max().item<int64_t>(), expected.min().item<int64_t>() + 50) << what << ": a flat reference proves little";
+  const int64_t worst = (image.to(at::kInt) - expected.to(at::kInt)).abs().max().item<int64_t>();
+  std::cout << "[conformance] " << what << ": max pixel difference " << worst << "\n";
+  EXPECT_LE(worst, 1) << what;
+}
+
 }  // namespace sdt::testing_support
