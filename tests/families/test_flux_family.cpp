@@ -1,6 +1,7 @@
-// The FLUX.1 family on the tiny fixture model (tests/fixtures/flux/tiny, made by gen_flux_fixtures.py with kohya's own
-// code): kohya's text conditioning with and without T5's mask, its sample images, its lora_flux module names, the
-// latents' shift and scale under kohya's size keys, the block-swap split, the registry's recognition and metadata.
+// The FLUX.1 family on the tiny fixture models (tests/fixtures/flux/tiny, made by gen_flux_fixtures.py with kohya's own
+// code): kohya's text conditioning with and without T5's mask, its sample images (FLUX and Chroma), its lora_flux module
+// names, LoRA files kohya wrote (loaded, merged, saved back) and its ai-toolkit conversion, the latents' shift and scale
+// under kohya's size keys, the block-swap split, the registry's recognition of files and diffusers folders, metadata.
 #include <gtest/gtest.h>
 
 #include <ATen/CPUGeneratorImpl.h>
