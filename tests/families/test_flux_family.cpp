@@ -68,23 +68,27 @@ TEST(FluxFamily, TextConditioningMatchesKohyaWithAndWithoutT5sMask) {
   EXPECT_THROW(family(false).tokenize_strategy().tokenize({"a"}, true), Error);  // kohya's FLUX has no weighted captions
 }
 
+// A sample of the fixture's metadata (gen_flux_fixtures.py's SAMPLES) as `sdt sample` takes it.
+SampleOptions sample_options(const nlohmann::json& s) {
+  SampleOptions options;
+  options.prompt = s["prompt"];
+  options.negative_prompt = s["negative_prompt"];
+  options.width = s["width"];
+  options.height = s["height"];
+  options.steps = s["steps"];
+  options.scale = s["scale"];
+  options.guidance_scale = s["guidance"];
+  options.seed = s["seed"];
+  return options;
+}
+
 // kohya's sample_image_inference on the tiny model (gen_flux_fixtures.py): the shifted schedule, Euler steps with the
 // embedded guidance, classifier-free guidance and T5's mask in the second; 3 to 4 steps of fp32 models, 1 level of 255.
 TEST(FluxFamily, SampleImagesMatchKohyasFluxSampler) {
   const nlohmann::json samples = reference_metadata("samples");
   for (size_t i = 0; i < samples.size(); ++i) {
-    const nlohmann::json& s = samples[i];
-    SampleOptions options;
-    options.prompt = s["prompt"];
-    options.negative_prompt = s["negative_prompt"];
-    options.width = s["width"];
-    options.height = s["height"];
-    options.steps = s["steps"];
-    options.scale = s["scale"];
-    options.guidance_scale = s["guidance"];
-    options.seed = s["seed"];
-    testing_support::expect_image_within_one_level(family(s["mask"]).sample(options), reference().at(fmt::format("sample.{}", i)),
-                                                   fmt::format("FLUX sample {}", i));
+    testing_support::expect_image_within_one_level(family(samples[i]["mask"]).sample(sample_options(samples[i])),
+                                                   reference().at(fmt::format("sample.{}", i)), fmt::format("FLUX sample {}", i));
   }
 }
 
@@ -100,16 +104,8 @@ TEST(FluxFamily, ChromaSampleMatchesKohyasSampler) {
   EXPECT_EQ(chroma->model_spec().architecture, "chroma");
   EXPECT_EQ(chroma->training_metadata().at("ss_base_model_version"), "chroma");
   EXPECT_EQ(chroma->models().text_encoders.size(), 1u) << "T5 alone";
-  const nlohmann::json s = reference_metadata("chroma_samples")[0];
-  SampleOptions sample;
-  sample.prompt = s["prompt"];
-  sample.width = s["width"];
-  sample.height = s["height"];
-  sample.steps = s["steps"];
-  sample.scale = s["scale"];
-  sample.guidance_scale = s["guidance"];
-  sample.seed = s["seed"];
-  testing_support::expect_image_within_one_level(chroma->sample(sample), reference().at("chroma_sample.0"), "Chroma sample");
+  testing_support::expect_image_within_one_level(chroma->sample(sample_options(reference_metadata("chroma_samples")[0])),
+                                                 reference().at("chroma_sample.0"), "Chroma sample");
   options.apply_t5_attn_mask = false;
   EXPECT_THROW(load_family("flux", options), Error) << "kohya requires --apply_t5_attn_mask for Chroma";
 }
