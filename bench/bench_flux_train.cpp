@@ -90,7 +90,7 @@ int main(int argc, char** argv) {
     args.resolution = std::to_string(resolution);
     args.train_batch_size = 1;
     args.output_dir = (work / fmt::format("out{}", world.rank)).string();
-    args.network_module = "networks.lora";
+    args.network_module = "networks.lora_flux";
     args.network_dim = 16;
     args.network_alpha = 16;
     args.network_train_unet_only = true;

@@ -96,7 +96,7 @@ int main(int argc, char** argv) {
   network->train();
   int64_t lora_parameters = 0;
   std::vector<sdt::ParamGroup> groups;
-  for (const auto& g : network->prepare_optimizer_params(std::nullopt, std::nullopt, 1e-4)) {
+  for (const auto& g : network->prepare_optimizer_params({}, std::nullopt, 1e-4)) {
     groups.push_back({g.params, g.lr});
     for (const auto& p : g.params) lora_parameters += p.numel();
   }

@@ -72,7 +72,7 @@ double bare_seconds_per_step(const sdt::TrainArgs& args, int64_t steps) {
                            family->network_targets(false), false, true, gen);
   network->train();
   std::vector<sdt::ParamGroup> groups;
-  for (const auto& g : network->prepare_optimizer_params(std::nullopt, std::nullopt, args.learning_rate)) groups.push_back({g.params, g.lr});
+  for (const auto& g : network->prepare_optimizer_params({}, std::nullopt, args.learning_rate)) groups.push_back({g.params, g.lr});
   sdt::MadeOptimizer made = sdt::make_optimizer(args, groups);
   const std::unique_ptr<sdt::TrainingObjective> objective = family->make_objective(args);
   const at::Tensor images = torch::rand({4, 3, 64, 64}) * 2 - 1;

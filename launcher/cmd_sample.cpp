@@ -1,12 +1,19 @@
 // `sdt sample`: text to image with a checkpoint, written as PNG; how a user checks that a checkpoint works. The options
 // carry kohya's names; the image is the one kohya's sample images give for the same settings. The model flags
 // (--pretrained_model_name_or_path, --family, --vae, and the family's own, such as SD 2.x's switch) are kohya's, read by its
-// argument table as `sdt train` reads them, and so is --device.
+// argument table as `sdt train` reads them, and so are --device and --blocks_to_swap (FLUX: forward-only block swap).
 #include <CLI/CLI.hpp>
 
+#include <spdlog/spdlog.h>
+
+#include "cluster/communicator.h"
 #include "launcher/commands.h"
+#include "src/core/device.h"
+#include "src/core/error.h"
 #include "src/core/log.h"
 #include "src/core/train_args.h"
+#include "src/families/family.h"
+#include "src/parallel/block_engine.h"
 
 namespace sdt {
 
@@ -40,13 +47,38 @@ CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
   return cmd;
 }
 
+// --blocks_to_swap k: the family's swappable blocks (its parallel plan, kohya's split) run through a forward-only
+// block engine, their weights on the host and copied in as kohya's schedule needs them. Made before the models move
+// to the device, so swapped blocks never reach it. Null without swap.
+std::unique_ptr<BlockEngine> swap_engine(Family& family, int64_t blocks_to_swap, Communicator& communicator) {
+  if (blocks_to_swap <= 0) return nullptr;
+  const ParallelPlan plan = family.parallel_plan();
+  if (!plan.swap) fail("--blocks_to_swap", "{}", plan.no_block_swap_reason);
+  BlockEngineOptions options;
+  for (const ParallelPlan::SwapStack& stack : plan.swap(blocks_to_swap)) {
+    if (stack.blocks_to_swap > 0) options.swap.push_back({stack.first, stack.count, stack.blocks_to_swap});
+  }
+  auto engine = std::make_unique<BlockEngine>(plan.blocks, std::vector<at::Tensor>{}, communicator, options);
+  family.set_block_runner(engine.get());
+  return engine;
+}
+
 int run_sample(const SampleCommand& command, const std::vector<std::string>& model_flags) {
   init_logging({}, 0, 1);
   const TrainArgs args = parse_train_args(model_flags).args;
   FamilyOptions model = family_options_from_args(args);
   if (!command.tokenizer_vocab.empty()) model.tokenizer = command.tokenizer_vocab;
-  sample_to_png(family_of_checkpoint(args.family, model.pretrained_model_name_or_path), model, command.sample, command.output,
-                args.device);
+  const std::unique_ptr<Family> family = load_family(family_of_checkpoint(args.family, model.pretrained_model_name_or_path), model);
+  const c10::Device device = select_device(args.device, 0);
+  const std::unique_ptr<Communicator> communicator = make_communicator(World{}, device);
+  const std::unique_ptr<BlockEngine> engine = swap_engine(*family, args.blocks_to_swap.value_or(0), *communicator);
+  const ModelBundle& models = family->models();
+  for (const auto& m : {models.denoiser, models.vae}) m->to(device);
+  for (const auto& encoder : models.text_encoders) encoder->to(device);
+  torch::NoGradGuard no_grad;
+  write_png(command.output, family->sample(command.sample));
+  spdlog::info("wrote {}", command.output);
+  family->set_block_runner(nullptr);
   return 0;
 }
 

@@ -40,7 +40,7 @@ check "a typo in the config names file, line, key and suggestion" 1 "typo.toml:2
 printf '[general]\nflip_aug = "yes"\n[[datasets]]\nresolution = 512\n' > "$work/ds.toml"
 check "a wrong type in the dataset config names file, line and key" 1 "ds.toml:2: \[general\]: key 'flip_aug'.*expected true/false" -- \
   "$sdt" inspect dataset --dataset_config "$work/ds.toml"
-check "train without a network module points to train_db" 1 "it is required .or use .sdt train_db." -- \
+check "train without a network module points to train_db" 1 "required: .* or train the whole model with .sdt train_db." -- \
   "$sdt" train --dataset_config "$src/configs/dataset_example.toml"
 check "train_db refuses pickled checkpoints" 1 "save_model_as.*safetensors only" -- \
   "$sdt" train_db --pretrained_model_name_or_path x --output_dir "$work" --save_model_as ckpt
@@ -101,7 +101,7 @@ flux=("${flux_model[@]}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
       --enable_bucket --min_bucket_reso 32 --max_bucket_reso 64 --bucket_reso_steps 32 --max_train_steps 2
       --console_log_level WARNING)
 check "flux_train_network trains a FLUX LoRA with block swap" 0 "" -- "$sdt" flux_train_network "${flux[@]}" \
-  --network_module networks.lora --blocks_to_swap 2 --output_dir "$work/flux_lora" --output_name lora
+  --network_module networks.lora_flux --network_args train_t5xxl=True --blocks_to_swap 2 --output_dir "$work/flux_lora" --output_name lora
 check "the LoRA has kohya's lora_flux names" 0 "lora_unet_single_blocks_0_linear1.lora_down.weight" -- \
   "$sdt" inspect "$work/flux_lora/lora.safetensors"
 check "cache-te encodes FLUX's text-encoder outputs" 0 "" -- "$sdt" cache-te "${flux[@]}" --cache_dir "$work/flux_cache"
@@ -110,6 +110,12 @@ check "sample draws a FLUX image with kohya's sampler" 0 "wrote .*flux.png" -- "
   --tokenizer_vocab "$src/tests/fixtures/sd/sampling/tokenizer" --prompt "a red square" --steps 2 --seed 3 --width 64 \
   --height 80 --output "$work/flux.png"
 check "the FLUX image is a 64x80 PNG (IHDR width, height)" 0 "^ +0 +0 +0 +64 +0 +0 +0 +80$" -- od -An -tu1 -j16 -N8 "$work/flux.png"
+check "sample with --blocks_to_swap 2 (forward-only swap) draws the same FLUX image" 0 "" -- bash -c "\"$sdt\" sample \
+  ${flux_model[*]} --tokenizer_vocab $src/tests/fixtures/sd/sampling/tokenizer --prompt 'a red square' --steps 2 --seed 3 \
+  --width 64 --height 80 --blocks_to_swap 2 --output $work/flux_swapped.png && cmp $work/flux.png $work/flux_swapped.png"
+check "sample with --blocks_to_swap on SD is refused as kohya refuses it" 1 "blocks_to_swap" -- "$sdt" sample \
+  --pretrained_model_name_or_path "$src/tests/fixtures/sd/sd1" --tokenizer_vocab "$src/tests/fixtures/sd/sampling/tokenizer" \
+  --prompt x --blocks_to_swap 2 --output "$work/x.png"
 check "merge-lora merges a FLUX LoRA into the transformer" 0 "" -- "$sdt" merge-lora --sd_model \
   "$src/tests/fixtures/flux/tiny/transformer.safetensors" --models "$work/flux_lora/lora.safetensors" --ratios 0.8 \
   --save_to "$work/flux_merged.safetensors" "${flux_model[@]:2}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
@@ -119,7 +125,7 @@ check "convert-flux-lora writes ai-toolkit's layout" 0 "saved" -- "$sdt" convert
 check "the converted LoRA has diffusers' names" 0 "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" -- \
   "$sdt" inspect "$work/flux_lora_ait.safetensors"
 check "flux_train_network without --t5xxl is refused as in kohya" 1 "t5xxl: required" -- \
-  "$sdt" flux_train_network "${flux[@]:0:4}" "${flux[@]:6}" --network_module networks.lora --output_dir "$work/wrong"
+  "$sdt" flux_train_network "${flux[@]:0:4}" "${flux[@]:6}" --network_module networks.lora_flux --output_dir "$work/wrong"
 
 echo "$failures failure(s)"
 [ "$failures" = 0 ]

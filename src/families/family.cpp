@@ -1,4 +1,4 @@
-// The family registry, PNG output, and `sdt sample`'s whole run.
+// The family registry and PNG output.
 #include "src/families/family.h"
 
 #include <fcntl.h>
@@ -10,9 +10,7 @@
 #include <map>
 
 #include <fmt/ranges.h>
-#include <spdlog/spdlog.h>
 
-#include "src/core/device.h"
 #include "src/core/error.h"
 #include "src/data/image.h"
 #include "src/families/sd/sd_family.h"
@@ -118,17 +116,6 @@ void write_png(const std::string& path, const at::Tensor& image) {
   Image out{.width = static_cast<int>(rgb.size(1)), .height = static_cast<int>(rgb.size(0)), .channels = 3};
   out.data.assign(rgb.data_ptr<uint8_t>(), rgb.data_ptr<uint8_t>() + rgb.numel());
   sdt::write_png(path, out);
-}
-
-void sample_to_png(const std::string& family, const FamilyOptions& model, const SampleOptions& sample,
-                   const std::string& output_png, const std::string& device_flag) {
-  const std::unique_ptr<Family> loaded = load_family(family, model);
-  const c10::Device device = select_device(device_flag, 0);
-  const ModelBundle& models = loaded->models();
-  for (const auto& m : {models.denoiser, models.vae}) m->to(device);
-  for (const auto& encoder : models.text_encoders) encoder->to(device);
-  write_png(output_png, loaded->sample(sample));
-  spdlog::info("wrote {}", output_png);
 }
 
 }  // namespace sdt

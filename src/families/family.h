@@ -23,6 +23,7 @@
 #include "src/core/train_args.h"
 #include "src/families/options.h"
 #include "src/models/layers.h"
+#include "src/networks/lora.h"
 #include "src/networks/network_target.h"
 #include "src/objectives/objective.h"
 
@@ -181,8 +182,10 @@ class Family {
   virtual std::vector<FullTrainingGroup> full_training_groups(const TrainArgs& args) const = 0;
   // The layers a network (LoRA) adapts, in kohya's creation order; the convolution blocks' too with `conv_blocks`.
   virtual std::vector<NetworkTarget> network_targets(bool conv_blocks) const = 0;
-  // kohya's block layout of the denoiser, for block-wise dims and learning rates (NetworkTarget::block indexes it).
-  virtual NetworkBlockLayout network_block_layout() const = 0;
+  // The network --network_module names for this family, configured from --network_dim, --network_alpha,
+  // --network_dropout and --network_args as kohya's module for the family reads them (SD, SDXL: networks.lora with
+  // the family's block layout; FLUX: networks.lora_flux). Bad or unknown arguments are sdt::Errors.
+  virtual LoRANetworkConfig network_config(const TrainArgs& args) const = 0;
   virtual ParallelPlan parallel_plan() const = 0;
   // Runs the denoiser's blocks through `runner` (not owned; null: plain), or recomputes them in backward.
   virtual void set_block_runner(BlockRunner* runner) = 0;

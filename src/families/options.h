@@ -54,9 +54,4 @@ FamilyOptions family_options_from_args(const TrainArgs& args);
 // (from its tensor names or its diffusers config). Neither, or a checkpoint several families recognise: an sdt::Error.
 std::string family_of_checkpoint(const std::optional<std::string>& family, const std::string& checkpoint);
 
-// `sdt sample`: loads the family registered as `family` onto the device `device` names (--device: auto, cuda, cpu)
-// and writes the image `sample` describes as a PNG.
-void sample_to_png(const std::string& family, const FamilyOptions& model, const SampleOptions& sample,
-                   const std::string& output_png, const std::string& device);
-
 }  // namespace sdt

@@ -7,9 +7,10 @@ add_library(sdt_families STATIC
   src/families/sdxl/sdxl_family.cpp
   src/families/flux/flux_family.cpp
   src/families/flux/flux_lora_format.cpp
+  src/families/flux/flux_network.cpp
   src/families/sd/sampling.cpp
 )
-target_link_libraries(sdt_families PUBLIC sdt_models sdt_objectives sdt_tokenizers sdt_data)
+target_link_libraries(sdt_families PUBLIC sdt_models sdt_networks sdt_objectives sdt_tokenizers sdt_data)
 target_precompile_headers(sdt_families REUSE_FROM sdt_torch)
 
 # Schedulers against diffusers (fixtures from tests/fixtures/sd/gen_sampling_fixtures.py), the strategies on the tiny

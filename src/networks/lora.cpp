@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <regex>
 #include <set>
+
+#include <spdlog/spdlog.h>
 
 #include "src/core/error.h"
 #include "src/core/text.h"
@@ -31,6 +34,17 @@ void kaiming_uniform_a_sqrt5(at::Tensor& weight, at::Generator& generator) {
   const double gain = std::sqrt(2.0 / (1 + a * a));
   const double bound = std::sqrt(3.0) * (gain / std::sqrt(fan_in));
   weight.uniform_(-bound, bound, generator);
+}
+
+// Python's re.search(pattern, text) for kohya's network_reg_dims / network_reg_lrs patterns, in ECMAScript syntax
+// (which reads the patterns such arguments hold: classes, alternatives, anchors, repeats); one that does not compile
+// is an sdt::Error naming `key`.
+bool regex_search_python(const std::string& pattern, const std::string& text, const char* key) {
+  try {
+    return std::regex_search(text, std::regex(pattern));
+  } catch (const std::regex_error& e) {
+    fail(std::string("network_args ") + key, "'{}' is not a regular expression sdt reads: {}", pattern, e.what());
+  }
 }
 
 std::vector<double> parse_floats(const std::string& key, const std::string& text, bool empty_is_zero) {
@@ -83,13 +97,31 @@ double parse_number(const std::string& key, const std::string& text) {
 // ---------------------------------------------------------------------------------------------------- LoRAModule
 
 LoRAModuleImpl::LoRAModuleImpl(std::string lora_name, std::shared_ptr<nn::Module> target, int64_t dim,
-                               std::optional<double> requested_alpha, at::Generator generator)
-    : lora_name(std::move(lora_name)), target(std::move(target)), dim_(dim) {
+                               std::optional<double> requested_alpha, at::Generator generator, std::vector<int64_t> split_dims)
+    : lora_name(std::move(lora_name)), target(std::move(target)), dim_(dim), split_dims_(std::move(split_dims)) {
   if (dim <= 0) fail(this->lora_name, "LoRA dim must be positive, got {}", dim);
-  if (auto* linear = dynamic_cast<nn::LinearImpl*>(this->target.get())) {
+  // kohya: torch's constructors draw default inits for the downs and the ups, then the downs are drawn again and the
+  // ups zeroed.
+  std::vector<at::Tensor> downs, ups;
+  auto* linear = dynamic_cast<nn::LinearImpl*>(this->target.get());
+  if (is_split()) {
+    if (!linear) fail(this->lora_name, "split_qkv splits a Linear only");
+    const int64_t in = linear->options.in_features(), out = linear->options.out_features();
+    int64_t parts_out = 0;
+    for (int64_t d : split_dims_) parts_out += d;
+    if (parts_out != out) fail(this->lora_name, "split dims add up to {}, the layer has {} outputs", parts_out, out);
+    split_down = register_module("lora_down", nn::ModuleList());
+    split_up = register_module("lora_up", nn::ModuleList());
+    for (size_t i = 0; i < split_dims_.size(); ++i) split_down->push_back(nn::Linear(nn::LinearOptions(in, dim).bias(false)));
+    for (int64_t part : split_dims_) split_up->push_back(nn::Linear(nn::LinearOptions(dim, part).bias(false)));
+    for (const auto& m : *split_down) downs.push_back(m->as<nn::Linear>()->weight);
+    for (const auto& m : *split_up) ups.push_back(m->as<nn::Linear>()->weight);
+  } else if (linear) {
     const int64_t in = linear->options.in_features(), out = linear->options.out_features();
     linear_down = register_module("lora_down", nn::Linear(nn::LinearOptions(in, dim).bias(false)));
     linear_up = register_module("lora_up", nn::Linear(nn::LinearOptions(dim, out).bias(false)));
+    downs = {linear_down->weight};
+    ups = {linear_up->weight};
   } else if (auto* conv = dynamic_cast<nn::Conv2dImpl*>(this->target.get())) {
     const auto& o = conv->options;
     auto padding = std::get_if<torch::ExpandingArray<2>>(&o.padding());
@@ -97,17 +129,17 @@ LoRAModuleImpl::LoRAModuleImpl(std::string lora_name, std::shared_ptr<nn::Module
     conv_down = register_module("lora_down", nn::Conv2d(nn::Conv2dOptions(o.in_channels(), dim, o.kernel_size())
                                                              .stride(o.stride()).padding(*padding).bias(false)));
     conv_up = register_module("lora_up", nn::Conv2d(nn::Conv2dOptions(dim, o.out_channels(), 1).bias(false)));
+    downs = {conv_down->weight};
+    ups = {conv_up->weight};
   } else {
     fail(this->lora_name, "LoRA targets a Linear or a Conv2d only");
   }
-  // kohya: torch's constructors draw default inits for down and up, then down is drawn again and up zeroed.
-  at::Tensor down = lora_down_weight(), up = lora_up_weight();
-  kaiming_uniform_a_sqrt5(down, generator);
-  kaiming_uniform_a_sqrt5(up, generator);
-  kaiming_uniform_a_sqrt5(down, generator);
+  for (at::Tensor& w : downs) kaiming_uniform_a_sqrt5(w, generator);
+  for (at::Tensor& w : ups) kaiming_uniform_a_sqrt5(w, generator);
+  for (at::Tensor& w : downs) kaiming_uniform_a_sqrt5(w, generator);
   {
     torch::NoGradGuard no_grad;
-    up.zero_();
+    for (at::Tensor& w : ups) w.zero_();
   }
   // alpha None or 0 means alpha = dim, which Python keeps as an int (so the buffer is int64, as kohya saves it).
   const bool alpha_is_dim = !requested_alpha || *requested_alpha == 0;
@@ -117,8 +149,47 @@ LoRAModuleImpl::LoRAModuleImpl(std::string lora_name, std::shared_ptr<nn::Module
 
 double LoRAModuleImpl::alpha_value() const { return alpha.to(at::kDouble).item<double>(); }
 
-const at::Tensor& LoRAModuleImpl::lora_down_weight() const { return is_conv() ? conv_down->weight : linear_down->weight; }
-const at::Tensor& LoRAModuleImpl::lora_up_weight() const { return is_conv() ? conv_up->weight : linear_up->weight; }
+const at::Tensor& LoRAModuleImpl::lora_down_weight() const {
+  if (is_split()) fail(lora_name, "a split LoRA has one down weight per part");
+  return is_conv() ? conv_down->weight : linear_down->weight;
+}
+
+const at::Tensor& LoRAModuleImpl::lora_up_weight() const {
+  if (is_split()) fail(lora_name, "a split LoRA has one up weight per part");
+  return is_conv() ? conv_up->weight : linear_up->weight;
+}
+
+std::pair<at::Tensor, at::Tensor> LoRAModuleImpl::file_weights() const {
+  if (!is_split()) return {lora_down_weight(), lora_up_weight()};
+  std::vector<at::Tensor> downs, ups;
+  for (const auto& m : *split_down) downs.push_back(m->as<nn::Linear>()->weight);
+  for (const auto& m : *split_up) ups.push_back(m->as<nn::Linear>()->weight);
+  return {at::cat(downs, 0), at::block_diag(ups)};
+}
+
+void LoRAModuleImpl::set_file_weights(const at::Tensor& down, const at::Tensor& up, const std::string& file_key) {
+  torch::NoGradGuard no_grad;
+  const auto [own_down, own_up] = file_weights();
+  for (auto [file, own, what] : {std::tuple{down, own_down, "lora_down"}, std::tuple{up, own_up, "lora_up"}}) {
+    if (file.sizes() != own.sizes()) {
+      fail(file_key + "." + what + ".weight", "shape [{}] does not match the network's [{}] (different dim or model?)",
+           fmt::join(file.sizes(), ", "), fmt::join(own.sizes(), ", "));
+    }
+  }
+  if (!is_split()) {
+    lora_down_weight().copy_(down);
+    lora_up_weight().copy_(up);
+    return;
+  }
+  // kohya's lora_flux load_state_dict: the downs in equal chunks, each up from its diagonal block.
+  int64_t row = 0;
+  for (size_t i = 0; i < split_dims_.size(); ++i) {
+    const auto part = static_cast<int64_t>(i);
+    split_down[i]->as<nn::Linear>()->weight.copy_(down.narrow(0, part * dim_, dim_));
+    split_up[i]->as<nn::Linear>()->weight.copy_(up.narrow(0, row, split_dims_[i]).narrow(1, part * dim_, dim_));
+    row += split_dims_[i];
+  }
+}
 
 Adaptable& LoRAModuleImpl::adaptable_target() const {
   auto* adaptable = dynamic_cast<Adaptable*>(target.get());
@@ -145,25 +216,44 @@ void LoRAModuleImpl::remove_from_target() {
 at::Tensor LoRAModuleImpl::delta(const at::Tensor& x) {
   // kohya's LoRAModule.forward, less the layer's own output; every draw is from the default generator, as kohya's.
   if (module_dropout && is_training() && at::rand({1}).item<float>() < *module_dropout) return {};
-  at::Tensor h = is_conv() ? conv_down(x) : linear_down(x);
-  if (dropout && is_training()) h = at::dropout(h, *dropout, /*train=*/true);
+  std::vector<at::Tensor> hs;
+  if (is_split()) {
+    for (const auto& m : *split_down) hs.push_back(m->as<nn::Linear>()->forward(x));
+  } else {
+    hs.push_back(is_conv() ? conv_down(x) : linear_down(x));
+  }
+  if (dropout && is_training()) {
+    for (at::Tensor& h : hs) h = at::dropout(h, *dropout, /*train=*/true);
+  }
   double scale = scale_;
   if (rank_dropout && is_training()) {
-    at::Tensor mask = at::rand({h.size(0), dim_}, h.options().dtype(at::kFloat)) > *rank_dropout;  // (B, r): per sample
-    if (h.dim() == 3) mask = mask.unsqueeze(1);                                                       // (B, 1, r): tokens
-    if (h.dim() == 4) mask = mask.unsqueeze(-1).unsqueeze(-1);                                        // (B, r, 1, 1): pixels
-    h = h * mask;
+    std::vector<at::Tensor> masks;  // (B, r) per part: per sample; all drawn before any is applied, as kohya's
+    for (const at::Tensor& h : hs) masks.push_back(at::rand({h.size(0), dim_}, h.options().dtype(at::kFloat)) > *rank_dropout);
+    for (size_t i = 0; i < hs.size(); ++i) {
+      at::Tensor mask = masks[i];
+      if (hs[i].dim() == 3) mask = mask.unsqueeze(1);                       // (B, 1, r): tokens
+      if (hs[i].dim() == 4) mask = mask.unsqueeze(-1).unsqueeze(-1);        // (B, r, 1, 1): pixels
+      hs[i] = hs[i] * mask;
+    }
     scale = scale * (1.0 / (1.0 - *rank_dropout));  // as if the rank had shrunk
   }
-  h = is_conv() ? conv_up(h) : linear_up(h);
-  return h * (multiplier * scale);
+  at::Tensor out;
+  if (is_split()) {
+    for (size_t i = 0; i < hs.size(); ++i) hs[i] = split_up[i]->as<nn::Linear>()->forward(hs[i]);
+    out = at::cat(hs, -1);
+  } else {
+    out = is_conv() ? conv_up(hs[0]) : linear_up(hs[0]);
+  }
+  return out * (multiplier * scale);
 }
 
 at::Tensor LoRAModuleImpl::delta_weight() const {
-  at::Tensor up = lora_up_weight().to(at::kFloat), down = lora_down_weight().to(at::kFloat);
+  auto [down, up] = file_weights();
+  down = down.to(at::kFloat);
+  up = up.to(at::kFloat);
   at::Tensor delta;
   if (down.dim() == 2) {
-    delta = at::matmul(up, down);  // (out, in)
+    delta = at::matmul(up, down);  // (out, in); a split module's block-diagonal up gives each part its own
   } else if (down.size(2) == 1 && down.size(3) == 1) {
     delta = at::matmul(up.flatten(1), down.flatten(1)).unsqueeze(2).unsqueeze(3);  // (out, in, 1, 1)
   } else {
@@ -223,6 +313,23 @@ std::optional<std::vector<double>> block_lr_weight(const std::optional<std::stri
   return weights;
 }
 
+std::map<std::string, std::string> read_network_args(const std::vector<std::string>& network_args,
+                                                     const std::vector<std::string>& known, const std::string& module) {
+  std::map<std::string, std::string> kwargs;
+  for (const std::string& arg : network_args) {
+    auto eq = arg.find('=');
+    if (eq == std::string::npos) fail("network_args", "'{}' is not key=value", arg);
+    std::string key = trim(arg.substr(0, eq));
+    if (std::find(known.begin(), known.end(), key) == known.end()) {
+      fail("network_args " + key, "not an argument of {}{}", module, did_you_mean(key, known));
+    }
+    kwargs[key] = trim(arg.substr(eq + 1));
+  }
+  return kwargs;
+}
+
+double network_arg_number(const std::string& key, const std::string& text) { return parse_number(key, text); }
+
 LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, std::optional<double> network_alpha,
                                           std::optional<double> network_dropout, const std::vector<std::string>& network_args,
                                           const NetworkBlockLayout& blocks) {
@@ -231,16 +338,7 @@ LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, st
       "conv_block_alphas", "down_lr_weight",      "mid_lr_weight",     "up_lr_weight",         "block_lr_zero_threshold",
       "rank_dropout",      "module_dropout",      "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
       "loraplus_text_encoder_lr_ratio"};
-  std::map<std::string, std::string> kwargs;
-  for (const std::string& arg : network_args) {
-    auto eq = arg.find('=');
-    if (eq == std::string::npos) fail("network_args", "'{}' is not key=value", arg);
-    std::string key = trim(arg.substr(0, eq));
-    if (std::find(known.begin(), known.end(), key) == known.end()) {
-      fail("network_args " + key, "not an argument of networks.lora{}", did_you_mean(key, known));
-    }
-    kwargs[key] = trim(arg.substr(eq + 1));
-  }
+  const std::map<std::string, std::string> kwargs = read_network_args(network_args, known, "networks.lora");
   auto get = [&](const std::string& key) -> std::optional<std::string> {
     auto it = kwargs.find(key);
     return it == kwargs.end() ? std::nullopt : std::optional<std::string>(it->second);
@@ -325,10 +423,23 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, const std::vec
     std::optional<int64_t> dim;
     std::optional<double> alpha;
     if (!t.other_name.empty()) other_names_.emplace(t.lora_name, t.other_name);
+    std::optional<int64_t> module_dim;  // the network module's own choice (target_dim)
+    if (!config.modules_dim_alpha && config.target_dim) {
+      module_dim = config.target_dim(t);
+      if (!module_dim) continue;  // not among this network's targets
+    }
+    const auto reg_dim = std::find_if(config.reg_dims.begin(), config.reg_dims.end(),
+                                      [&](const auto& reg) { return regex_search_python(reg.first, t.lora_name, "network_reg_dims"); });
     if (config.modules_dim_alpha) {
       auto it = config.modules_dim_alpha->find(t.lora_name);
       if (it == config.modules_dim_alpha->end() && !t.other_name.empty()) it = config.modules_dim_alpha->find(t.other_name);
       if (it != config.modules_dim_alpha->end()) std::tie(dim, alpha) = it->second;
+    } else if (reg_dim != config.reg_dims.end()) {
+      dim = reg_dim->second;
+      alpha = config.alpha;
+    } else if (module_dim && linear_like) {
+      dim = *module_dim;
+      alpha = config.alpha;
     } else if (t.in_denoiser && config.block_dims) {
       int idx = t.block;
       if (idx < 0) idx = config.blocks.total() - 1;  // Python's list[-1]
@@ -350,8 +461,9 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, const std::vec
       if (linear_like || config.conv_dim || config.conv_block_dims) skipped.push_back(t.lora_name);
       continue;
     }
-    auto lora = LoRAModule(t.lora_name, t.module, *dim, alpha, generator);
+    auto lora = LoRAModule(t.lora_name, t.module, *dim, alpha, generator, config.split_qkv ? t.split_dims : std::vector<int64_t>{});
     lora->block = t.block;
+    lora->text_encoder = t.text_encoder;
     lora->multiplier = config.multiplier;
     lora->dropout = config.dropout;
     lora->rank_dropout = config.rank_dropout;
@@ -359,6 +471,13 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, const std::vec
     (t.in_denoiser ? unet_loras : text_encoder_loras).push_back(lora);
   }
 
+  if (config.verbose) {
+    for (const auto* list : {&text_encoder_loras, &unet_loras}) {
+      for (const auto& lora : *list) spdlog::info("\t{:50} {}, {}", lora->lora_name, lora->dim(), lora->alpha_value());
+    }
+    if (!skipped.empty()) spdlog::warn("{} LoRA modules are skipped because their dim is 0:", skipped.size());
+    for (const std::string& name : skipped) spdlog::info("\t{}", name);
+  }
   if (!apply_text_encoder) text_encoder_loras.clear();
   if (!apply_unet) unet_loras.clear();
   for (auto* list : {&text_encoder_loras, &unet_loras}) {
@@ -385,30 +504,65 @@ void LoRANetworkImpl::set_multiplier(double multiplier) {
   }
 }
 
-std::vector<LoraParamGroup> LoRANetworkImpl::prepare_optimizer_params(std::optional<double> text_encoder_lr,
+std::vector<LoraParamGroup> LoRANetworkImpl::prepare_optimizer_params(const std::vector<double>& text_encoder_lrs,
                                                                   std::optional<double> unet_lr, double default_lr) {
   for (auto& p : parameters()) p.requires_grad_(true);
   std::vector<LoraParamGroup> groups;
-  // kohya's assemble_params: "lora" then "plus" (lora_up with LoRA+), empty groups and lr 0 left out.
-  auto assemble = [&](const std::vector<LoRAModule>& loras, double lr, std::optional<double> ratio, const std::string& description) {
-    LoraParamGroup lora_group{{}, lr, description}, plus_group{{}, lr * ratio.value_or(1.0), description + " plus"};
+  auto add = [&](LoraParamGroup group) {
+    if (!group.params.empty() && group.lr != 0) groups.push_back(std::move(group));
+  };
+  // kohya's assemble_params: the modules a reg_lrs pattern matches in a group per pattern (in the order of the
+  // patterns' indices as text, as kohya sorts "reg_lr_<i>"), then the rest; each as "lora" then "plus" (lora_up with
+  // LoRA+). Empty groups and lr 0 are left out. `name` and `separator` give kohya's descriptions: "unet", "unet plus",
+  // "unet reg_lr_0"; lora_flux's text encoders "textencoder 1 " and "textencoder 1  plus".
+  auto assemble = [&](const std::vector<LoRAModule>& loras, double lr, std::optional<double> ratio, const std::string& name,
+                      const std::string& separator) {
+    std::map<std::string, std::pair<double, std::pair<LoraParamGroup, LoraParamGroup>>> reg_groups;  // "reg_lr_<i>"
+    LoraParamGroup lora_group{{}, lr, name}, plus_group{{}, lr * ratio.value_or(1.0), name + separator + "plus"};
     for (const auto& lora : loras) {
+      const auto reg = std::find_if(config.reg_lrs.begin(), config.reg_lrs.end(),
+                                    [&](const auto& r) { return regex_search_python(r.first, lora->lora_name, "network_reg_lrs"); });
+      std::pair<LoraParamGroup, LoraParamGroup>* target = nullptr;
+      if (reg != config.reg_lrs.end()) {
+        const std::string key = fmt::format("reg_lr_{}", reg - config.reg_lrs.begin());
+        auto [it, added] = reg_groups.try_emplace(key);
+        if (added) {
+          const double reg_lr = reg->second;
+          it->second = {reg_lr, {LoraParamGroup{{}, reg_lr, name + separator + key},
+                                 LoraParamGroup{{}, reg_lr * ratio.value_or(1.0), name + separator + key + " plus"}}};
+        }
+        target = &it->second.second;
+      }
       for (const auto& item : lora->named_parameters()) {
-        bool plus = ratio && item.key().find("lora_up") != std::string::npos;
-        (plus ? plus_group : lora_group).params.push_back(item.value());
+        const bool plus = ratio && item.key().find("lora_up") != std::string::npos;
+        LoraParamGroup& group = target ? (plus ? target->second : target->first) : (plus ? plus_group : lora_group);
+        group.params.push_back(item.value());
       }
     }
-    for (auto* g : {&lora_group, &plus_group}) {
-      if (!g->params.empty() && g->lr != 0) groups.push_back(std::move(*g));
+    for (auto& [key, reg] : reg_groups) {
+      add(std::move(reg.second.first));
+      add(std::move(reg.second.second));
     }
+    add(std::move(lora_group));
+    add(std::move(plus_group));
   };
   auto ratio_or = [](std::optional<double> specific, std::optional<double> general) {
     // Python's `a or b`: a ratio of 0 falls back too.
     return specific && *specific != 0 ? specific : general;
   };
-  if (!text_encoder_loras.empty()) {
-    assemble(text_encoder_loras, text_encoder_lr.value_or(default_lr),
-             ratio_or(config.loraplus_text_encoder_lr_ratio, config.loraplus_lr_ratio), "textencoder");
+  const auto te_ratio = ratio_or(config.loraplus_text_encoder_lr_ratio, config.loraplus_lr_ratio);
+  if (config.lr_per_text_encoder) {
+    // A group set per text encoder (lora_flux: CLIP-L "textencoder 1 ", T5 "textencoder 2 "); --text_encoder_lr gives
+    // each its value (one value: all of them; none: the default).
+    std::map<int, std::vector<LoRAModule>> encoders;
+    for (const auto& lora : text_encoder_loras) encoders[lora->text_encoder].push_back(lora);
+    for (const auto& [index, loras] : encoders) {
+      const auto i = static_cast<size_t>(index);
+      const double lr = text_encoder_lrs.empty() ? default_lr : text_encoder_lrs[std::min(i, text_encoder_lrs.size() - 1)];
+      assemble(loras, lr, te_ratio, fmt::format("textencoder {} ", index + 1), " ");
+    }
+  } else if (!text_encoder_loras.empty()) {
+    assemble(text_encoder_loras, text_encoder_lrs.empty() ? default_lr : text_encoder_lrs[0], te_ratio, "textencoder", " ");
   }
   if (!unet_loras.empty()) {
     const double lr = unet_lr.value_or(default_lr);
@@ -424,10 +578,10 @@ std::vector<LoraParamGroup> LoRANetworkImpl::prepare_optimizer_params(std::optio
       }
       for (int idx : order) {
         const double weight = (*config.block_lr_weight)[idx < 0 ? config.blocks.total() - 1 : idx];
-        assemble(by_block[idx], lr * weight, ratio, fmt::format("unet_block{}", idx));
+        assemble(by_block[idx], lr * weight, ratio, fmt::format("unet_block{}", idx), " ");
       }
     } else {
-      assemble(unet_loras, lr, ratio, "unet");
+      assemble(unet_loras, lr, ratio, "unet", " ");
     }
   }
   return groups;
@@ -475,33 +629,35 @@ LoadResult LoRANetworkImpl::load_weights(const std::string& path) {
   safetensors::File file(path);
   torch::NoGradGuard no_grad;
   LoadResult result;
-  std::map<std::string, at::Tensor> own;
-  for (const auto& item : named_parameters()) own.emplace(item.key(), item.value());
-  for (const auto& item : named_buffers()) own.emplace(item.key(), item.value());
   std::set<std::string> read;
-  for (auto& [key, tensor] : own) {
-    // "<lora_name>.<suffix>", or the same under the module's other name.
-    std::string stored = key;
-    if (!file.contains(stored)) {
-      const size_t dot = key.find('.');
-      const auto other = other_names_.find(key.substr(0, dot));
-      if (other != other_names_.end()) stored = other->second + key.substr(dot);
+  for (auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (auto& lora : *list) {
+      // "<lora_name>.<suffix>", or the same under the module's other name.
+      std::string stored = lora->lora_name;
+      const auto other = other_names_.find(stored);
+      if (!file.contains(stored + ".lora_down.weight") && other != other_names_.end()) stored = other->second;
+      const std::string down = stored + ".lora_down.weight", up = stored + ".lora_up.weight", alpha = stored + ".alpha";
+      if (file.contains(alpha)) {
+        lora->alpha.copy_(load_tensor(file, alpha));
+        read.insert(alpha);
+      } else {
+        result.missing.push_back(lora->lora_name + ".alpha");
+      }
+      if (file.contains(down) && file.contains(up)) {
+        lora->set_file_weights(load_tensor(file, down), load_tensor(file, up), path + ": " + stored);
+        read.insert(down);
+        read.insert(up);
+      } else {
+        for (const char* suffix : {".lora_down.weight", ".lora_up.weight"}) {
+          if (!file.contains(stored + suffix)) result.missing.push_back(lora->lora_name + suffix);
+        }
+      }
     }
-    if (!file.contains(stored)) {
-      result.missing.push_back(key);
-      continue;
-    }
-    const auto& info = file.info(stored);
-    if (info.shape != tensor.sizes().vec()) {
-      fail(path + ": tensor '" + stored + "'", "shape [{}] does not match the network's [{}] (different dim or model?)",
-           fmt::join(info.shape, ", "), fmt::join(tensor.sizes(), ", "));
-    }
-    tensor.copy_(load_tensor(file, stored));
-    read.insert(stored);
   }
   for (const auto& t : file.tensors()) {
     if (!read.contains(t.name)) result.unexpected.push_back(t.name);
   }
+  result.loaded = read.size();
   return result;
 }
 
@@ -509,10 +665,10 @@ NamedTensors LoRANetworkImpl::state_dict(std::optional<at::ScalarType> dtype) co
   NamedTensors tensors;
   for (const auto* list : {&text_encoder_loras, &unet_loras}) {
     for (const auto& lora : *list) {
-      for (auto [suffix, t] : {std::pair{".alpha", lora->alpha}, std::pair{".lora_down.weight", lora->lora_down_weight()},
-                               std::pair{".lora_up.weight", lora->lora_up_weight()}}) {
-        at::Tensor value = t.detach();
-        tensors.emplace_back(lora->lora_name + suffix, dtype ? value.to(*dtype) : value);
+      const auto [down, up] = lora->file_weights();
+      for (auto [suffix, t] : {std::pair{".alpha", lora->alpha.detach()}, std::pair{".lora_down.weight", down.detach()},
+                               std::pair{".lora_up.weight", up.detach()}}) {
+        tensors.emplace_back(lora->lora_name + suffix, dtype ? t.to(*dtype) : t);
       }
     }
   }

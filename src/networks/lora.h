@@ -22,6 +22,7 @@
 // pixels of a sample alike) and scales the rest by 1 / (1 - p).
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -43,8 +44,11 @@ struct LoRAModuleImpl : torch::nn::Module, Adapter {
   // an integer tensor). Initial weights are drawn from `generator` in the order torch's constructors and kohya's
   // re-init draw them, so a network built after torch.manual_seed(s) in Python and with a generator seeded s here
   // starts from the same weights.
+  // With `split_dims` (kohya's lora_flux split_qkv; a Linear target whose outputs are those parts, fused), one down
+  // and one up per part, each of rank `dim`: `lora_down.<i>` / `lora_up.<i>`, drawn all downs, all ups, then all downs
+  // again, as kohya's ModuleLists are.
   LoRAModuleImpl(std::string lora_name, std::shared_ptr<torch::nn::Module> target, int64_t dim,
-                 std::optional<double> alpha, at::Generator generator);
+                 std::optional<double> alpha, at::Generator generator, std::vector<int64_t> split_dims = {});
 
   // Makes the target layer add delta(x) to its output (kohya's apply_to), and stops it.
   void apply_to_target();
@@ -57,27 +61,39 @@ struct LoRAModuleImpl : torch::nn::Module, Adapter {
   at::Tensor delta_weight() const;
 
   bool is_conv() const { return !conv_down.is_empty(); }
+  bool is_split() const { return !split_dims_.empty(); }
   int64_t dim() const { return dim_; }
   double alpha_value() const;
   // alpha / dim as set at construction: like kohya, loading another alpha later changes the saved buffer only.
   double scale() const { return scale_; }
+  // The weights of an unsplit module (sdt::Error for a split one).
   const at::Tensor& lora_down_weight() const;
   const at::Tensor& lora_up_weight() const;
+  // The weights as a file holds them (differentiable). A split module's parts are combined as kohya's lora_flux saves
+  // them: the downs stacked, (parts * dim, in), and the ups block-diagonal, (out, parts * dim). alpha stays: a loader that reads the
+  // combined module takes its dim as parts * dim, so it scales the delta by 1 / parts against training (kohya's
+  // behaviour, kept so files agree).
+  std::pair<at::Tensor, at::Tensor> file_weights() const;
+  // Sets the weights from a file's (combined for a split module; shapes are checked, naming `file_key`).
+  void set_file_weights(const at::Tensor& down, const at::Tensor& up, const std::string& file_key);
 
   std::string lora_name;
-  int block = -1;  // kohya's block index (block dims and lrs); -1: none
+  int block = -1;         // kohya's block index (block dims and lrs); -1: none
+  int text_encoder = 0;   // NetworkTarget::text_encoder
   double multiplier = 1.0;
   std::optional<double> dropout, rank_dropout, module_dropout;
 
   std::shared_ptr<torch::nn::Module> target;
   torch::nn::Linear linear_down{nullptr}, linear_up{nullptr};  // registered as lora_down / lora_up
   torch::nn::Conv2d conv_down{nullptr}, conv_up{nullptr};
+  torch::nn::ModuleList split_down{nullptr}, split_up{nullptr};  // of Linears, one per part
   at::Tensor alpha;
 
  private:
   Adaptable& adaptable_target() const;
   int64_t dim_;
   double scale_;
+  std::vector<int64_t> split_dims_;
 };
 TORCH_MODULE(LoRAModule);
 
@@ -98,6 +114,19 @@ struct LoRANetworkConfig {
   // Per module, from a file (create_network_from_weights / --dim_from_weights): only these modules are created.
   std::optional<std::map<std::string, std::pair<int64_t, std::optional<double>>>> modules_dim_alpha;
 
+  // What a family's own network module adds (kohya's networks/lora_flux.py; set by the family's network_config):
+  // Which targets it adapts and at which dim where that is not `dim` (lora_flux's train_blocks, train_t5xxl, in_dims,
+  // type dims and block selections): nullopt leaves a target out, 0 skips it. Unset: every target, at `dim`.
+  std::function<std::optional<int64_t>(const NetworkTarget&)> target_dim;
+  // network_reg_dims / network_reg_lrs: the first pattern found in a module's name (Python's re.search) sets its dim
+  // (with `alpha`) / its learning rate, in the order given.
+  std::vector<std::pair<std::string, int64_t>> reg_dims;
+  std::vector<std::pair<std::string, double>> reg_lrs;
+  bool split_qkv = false;             // targets with split_dims get a LoRA per part (LoRAModuleImpl)
+  bool lr_per_text_encoder = false;   // prepare_optimizer_params_with_multiple_te_lrs: --text_encoder_lr per encoder
+  std::string network_module = "networks.lora";  // ss_network_module
+  bool verbose = false;  // lists every module with its dim and alpha, and the skipped ones
+
   // Whether the network adapts the convolution blocks too (kohya's conv LoRA: a conv dim, or a file that may have
   // such modules): the family then adds those blocks' layers to the targets.
   bool adapts_conv_blocks() const { return modules_dim_alpha || conv_dim || conv_block_dims; }
@@ -109,6 +138,13 @@ struct LoRANetworkConfig {
 LoRANetworkConfig parse_lora_network_args(std::optional<int64_t> network_dim, std::optional<double> network_alpha,
                                           std::optional<double> network_dropout, const std::vector<std::string>& network_args,
                                           const NetworkBlockLayout& blocks = NetworkBlockLayout::sd());
+
+// --network_args as kohya's train_network.py reads them (`key, value = arg.split("=", 1)`, both trimmed): every key
+// must be in `known`, else an sdt::Error names the nearest (`module`, e.g. "networks.lora", in the message).
+std::map<std::string, std::string> read_network_args(const std::vector<std::string>& network_args,
+                                                     const std::vector<std::string>& known, const std::string& module);
+// One number of a network argument; an sdt::Error naming `key` otherwise.
+double network_arg_number(const std::string& key, const std::string& text);
 
 // kohya's get_block_lr_weight: comma lists (short ones padded with 1.0, long ones cut) or the presets cosine, sine,
 // linear, reverse_linear, zeros (optionally "+base"); weights <= zero_threshold become 0. nullopt when none is given.
@@ -131,6 +167,7 @@ struct MaxNormResult {
 };
 
 struct LoadResult {
+  size_t loaded = 0;                    // file tensors read
   std::vector<std::string> missing;     // network keys the file lacks
   std::vector<std::string> unexpected;  // file keys the network lacks
 };
@@ -150,8 +187,10 @@ struct LoRANetworkImpl : torch::nn::Module {
 
   // kohya's prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr): groups "lora" and (with LoRA+) "plus"
   // (the lora_up weights, lr * ratio) for the text encoder, then for the U-Net (per block with block lr weights);
-  // groups with lr 0 are dropped. Every LoRA parameter is set to require grad.
-  std::vector<LoraParamGroup> prepare_optimizer_params(std::optional<double> text_encoder_lr, std::optional<double> unet_lr,
+  // groups with lr 0 are dropped. `text_encoder_lrs` is --text_encoder_lr: its first value for every encoder, or with
+  // config.lr_per_text_encoder one per encoder (lora_flux's prepare_optimizer_params_with_multiple_te_lrs, which also
+  // puts modules matching config.reg_lrs in groups of their own first). Every LoRA parameter is set to require grad.
+  std::vector<LoraParamGroup> prepare_optimizer_params(const std::vector<double>& text_encoder_lrs, std::optional<double> unet_lr,
                                                    double default_lr);
 
   // --scale_weight_norms: kohya's apply_max_norm_regularization.

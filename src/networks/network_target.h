@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <torch/nn/module.h>
 
@@ -29,9 +30,13 @@ struct NetworkTarget {
   std::shared_ptr<torch::nn::Module> module;   // an sdt::Linear or sdt::Conv2d (src/models/layers.h)
   bool in_denoiser = false;                    // the denoiser's (kohya's unet_loras), else a text encoder's
   int block = -1;                              // kohya's block index for block-wise dims and lrs; -1: none
+  int text_encoder = 0;                        // which of the family's text encoders (--text_encoder_lr's index)
   // The name other tools' files give the same module, which kohya reads as lora_name (SDXL's U-Net by its diffusers
   // path, `lora_unet_down_blocks_1_attentions_0_...`: kohya's convert_diffusers_to_sai_if_needed); empty: none.
   std::string other_name;
+  // The parts a fused projection's output is made of (FLUX's q, k, v [, MLP]), for kohya's lora_flux split_qkv: one
+  // LoRA per part, saved as one block-diagonal LoRA. Empty: not fused.
+  std::vector<int64_t> split_dims;
 };
 
 }  // namespace sdt

@@ -26,23 +26,29 @@ class NetworkTraining final : public TrainedModel {
     models.denoiser->to(precision.frozen);
     for (const auto& encoder : models.text_encoders) encoder->to(precision.frozen);
     trains_text_encoder_ = !args.network_train_unet_only;
-    const LoRANetworkConfig config = parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout,
-                                                             args.network_args, family.network_block_layout());
+    const LoRANetworkConfig config = family.network_config(args);
+    if (args.network_module != config.network_module) {
+      fail("--network_module", "'{}': sdt trains {} with kohya's '{}'", args.network_module.value_or(""), family.name(), config.network_module);
+    }
+    if (config.split_qkv && scale_weight_norms_) {
+      fail("--scale_weight_norms", "not with split_qkv: kohya's lora_flux measures the norms on a combined copy and never "
+           "scales the weights, so there is no reference to follow");
+    }
     network_ = LoRANetwork(config, family.network_targets(config.adapts_conv_blocks()), trains_text_encoder_,
                            !args.network_train_text_encoder_only, generator);
     if (args.network_weights) {
       const LoadResult loaded = network_->load_weights(*args.network_weights);
-      const size_t keys = network_->named_parameters().size() + network_->named_buffers().size();
-      if (loaded.missing.size() == keys) {
+      if (loaded.loaded == 0) {
         fail("--network_weights", "{} holds none of this network's {} weights ({} other keys): not a LoRA for this model",
-             *args.network_weights, keys, loaded.unexpected.size());
+             *args.network_weights, loaded.missing.size(), loaded.unexpected.size());
       }
       spdlog::info("loaded {}: {} keys missing, {} unexpected", *args.network_weights, loaded.missing.size(), loaded.unexpected.size());
     }
     network_->to(precision.trained);
     network_->train();
-    const std::optional<double> te_lr = args.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args.text_encoder_lr[0]);
-    for (const auto& g : network_->prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)) groups_.push_back({g.params, g.lr});
+    for (const auto& g : network_->prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)) {
+      groups_.push_back({g.params, g.lr});
+    }
     for (const auto& item : network_->named_parameters()) named_.emplace_back(item.key(), item.value());
   }
 

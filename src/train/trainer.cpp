@@ -134,12 +134,9 @@ std::string timestamp(const char* format) {
 }
 
 void check_supported(const TrainArgs& args, TrainMode mode) {
-  if (mode == TrainMode::network) {
-    const std::string module = args.network_module.value_or("");
-    if (module != "networks.lora") {
-      fail("--network_module", "sdt trains 'networks.lora' (kohya's LoRA and conv LoRA){}",
-           module.empty() ? "; it is required (or use `sdt train_db` to train the whole model)" : ", not '" + module + "'");
-    }
+  if (mode == TrainMode::network && !args.network_module) {
+    fail("--network_module", "required: kohya's network module for the family (networks.lora; FLUX: networks.lora_flux), or "
+         "train the whole model with `sdt train_db`, `sdt sdxl_train` or `sdt flux_train`");
   }
   if (!args.pretrained_model_name_or_path) fail("--pretrained_model_name_or_path", "required: a checkpoint file or a diffusers folder");
   if (!args.output_dir) fail("--output_dir", "required: where the weight files go");
@@ -535,6 +532,15 @@ void Trainer::set_up_outputs() {
   meta_.output_name = output_name_;
   meta_.learning_rate = python_str(args_.learning_rate);
   meta_.text_encoder_lr = python_str(args_.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args_.text_encoder_lr[0]));
+  if (mode_ == TrainMode::network) {
+    const LoRANetworkConfig network = family_->network_config(args_);
+    meta_.network_module = network.network_module;
+    if (network.lr_per_text_encoder && !args_.text_encoder_lr.empty()) {  // kohya writes the whole list
+      std::vector<std::string> lrs;
+      for (double lr : args_.text_encoder_lr) lrs.push_back(python_str(lr));
+      meta_.text_encoder_lr = fmt::format("[{}]", fmt::join(lrs, ", "));
+    }
+  }
   meta_.unet_lr = python_str(args_.unet_lr);
   meta_.num_train_images = python_str(num_train_images_);
   meta_.num_reg_images = python_str(num_reg_images_);

@@ -1,7 +1,8 @@
 // The FLUX.1 family on the tiny fixture models (tests/fixtures/flux/tiny, made by gen_flux_fixtures.py with kohya's own
 // code): kohya's text conditioning with and without T5's mask, its sample images (FLUX and Chroma), its lora_flux module
-// names, LoRA files kohya wrote (loaded, merged, saved back) and its ai-toolkit conversion, the latents' shift and scale
-// under kohya's size keys, the block-swap split, the registry's recognition of files and diffusers folders, metadata.
+// names and network arguments (split_qkv included), LoRA files kohya wrote (loaded, merged, saved back) and its
+// ai-toolkit conversion, the latents' shift and scale under kohya's size keys, the block-swap split, the registry's
+// recognition of files and diffusers folders, metadata.
 #include <gtest/gtest.h>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -121,8 +122,21 @@ TEST(FluxFamily, LoraModuleNamesAreKohyasLoraFluxNames) {
   for (const NetworkTarget& t : flux_network_targets(ClipTextModel(clip), T5EncoderModel(t5), FluxTransformer(transformer))) {
     names.push_back(t.lora_name);
   }
-  EXPECT_EQ(names, testing_support::read_json(kTiny + "lora_names.json").get<std::vector<std::string>>());
-  EXPECT_EQ(family(false).network_targets(false).size(), names.size() - 14) << "T5's 14 only with train_t5xxl";
+  const auto kohya = testing_support::read_json(kTiny + "lora_names.json").get<std::vector<std::string>>();
+  names.resize(kohya.size());  // the input layers, which only in_dims adapts, come last
+  EXPECT_EQ(names, kohya);
+  for (bool train_t5xxl : {true, false}) {
+    TrainArgs args;
+    if (train_t5xxl) args.network_args = {"train_t5xxl=True"};
+    LoRANetwork network(family(false).network_config(args), family(false).network_targets(false), true, true,
+                        at::make_generator<at::CPUGeneratorImpl>(1));
+    std::vector<std::string> created;
+    for (const auto* list : {&network->text_encoder_loras, &network->unet_loras}) {
+      for (const auto& lora : *list) created.push_back(lora->lora_name);
+    }
+    EXPECT_EQ(created.size(), kohya.size() - (train_t5xxl ? 0 : 14)) << "T5's 14 only with train_t5xxl";
+    network->remove();
+  }
 }
 
 // kohya's FLUX latents: the autoencoder's mean less 0.1159, times 0.3611, under "latents_<h>x<w>".
@@ -185,8 +199,10 @@ TEST(FluxLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
   torch::NoGradGuard no_grad;
   const std::unique_ptr<Family> flux = load_family("flux", tiny_options());  // its own: the LoRA patches it
   const std::string kohya_file = kTiny + "lora_kohya.safetensors";
-  const LoRANetworkConfig config = parse_lora_network_args(4, 2.0, std::nullopt, {}, flux->network_block_layout());
-  LoRANetwork network(config, flux->network_targets(false), true, true, at::make_generator<at::CPUGeneratorImpl>(1));
+  TrainArgs args;
+  args.network_dim = 4;
+  args.network_alpha = 2.0;
+  LoRANetwork network(flux->network_config(args), flux->network_targets(false), true, true, at::make_generator<at::CPUGeneratorImpl>(1));
   testing_support::expect_loads_every_key(network, kohya_file);
   network->eval();
   expect_close("kohya LoRA transformer", flux_out(*flux), reference().at("lora.flux_out"), 1e-5);
@@ -279,6 +295,103 @@ TEST(FluxFamily, DiffusersTransformerFolderLoadsAsTheBflFile) {
                       r.at("lora.input.timesteps"), r.at("lora.input.y"), r.at("lora.input.guidance"), at::Tensor());
   };
   EXPECT_TRUE(at::equal(run(diffusers), run(bfl)));
+}
+
+}  // namespace
+}  // namespace sdt
+
+namespace sdt {
+namespace {
+
+// networks/lora_flux.py's create_network arguments (gen_lora_flux_args_fixtures.py runs kohya's code on the tiny model,
+// three cases: type dims, block selections, train_t5xxl, LoRA+; in_dims, train_blocks, regex dims and learning rates;
+// double blocks only with default learning rates): the same modules in the same order with the same dims and alphas,
+// and prepare_optimizer_params_with_multiple_te_lrs's groups (learning rates, descriptions, parameters in order).
+TEST(FluxLoraArgs, MakeKohyasModulesAndOptimizerGroups) {
+  const nlohmann::json cases = testing_support::read_json(kTiny + "lora_flux_args.json");
+  for (const auto& [name, c] : cases.items()) {
+    SCOPED_TRACE(name);
+    TrainArgs args;
+    args.network_dim = c["dim"].get<int64_t>();
+    args.network_alpha = c["alpha"].get<double>();
+    args.network_args = c["args"].get<std::vector<std::string>>();
+    args.text_encoder_lr = c["te_lr"].get<std::vector<double>>();
+    if (!c["unet_lr"].is_null()) args.unet_lr = c["unet_lr"].get<double>();
+    args.learning_rate = c["lr"].get<double>();
+    const LoRANetworkConfig config = family(false).network_config(args);
+    EXPECT_EQ(config.network_module, "networks.lora_flux");
+    LoRANetwork network(config, family(false).network_targets(false), true, true, at::make_generator<at::CPUGeneratorImpl>(1));
+    std::vector<std::tuple<std::string, int64_t, double>> modules;
+    for (const auto* list : {&network->text_encoder_loras, &network->unet_loras}) {
+      for (const auto& lora : *list) modules.emplace_back(lora->lora_name, lora->dim(), lora->alpha_value());
+    }
+    EXPECT_EQ(modules, (c["modules"].get<std::vector<std::tuple<std::string, int64_t, double>>>()));
+    std::map<const void*, std::string> names;
+    for (const auto& item : network->named_parameters()) names[item.value().unsafeGetTensorImpl()] = item.key();
+    const std::vector<LoraParamGroup> groups = network->prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate);
+    ASSERT_EQ(groups.size(), c["groups"].size());
+    for (size_t i = 0; i < groups.size(); ++i) {
+      const auto& expected = c["groups"][i];
+      EXPECT_EQ(groups[i].description, expected["description"].get<std::string>());
+      EXPECT_DOUBLE_EQ(groups[i].lr, expected["lr"].get<double>()) << groups[i].description;
+      std::vector<std::string> params;
+      for (const at::Tensor& p : groups[i].params) params.push_back(names.at(p.unsafeGetTensorImpl()));
+      EXPECT_EQ(params, expected["params"].get<std::vector<std::string>>()) << groups[i].description;
+    }
+    network->remove();
+  }
+}
+
+// lora_flux's split_qkv (kohya's code with its two blocking lines fixed, see the generator): a LoRA per part of the
+// double blocks' fused q, k, v and of the single blocks' q, k, v, MLP. kohya's combined file loads (each part from
+// its diagonal block), the transformer then gives kohya's output (fp32, 1e-5 of its scale, as the model's
+// conformance), and sdt saves the very tensors back.
+TEST(FluxLoraArgs, SplitQkvLoadsKohyasCombinedFileGivesItsOutputAndSavesItBack) {
+  torch::NoGradGuard no_grad;
+  const std::unique_ptr<Family> flux = load_family("flux", tiny_options());  // its own: the LoRAs patch it
+  const auto fixture = testing_support::read_tensors(kTiny + "lora_split_qkv.safetensors");
+  std::vector<LoRANetwork> networks;
+  for (const std::string blocks : {"double", "single"}) {
+    TrainArgs args;
+    args.network_dim = 2;
+    args.network_alpha = 3.0;
+    args.network_args = {"train_blocks=" + blocks, "split_qkv=True"};
+    LoRANetwork network(flux->network_config(args), flux->network_targets(false), false, true, at::make_generator<at::CPUGeneratorImpl>(1));
+    int split = 0;
+    for (const auto& lora : network->unet_loras) split += lora->is_split();
+    EXPECT_EQ(split, blocks == "double" ? 6 : 4) << blocks;
+    NamedTensors kohya;
+    for (const auto& [key, t] : fixture) {
+      if (key.starts_with(blocks + ".")) kohya.emplace_back(key.substr(blocks.size() + 1), t);
+    }
+    const std::string file = ::testing::TempDir() + "/split_qkv_" + blocks + ".safetensors";
+    save_safetensors(file, kohya, {});
+    testing_support::expect_loads_every_key(network, file);
+    testing_support::expect_saves_back_the_same_tensors(network, file);
+    network->eval();
+    networks.push_back(network);
+  }
+  auto transformer = std::dynamic_pointer_cast<FluxTransformerImpl>(flux->models().denoiser);
+  const auto in = [&](const char* name) { return fixture.at(std::string("input.") + name); };
+  const at::Tensor out = transformer->forward(in("img"), in("img_ids"), in("txt"), in("txt_ids"), in("timesteps"), in("y"), in("guidance"), at::Tensor());
+  expect_close("split_qkv LoRA transformer", out, fixture.at("output"), 1e-5);
+  EXPECT_GT(((fixture.at("output") - reference().at("lora.flux_base")).abs().max() / reference().at("lora.flux_base").abs().max()).item<double>(), 1e-2)
+      << "the LoRAs change the output by far more than the tolerance";
+}
+
+// What kohya reads silently wrong or crashes on is a named error here.
+TEST(FluxLoraArgs, BadArgumentsAreNamedErrors) {
+  for (const std::vector<std::string> bad : std::vector<std::vector<std::string>>{
+           {"train_blocks=some"}, {"split_qkv=true"}, {"train_t5xxl=1"}, {"in_dims=[1,2,3,4]"}, {"train_double_block_indices=0,3"},
+           {"train_single_block_indices=2-1"}, {"network_reg_dims=single_blocks=two"}, {"network_reg_lrs=(=1e-4"},
+           {"block_dims=4,4"}, {"ggpo_beta=0.01"}, {"img_attn_dim=2.5"}}) {
+    TrainArgs args;
+    args.network_args = bad;
+    EXPECT_THROW(LoRANetwork(family(false).network_config(args), family(false).network_targets(false), true, true,
+                             at::make_generator<at::CPUGeneratorImpl>(1))->prepare_optimizer_params({}, std::nullopt, 1e-4),
+                 Error)
+        << bad[0];
+  }
 }
 
 }  // namespace

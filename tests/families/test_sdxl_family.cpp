@@ -208,7 +208,7 @@ TEST(SdxlLora, KohyasFileLoadsGivesKohyasOutputsAndSavesBackTheSame) {
   const std::unique_ptr<Family> sdxl = load_family("sdxl", tiny_options("sdxl_a"));  // its own: the LoRA patches it
   const std::string kohya_file = kFixtures + "lora_kohya.safetensors";
   const LoRANetworkConfig config =
-      parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"}, sdxl->network_block_layout());
+      parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"}, NetworkBlockLayout::sdxl());
   LoRANetwork network(config, sdxl->network_targets(config.adapts_conv_blocks()), true, true,
                       at::make_generator<at::CPUGeneratorImpl>(1));
   testing_support::expect_loads_every_key(network, kohya_file);
@@ -260,7 +260,7 @@ TEST(SdxlLora, DiffusersNamedFilesLoadAsKohyaRenamesThem) {
   const std::string file = ::testing::TempDir() + "/sdxl_lora_diffusers_names.safetensors";
   save_safetensors(file, renamed, {});
   const LoRANetworkConfig config =
-      parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"}, sdxl->network_block_layout());
+      parse_lora_network_args(4, 2.0, std::nullopt, {"conv_dim=2", "conv_alpha=1"}, NetworkBlockLayout::sdxl());
   LoRANetwork network(config, targets, true, true, at::make_generator<at::CPUGeneratorImpl>(1));
   const LoadResult loaded = network->load_weights(file);
   EXPECT_TRUE(loaded.missing.empty() && loaded.unexpected.empty()) << loaded.missing.size() << " missing, " << loaded.unexpected.size() << " unexpected";
@@ -331,7 +331,7 @@ TEST(SdxlFamilyRegistry, MetadataIsKohyasForSdxl) {
   EXPECT_EQ(sdxl.training_metadata().at("ss_base_model_version"), "sdxl_base_v1-0");
   EXPECT_EQ(sdxl.model_spec().architecture, "stable-diffusion-xl-v1-base");
   EXPECT_EQ(sdxl.model_spec().native_resolution, 1024);
-  EXPECT_EQ(sdxl.network_block_layout().total(), 23);
+  EXPECT_EQ(sdxl.network_config(TrainArgs{}).blocks.total(), 23);
 }
 
 }  // namespace

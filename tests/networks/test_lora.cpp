@@ -53,7 +53,7 @@ TEST_P(KohyaNetworks, ModulesNamesDimsAlphasAndParamGroupsMatchKohya) {
 
   std::map<const void*, std::string> names;
   for (const auto& item : network->named_parameters()) names[item.value().unsafeGetTensorImpl()] = item.key();
-  std::vector<LoraParamGroup> groups = network->prepare_optimizer_params(5e-5, 1e-4, 1e-3);
+  std::vector<LoraParamGroup> groups = network->prepare_optimizer_params({5e-5}, 1e-4, 1e-3);
   const auto& want_groups = expected.at("param_groups");
   ASSERT_EQ(groups.size(), want_groups.size());
   for (size_t i = 0; i < groups.size(); ++i) {

@@ -147,7 +147,7 @@ TEST(LoRAFile, TrainUnetOnlySavesNoTextEncoderModules) {
                       /*apply_text_encoder=*/false, /*apply_unet=*/true, seeded(0));
   EXPECT_TRUE(network->text_encoder_loras.empty());
   for (const auto& [key, t] : network->state_dict()) EXPECT_EQ(key.rfind("lora_unet_", 0), 0u) << key;
-  EXPECT_EQ(network->prepare_optimizer_params(std::nullopt, std::nullopt, 1e-4).size(), 1u);
+  EXPECT_EQ(network->prepare_optimizer_params({}, std::nullopt, 1e-4).size(), 1u);
 }
 
 TEST(PythonStr, FormatsAsPythonPrintsFloatsBoolsAndNone) {

@@ -89,7 +89,10 @@ void write_flux(const std::string& folder, const std::string& out) {
   sdt::FluxModels m;
   m.transformer = sdt::load_flux_transformer(folder + "/transformer.safetensors");
   m.clip_l = sdt::load_flux_clip_l(folder + "/../../sd/sd1/text_encoder");
-  const auto config = sdt::parse_lora_network_args(4, 2.0, std::nullopt, {});
+  sdt::TrainArgs args;
+  args.network_dim = 4;
+  args.network_alpha = 2.0;
+  const auto config = sdt::flux_network_config(args, m.transformer->config);
   sdt::LoRANetwork network = write_lora(sdt::flux_network_targets(m.clip_l, nullptr, m.transformer), config, gen, out);
   const sdt::FluxConfig& c = m.transformer->config;
   at::Tensor img = at::randn({2, 24, c.in_channels}, gen), txt = at::randn({2, 16, c.context_in_dim}, gen);

@@ -98,7 +98,7 @@ StepResults first_step(const safetensors::File& reference, at::ScalarType dtype)
   EXPECT_TRUE(loaded.missing.empty()) << loaded.missing.size() << " LoRA weights missing from the fixture";
   EXPECT_TRUE(loaded.unexpected.empty()) << loaded.unexpected.size() << " fixture weights the network lacks";
   network->train();
-  network->prepare_optimizer_params(std::nullopt, std::nullopt, 1e-4);  // makes every LoRA weight require grad
+  network->prepare_optimizer_params({}, std::nullopt, 1e-4);  // makes every LoRA weight require grad
 
   StepResults out;
   out["text_conditioning"] = conditioning_tensor(family->text_encoding_strategy().encode(Tokens{{fixture("input_ids")}, {}}), "hidden_state");

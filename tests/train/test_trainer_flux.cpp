@@ -33,10 +33,35 @@ TEST(FluxTraining, LoraLossFallsAndTheFileIsKohyasFluxLora) {
   EXPECT_LT(last, 0.9 * first);
   const safetensors::File file(summary.weights_path);
   EXPECT_EQ(file.metadata().at("ss_base_model_version"), "flux1");
+  EXPECT_EQ(file.metadata().at("ss_network_module"), "networks.lora_flux");
   EXPECT_EQ(file.metadata().at("modelspec.architecture"), "flux-1-dev/lora");
   EXPECT_TRUE(file.contains("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"));
   EXPECT_TRUE(file.contains("lora_unet_single_blocks_3_linear2.lora_up.weight"));
   EXPECT_TRUE(file.contains("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"));
+  fs::remove_all(root);
+}
+
+// lora_flux's train_t5xxl with a learning rate per text encoder (--text_encoder_lr 1e-2 0): CLIP-L's LoRA trains,
+// T5's is created and saved but its group (lr 0) is left out, so its lora_up stays zero; kohya's metadata keeps the
+// list. With train_blocks=single the double blocks get no LoRA; with split_qkv each single block's linear1 has a LoRA
+// per part (q, k, v, MLP), saved combined: its down 4 x dim rows.
+TEST(FluxTraining, T5LoraAndALearningRatePerTextEncoder) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_t5";
+  fs::remove_all(root);
+  TrainArgs args = testing_support::tiny_flux_run(root);
+  args.learning_rate = 1e-2;
+  args.max_train_steps = 3;
+  args.network_train_unet_only = false;
+  args.network_args = {"train_t5xxl=True", "train_blocks=single", "split_qkv=True"};
+  args.text_encoder_lr = {1e-2, 0.0};
+  const safetensors::File file(train(args, World{}, TrainMode::network).weights_path);
+  EXPECT_EQ(file.metadata().at("ss_text_encoder_lr"), "[0.01, 0.0]");
+  const at::Tensor t5_up = load_tensor(file, "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight");
+  const at::Tensor clip_up = load_tensor(file, "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight");
+  EXPECT_EQ(t5_up.abs().max().item<double>(), 0.0);
+  EXPECT_GT(clip_up.abs().max().item<double>(), 0.0);
+  EXPECT_FALSE(file.contains("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"));
+  EXPECT_EQ(file.info("lora_unet_single_blocks_0_linear1.lora_down.weight").shape, (std::vector<int64_t>{4 * 4, 32}));
   fs::remove_all(root);
 }
 
@@ -152,6 +177,8 @@ TEST(FluxTraining, KohyasRefusalsAreNamed) {
   expect_refused([](TrainArgs& a) { a.model_type = "chroma"; a.apply_t5_attn_mask = true; }, "holds a FLUX.1 transformer");
   expect_refused([](TrainArgs& a) { a.blocks_to_swap = 3; }, "--blocks_to_swap");
   expect_refused([](TrainArgs& a) { a.weighted_captions = true; }, "--weighted_captions");
+  expect_refused([](TrainArgs& a) { a.network_module = "networks.lora"; }, "networks.lora_flux");
+  expect_refused([](TrainArgs& a) { a.network_args = {"split_qkv=True"}; a.scale_weight_norms = 1.0; }, "--scale_weight_norms");
   fs::remove_all(root);
 }
 

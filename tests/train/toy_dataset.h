@@ -55,6 +55,7 @@ inline TrainArgs tiny_lora_run(const std::filesystem::path& root, const std::str
 inline void use_tiny_flux(TrainArgs& args) {
   args.pretrained_model_name_or_path = SDT_FIXTURES "/flux/tiny/transformer.safetensors";
   args.family = "flux";
+  args.network_module = "networks.lora_flux";
   args.clip_l = SDT_FIXTURES "/sd/sd1/text_encoder";
   args.t5xxl = SDT_FIXTURES "/flux/tiny/t5";
   args.ae = SDT_FIXTURES "/flux/tiny/ae";

@@ -15,24 +15,6 @@
 namespace sdt {
 namespace fs = std::filesystem;
 
-// ---------------------------------------------------------------- network targets (kohya's networks/lora_flux.py)
-
-std::vector<NetworkTarget> flux_network_targets(ClipTextModel clip_l, T5EncoderModel t5, FluxTransformer transformer) {
-  std::vector<NetworkTarget> targets;
-  if (clip_l) targets = lora_targets(clip_l.ptr(), "lora_te1", {&is_a<ClipAttentionImpl>, &is_a<ClipMlpImpl>}, false);
-  if (t5) {
-    for (NetworkTarget& t : lora_targets(t5.ptr(), "lora_te3", {&is_a<T5AttentionImpl>, &is_a<T5DenseGatedActDenseImpl>}, false)) {
-      targets.push_back(std::move(t));
-    }
-  }
-  if (transformer) {
-    for (NetworkTarget& t : lora_targets(transformer.ptr(), "lora_unet", {&is_a<DoubleStreamBlockImpl>, &is_a<SingleStreamBlockImpl>}, true)) {
-      targets.push_back(std::move(t));
-    }
-  }
-  return targets;
-}
-
 // ---------------------------------------------------------------- tokenize
 
 FluxTokenizeStrategy::FluxTokenizeStrategy(const ClipTokenizer& clip, T5Tokenizer t5, int64_t t5_max_length)
@@ -192,7 +174,11 @@ std::vector<FullTrainingGroup> FluxFamily::full_training_groups(const TrainArgs&
 }
 
 std::vector<NetworkTarget> FluxFamily::network_targets(bool) const {
-  return flux_network_targets(models_.clip_l, nullptr, models_.transformer);
+  return flux_network_targets(models_.clip_l, models_.t5xxl, models_.transformer);
+}
+
+LoRANetworkConfig FluxFamily::network_config(const TrainArgs& args) const {
+  return flux_network_config(args, models_.transformer->config);
 }
 
 // The double blocks then the single blocks, two stacks that swap as kohya's Flux.enable_block_swap splits them; each

@@ -10,17 +10,13 @@
 #include <string>
 
 #include "src/families/family.h"
+#include "src/families/flux/flux_network.h"
 #include "src/families/sd/sd_family.h"
 #include "src/models/flux_checkpoint.h"
 #include "src/tokenizers/clip_tokenizer.h"
 #include "src/tokenizers/t5_tokenizer.h"
 
 namespace sdt {
-
-// kohya's networks/lora_flux.py: every Linear of the double and single blocks (`lora_unet_double_blocks_0_img_attn_qkv`,
-// `lora_unet_single_blocks_0_linear1`), CLIP-L's attention and MLP layers (`lora_te1_`), T5's attention and gated
-// feed-forward layers (`lora_te3_`, only when `t5` is given: kohya's train_t5xxl). Any model may be null.
-std::vector<NetworkTarget> flux_network_targets(ClipTextModel clip_l, T5EncoderModel t5, FluxTransformer transformer);
 
 // kohya's FluxTokenizeStrategy: CLIP-L's ids (B, 1, 77) (one window, EOS padding), T5's ids (B, L) and T5's attention
 // mask (B, L) (int64 1/0), L = t5xxl_max_token_length. Weighted captions are refused, as kohya's FLUX strategy has none.
@@ -74,9 +70,9 @@ class FluxFamily : public Family {
   at::Tensor predict(const NoisedBatch& batch, const Conditioning& conditioning) const override;
   // flux_train.py trains the transformer at --learning_rate (the text encoders stay frozen, as there).
   std::vector<FullTrainingGroup> full_training_groups(const TrainArgs& args) const override;
-  // lora_flux's modules: the transformer's and CLIP-L's (Chroma: the transformer's); T5's are not trained by default.
+  // lora_flux's possible modules (flux_network_targets), and its arguments choosing among them (flux_network_config).
   std::vector<NetworkTarget> network_targets(bool conv_blocks) const override;
-  NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sd(); }  // no block-wise dims
+  LoRANetworkConfig network_config(const TrainArgs& args) const override;
   ParallelPlan parallel_plan() const override;
   void set_block_runner(BlockRunner* runner) override;
   void set_gradient_checkpointing(bool on) override;

@@ -282,6 +282,10 @@ std::vector<FullTrainingGroup> SdFamily::full_training_groups(const TrainArgs& a
   return groups;
 }
 
+LoRANetworkConfig SdFamily::network_config(const TrainArgs& args) const {
+  return parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args, NetworkBlockLayout::sd());
+}
+
 std::vector<NetworkTarget> SdFamily::network_targets(bool conv_blocks) const {
   return sd_network_targets(models_.text_encoder, models_.unet, conv_blocks);
 }

@@ -90,7 +90,10 @@ std::vector<NetworkTarget> sdxl_network_targets(ClipTextModel text_encoder1, Cli
   const std::vector<ModuleTest> clip_parents{&is_a<ClipAttentionImpl>, &is_a<ClipMlpImpl>};
   if (text_encoder1) targets = lora_targets(text_encoder1.ptr(), "lora_te1", clip_parents, false);
   if (text_encoder2) {
-    for (NetworkTarget& t : lora_targets(text_encoder2.ptr(), "lora_te2", clip_parents, false)) targets.push_back(std::move(t));
+    for (NetworkTarget& t : lora_targets(text_encoder2.ptr(), "lora_te2", clip_parents, false)) {
+      t.text_encoder = 1;
+      targets.push_back(std::move(t));
+    }
   }
   if (!unet) return targets;
 
@@ -265,6 +268,10 @@ std::vector<FullTrainingGroup> SdxlFamily::full_training_groups(const TrainArgs&
     }
   }
   return groups;
+}
+
+LoRANetworkConfig SdxlFamily::network_config(const TrainArgs& args) const {
+  return parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args, NetworkBlockLayout::sdxl());
 }
 
 std::vector<NetworkTarget> SdxlFamily::network_targets(bool conv_blocks) const {

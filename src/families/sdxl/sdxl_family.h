@@ -74,7 +74,7 @@ class SdxlFamily : public Family {
   // --learning_rate; 0: frozen).
   std::vector<FullTrainingGroup> full_training_groups(const TrainArgs& args) const override;
   std::vector<NetworkTarget> network_targets(bool conv_blocks) const override;
-  NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sdxl(); }
+  LoRANetworkConfig network_config(const TrainArgs& args) const override;
   ParallelPlan parallel_plan() const override;  // the U-Net's ResNets and Transformer2Ds; no block swap
   void set_block_runner(BlockRunner* runner) override;
   void set_gradient_checkpointing(bool on) override;

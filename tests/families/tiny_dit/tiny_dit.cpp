@@ -216,7 +216,9 @@ class TinyDitFamily final : public Family {
     return groups;
   }
   // kohya's lora_flux has no block-wise dims: the lists keep SD's layout, which no target indexes.
-  NetworkBlockLayout network_block_layout() const override { return NetworkBlockLayout::sd(); }
+  LoRANetworkConfig network_config(const TrainArgs& args) const override {
+    return parse_lora_network_args(args.network_dim, args.network_alpha, args.network_dropout, args.network_args);
+  }
   // The double blocks then the single blocks, two stacks that swap as kohya's FLUX does: --blocks_to_swap k swaps
   // k / 2 double blocks and twice the rest in single blocks (a double block is about two single blocks' weights).
   ParallelPlan parallel_plan() const override {
