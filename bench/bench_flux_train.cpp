@@ -4,7 +4,10 @@
 // bytes, the step time with its split, and the bytes block swap moves per step (kohya's schedule for frozen blocks:
 // each swapped block copied in once for forward and once for backward). Run it as one process and under
 // mpiexec -np 2 / -np 3. Asserts nothing.
-//   [mpiexec -np N] bench_flux_train <source dir> [steps=3] [double=1] [single=4] [swap=1] [resolution=32]
+//   [mpiexec -np N] bench_flux_train <source dir> [steps=3] [double=1] [single=4] [swap=1] [resolution=32] [precision=no]
+// precision: no (fp32), bf16 (--mixed_precision bf16 --gradient_checkpointing: the transformer made and stored in bf16),
+// or bf16+fp8 (and --fp8_base), kohya's low-memory settings. On a GPU (--device auto takes it) each rank also prints
+// the caching allocator's peak; bench/gpu/check.sh runs a full-size FLUX.1 (19 + 38 blocks) that way.
 #include <mpi.h>
 
 #include <filesystem>
@@ -17,6 +20,7 @@
 #include "bench/train_bench.h"
 #include "cluster/world.h"
 #include "src/models/flux_checkpoint.h"
+#include "src/models/ldm_layout.h"
 #include "src/train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -48,12 +52,18 @@ int main(int argc, char** argv) {
   config.depth_single_blocks = argc > 4 ? std::stoll(argv[4]) : 4;
   const int64_t swap = argc > 5 ? std::stoll(argv[5]) : 1;
   const int resolution = argc > 6 ? std::stoi(argv[6]) : 32;
+  const std::string precision = argc > 7 ? argv[7] : "no";
+  if (precision != "no" && precision != "bf16" && precision != "bf16+fp8") {
+    fmt::print(stderr, "precision: no, bf16 or bf16+fp8, not '{}'\n", precision);
+    return 2;
+  }
+  const at::ScalarType weights_dtype = precision == "no" ? at::kFloat : at::kBFloat16;
 
   const fs::path work = fs::temp_directory_path() / "sdt_bench_flux_train";
   int64_t double_bytes = 0, single_bytes = 0, weights = 0;
   {
     torch::manual_seed(0);
-    sdt::FluxTransformer transformer(config);
+    sdt::FluxTransformer transformer = sdt::ldm::build_in(weights_dtype, [&] { return sdt::FluxTransformer(config); });
     double_bytes = bytes_of(transformer->double_blocks[0]);
     single_bytes = bytes_of(transformer->single_blocks[0]);
     for (const auto& p : transformer->parameters()) weights += p.numel();
@@ -70,9 +80,9 @@ int main(int argc, char** argv) {
   const int64_t moved = 2 * ((swap / 2) * double_bytes + (swap - swap / 2) * 2 * single_bytes);
   if (world.rank == 0) {
     fmt::print("FLUX-width transformer: hidden {}, {} double + {} single blocks, {:.2f} G weights ({:.0f} MiB per double "
-               "block, {:.0f} MiB per single block, fp32); {}x{} images, batch 1 per rank, {} timed steps\n",
+               "block, {:.0f} MiB per single block, {}); {}x{} images, batch 1 per rank, {} timed steps, precision {}\n",
                config.hidden_size, config.depth, config.depth_single_blocks, weights / 1e9, double_bytes / 1048576.0,
-               single_bytes / 1048576.0, resolution, resolution, steps);
+               single_bytes / 1048576.0, c10::toString(weights_dtype), resolution, resolution, steps, precision);
   }
   for (const std::string setting : {"none", "none+swap", "optimizer", "gradients", "full", "full+swap"}) {
     const std::string sharding = setting.substr(0, setting.find('+'));
@@ -102,18 +112,25 @@ int main(int argc, char** argv) {
     args.sharding = sharding;
     args.blocks_to_swap = setting.ends_with("+swap") ? swap : 0;
     args.timestep_sampling = "sigmoid";
+    if (precision != "no") {
+      args.mixed_precision = "bf16";
+      args.gradient_checkpointing = true;
+      args.fp8_base = precision == "bf16+fp8";
+    }
     const sdt::TrainSummary summary = sdt::train(args, world, sdt::TrainMode::network);
     const sdt::StepTimes& t = summary.times;
     const double n = static_cast<double>(t.steps);
     const double plan = sdt::bench::max_over_ranks(static_cast<double>(summary.planned_bytes), world) / 1048576.0;
     const double peak = sdt::bench::max_over_ranks(static_cast<double>(summary.peak_bytes), world) / 1048576.0;
     const double total = sdt::bench::max_over_ranks(1e3 * t.total() / n, world);
+    const double device_peak = sdt::bench::max_over_ranks(static_cast<double>(summary.device_peak_bytes), world) / 1048576.0;
     if (world.rank == 0) {
       const double swapped = setting.ends_with("+swap") ? moved / 1048576.0 / (sharding == "full" ? world.size : 1) : 0.0;
       fmt::print("LoRA ranks {}  --sharding {:9s} plan {:7.0f} MiB  peak {:7.0f} MiB  ms/step {:7.0f} (forward {:.0f}, "
-                 "backward {:.0f}, communication {:.0f}, optimizer {:.0f})  swap moves {:.0f} MiB/step\n",
+                 "backward {:.0f}, communication {:.0f}, optimizer {:.0f})  swap moves {:.0f} MiB/step{}\n",
                  world.size, setting, plan, peak, total, 1e3 * t.forward / n, 1e3 * t.backward / n,
-                 1e3 * t.communication / n, 1e3 * t.optimizer / n, swapped);
+                 1e3 * t.communication / n, 1e3 * t.optimizer / n, swapped,
+                 device_peak > 0 ? fmt::format("  device peak {:.0f} MiB", device_peak) : "");
       std::fflush(stdout);
     }
   }

@@ -33,8 +33,13 @@ void check_collective_tensor(const at::Tensor& tensor, const char* collective, s
     case at::kByte:
       if (op == ReduceOp::average) fail(where, "cannot average an integer tensor ({}); sum it and divide", c10::toString(tensor.scalar_type()));
       return;
+    case at::kFloat8_e4m3fn:
+    case at::kFloat8_e5m2:
+      // fp8 storage (--fp8_base) is moved as bytes (broadcast, gather), never reduced.
+      if (op) fail(where, "cannot reduce {} (fp8 weights are stored, not summed)", c10::toString(tensor.scalar_type()));
+      return;
     default:
-      fail(where, "dtype {} is not supported (float32, float64, float16, bfloat16, int32, int64, uint8)",
+      fail(where, "dtype {} is not supported (float32, float64, float16, bfloat16, int32, int64, uint8; fp8 moved only)",
            c10::toString(tensor.scalar_type()));
   }
 }
@@ -252,15 +257,17 @@ class FuturePending final : public PendingCollective {
 
 bool reduces_in_float32(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
 
-// The MPI type of a contiguous buffer. float16 and bfloat16 travel as 16-bit words where they are
-// only moved (broadcast, gather); they are never reduced as such (see reducible()).
+// The MPI type of a contiguous buffer. float16 and bfloat16 travel as 16-bit words and fp8 as bytes where they
+// are only moved (broadcast, gather); they are never reduced as such (see reducible()).
 MPI_Datatype mpi_type(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return MPI_FLOAT;
     case at::kDouble: return MPI_DOUBLE;
     case at::kInt: return MPI_INT32_T;
     case at::kLong: return MPI_INT64_T;
-    case at::kByte: return MPI_UINT8_T;
+    case at::kByte:
+    case at::kFloat8_e4m3fn:
+    case at::kFloat8_e5m2: return MPI_UINT8_T;
     case at::kHalf:
     case at::kBFloat16: return MPI_UINT16_T;
     default: fail("communicator", "no MPI type for {}", c10::toString(dtype));

@@ -35,7 +35,9 @@ ncclDataType_t nccl_type(at::ScalarType dtype) {
     case at::kBFloat16: return ncclBfloat16;
     case at::kInt: return ncclInt32;
     case at::kLong: return ncclInt64;
-    case at::kByte: return ncclUint8;
+    case at::kByte:
+    case at::kFloat8_e4m3fn:
+    case at::kFloat8_e5m2: return ncclUint8;  // fp8 storage is only moved
     default: fail("NCCL", "no NCCL type for {}", c10::toString(dtype));
   }
 }

@@ -2,7 +2,8 @@
 # The GPU check, one call on a lent GPU machine (CUDA, nvcc, CMake, Ninja and PyTorch in python3; no packages, no
 # network): build sdt against the machine's own CUDA LibTorch and a build bundle (launcher/setup.sh bundle, made on
 # Debian 12 and carried along), run the GPU tests and the rest of the suite, and time SD 1.5's U-Net forward + backward
-# beside PyTorch eager on the same card, with MFU. Logs go to $OUT (or /tmp/sdt-gpu-check).
+# beside PyTorch eager on the same card, with MFU; then LoRA steps of a FLUX.1-size transformer with and without block
+# swap against kohya's VRAM guide. Logs go to $OUT (or /tmp/sdt-gpu-check).
 #
 #   bash bench/gpu/check.sh [bundle archive, default .carry/sdt-bundle.tar.xz]
 #
@@ -59,3 +60,11 @@ if [ -n "$peak" ] && [ -n "$flops" ]; then
     / ms \(median/ { for (i = 1; i <= NF; ++i) if ($(i + 1) == "ms") ms = $i;
                     printf "%s on %s: %.2f ms, MFU %.1f %%\n", $1, card, ms, 100 * flops / (ms / 1000) / peak }' "$out/bench.log"
 fi
+
+section "FLUX.1-size transformer (19 + 38 blocks, 11.9 G random weights), LoRA dim 16, 512x512, bf16 + fp8 base on $card"
+# kohya's VRAM guide for flux_train_network.py is the anchor: 12 GB at --blocks_to_swap 16 (with --fp8_base, bf16 and
+# --gradient_checkpointing). The transformer is written once in bf16 (24 GB of disk), then trained 2 steps without
+# swap and with 16 blocks swapped; each line ends with the caching allocator's peak on the card.
+timeout 480 build-gpu/bench_flux_train . 2 19 38 16 512 bf16+fp8 2>&1 | tee "$out/bench_flux.log"
+rm -rf /tmp/sdt_bench_flux_train
+

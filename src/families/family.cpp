@@ -67,6 +67,15 @@ std::unique_ptr<Family> load_family_for_training(const TrainArgs& args) {
   return load_family(family_of_checkpoint(args.family, options.pretrained_model_name_or_path), options);
 }
 
+at::ScalarType weights_dtype(const FamilyOptions& options) {
+  switch (options.weights_dtype) {
+    case WeightsDtype::bfloat16: return at::kBFloat16;
+    case WeightsDtype::float16: return at::kHalf;
+    case WeightsDtype::float32: break;
+  }
+  return at::kFloat;
+}
+
 FamilyOptions family_options_from_args(const TrainArgs& args) {
   if (!args.pretrained_model_name_or_path) fail("--pretrained_model_name_or_path", "required: a checkpoint file or a diffusers folder");
   FamilyOptions o;

@@ -212,6 +212,9 @@ void register_family(const std::string& name, FamilyRow row);
 // The names of the families this build has, sorted.
 std::vector<std::string> family_names();
 
+// options.weights_dtype as LibTorch's dtype.
+at::ScalarType weights_dtype(const FamilyOptions& options);
+
 // The family `sdt train` / `train_db` / the cache commands train with: --family or the checkpoint's, loaded from the
 // model arguments.
 std::unique_ptr<Family> load_family_for_training(const TrainArgs& args);

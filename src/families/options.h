@@ -10,6 +10,9 @@
 
 namespace sdt {
 
+// The dtype a family's models are built and read in.
+enum class WeightsDtype { float32, bfloat16, float16 };
+
 // kohya's model arguments, under its names.
 struct FamilyOptions {
   std::string pretrained_model_name_or_path;  // a single-file checkpoint (.safetensors) or a diffusers folder
@@ -31,6 +34,9 @@ struct FamilyOptions {
   bool apply_t5_attn_mask = false;            // mask T5's padding in T5 and in the transformer's attention
   double guidance_scale = 3.5;                // dev's embedded guidance while training
   std::string model_type = "flux";            // flux | chroma
+  // Every model is built and read in this dtype (a trainer whose models are all used in bf16 reads them so, and never
+  // holds them in fp32: 24 GB for FLUX's transformer rather than 48).
+  WeightsDtype weights_dtype = WeightsDtype::float32;
 };
 
 // One text-to-image run; what is not given takes the family's kohya default.

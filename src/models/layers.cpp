@@ -13,7 +13,9 @@ namespace nn = torch::nn;
 namespace F = torch::nn::functional;
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  at::Tensor y = torch::nn::LinearImpl::forward(x);
+  // at::linear, as PyTorch's F.linear: one op that autocast casts whole (weight and bias; fp8-stored weights too),
+  // where the C++ frontend's Linear adds the bias after a matmul.
+  at::Tensor y = at::linear(x, weight, bias);
   if (!adapter) return y;
   at::Tensor d = adapter->delta(x);
   return d.defined() ? y + d : y;

@@ -97,7 +97,9 @@ at::Tensor T5DenseGatedActDenseImpl::forward(const at::Tensor& x) {
   const at::Tensor g = wi_0(x);
   const at::Tensor gelu = 0.5 * g * (1.0 + at::tanh(std::sqrt(2.0 / M_PI) * (g + 0.044715 * at::pow(g, 3.0))));
   at::Tensor hidden = gelu * wi_1(x);
-  if (hidden.scalar_type() != wo->weight.scalar_type()) hidden = hidden.to(wo->weight.scalar_type());
+  // transformers casts to the output weight's dtype; not to fp8 storage, which autocast widens (kohya's fp8 forward).
+  const at::ScalarType out = wo->weight.scalar_type();
+  if (hidden.scalar_type() != out && !at::isFloat8Type(out)) hidden = hidden.to(out);
   return wo(hidden);
 }
 

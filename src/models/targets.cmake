@@ -11,6 +11,7 @@ add_library(sdt_models STATIC
   src/models/flux.cpp
   src/models/t5.cpp
   src/models/flux_checkpoint.cpp
+  src/models/fp8.cpp
 )
 target_link_libraries(sdt_models PUBLIC sdt_torch)
 target_precompile_headers(sdt_models REUSE_FROM sdt_torch)

@@ -2,10 +2,17 @@
 
 #include <ATen/autocast_mode.h>
 
+#include "src/core/error.h"
+
 namespace sdt {
 
 Precision precision_from_args(const TrainArgs& args) {
   Precision p;
+  if (args.fp8_base || args.fp8_base_unet) {
+    if (args.mixed_precision == "no") fail(args.fp8_base ? "--fp8_base" : "--fp8_base_unet", "requires --mixed_precision fp16 or bf16, as in kohya");
+    p.fp8_denoiser = true;
+    p.fp8_text_encoders = !args.fp8_base_unet;
+  }
   if (args.mixed_precision == "no") return p;
   const at::ScalarType weight = args.mixed_precision == "fp16" ? at::kHalf : at::kBFloat16;
   p.autocast = weight;

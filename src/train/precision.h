@@ -19,8 +19,12 @@ struct Precision {
   at::ScalarType trained = at::kFloat;     // the dtype of trained weights and their gradients
   at::ScalarType vae = at::kFloat;
   bool loss_scaling = false;
+  // kohya's --fp8_base / --fp8_base_unet (a network's frozen models): the denoiser, and with --fp8_base alone the text
+  // encoders, stored in float8_e4m3fn (store_in_fp8); autocast widens each weight as its op runs.
+  bool fp8_denoiser = false, fp8_text_encoders = false;
 };
 
+// sdt::Error for --fp8_base without --mixed_precision (kohya's assertion).
 Precision precision_from_args(const TrainArgs& args);
 
 // torch.autocast for one device type over a scope: ops on its lower-precision list run in `dtype`.

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include "src/core/error.h"
+#include "src/models/fp8.h"
 #include "src/networks/lora.h"
 
 namespace sdt {
@@ -23,8 +24,18 @@ class NetworkTraining final : public TrainedModel {
   NetworkTraining(const TrainArgs& args, Family& family, const Precision& precision, at::Generator generator)
       : save_dtype_(save_dtype(args)), no_metadata_(args.no_metadata), scale_weight_norms_(args.scale_weight_norms) {
     const ModelBundle& models = family.models();
-    models.denoiser->to(precision.frozen);
-    for (const auto& encoder : models.text_encoders) encoder->to(precision.frozen);
+    if (precision.fp8_denoiser) {
+      store_denoiser_in_fp8(*models.denoiser);
+    } else {
+      models.denoiser->to(precision.frozen);
+    }
+    for (const auto& encoder : models.text_encoders) {
+      if (precision.fp8_text_encoders) {
+        store_text_encoder_in_fp8(*encoder, precision.frozen);
+      } else {
+        encoder->to(precision.frozen);
+      }
+    }
     trains_text_encoder_ = !args.network_train_unet_only;
     const LoRANetworkConfig config = family.network_config(args);
     if (args.network_module != config.network_module) {
@@ -81,6 +92,10 @@ class WholeModelTraining final : public TrainedModel {
  public:
   WholeModelTraining(const TrainArgs& args, Family& family, const Precision& precision)
       : family_(family), save_dtype_(save_dtype(args)), stop_text_encoder_at_(args.stop_text_encoder_training) {
+    if (precision.fp8_denoiser) {
+      fail(args.fp8_base ? "--fp8_base" : "--fp8_base_unet", "stores the frozen base model of a network in fp8; full "
+           "fine-tuning trains it (kohya's full fine-tuning scripts accept the flag and ignore it)");
+    }
     const ModelBundle& models = family.models();
     models.denoiser->to(precision.frozen);
     for (const auto& encoder : models.text_encoders) encoder->to(precision.frozen);

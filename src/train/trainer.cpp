@@ -26,6 +26,7 @@
 #include "src/core/error.h"
 #include "src/core/text.h"
 #include "src/data/chart.h"
+#include "src/models/fp8.h"
 #include "src/data/loader.h"
 #include "src/data/rng.h"
 #include "cluster/communicator.h"
@@ -313,6 +314,10 @@ Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : ar
   std::signal(SIGTERM, request_stop);
   spdlog::info("seed {}", seed_);
   precision_ = precision_from_args(args);
+  if (precision_.fp8_text_encoders && !device_.is_cuda()) {
+    precision_.fp8_text_encoders = false;  // kohya casts no text encoder on the CPU either
+    spdlog::info("--fp8_base: the text encoders stay in {} on the CPU, as in kohya", c10::toString(precision_.frozen));
+  }
   load_models(mode);
   set_up_data();
   if (resume_dir_) {
@@ -327,10 +332,29 @@ Trainer::Trainer(const TrainArgs& args, const World& world, TrainMode mode) : ar
   set_up_outputs();
 }
 
+namespace {
+
+// The dtype the family's models are read in: the frozen weights' when every model is used in it (a network's base
+// models with the VAE in it too, or full fine-tuning at --full_bf16 / --full_fp16), so no model is ever held in fp32
+// on its way to that dtype; else fp32.
+WeightsDtype read_dtype(const Precision& precision, TrainMode mode) {
+  const bool all_frozen_dtype = precision.vae == precision.frozen && (mode == TrainMode::network || precision.trained == precision.frozen);
+  if (!all_frozen_dtype || precision.frozen == at::kFloat) return WeightsDtype::float32;
+  return precision.frozen == at::kBFloat16 ? WeightsDtype::bfloat16 : WeightsDtype::float16;
+}
+
+}  // namespace
+
 // The models, what is trained, data parallelism in the chosen --sharding mode, the optimizer and the memory plan.
 void Trainer::load_models(TrainMode mode) {
-  family_ = load_family_for_training(args_);
+  FamilyOptions options = family_options_from_args(args_);
+  options.weights_dtype = read_dtype(precision_, mode);
+  family_ = load_family(family_of_checkpoint(args_.family, options.pretrained_model_name_or_path), options);
   const ModelBundle& bundle = family_->models();
+  if (precision_.fp8_denoiser && !device_.is_cuda()) {
+    const std::string obstacle = fp8_cpu_obstacle(*bundle.denoiser);
+    if (!obstacle.empty()) fail(args_.fp8_base ? "--fp8_base" : "--fp8_base_unet", "{} cannot run in fp8 on the CPU: {}", family_->name(), obstacle);
+  }
   std::vector<std::shared_ptr<torch::nn::Module>> all_models{bundle.denoiser, bundle.vae};
   all_models.insert(all_models.end(), bundle.text_encoders.begin(), bundle.text_encoders.end());
   for (const auto& m : all_models) {
@@ -589,6 +613,8 @@ void Trainer::set_up_outputs() {
   meta_.max_grad_norm = python_str(args_.max_grad_norm);
   meta_.min_snr_gamma = python_str(args_.min_snr_gamma);
   meta_.loss_type = args_.loss_type;
+  meta_.fp8_base = python_str(args_.fp8_base);
+  meta_.fp8_base_unet = python_str(args_.fp8_base_unet);
 }
 
 // ---------------------------------------------------------------- the step

@@ -156,6 +156,18 @@ TEST(Communicator, BroadcastCopiesTheRootsTensor) {
   EXPECT_THROW(communicator->broadcast(t, communicator->size()), Error);
 }
 
+// --fp8_base's weights travel as bytes (gathered shards, the root's start values) and are never summed.
+TEST(Communicator, Fp8StorageIsGatheredAndBroadcastAsBytesButNeverReduced) {
+  auto communicator = cpu_communicator();
+  const auto fp8_bytes = [](int rank) { return rank_values(rank, at::kFloat).to(at::kFloat8_e4m3fn).view(at::kByte); };
+  const at::Tensor all = communicator->all_gather(fp8_bytes(communicator->rank()).view(at::kFloat8_e4m3fn).view({10, 100}));
+  for (int r = 0; r < communicator->size(); ++r) EXPECT_TRUE(at::equal(all[r].flatten().view(at::kByte), fp8_bytes(r)));
+  at::Tensor t = fp8_bytes(communicator->rank()).view(at::kFloat8_e4m3fn);
+  communicator->broadcast(t, 0);
+  EXPECT_TRUE(at::equal(t.view(at::kByte), fp8_bytes(0)));
+  EXPECT_THROW(communicator->all_reduce(t, ReduceOp::sum), Error);
+}
+
 TEST(Communicator, BarrierReturnsOnEveryRank) {
   auto communicator = cpu_communicator();
   communicator->barrier();

@@ -1,16 +1,19 @@
 // The FLUX.1 and Chroma transformers against kohya-ss/sd-scripts' own (library/flux_models.py, chroma_models.py) on
 // tiny random configs (tests/fixtures/flux/gen_flux_fixtures.py): a dev-like and a schnell-like FLUX, with and
-// without the T5 attention mask, and a Chroma; the 2x2 packing and the image ids against kohya's flux_utils.
+// without the T5 attention mask, and a Chroma; the 2x2 packing and the image ids against kohya's flux_utils; the
+// transformer stored in fp8 (--fp8_base) against kohya's under the same autocast.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 
+#include <ATen/autocast_mode.h>
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
 #include "src/models/flux.h"
+#include "src/models/flux_checkpoint.h"
 #include "src/models/sd_checkpoint.h"
 #include "src/models/t5.h"
 #include "tests/fixture_files.h"
@@ -204,6 +207,28 @@ TEST(FluxModels, T5RelativePositionBucketsFollowTheDefinition) {
     expected += distance < 8 ? distance : std::min<int64_t>(15, 8 + static_cast<int64_t>(std::log(distance / 8.0) / std::log(16.0) * 8));
     EXPECT_EQ(buckets[r + 300].item<int64_t>(), expected) << "relative position " << r;
   }
+}
+
+// kohya's --fp8_base: every transformer weight stored in float8_e4m3fn, the forward under bf16 autocast, which
+// widens each fp8 weight to bf16 as its matmul runs (gen_fp8_fixtures.py runs kohya's Flux the same way on the tiny
+// model). Both compute in bf16 and only their op order differs: within 1e-2 of the output's scale (a bf16 rounding is
+// 2^-9 of a value, over three double and four single blocks). Storing fp8 itself moves the output by 4e-2 against
+// bf16 weights, so the check tells fp8 storage from none.
+TEST(FluxModels, Fp8WeightsUnderBf16AutocastGiveKohyasFp8Output) {
+  torch::NoGradGuard no_grad;
+  const auto ref = testing_support::read_tensors(SDT_FIXTURES "/flux/tiny/fp8_reference.safetensors");
+  FluxTransformer flux = load_flux_transformer(SDT_FIXTURES "/flux/tiny/transformer.safetensors");
+  flux->to(at::kFloat8_e4m3fn);
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+  const auto in = [&](const char* name) { return ref.at(std::string("input.") + name); };
+  const at::Tensor out = flux->forward(in("img"), in("img_ids"), in("txt"), in("txt_ids"), in("timesteps"), in("y"),
+                                       in("guidance"), at::Tensor()).to(at::kFloat);
+  at::autocast::set_autocast_enabled(at::kCPU, false);
+  at::autocast::clear_cache();
+  expect_close("fp8 transformer under bf16 autocast", out, ref.at("output.fp8"), 1e-2);
+  const double from_bf16 = ((out - ref.at("output.bf16")).abs().max() / ref.at("output.bf16").abs().max()).item<double>();
+  EXPECT_GT(from_bf16, 2e-2) << "the weights were not stored in fp8";
 }
 
 }  // namespace

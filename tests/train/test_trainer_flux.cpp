@@ -65,6 +65,39 @@ TEST(FluxTraining, T5LoraAndALearningRatePerTextEncoder) {
   fs::remove_all(root);
 }
 
+// kohya's --fp8_base under --mixed_precision bf16: the frozen transformer in fp8 (its forward is checked against
+// kohya's in test_flux_models), the LoRA in fp32, with --gradient_checkpointing. The loss falls (last 20 of 60 steps
+// below the first 20); block swap moves the fp8 blocks and changes no bit against the same run without swap (both
+// recompute each block: under bf16 autocast a recomputed block's backward is not bitwise a kept graph's); the file
+// records the flag. On the CPU the text encoders stay bf16, as kohya leaves them; full fine-tuning refuses the flag.
+TEST(FluxTraining, Fp8BaseTrainsALoraAndSwapsItsBlocks) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_fp8";
+  fs::remove_all(root);
+  const auto run = [&](const std::string& name, int64_t steps, int64_t swap) {
+    TrainArgs args = testing_support::tiny_flux_run(root);
+    args.mixed_precision = "bf16";
+    args.fp8_base = true;
+    args.learning_rate = 1e-2;
+    args.max_train_steps = steps;
+    args.blocks_to_swap = swap;
+    args.gradient_checkpointing = true;
+    args.output_dir = (root / name).string();
+    return train(args, World{}, TrainMode::network);
+  };
+  const TrainSummary summary = run("long", 60, 0);
+  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 40, 60);
+  std::cout << "FLUX fp8 LoRA loss: first 20 steps " << first << ", last 20 " << last << "\n";
+  EXPECT_LT(last, first);
+  EXPECT_EQ(safetensors::File(summary.weights_path).metadata().at("ss_fp8_base"), "True");
+  EXPECT_TRUE(testing_support::bitwise_equal(run("plain", 3, 0).weights_path, run("swapped", 3, 2).weights_path));
+  TrainArgs full = testing_support::tiny_flux_run(root);
+  full.mixed_precision = "bf16";
+  full.fp8_base = true;
+  full.output_dir = (root / "full").string();
+  EXPECT_THROW(train(full, World{}, TrainMode::whole_model), Error);
+  fs::remove_all(root);
+}
+
 // --blocks_to_swap 2 (1 of 3 double blocks and 2 of 4 single blocks on the host, recomputed in backward) gives the
 // weights of the same run without swap: bit for bit for the transformer's LoRA; with CLIP-L's LoRA too, bit for bit
 // against --gradient_checkpointing (recomputing each block sums the gradient of the vector every block reads in

@@ -229,14 +229,15 @@ std::unique_ptr<Family> load_flux_family(const FamilyOptions& options) {
   if (chroma && !options.apply_t5_attn_mask) fail("--apply_t5_attn_mask", "required for Chroma, as in kohya");
   if (options.v2 || options.v_parameterization) fail(options.v2 ? "--v2" : "--v_parameterization", "is SD 2.x's, not FLUX's");
 
+  const at::ScalarType dtype = weights_dtype(options);
   FluxModels models;
-  models.transformer = load_flux_transformer(path);
+  models.transformer = load_flux_transformer(path, dtype);
   if (models.transformer->config.chroma != chroma) {
     fail("--model_type", "'{}', but {} holds a {} transformer", options.model_type, path, models.transformer->config.chroma ? "Chroma" : "FLUX.1");
   }
-  if (!chroma) models.clip_l = load_flux_clip_l(*options.clip_l);
-  models.t5xxl = load_t5_encoder(*options.t5xxl);
-  models.ae = load_flux_autoencoder(*options.ae);
+  if (!chroma) models.clip_l = load_flux_clip_l(*options.clip_l, dtype);
+  models.t5xxl = load_t5_encoder(*options.t5xxl, dtype);
+  models.ae = load_flux_autoencoder(*options.ae, dtype);
   const FluxConfig& c = models.transformer->config;
   if (models.t5xxl->config.d_model != c.context_in_dim) {
     fail("--t5xxl", "the encoder is {} wide, the transformer takes {}", models.t5xxl->config.d_model, c.context_in_dim);

@@ -340,9 +340,10 @@ std::unique_ptr<Family> load_sd_family(const FamilyOptions& options) {
   if (path.empty()) fail("pretrained_model_name_or_path", "required: a single-file SD checkpoint or a diffusers folder");
   if (options.clip_skip && *options.clip_skip < 1) fail("clip_skip", "expected 1 or more, got {}", *options.clip_skip);
 
-  SdModels models = fs::is_directory(path) ? load_diffusers_folder(path)
-                                           : load_ldm_checkpoint(path, options.v2 ? SdConfig::sd2() : SdConfig::sd1());
-  if (options.vae) models.vae = load_vae(*options.vae, models.vae->config);
+  const at::ScalarType dtype = weights_dtype(options);
+  SdModels models = fs::is_directory(path) ? load_diffusers_folder(path, dtype)
+                                           : load_ldm_checkpoint(path, options.v2 ? SdConfig::sd2() : SdConfig::sd1(), dtype);
+  if (options.vae) models.vae = load_vae(*options.vae, models.vae->config, dtype);
   ClipTokenizer tokenizer = load_clip_tokenizer(options);
   const int64_t vocab = models.text_encoder->config.vocab_size;
   if (std::max(tokenizer.bos_id(), tokenizer.eos_id()) >= vocab) {

@@ -312,10 +312,10 @@ std::unique_ptr<Family> load_sdxl_family(const FamilyOptions& options) {
   if (options.v2) fail("--v2", "SDXL is not SD 2.x: drop --v2 (kohya refuses it for SDXL too)");
   if (options.clip_skip) spdlog::warn("--clip_skip does nothing for SDXL, as in kohya's SDXL scripts");
 
-  SdxlModels models = fs::is_directory(path) ? load_sdxl_diffusers_folder(path)
-                                             : load_sgm_checkpoint(path, SdxlConfig::base(), at::kFloat,
-                                                                   options.text_projection_as_kohya);
-  if (options.vae) models.vae = load_vae(*options.vae, models.vae->config);
+  const at::ScalarType dtype = weights_dtype(options);
+  SdxlModels models = fs::is_directory(path) ? load_sdxl_diffusers_folder(path, dtype)
+                                             : load_sgm_checkpoint(path, SdxlConfig::base(), dtype, options.text_projection_as_kohya);
+  if (options.vae) models.vae = load_vae(*options.vae, models.vae->config, dtype);
   const ClipTokenizer tokenizer = load_clip_tokenizer(options);
   for (const ClipTextModel& te : {models.text_encoder1, models.text_encoder2}) {
     if (std::max(tokenizer.bos_id(), tokenizer.eos_id()) >= te->config.vocab_size) {
