@@ -77,7 +77,8 @@ int main(int argc, char** argv) {
   if (world.size > 1) MPI_Barrier(MPI_COMM_WORLD);
   spdlog::set_level(spdlog::level::warn);
   // kohya's split of --blocks_to_swap; each swapped frozen block comes in once in forward, once in backward.
-  const int64_t moved = 2 * ((swap / 2) * double_bytes + (swap - swap / 2) * 2 * single_bytes);
+  // fp8 storage moves one byte per weight where the blocks were made with two.
+  const int64_t moved = 2 * ((swap / 2) * double_bytes + (swap - swap / 2) * 2 * single_bytes) / (precision == "bf16+fp8" ? 2 : 1);
   if (world.rank == 0) {
     fmt::print("FLUX-width transformer: hidden {}, {} double + {} single blocks, {:.2f} G weights ({:.0f} MiB per double "
                "block, {:.0f} MiB per single block, {}); {}x{} images, batch 1 per rank, {} timed steps, precision {}\n",
