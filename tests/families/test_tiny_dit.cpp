@@ -19,7 +19,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using testing_support::bitwise_equal;
-using testing_support::mean;
 using testing_support::relative_difference;
 
 // Blocks enough to swap: --blocks_to_swap 2 swaps 1 of the 3 double blocks and 2 of the 4 single blocks (kohya's FLUX
@@ -43,8 +42,7 @@ TEST_P(TinyDitTraining, LossFallsThroughTheSameTrainer) {
   args.max_train_steps = 120;
   const TrainSummary summary = train(args, World{}, mode);
   ASSERT_EQ(summary.losses.size(), 120u);
-  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 100, 120);
-  std::cout << "[tiny_dit] mean loss of the first 20 steps " << first << ", of the last 20 " << last << "\n";
+  const auto [first, last] = testing_support::loss_trend(summary.losses, "[tiny_dit]");
   EXPECT_LT(last, 0.8 * first);
   const safetensors::File weights(summary.weights_path);
   if (mode == TrainMode::network) {

@@ -21,7 +21,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using testing_support::bitwise_equal;
-using testing_support::mean;
 using testing_support::relative_difference;
 
 class CudaTraining : public ::testing::Test {
@@ -83,8 +82,7 @@ TEST_F(CudaTraining, Bf16AutocastLowersTheLoss) {
   args.mixed_precision = "bf16";
   args.max_train_steps = 120;
   const TrainSummary summary = train(args, World{}, TrainMode::network);
-  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 100, 120);
-  std::cout << "[cuda] bf16: mean loss of the first 20 steps " << first << ", of the last 20 " << last << "\n";
+  const auto [first, last] = testing_support::loss_trend(summary.losses, "[cuda] bf16");
   EXPECT_LT(last, 0.8 * first);
 }
 
@@ -104,8 +102,7 @@ TEST_F(CudaTraining, Fp8BaseWithFp8TextEncodersTrainsAFluxLora) {
   args.learning_rate = 1e-2;
   args.max_train_steps = 60;
   const TrainSummary summary = train(args, World{}, TrainMode::network);
-  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 40, 60);
-  std::cout << "[cuda] FLUX fp8 base: mean loss of the first 20 steps " << first << ", of the last 20 " << last << "\n";
+  const auto [first, last] = testing_support::loss_trend(summary.losses, "[cuda] FLUX fp8 base");
   EXPECT_LT(last, first);
   fs::remove_all(root);
 }

@@ -16,7 +16,6 @@ namespace sdt {
 namespace {
 
 namespace fs = std::filesystem;
-using testing_support::mean;
 
 // A LoRA of the transformer and CLIP-L at lr 1e-2 for 120 steps: the mean loss of the last 20 steps falls below 0.9x
 // the first 20's (the tiny model fits the toy images' colours; seed 1 goes from 1.33 to 1.14).
@@ -28,8 +27,7 @@ TEST(FluxTraining, LoraLossFallsAndTheFileIsKohyasFluxLora) {
   args.max_train_steps = 120;
   const TrainSummary summary = train(args, World{}, TrainMode::network);
   ASSERT_EQ(summary.losses.size(), 120u);
-  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 100, 120);
-  std::cout << "FLUX LoRA loss: first 20 steps " << first << ", last 20 " << last << "\n";
+  const auto [first, last] = testing_support::loss_trend(summary.losses, "FLUX LoRA");
   EXPECT_LT(last, 0.9 * first);
   const safetensors::File file(summary.weights_path);
   EXPECT_EQ(file.metadata().at("ss_base_model_version"), "flux1");
@@ -85,8 +83,7 @@ TEST(FluxTraining, Fp8BaseTrainsALoraAndSwapsItsBlocks) {
     return train(args, World{}, TrainMode::network);
   };
   const TrainSummary summary = run("long", 60, 0);
-  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 40, 60);
-  std::cout << "FLUX fp8 LoRA loss: first 20 steps " << first << ", last 20 " << last << "\n";
+  const auto [first, last] = testing_support::loss_trend(summary.losses, "FLUX fp8 LoRA");
   EXPECT_LT(last, first);
   EXPECT_EQ(safetensors::File(summary.weights_path).metadata().at("ss_fp8_base"), "True");
   EXPECT_TRUE(testing_support::bitwise_equal(run("plain", 3, 0).weights_path, run("swapped", 3, 2).weights_path));
@@ -163,8 +160,7 @@ TEST(FluxTraining, ChromaLoraTrainsTheTransformerAlone) {
   args.learning_rate = 1e-2;
   args.max_train_steps = 60;
   const TrainSummary summary = train(args, World{}, TrainMode::network);
-  const double first = mean(summary.losses, 0, 20), last = mean(summary.losses, 40, 60);
-  std::cout << "Chroma LoRA loss: first 20 steps " << first << ", last 20 " << last << "\n";
+  const auto [first, last] = testing_support::loss_trend(summary.losses, "Chroma LoRA");
   EXPECT_LT(last, first);
   const safetensors::File file(summary.weights_path);
   EXPECT_EQ(file.metadata().at("ss_base_model_version"), "chroma");

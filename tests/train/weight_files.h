@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <iostream>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -61,6 +62,16 @@ inline double mean(const std::vector<double>& losses, size_t from, size_t to) {
   return std::accumulate(losses.begin() + static_cast<std::ptrdiff_t>(from), losses.begin() + static_cast<std::ptrdiff_t>(to),
                          0.0) /
          static_cast<double>(to - from);
+}
+
+// The mean loss of a run's first and of its last 20 steps, printed under `what` (the figure a note quotes).
+struct LossTrend {
+  double first = 0, last = 0;
+};
+inline LossTrend loss_trend(const std::vector<double>& losses, const std::string& what) {
+  const LossTrend trend{mean(losses, 0, 20), mean(losses, losses.size() - 20, losses.size())};
+  std::cout << what << ": mean loss of the first 20 steps " << trend.first << ", of the last 20 " << trend.last << "\n";
+  return trend;
 }
 
 }  // namespace sdt::testing_support
