@@ -1,10 +1,12 @@
 #include "src/train/trained_model.h"
 
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include "src/core/error.h"
 #include "src/models/fp8.h"
 #include "src/networks/lora.h"
+#include "src/networks/merge.h"
 
 namespace sdt {
 namespace {
@@ -17,6 +19,33 @@ std::optional<at::ScalarType> save_dtype(const TrainArgs& args) {
   fail("--save_precision", "'{}' is not one of float, fp16, bf16", p);
 }
 
+// --base_weights (with --base_weights_multiplier, 1 where not given): LoRAs merged into the base models before the
+// network is made, computed in fp32 and stored in the models' dtype, as kohya's merge_to.
+void merge_base_weights(const TrainArgs& args, Family& family) {
+  if (args.base_weights.empty()) return;
+  std::vector<double> multipliers;
+  for (size_t i = 0; i < args.base_weights.size(); ++i) {
+    multipliers.push_back(i < args.base_weights_multiplier.size() ? args.base_weights_multiplier[i] : 1.0);
+  }
+  const std::vector<std::string> unmatched = merge_loras_into_targets(family.network_targets(true), args.base_weights, multipliers, at::kFloat);
+  spdlog::info("merged {} into the base model ({} weights for modules it lacks skipped)", fmt::join(args.base_weights, ", "), unmatched.size());
+}
+
+// The network's configuration: the family's module reading the network arguments, or with --dim_from_weights kohya's
+// create_network_from_weights: the modules, dims and alphas of --network_weights, and none of the other network
+// arguments (dropouts, block lists, LoRA+, patterns, split_qkv), which do not reach that network in kohya either.
+LoRANetworkConfig network_config(const TrainArgs& args, const Family& family) {
+  LoRANetworkConfig config = family.network_config(args);
+  if (!args.dim_from_weights) return config;
+  if (!args.network_weights) fail("--dim_from_weights", "needs --network_weights, the file whose modules, dims and alphas make the network");
+  LoRANetworkConfig from_file;
+  from_file.network_module = config.network_module;
+  from_file.blocks = config.blocks;
+  from_file.lr_per_text_encoder = config.lr_per_text_encoder;
+  from_file.modules_dim_alpha = lora_dims_from_file(safetensors::File(*args.network_weights));
+  return from_file;
+}
+
 // train_network.py: a LoRA network on the frozen denoiser and text encoder; its groups are kohya's
 // prepare_optimizer_params (text encoder, U-Net or its blocks, LoRA+).
 class NetworkTraining final : public TrainedModel {
@@ -24,6 +53,7 @@ class NetworkTraining final : public TrainedModel {
   NetworkTraining(const TrainArgs& args, Family& family, const Precision& precision, at::Generator generator)
       : save_dtype_(save_dtype(args)), no_metadata_(args.no_metadata), scale_weight_norms_(args.scale_weight_norms) {
     const ModelBundle& models = family.models();
+    merge_base_weights(args, family);
     if (precision.fp8_denoiser) {
       store_denoiser_in_fp8(*models.denoiser);
     } else {
@@ -37,7 +67,7 @@ class NetworkTraining final : public TrainedModel {
       }
     }
     trains_text_encoder_ = !args.network_train_unet_only;
-    const LoRANetworkConfig config = family.network_config(args);
+    const LoRANetworkConfig config = network_config(args, family);
     if (args.network_module != config.network_module) {
       fail("--network_module", "'{}': sdt trains {} with kohya's '{}'", args.network_module.value_or(""), family.name(), config.network_module);
     }
@@ -96,6 +126,8 @@ class WholeModelTraining final : public TrainedModel {
       fail(args.fp8_base ? "--fp8_base" : "--fp8_base_unet", "stores the frozen base model of a network in fp8; full "
            "fine-tuning trains it (kohya's full fine-tuning scripts accept the flag and ignore it)");
     }
+    if (!args.base_weights.empty()) fail("--base_weights", "is a network training argument (train_network.py); merge LoRAs into the checkpoint with `sdt merge-lora`");
+    if (args.dim_from_weights) fail("--dim_from_weights", "is a network training argument (train_network.py)");
     const ModelBundle& models = family.models();
     models.denoiser->to(precision.frozen);
     for (const auto& encoder : models.text_encoders) encoder->to(precision.frozen);

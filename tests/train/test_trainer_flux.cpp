@@ -7,7 +7,9 @@
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
+#include "src/families/family.h"
 #include "src/models/flux_checkpoint.h"
+#include "src/networks/merge.h"
 #include "src/train/trainer.h"
 #include "tests/train/toy_dataset.h"
 #include "tests/train/weight_files.h"
@@ -92,6 +94,45 @@ TEST(FluxTraining, Fp8BaseTrainsALoraAndSwapsItsBlocks) {
   full.fp8_base = true;
   full.output_dir = (root / "full").string();
   EXPECT_THROW(train(full, World{}, TrainMode::whole_model), Error);
+  fs::remove_all(root);
+}
+
+// kohya's --base_weights: a LoRA merged into the base model before training (here at 0.7) trains exactly as the
+// same LoRA merged into the checkpoint beforehand (the family's merge, written as BFL's file): the same weights bit for
+// bit. --dim_from_weights makes the network from --network_weights' modules and dims (4, not --network_dim 8).
+TEST(FluxTraining, BaseWeightsAndDimFromWeightsAreKohyas) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_base_weights";
+  fs::remove_all(root);
+  const auto run = [&](const std::string& name, const std::function<void(TrainArgs&)>& configure) {
+    TrainArgs args = testing_support::tiny_flux_run(root);
+    args.learning_rate = 1e-2;
+    args.max_train_steps = 3;
+    args.network_train_unet_only = true;  // the merged checkpoint holds the transformer only
+    args.output_dir = (root / name).string();
+    configure(args);
+    return train(args, World{}, TrainMode::network).weights_path;
+  };
+  const std::string lora = run("lora", [](TrainArgs&) {});
+  const std::string merged = (root / "merged.safetensors").string();
+  {
+    TrainArgs args = testing_support::tiny_flux_run(root);
+    const std::unique_ptr<Family> flux = load_family("flux", family_options_from_args(args));
+    merge_loras_into_targets(flux->network_targets(true), {lora}, {0.7}, at::kFloat);
+    flux->save_checkpoint(merged, std::nullopt, {});
+  }
+  const std::string on_merged = run("on_merged", [&](TrainArgs& a) { a.pretrained_model_name_or_path = merged; });
+  const std::string with_base = run("with_base", [&](TrainArgs& a) {
+    a.base_weights = {lora};
+    a.base_weights_multiplier = {0.7};
+  });
+  EXPECT_TRUE(testing_support::bitwise_equal(with_base, on_merged));
+  EXPECT_FALSE(testing_support::bitwise_equal(with_base, lora)) << "the same run without the merge";
+  const std::string from_weights = run("from_weights", [&](TrainArgs& a) {
+    a.network_weights = lora;
+    a.dim_from_weights = true;
+    a.network_dim = 8;
+  });
+  EXPECT_EQ(safetensors::File(from_weights).info("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight").shape[0], 4);
   fs::remove_all(root);
 }
 
