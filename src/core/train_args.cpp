@@ -443,6 +443,11 @@ ParsedTrainArgs parse_train_args(const std::vector<std::string>& argv) {
     check_choices(*g.spec, value, "command line");
     g.spec->set(parsed.args, value);
   }
+  // kohya's old spelling wins where given (train_util.prepare_dataset_args).
+  if (parsed.args.caption_extention) {
+    parsed.args.caption_extension = *parsed.args.caption_extention;
+    parsed.args.caption_extention.reset();
+  }
   return parsed;
 }
 

@@ -149,6 +149,23 @@ void check_supported(const TrainArgs& args, TrainMode mode) {
   if (args.full_bf16 && args.mixed_precision != "bf16") fail("--full_bf16", "requires --mixed_precision bf16, as in kohya");
   if (args.vae_latents != "sample" && args.vae_latents != "mean") fail("--vae_latents", "'{}' is not one of sample, mean", args.vae_latents);
   if (args.no_token_padding) fail("--no_token_padding", "not supported: sdt pads captions as kohya does by default");
+  // kohya flags whose effect sdt does not have: refused by name rather than accepted and ignored.
+  if (args.deepspeed) {
+    fail("--deepspeed", "sdt shards without DeepSpeed: --sharding optimizer | gradients | full are ZeRO stages 1, 2 and 3");
+  }
+  if (args.dataset_class) fail("--dataset_class", "a Python dataset class cannot run in sdt; describe the data with --dataset_config");
+  if (args.huggingface_repo_id || args.save_state_to_huggingface || args.resume_from_huggingface) {
+    fail(args.huggingface_repo_id ? "--huggingface_repo_id" : args.save_state_to_huggingface ? "--save_state_to_huggingface"
+                                                                                               : "--resume_from_huggingface",
+         "uploading to and resuming from the Hugging Face Hub is not built in sdt; the files are written to --output_dir");
+  }
+  if (args.log_with && *args.log_with != "tensorboard") {
+    fail("--log_with", "'{}': sdt writes TensorBoard event files and JSON lines (see --logging_dir); Weights & Biases is not built", *args.log_with);
+  }
+  if (args.initial_epoch || args.initial_step || args.skip_until_initial_step) {
+    fail(args.initial_step ? "--initial_step" : args.initial_epoch ? "--initial_epoch" : "--skip_until_initial_step",
+         "starting the schedule at a chosen step is not built in sdt; --resume continues a run where it stopped");
+  }
   if (args.gradient_accumulation_steps < 1) fail("--gradient_accumulation_steps", "must be at least 1");
   if (args.train_batch_size < 1) fail("--train_batch_size", "must be at least 1, got {}", args.train_batch_size);
   if (!args.max_train_epochs && args.max_train_steps < 1) {  // --max_train_epochs, when given, sets the steps
@@ -253,6 +270,7 @@ class Trainer {
   std::unique_ptr<BatchPlanner> planner_;
   int64_t batches_per_epoch_ = 0, updates_per_epoch_ = 0, samples_per_update_ = 0;
   int64_t max_train_steps_ = 0, num_epochs_ = 0;
+  std::optional<int64_t> save_every_n_epochs_;  // --save_every_n_epochs, or kohya's from --save_n_epoch_ratio
   std::unique_ptr<LrScheduler> scheduler_;
   LoaderOptions loader_options_;
   std::unique_ptr<DataLoader> loader_;
@@ -460,6 +478,10 @@ void Trainer::set_up_data() {
   }
   max_train_steps_ = args_.max_train_epochs ? *args_.max_train_epochs * updates_per_epoch_ : args_.max_train_steps;
   num_epochs_ = (max_train_steps_ + updates_per_epoch_ - 1) / updates_per_epoch_;
+  save_every_n_epochs_ = args_.save_every_n_epochs;
+  if (args_.save_n_epoch_ratio && *args_.save_n_epoch_ratio > 0) {  // kohya: floor(epochs / ratio), at least 1
+    save_every_n_epochs_ = std::max<int64_t>(1, num_epochs_ / *args_.save_n_epoch_ratio);
+  }
   spdlog::info("{} training images with repeats, {} regularization; {} batches per epoch, {} optimizer steps per epoch, "
                "{} steps over {} epochs",
                num_train_images_, num_reg_images_, batches_per_epoch_, updates_per_epoch_, max_train_steps_, num_epochs_);
@@ -613,6 +635,7 @@ void Trainer::set_up_outputs() {
   meta_.max_grad_norm = python_str(args_.max_grad_norm);
   meta_.min_snr_gamma = python_str(args_.min_snr_gamma);
   meta_.loss_type = args_.loss_type;
+  meta_.training_comment = python_str(args_.training_comment);
   meta_.fp8_base = python_str(args_.fp8_base);
   meta_.fp8_base_unet = python_str(args_.fp8_base_unet);
 }
@@ -799,6 +822,7 @@ TrainSummary Trainer::run() {
   summary_.first_step = position_.global_step;
   progress_ = std::make_unique<ProgressBar>(max_train_steps_, position_.global_step);
   for (double l : position_.recent_losses) recent_sum_ += l;
+  if (args_.sample_at_first) on_rank0_with_whole_models(true, [&] { sample_images(std::nullopt); });
   const int64_t first_epoch = position_.epoch, first_batch = position_.epoch_step;
   for (int64_t epoch = first_epoch; epoch <= num_epochs_ && position_.global_step < max_train_steps_; ++epoch) {
     loader_->start_epoch(epoch, epoch == first_epoch ? first_batch : 0, position_.global_step);
@@ -896,7 +920,8 @@ void Trainer::outputs_after_update(int64_t epoch) {
       if (auto r = step_to_remove(global_step, every, keep, true)) remove_saved(fmt::format("{}-step{:08d}", output_name_, *r), true);
     }
   }
-  if (!prompts_.empty() && args_.sample_every_n_steps && global_step % *args_.sample_every_n_steps == 0) {
+  // kohya samples by steps only when no --sample_every_n_epochs is given.
+  if (!prompts_.empty() && args_.sample_every_n_steps && !args_.sample_every_n_epochs && global_step % *args_.sample_every_n_steps == 0) {
     on_rank0_with_whole_models(true, [&] { sample_images(std::nullopt); });
   }
   if (validation_loader_ && args_.validate_every_n_steps && global_step % *args_.validate_every_n_steps == 0) {
@@ -909,8 +934,8 @@ void Trainer::outputs_after_epoch(int64_t epoch) {
   if (validation_loader_ && (!args_.validate_every_n_epochs || epoch % *args_.validate_every_n_epochs == 0)) {
     log_validation("epoch", validation_loss(), epoch);
   }
-  if (epoch < num_epochs_ && args_.save_every_n_epochs && epoch % *args_.save_every_n_epochs == 0) {
-    const int64_t every = *args_.save_every_n_epochs;
+  if (epoch < num_epochs_ && save_every_n_epochs_ && epoch % *save_every_n_epochs_ == 0) {
+    const int64_t every = *save_every_n_epochs_;
     on_rank0_with_whole_models(trained_->trains_denoiser_weights(), [&] {
       summary_.weights_path = save_weights(fmt::format("{}-{:06d}", output_name_, epoch), epoch);
       if (args_.save_last_n_epochs && epoch - every * *args_.save_last_n_epochs > 0) {

@@ -63,6 +63,12 @@ TEST(TrainArgs, CommandLineFormsOfArgparse) {
   EXPECT_EQ(p.config_path, "");
 }
 
+// kohya's old spelling --caption_extention, where given, sets --caption_extension (train_util.prepare_dataset_args).
+TEST(TrainArgs, OldCaptionExtentionSpellingSetsTheCaptionExtension) {
+  EXPECT_EQ(parse_train_args({"--caption_extension", ".caption", "--caption_extention", ".txt"}).args.caption_extension, ".txt");
+  EXPECT_EQ(parse_train_args({"--caption_extension", ".tags"}).args.caption_extension, ".tags");
+}
+
 TEST(TrainArgs, UnambiguousPrefixIsAcceptedAsArgparseDoes) {
   EXPECT_EQ(parse_train_args({"--max_train_ste", "30"}).args.max_train_steps, 30);
   std::string e = error_of({"--network_d", "4"});

@@ -318,6 +318,59 @@ TEST(Trainer, SaveLastNStepsRemovesOlderFiles) {
   fs::remove_all(root);
 }
 
+// kohya's epoch arithmetic around saving and sampling: --save_n_epoch_ratio 2 over 4 epochs saves every
+// floor(4 / 2) = 2 epochs; --sample_at_first samples before the first step; with --sample_every_n_epochs given,
+// --sample_every_n_steps is ignored (epochs 2 and the end only). --training_comment reaches the metadata.
+TEST(Trainer, EpochRatioSamplingAtFirstAndTheCommentAreKohyas) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_epoch_ratio";
+  fs::remove_all(root);
+  fs::create_directories(root);
+  std::ofstream(root / "prompts.txt") << "a red square --w 64 --h 64 --s 2 --d 5\n";
+  TrainArgs args = tiny_run(root);
+  args.max_train_steps = 0;
+  args.max_train_epochs = 4;
+  args.save_n_epoch_ratio = 2;
+  args.sample_prompts = (root / "prompts.txt").string();
+  args.sample_at_first = true;
+  args.sample_every_n_steps = 1;
+  args.sample_every_n_epochs = 2;
+  args.training_comment = "trained by the test";
+  const TrainSummary summary = train(args, World{}, TrainMode::network);
+  const fs::path out = root / "out";
+  EXPECT_FALSE(fs::exists(out / "toy-000001.safetensors"));
+  EXPECT_TRUE(fs::exists(out / "toy-000002.safetensors"));
+  EXPECT_FALSE(fs::exists(out / "toy-000003.safetensors"));
+  std::vector<std::string> samples;
+  for (const auto& e : fs::directory_iterator(out / "sample")) samples.push_back(e.path().filename().string().substr(0, 11));
+  std::sort(samples.begin(), samples.end());
+  EXPECT_EQ(samples, (std::vector<std::string>{"toy_000000_", "toy_e000002", "toy_e000004"}));
+  EXPECT_EQ(safetensors::File(summary.weights_path).metadata().at("ss_training_comment"), "trained by the test");
+  fs::remove_all(root);
+}
+
+// kohya flags whose effect sdt does not have are refused, naming the flag, before anything loads.
+TEST(Trainer, KohyaFlagsWithoutAnEffectHereAreRefusedByName) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_refused_flags";
+  fs::remove_all(root);
+  const std::vector<std::pair<std::string, std::function<void(TrainArgs&)>>> flags{
+      {"--deepspeed", [](TrainArgs& a) { a.deepspeed = true; }},
+      {"--dataset_class", [](TrainArgs& a) { a.dataset_class = "my.Dataset"; }},
+      {"--huggingface_repo_id", [](TrainArgs& a) { a.huggingface_repo_id = "me/lora"; }},
+      {"--log_with", [](TrainArgs& a) { a.log_with = "wandb"; }},
+      {"--initial_step", [](TrainArgs& a) { a.initial_step = 2; }}};
+  for (const auto& [flag, set] : flags) {
+    TrainArgs args = tiny_run(root);
+    set(args);
+    try {
+      train(args, World{}, TrainMode::network);
+      ADD_FAILURE() << flag << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(flag), std::string::npos) << e.what();
+    }
+  }
+  fs::remove_all(root);
+}
+
 }  // namespace
 }  // namespace sdt
 
