@@ -102,6 +102,14 @@ flux=("${flux_model[@]}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
       --console_log_level WARNING)
 check "flux_train_network trains a FLUX LoRA with block swap" 0 "" -- "$sdt" flux_train_network "${flux[@]}" \
   --network_module networks.lora_flux --network_args train_t5xxl=True --blocks_to_swap 2 --output_dir "$work/flux_lora" --output_name lora
+check "kohya's README FLUX LoRA command (bf16, fp8 base, 8-bit AdamW, cached latents and T5) runs as given" 0 "saved" -- \
+  "$sdt" flux_train_network "${flux[@]}" --cache_latents_to_disk --save_model_as safetensors --sdpa \
+  --persistent_data_loader_workers --max_data_loader_n_workers 2 --seed 42 --gradient_checkpointing --mixed_precision bf16 \
+  --save_precision bf16 --network_module networks.lora_flux --network_dim 4 --network_train_unet_only \
+  --optimizer_type adamw8bit --learning_rate 1e-4 --cache_text_encoder_outputs --cache_text_encoder_outputs_to_disk \
+  --fp8_base --highvram --save_every_n_epochs 1 --timestep_sampling shift --discrete_flow_shift 3.1582 \
+  --model_prediction_type raw --guidance_scale 1.0 --output_dir "$work/flux_readme" --output_name flux-lora-name \
+  --console_log_level INFO
 check "the LoRA has kohya's lora_flux names" 0 "lora_unet_single_blocks_0_linear1.lora_down.weight" -- \
   "$sdt" inspect "$work/flux_lora/lora.safetensors"
 check "cache-te encodes FLUX's text-encoder outputs" 0 "" -- "$sdt" cache-te "${flux[@]}" --cache_dir "$work/flux_cache"

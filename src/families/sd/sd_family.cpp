@@ -199,7 +199,8 @@ EncodedLatents SdLatentsCachingStrategy::encode(const at::Tensor& images, bool f
     const at::Tensor z = sampling == LatentSampling::mean ? posterior.mean : posterior.sample(generator);
     return (z - shift_factor_) * scaling_factor_;
   };
-  const at::Tensor on_device = images.to(module_device(*vae));
+  // kohya's cache_batch_latents: the images in the VAE's device and dtype (bf16 under --mixed_precision).
+  const at::Tensor on_device = images.to(module_device(*vae), vae->parameters().front().scalar_type());
   EncodedLatents out{latents_of(on_device), {}};
   if (flip_aug) out.flipped = latents_of(on_device.flip({3}));
   return out;
