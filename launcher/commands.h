@@ -58,6 +58,7 @@ int run_sample(const SampleCommand& command, const std::vector<std::string>& mod
 struct MergeLoraCommand {
   bool concat = false, shuffle = false, no_metadata = false;
   std::string sd_model, save_to, precision = "float", save_precision;
+  std::string clip_l_save_to, t5xxl_save_to;  // flux_merge_lora.py: the text encoders a FLUX checkpoint does not hold
   std::vector<std::string> models;
   std::vector<double> ratios;
 };

@@ -128,6 +128,14 @@ check "merge-lora merges a FLUX LoRA into the transformer" 0 "" -- "$sdt" merge-
   "$src/tests/fixtures/flux/tiny/transformer.safetensors" --models "$work/flux_lora/lora.safetensors" --ratios 0.8 \
   --save_to "$work/flux_merged.safetensors" "${flux_model[@]:2}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
 check "the merged transformer keeps BFL's names" 0 "double_blocks.0.img_attn.qkv.weight" -- "$sdt" inspect "$work/flux_merged.safetensors"
+check "merge-lora names the text encoders it merged but does not write" 0 "give --t5xxl_save_to" -- "$sdt" merge-lora --sd_model \
+  "$src/tests/fixtures/flux/tiny/transformer.safetensors" --models "$work/flux_lora/lora.safetensors" --ratios 0.8 \
+  --save_to "$work/flux_merged2.safetensors" "${flux_model[@]:2}" --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
+check "merge-lora writes T5 with its LoRA merged (--t5xxl_save_to)" 0 "" -- "$sdt" merge-lora --sd_model \
+  "$src/tests/fixtures/flux/tiny/transformer.safetensors" --models "$work/flux_lora/lora.safetensors" --ratios 0.8 \
+  --save_to "$work/flux_merged3.safetensors" --t5xxl_save_to "$work/t5_merged.safetensors" "${flux_model[@]:2}" \
+  --tokenizer "$src/tests/fixtures/sd/sampling/tokenizer"
+check "the merged T5 has transformers' names" 0 "encoder.block.0.layer.0.SelfAttention.q.weight" -- "$sdt" inspect "$work/t5_merged.safetensors"
 check "convert-flux-lora writes ai-toolkit's layout" 0 "saved" -- "$sdt" convert-flux-lora --src sd-scripts --dst ai-toolkit \
   --src_path "$work/flux_lora/lora.safetensors" --dst_path "$work/flux_lora_ait.safetensors"
 check "the converted LoRA has diffusers' names" 0 "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" -- \

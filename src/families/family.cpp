@@ -105,6 +105,10 @@ std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions
   return it->second.load(options);
 }
 
+void Family::save_text_encoder(const std::string& name, const std::string&, std::optional<at::ScalarType>) const {
+  fail(name, "{}'s checkpoint holds its text encoders; there is no separate file to write", this->name());
+}
+
 Conditioning Family::image_conditioning(const std::vector<ImageGeometry>&) const { return {}; }
 
 const at::Tensor& conditioning_tensor(const Conditioning& conditioning, std::string_view name) {

@@ -166,6 +166,11 @@ class Family {
   // The whole model as the single file users load (full fine-tuning's output), in `dtype` or each weight's own.
   virtual void save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
                                const safetensors::Metadata& metadata) const = 0;
+  // The text encoders kept in files of their own beside the checkpoint, by kohya's flag for each, at their
+  // NetworkTarget::text_encoder index (FLUX: "clip_l", "t5xxl"); empty where the checkpoint holds them.
+  virtual std::vector<std::string> separate_text_encoders() const { return {}; }
+  // Writes the one called `name` as that flag reads it (an sdt::Error for a name not among them).
+  virtual void save_text_encoder(const std::string& name, const std::string& path, std::optional<at::ScalarType> dtype) const;
 
   // ---- training hooks
 

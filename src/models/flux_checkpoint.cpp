@@ -266,16 +266,33 @@ T5EncoderModel load_t5_encoder(const std::string& path, at::ScalarType dtype) {
 
 AutoencoderKL load_flux_autoencoder(const std::string& path, at::ScalarType dtype) { return load_vae(path, VaeConfig::flux(), dtype); }
 
-void save_flux_transformer(const std::string& path, const FluxTransformer& transformer, std::optional<at::ScalarType> dtype,
-                           const safetensors::Metadata& metadata) {
+namespace {
+
+// A model's parameters under their own names (sdt's names are the reference's), in `dtype` or each weight's own.
+NamedTensors parameters_of(const torch::nn::Module& model, std::optional<at::ScalarType> dtype) {
   NamedTensors tensors;
-  for (const auto& item : transformer->named_parameters()) {
+  for (const auto& item : model.named_parameters()) {
     const at::Tensor value = item.value().detach();
     tensors.emplace_back(item.key(), dtype ? value.to(*dtype) : value);
   }
+  return tensors;
+}
+
+}  // namespace
+
+void save_flux_transformer(const std::string& path, const FluxTransformer& transformer, std::optional<at::ScalarType> dtype,
+                           const safetensors::Metadata& metadata) {
   safetensors::Metadata m = metadata;
   if (transformer->config.head_dim() != 128) m["flux_axes_dim"] = nlohmann::json(transformer->config.axes_dim).dump();
-  save_safetensors(path, tensors, m);
+  save_safetensors(path, parameters_of(*transformer, dtype), m);
+}
+
+void save_flux_clip_l(const std::string& path, const ClipTextModel& clip, std::optional<at::ScalarType> dtype) {
+  save_safetensors(path, parameters_of(*clip, dtype), {});
+}
+
+void save_t5_encoder(const std::string& path, const T5EncoderModel& t5, std::optional<at::ScalarType> dtype) {
+  save_safetensors(path, parameters_of(*t5, dtype), {});
 }
 
 }  // namespace sdt

@@ -45,5 +45,9 @@ AutoencoderKL load_flux_autoencoder(const std::string& path, at::ScalarType dtyp
 // The transformer as BFL's single file (full fine-tuning's output): its own names, `dtype` or each weight's own.
 void save_flux_transformer(const std::string& path, const FluxTransformer& transformer, std::optional<at::ScalarType> dtype,
                            const safetensors::Metadata& metadata);
+// CLIP-L and T5 as the files --clip_l and --t5xxl read (transformers' names, T5's embedding as shared.weight): kohya's
+// flux_merge_lora.py --clip_l_save_to / --t5xxl_save_to. `dtype` or each weight's own.
+void save_flux_clip_l(const std::string& path, const ClipTextModel& clip, std::optional<at::ScalarType> dtype);
+void save_t5_encoder(const std::string& path, const T5EncoderModel& t5, std::optional<at::ScalarType> dtype);
 
 }  // namespace sdt

@@ -225,6 +225,17 @@ TEST(FluxLora, MergedIntoTheModelGivesTheOutputsOfTheAppliedLora) {
   EXPECT_TRUE(skipped.empty()) << skipped.size() << " keys skipped, first " << skipped.front();
   expect_close("merged kohya LoRA transformer", flux_out(*flux), reference().at("lora.flux_out"), 1e-5);
   expect_close("merged kohya LoRA CLIP-L pooled", clip_pooled(*flux), reference().at("lora.clip_pooled"), 1e-5);
+  // flux_merge_lora.py's --clip_l_save_to: the merged CLIP-L as the file --clip_l reads (here in a folder with the tiny
+  // CLIP-L's config.json, which a file of CLIP ViT-L/14's own size does not need), giving the same output.
+  const std::filesystem::path folder = std::filesystem::path(::testing::TempDir()) / "merged_clip_l";
+  std::filesystem::create_directories(folder);
+  std::filesystem::copy_file(SDT_FIXTURES "/sd/sd1/text_encoder/config.json", folder / "config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  flux->save_text_encoder("clip_l", (folder / "model.safetensors").string(), std::nullopt);
+  ClipTextModel reloaded = load_flux_clip_l(folder.string());
+  expect_close("saved merged CLIP-L pooled", reloaded->forward(reference().at("lora.input.ids")).pooled, clip_pooled(*flux), 0.0);
+  EXPECT_EQ(flux->separate_text_encoders(), (std::vector<std::string>{"clip_l", "t5xxl"}));
+  std::filesystem::remove_all(folder);
 }
 
 }  // namespace

@@ -159,6 +159,13 @@ void FluxFamily::save_checkpoint(const std::string& path, std::optional<at::Scal
   save_flux_transformer(path, models_.transformer, dtype, metadata);
 }
 
+void FluxFamily::save_text_encoder(const std::string& name, const std::string& path, std::optional<at::ScalarType> dtype) const {
+  if (name == "t5xxl") return save_t5_encoder(path, models_.t5xxl, dtype);
+  if (name != "clip_l") Family::save_text_encoder(name, path, dtype);
+  if (!models_.clip_l) fail("--clip_l_save_to", "Chroma has no CLIP-L");
+  save_flux_clip_l(path, models_.clip_l, dtype);
+}
+
 std::unique_ptr<TrainingObjective> FluxFamily::make_objective(const TrainArgs& args) const {
   return std::make_unique<FlowMatchingObjective>(flow_matching_options_from_args(args));
 }

@@ -62,6 +62,9 @@ class FluxFamily : public Family {
   // flux_train.py's output: the transformer in BFL's single file.
   void save_checkpoint(const std::string& path, std::optional<at::ScalarType> dtype,
                        const safetensors::Metadata& metadata) const override;
+  // CLIP-L and T5, each a file of its own (--clip_l, --t5xxl).
+  std::vector<std::string> separate_text_encoders() const override { return {"clip_l", "t5xxl"}; }
+  void save_text_encoder(const std::string& name, const std::string& path, std::optional<at::ScalarType> dtype) const override;
 
   std::string name() const override { return "flux"; }
   std::unique_ptr<TrainingObjective> make_objective(const TrainArgs& args) const override;  // FlowMatchingObjective
