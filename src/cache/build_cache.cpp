@@ -261,8 +261,14 @@ std::string format_duration(double seconds) {
 std::string weights_sha256(const std::vector<const torch::nn::Module*>& modules) {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (size_t m = 0; m < modules.size(); ++m) {
-    for (const auto& p : modules[m]->named_parameters(true)) tensors.emplace_back(fmt::format("{}.{}", m, p.key()), p.value());
-    for (const auto& b : modules[m]->named_buffers(true)) tensors.emplace_back(fmt::format("{}.{}", m, b.key()), b.value());
+    // A network's tensors on a layer (its child `lora`) are not the model's: a partial cache stays valid across runs.
+    const auto own = [](const std::string& key) { return key.find(".lora.") == std::string::npos; };
+    for (const auto& p : modules[m]->named_parameters(true)) {
+      if (own(p.key())) tensors.emplace_back(fmt::format("{}.{}", m, p.key()), p.value());
+    }
+    for (const auto& b : modules[m]->named_buffers(true)) {
+      if (own(b.key())) tensors.emplace_back(fmt::format("{}.{}", m, b.key()), b.value());
+    }
   }
   std::sort(tensors.begin(), tensors.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   EVP_MD_CTX* context = EVP_MD_CTX_new();

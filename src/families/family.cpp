@@ -105,6 +105,12 @@ std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions
   return it->second.load(options);
 }
 
+bool TextEncodingStrategy::encodes_alone(const std::set<int>&) const { return false; }
+
+Conditioning TextEncodingStrategy::encode_alone(const Tokens&, const std::set<int>& encoders) const {
+  fail("text encoding", "this family encodes its captions with all its text encoders at once, not {} alone", fmt::join(encoders, ", "));
+}
+
 void Family::save_text_encoder(const std::string& name, const std::string&, std::optional<at::ScalarType>) const {
   fail(name, "{}'s checkpoint holds its text encoders; there is no separate file to write", this->name());
 }

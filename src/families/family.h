@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -64,6 +65,12 @@ class TextEncodingStrategy {
   // The denoiser's text conditioning (SD: "hidden_state", the hidden states (B, 2 + 75n, D)). Weights, when the tokens
   // carry them, multiply the hidden states token by token.
   virtual Conditioning encode(const Tokens& tokens) const = 0;
+  // kohya's partial text-encoder cache: whether the text encoders in `encoders` (NetworkTarget::text_encoder indices)
+  // give their part of the conditioning alone while the others' comes from a cache (FLUX: CLIP-L's "l_pooled" beside
+  // cached T5 outputs). None by default: the cache is refused while a text encoder trains.
+  virtual bool encodes_alone(const std::set<int>& encoders) const;
+  // That part, from the same tokens as encode (for the names it returns, it replaces the cached tensors).
+  virtual Conditioning encode_alone(const Tokens& tokens, const std::set<int>& encoders) const;
 };
 
 // How latents come out of the VAE's posterior: its mean (deterministic), or a sample drawn from it (kohya).

@@ -77,6 +77,7 @@ class NetworkTraining final : public TrainedModel {
     }
     network_ = LoRANetwork(config, family.network_targets(config.adapts_conv_blocks()), trains_text_encoder_,
                            !args.network_train_text_encoder_only, generator);
+    trains_text_encoder_ = !network_->text_encoder_loras.empty();  // Chroma has no CLIP-L to adapt
     if (args.network_weights) {
       const LoadResult loaded = network_->load_weights(*args.network_weights);
       if (loaded.loaded == 0) {
@@ -94,6 +95,11 @@ class NetworkTraining final : public TrainedModel {
   }
 
   const char* state_name() const override { return "network"; }
+  std::set<int> trained_text_encoders() const override {
+    std::set<int> encoders;
+    for (const auto& lora : network_->text_encoder_loras) encoders.insert(lora->text_encoder);
+    return encoders;
+  }
   bool trains_denoiser_weights() const override { return false; }
   std::vector<at::Tensor> kept_whole() const override { return network_->parameters(); }
   void to(c10::Device device) override { network_->to(device); }
@@ -144,6 +150,15 @@ class WholeModelTraining final : public TrainedModel {
   }
 
   const char* state_name() const override { return "full"; }
+  std::set<int> trained_text_encoders() const override {
+    std::set<int> encoders;
+    if (!trains_text_encoder_) return encoders;
+    const auto& all = family_.models().text_encoders;
+    for (const auto& trained : trained_text_encoders_) {
+      encoders.insert(static_cast<int>(std::find(all.begin(), all.end(), trained) - all.begin()));
+    }
+    return encoders;
+  }
   bool trains_denoiser_weights() const override { return true; }
   std::vector<at::Tensor> kept_whole() const override { return {}; }
   void to(c10::Device) override {}  // the family's models are all it trains

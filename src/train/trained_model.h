@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -35,6 +36,8 @@ class TrainedModel {
   // gathers them in the autocast dtype).
   virtual bool trains_denoiser_weights() const = 0;
   bool trains_text_encoder() const { return trains_text_encoder_; }
+  // Which of the family's text encoders train (NetworkTarget::text_encoder indices); empty when none does.
+  virtual std::set<int> trained_text_encoders() const = 0;
   // Tensors a block runner must keep whole: a LoRA's weights inside sharded blocks.
   virtual std::vector<at::Tensor> kept_whole() const = 0;
 

@@ -271,6 +271,7 @@ class Trainer {
   int64_t batches_per_epoch_ = 0, updates_per_epoch_ = 0, samples_per_update_ = 0;
   int64_t max_train_steps_ = 0, num_epochs_ = 0;
   std::optional<int64_t> save_every_n_epochs_;  // --save_every_n_epochs, or kohya's from --save_n_epoch_ratio
+  std::set<int> encoded_each_step_;  // with cached text-encoder outputs: the trained encoders whose part is encoded
   std::unique_ptr<LrScheduler> scheduler_;
   LoaderOptions loader_options_;
   std::unique_ptr<DataLoader> loader_;
@@ -548,10 +549,14 @@ void Trainer::set_up_caches() {
                  latent_cache_->size(), built.valid_before, built.encoded);
   }
   if (args_.cache_text_encoder_outputs || args_.cache_text_encoder_outputs_to_disk) {
-    if (trained_->trains_text_encoder()) {
+    // kohya's partial cache: a trained encoder whose part of the conditioning comes alone (FLUX's CLIP-L) encodes
+    // every step, the others' outputs come from the cache.
+    const std::set<int> trained = trained_->trained_text_encoders();
+    if (!trained.empty() && !family_->text_encoding_strategy().encodes_alone(trained)) {
       fail("--cache_text_encoder_outputs", "the text encoder is trained, so its outputs change every step: add "
                                            "--network_train_unet_only, or do not cache them");
     }
+    encoded_each_step_ = trained;
     const CacheOptions options = cache_options(args_.cache_text_encoder_outputs_to_disk, ".sdt_text_encoder_cache",
                                                "--cache_text_encoder_outputs_to_disk", "caching text-encoder outputs");
     build_text_encoder_cache(*family_, args_, options, blueprint_, indexes_, world_);
@@ -733,6 +738,14 @@ Conditioning Trainer::batch_conditioning(const TrainBatch& batch) const {
     } else {
       conditioning = family_->text_encoder_outputs_caching_strategy().outputs_from_cache(text_cache_->read_batch(batch.captions));
       for (auto& [name, c] : conditioning) c = c.to(device_, at::kFloat);
+      if (!encoded_each_step_.empty()) {  // the trained encoders' part, encoded now, replaces the cached one
+        const Tokens tokens = family_->tokenize_strategy().tokenize(batch.captions, args_.weighted_captions);
+        for (auto& [name, fresh] : family_->text_encoding_strategy().encode_alone(tokens, encoded_each_step_)) {
+          for (auto& [cached_name, c] : conditioning) {
+            if (cached_name == name) c = fresh;
+          }
+        }
+      }
     }
   }
   for (auto& named : image_conditioning(*family_, batch, device_)) conditioning.push_back(std::move(named));

@@ -160,9 +160,9 @@ TEST(FluxTraining, BlockSwapChangesNoBit) {
 }
 
 // kohya's --cache_text_encoder_outputs for FLUX: the cached l_pooled, t5_out, txt_ids and t5_attn_mask give the
-// losses of encoding each step (the transformer's LoRA only), with T5's mask applied in T5 and in the transformer; so
-// do cached latents (the autoencoder's mean, shifted and scaled, under kohya's size keys). Outputs cached with the
-// mask are refused by a run without it.
+// losses of encoding each step (the transformer's LoRA, and with CLIP-L's too), with T5's mask applied in T5 and in
+// the transformer; so do cached latents (the autoencoder's mean, shifted and scaled, under kohya's size keys).
+// Outputs cached with the mask are refused by a run without it.
 TEST(FluxTraining, CachedLatentsAndTextEncoderOutputsGiveTheLossesOfEncodingOnTheFly) {
   const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_cache";
   fs::remove_all(root);
@@ -173,6 +173,19 @@ TEST(FluxTraining, CachedLatentsAndTextEncoderOutputsGiveTheLossesOfEncodingOnTh
   args.flip_aug = true;
   args.vae_latents = "mean";
   testing_support::expect_cached_runs_give_the_losses_of_encoding(args, (root / "cached").string());
+  // kohya's partial cache: with CLIP-L's LoRA trained, T5's outputs come from the cache and CLIP-L encodes every step;
+  // the losses are those of encoding both on the fly. T5's LoRA with the cache is refused, as in kohya.
+  args.network_train_unet_only = false;
+  args.learning_rate = 5e-2;  // CLIP-L's LoRA moves l_pooled well beyond the tolerance within the run
+  args.output_dir = (root / "with_clip_l").string();
+  testing_support::expect_cached_runs_give_the_losses_of_encoding(args, (root / "cached_with_clip_l").string());
+  args.network_args = {"train_t5xxl=True"};
+  args.cache_text_encoder_outputs = true;
+  EXPECT_THROW(train(args, World{}, TrainMode::network), Error);
+  args.network_args.clear();
+  args.cache_text_encoder_outputs = false;
+  args.network_train_unet_only = true;
+  args.learning_rate = 2e-6;
   // Outputs cached with T5's mask are not this run's without it (kohya does not use them either): a named error.
   args.apply_t5_attn_mask = false;
   args.cache_latents_to_disk = true;

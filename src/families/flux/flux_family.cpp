@@ -57,6 +57,16 @@ Conditioning FluxTextEncodingStrategy::encode(const Tokens& tokens) const {
   return {{"l_pooled", pooled}, {"t5_out", t5_out}, {"txt_ids", txt_ids}, {"t5_attn_mask", mask}};
 }
 
+bool FluxTextEncodingStrategy::encodes_alone(const std::set<int>& encoders) const {
+  return clip_l_ && encoders == std::set<int>{0};
+}
+
+Conditioning FluxTextEncodingStrategy::encode_alone(const Tokens& tokens, const std::set<int>& encoders) const {
+  if (!encodes_alone(encoders)) TextEncodingStrategy::encode_alone(tokens, encoders);
+  ClipTextModel clip = clip_l_;
+  return {{"l_pooled", clip->forward(tokens.ids.at(0).flatten(0, 1).to(module_device(*clip))).pooled}};
+}
+
 // ---------------------------------------------------------------- the family
 
 namespace {

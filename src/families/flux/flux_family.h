@@ -38,6 +38,10 @@ class FluxTextEncodingStrategy : public TextEncodingStrategy {
  public:
   FluxTextEncodingStrategy(ClipTextModel clip_l, T5EncoderModel t5, int64_t pooled_dim, bool apply_t5_attn_mask);
   Conditioning encode(const Tokens& tokens) const override;
+  // CLIP-L (0) alone gives "l_pooled" while T5's outputs come from a cache (kohya: a trained CLIP-L with cached
+  // text-encoder outputs); T5 (1) does not (kohya refuses the cache when T5 trains).
+  bool encodes_alone(const std::set<int>& encoders) const override;
+  Conditioning encode_alone(const Tokens& tokens, const std::set<int>& encoders) const override;
 
  private:
   ClipTextModel clip_l_;
