@@ -53,11 +53,7 @@ CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
 std::unique_ptr<BlockEngine> swap_engine(Family& family, int64_t blocks_to_swap, Communicator& communicator) {
   if (blocks_to_swap <= 0) return nullptr;
   const ParallelPlan plan = family.parallel_plan();
-  if (!plan.swap) fail("--blocks_to_swap", "{}", plan.no_block_swap_reason);
-  BlockEngineOptions options;
-  for (const ParallelPlan::SwapStack& stack : plan.swap(blocks_to_swap)) {
-    if (stack.blocks_to_swap > 0) options.swap.push_back({stack.first, stack.count, stack.blocks_to_swap});
-  }
+  BlockEngineOptions options{.swap = plan.swapped(blocks_to_swap)};
   auto engine = std::make_unique<BlockEngine>(plan.blocks, std::vector<at::Tensor>{}, communicator, options);
   family.set_block_runner(engine.get());
   return engine;

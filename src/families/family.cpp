@@ -105,6 +105,15 @@ std::unique_ptr<Family> load_family(const std::string& name, const FamilyOptions
   return it->second.load(options);
 }
 
+std::vector<SwapStack> ParallelPlan::swapped(int64_t blocks_to_swap) const {
+  if (!swap) fail("--blocks_to_swap", "{}", no_block_swap_reason);
+  std::vector<SwapStack> stacks;
+  for (const SwapStack& stack : swap(blocks_to_swap)) {
+    if (stack.blocks_to_swap > 0) stacks.push_back(stack);
+  }
+  return stacks;
+}
+
 bool TextEncodingStrategy::encodes_alone(const std::set<int>&) const { return false; }
 
 Conditioning TextEncodingStrategy::encode_alone(const Tokens&, const std::set<int>& encoders) const {

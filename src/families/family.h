@@ -130,12 +130,12 @@ struct ParallelPlan {
   std::vector<std::shared_ptr<torch::nn::Module>> blocks;
   // Stacks of identical blocks among `blocks`, [first, first + count), and how many of each --blocks_to_swap k swaps:
   // the family's rule, kohya's for its scripts (FLUX splits k over its double and single blocks).
-  struct SwapStack {
-    size_t first = 0, count = 0;
-    int64_t blocks_to_swap = 0;
-  };
   std::function<std::vector<SwapStack>(int64_t blocks_to_swap)> swap;  // empty: --blocks_to_swap is refused
   std::string no_block_swap_reason;                                     // why, when `swap` is empty
+
+  // The stacks --blocks_to_swap k moves blocks of (a stack the rule swaps none of is left out); an sdt::Error with
+  // no_block_swap_reason when the family swaps nothing.
+  std::vector<SwapStack> swapped(int64_t blocks_to_swap) const;
 };
 
 // One optimizer group of full fine-tuning: parameters of one of the family's models at one learning rate.

@@ -165,6 +165,13 @@ struct RecomputeState {
   };
 };
 
+// Blocks [first, first + count) of a runner's blocks are identical and swap kohya's way, blocks_to_swap of them (at
+// most count - 2): a family's parallel plan names them, the block engine moves them.
+struct SwapStack {
+  size_t first = 0, count = 0;
+  int64_t blocks_to_swap = 0;
+};
+
 // Runs a model's repeated blocks (the U-Net's ResNets and Transformer2Ds, a DiT's double and single blocks) when the
 // model's weights are not all resident: full sharding gathers a block's weights just before it runs, block swap copies
 // them in from the host, and both recompute the block in backward (src/parallel/block_engine.h). `module` is the

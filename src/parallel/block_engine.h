@@ -62,12 +62,6 @@
 
 namespace sdt {
 
-// blocks [first, first + count) are identical and swap kohya's way, blocks_to_swap of them (at most count - 2).
-struct SwapStack {
-  size_t first = 0, count = 0;
-  int64_t blocks_to_swap = 0;
-};
-
 struct BlockEngineOptions {
   Sharding sharding = Sharding::none;  // none or full
   std::vector<SwapStack> swap;

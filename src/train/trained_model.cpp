@@ -66,7 +66,6 @@ class NetworkTraining final : public TrainedModel {
         encoder->to(precision.frozen);
       }
     }
-    trains_text_encoder_ = !args.network_train_unet_only;
     const LoRANetworkConfig config = network_config(args, family);
     if (args.network_module != config.network_module) {
       fail("--network_module", "'{}': sdt trains {} with kohya's '{}'", args.network_module.value_or(""), family.name(), config.network_module);
@@ -75,9 +74,14 @@ class NetworkTraining final : public TrainedModel {
       fail("--scale_weight_norms", "not with split_qkv: kohya's lora_flux measures the norms on a combined copy and never "
            "scales the weights, so there is no reference to follow");
     }
-    network_ = LoRANetwork(config, family.network_targets(config.adapts_conv_blocks()), trains_text_encoder_,
+    network_ = LoRANetwork(config, family.network_targets(config.adapts_conv_blocks()), !args.network_train_unet_only,
                            !args.network_train_text_encoder_only, generator);
     trains_text_encoder_ = !network_->text_encoder_loras.empty();  // Chroma has no CLIP-L to adapt
+    if (config.lr_per_text_encoder && !args.text_encoder_lr.empty()) {  // kohya's ss_text_encoder_lr: the whole list
+      std::vector<std::string> lrs;
+      for (double lr : args.text_encoder_lr) lrs.push_back(python_str(lr));
+      text_encoder_lrs_ = fmt::format("[{}]", fmt::join(lrs, ", "));
+    }
     if (args.network_weights) {
       const LoadResult loaded = network_->load_weights(*args.network_weights);
       if (loaded.loaded == 0) {
@@ -110,13 +114,17 @@ class NetworkTraining final : public TrainedModel {
   }
 
   void save(const std::string& path, const LoRATrainingMetadata& metadata) const override {
-    safetensors::Metadata m = no_metadata_ ? minimum_network_metadata(metadata.to_metadata()) : metadata.to_metadata();
-    m.insert(metadata.model_spec.begin(), metadata.model_spec.end());
+    LoRATrainingMetadata own = metadata;  // what only the network knows: its module, lora_flux's lr list
+    own.network_module = network_->config.network_module;
+    if (text_encoder_lrs_) own.text_encoder_lr = *text_encoder_lrs_;
+    safetensors::Metadata m = no_metadata_ ? minimum_network_metadata(own.to_metadata()) : own.to_metadata();
+    m.insert(own.model_spec.begin(), own.model_spec.end());
     network_->save_weights(path, save_dtype_, m);
   }
 
  private:
   LoRANetwork network_{nullptr};
+  std::optional<std::string> text_encoder_lrs_;
   std::optional<at::ScalarType> save_dtype_;
   bool no_metadata_;
   std::optional<double> scale_weight_norms_;

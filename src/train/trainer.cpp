@@ -432,12 +432,7 @@ std::unique_ptr<BlockEngine> Trainer::make_block_engine(Sharding sharding) {
   const ParallelPlan plan = family_->parallel_plan();
   const int64_t blocks_to_swap = args_.blocks_to_swap.value_or(0);
   BlockEngineOptions options{.sharding = sharding == Sharding::full ? Sharding::full : Sharding::none};
-  if (blocks_to_swap > 0) {
-    if (!plan.swap) fail("--blocks_to_swap", "{}", plan.no_block_swap_reason);
-    for (const ParallelPlan::SwapStack& stack : plan.swap(blocks_to_swap)) {
-      if (stack.blocks_to_swap > 0) options.swap.push_back({stack.first, stack.count, stack.blocks_to_swap});
-    }
-  }
+  if (blocks_to_swap > 0) options.swap = plan.swapped(blocks_to_swap);
   if (sharding != Sharding::full && options.swap.empty()) return nullptr;
   // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
   if (trained_->trains_denoiser_weights() && precision_.autocast && precision_.trained == at::kFloat) {
@@ -583,15 +578,6 @@ void Trainer::set_up_outputs() {
   meta_.output_name = output_name_;
   meta_.learning_rate = python_str(args_.learning_rate);
   meta_.text_encoder_lr = python_str(args_.text_encoder_lr.empty() ? std::nullopt : std::optional<double>(args_.text_encoder_lr[0]));
-  if (mode_ == TrainMode::network) {
-    const LoRANetworkConfig network = family_->network_config(args_);
-    meta_.network_module = network.network_module;
-    if (network.lr_per_text_encoder && !args_.text_encoder_lr.empty()) {  // kohya writes the whole list
-      std::vector<std::string> lrs;
-      for (double lr : args_.text_encoder_lr) lrs.push_back(python_str(lr));
-      meta_.text_encoder_lr = fmt::format("[{}]", fmt::join(lrs, ", "));
-    }
-  }
   meta_.unet_lr = python_str(args_.unet_lr);
   meta_.num_train_images = python_str(num_train_images_);
   meta_.num_reg_images = python_str(num_reg_images_);

@@ -62,7 +62,7 @@ bool FluxTextEncodingStrategy::encodes_alone(const std::set<int>& encoders) cons
 }
 
 Conditioning FluxTextEncodingStrategy::encode_alone(const Tokens& tokens, const std::set<int>& encoders) const {
-  if (!encodes_alone(encoders)) TextEncodingStrategy::encode_alone(tokens, encoders);
+  if (!encodes_alone(encoders)) return TextEncodingStrategy::encode_alone(tokens, encoders);  // its named error
   ClipTextModel clip = clip_l_;
   return {{"l_pooled", clip->forward(tokens.ids.at(0).flatten(0, 1).to(module_device(*clip))).pooled}};
 }
@@ -171,7 +171,7 @@ void FluxFamily::save_checkpoint(const std::string& path, std::optional<at::Scal
 
 void FluxFamily::save_text_encoder(const std::string& name, const std::string& path, std::optional<at::ScalarType> dtype) const {
   if (name == "t5xxl") return save_t5_encoder(path, models_.t5xxl, dtype);
-  if (name != "clip_l") Family::save_text_encoder(name, path, dtype);
+  if (name != "clip_l") return Family::save_text_encoder(name, path, dtype);  // its named error
   if (!models_.clip_l) fail("--clip_l_save_to", "Chroma has no CLIP-L");
   save_flux_clip_l(path, models_.clip_l, dtype);
 }
@@ -210,7 +210,7 @@ ParallelPlan FluxFamily::parallel_plan() const {
                    std::max<int64_t>(0, std::min<int64_t>(2 * (static_cast<int64_t>(doubles) - 2) + 1,
                                                           (static_cast<int64_t>(singles) - 2) / 2 * 2)));
             }
-            return std::vector<ParallelPlan::SwapStack>{{0, doubles, double_swapped}, {doubles, singles, single_swapped}};
+            return std::vector<SwapStack>{{0, doubles, double_swapped}, {doubles, singles, single_swapped}};
           }};
 }
 

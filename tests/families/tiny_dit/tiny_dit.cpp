@@ -224,7 +224,7 @@ class TinyDitFamily final : public Family {
   ParallelPlan parallel_plan() const override {
     const size_t doubles = dit_->double_blocks->size(), singles = dit_->single_blocks->size();
     return {.blocks = dit_->blocks(), .swap = [doubles, singles](int64_t k) {
-              return std::vector<ParallelPlan::SwapStack>{{0, doubles, k / 2}, {doubles, singles, (k - k / 2) * 2}};
+              return std::vector<SwapStack>{{0, doubles, k / 2}, {doubles, singles, (k - k / 2) * 2}};
             }};
   }
   void set_block_runner(BlockRunner* runner) override { dit_->block_runner = runner; }
