@@ -48,12 +48,13 @@ CLI::App* add_sample_command(CLI::App& app, SampleCommand& c) {
 }
 
 // --blocks_to_swap k: the family's swappable blocks (its parallel plan, kohya's split) run through a forward-only
-// block engine, their weights on the host and copied in as kohya's schedule needs them. Made before the models move
-// to the device, so swapped blocks never reach it. Null without swap.
+// block engine, their weights on the host and copied in as kohya's schedule needs them (read there straight from the
+// checkpoint when the family deferred them). Made before the models move to the device, so swapped blocks never reach
+// it. Null without swap.
 std::unique_ptr<BlockEngine> swap_engine(Family& family, int64_t blocks_to_swap, Communicator& communicator) {
   if (blocks_to_swap <= 0) return nullptr;
   const ParallelPlan plan = family.parallel_plan();
-  BlockEngineOptions options{.swap = plan.swapped(blocks_to_swap)};
+  BlockEngineOptions options{.swap = plan.swapped(blocks_to_swap), .read_deferred = plan.deferred_weights};
   auto engine = std::make_unique<BlockEngine>(plan.blocks, std::vector<at::Tensor>{}, communicator, options);
   family.set_block_runner(engine.get());
   return engine;
@@ -64,6 +65,7 @@ int run_sample(const SampleCommand& command, const std::vector<std::string>& mod
   const TrainArgs args = parse_train_args(model_flags).args;
   FamilyOptions model = family_options_from_args(args);
   if (!command.tokenizer_vocab.empty()) model.tokenizer = command.tokenizer_vocab;
+  model.defer_block_weights = args.blocks_to_swap.value_or(0) > 0;
   const std::unique_ptr<Family> family = load_family(family_of_checkpoint(args.family, model.pretrained_model_name_or_path), model);
   const c10::Device device = select_device(args.device, 0);
   const std::unique_ptr<Communicator> communicator = make_communicator(World{}, device);

@@ -132,6 +132,9 @@ struct ParallelPlan {
   // the family's rule, kohya's for its scripts (FLUX splits k over its double and single blocks).
   std::function<std::vector<SwapStack>(int64_t blocks_to_swap)> swap;  // empty: --blocks_to_swap is refused
   std::string no_block_swap_reason;                                     // why, when `swap` is empty
+  // Set when the family built its blocks without weights (FamilyOptions::defer_block_weights): block b's parameter
+  // `name` (as the block names it) read whole from the checkpoint, a view of the mapped file where it can be.
+  std::function<at::Tensor(int64_t block, const std::string& name)> deferred_weights;
 
   // The stacks --blocks_to_swap k moves blocks of (a stack the rule swaps none of is left out); an sdt::Error with
   // no_block_swap_reason when the family swaps nothing.

@@ -229,7 +229,7 @@ at::Tensor SingleStreamBlockImpl::forward(const at::Tensor& x, const at::Tensor&
 
 // ---------------------------------------------------------------- the transformer
 
-FluxTransformerImpl::FluxTransformerImpl(FluxConfig c) : config(std::move(c)) {
+FluxTransformerImpl::FluxTransformerImpl(FluxConfig c, BlockWeights blocks) : config(std::move(c)) {
   if (config.hidden_size % config.num_heads != 0) {
     fail("FLUX config", "hidden size {} is not a multiple of the {} heads", config.hidden_size, config.num_heads);
   }
@@ -245,8 +245,12 @@ FluxTransformerImpl::FluxTransformerImpl(FluxConfig c) : config(std::move(c)) {
     distilled_guidance_layer = register_module("distilled_guidance_layer", ChromaApproximator(config));
   }
   txt_in = register_module("txt_in", Linear(config.context_in_dim, config.hidden_size));
-  for (int64_t i = 0; i < config.depth; ++i) double_blocks->push_back(DoubleStreamBlock(config));
-  for (int64_t i = 0; i < config.depth_single_blocks; ++i) single_blocks->push_back(SingleStreamBlock(config));
+  const auto add = [&](torch::nn::ModuleList& list, std::shared_ptr<torch::nn::Module> block) {
+    if (blocks == BlockWeights::deferred) defer_weights(*block);
+    list->push_back(block);
+  };
+  for (int64_t i = 0; i < config.depth; ++i) add(double_blocks, DoubleStreamBlock(config).ptr());
+  for (int64_t i = 0; i < config.depth_single_blocks; ++i) add(single_blocks, SingleStreamBlock(config).ptr());
   register_module("double_blocks", double_blocks);
   register_module("single_blocks", single_blocks);
   final_layer = register_module("final_layer", FluxLastLayer(config));

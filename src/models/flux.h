@@ -143,7 +143,9 @@ struct FluxLastLayerImpl : torch::nn::Module {
 TORCH_MODULE(FluxLastLayer);
 
 struct FluxTransformerImpl : torch::nn::Module {
-  explicit FluxTransformerImpl(FluxConfig config);
+  // With BlockWeights::deferred the double and single blocks are built without weights, one at a time, so building
+  // never holds more than one block's.
+  explicit FluxTransformerImpl(FluxConfig config, BlockWeights blocks = BlockWeights::allocated);
 
   // kohya's Flux.forward / Chroma.forward: img (B, N, in_channels) packed latents, img_ids (B, N, 3), txt (B, S,
   // context_in_dim), txt_ids (B, S, 3), timesteps (B) in [0, 1] (kohya's timesteps / 1000), y (B, vec_in_dim) (unused by

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -56,38 +57,23 @@ std::string diffusers_transformer_folder(const std::string& path) {
   return "";
 }
 
-// Every tensor of a diffusers folder's weight files (diffusion_pytorch_model*.safetensors: one file or shards).
-std::map<std::string, at::Tensor> diffusers_weights(const std::string& folder) {
-  std::map<std::string, at::Tensor> tensors;
-  for (const auto& entry : fs::directory_iterator(folder)) {
-    const std::string name = entry.path().filename().string();
-    if (!name.starts_with("diffusion_pytorch_model") || !name.ends_with(".safetensors")) continue;
-    const safetensors::File file(entry.path().string());
-    for (const auto& info : file.tensors()) tensors[info.name] = load_tensor(file, info.name);
-  }
-  if (tensors.empty()) fail(folder, "no diffusion_pytorch_model*.safetensors weights");
-  return tensors;
-}
+// diffusers' tensors for each of BFL's, the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers: one
+// renamed, several concatenated along dim 0 (q, k, v; the single blocks' MLP input fused with them), or the final
+// modulation's halves swapped (diffusers' AdaLayerNormContinuous holds (scale, shift), BFL's (shift, scale)).
+struct DiffusersSource {
+  std::vector<std::string> keys;
+  bool swap_halves = false;
+};
 
-// diffusers' names -> BFL's, the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers.
-std::map<std::string, at::Tensor> bfl_from_diffusers(std::map<std::string, at::Tensor> d, const FluxConfig& c, const std::string& folder) {
-  std::map<std::string, at::Tensor> out;
-  const auto take = [&](const std::string& key) {
-    const auto it = d.find(key);
-    if (it == d.end()) fail(folder, "no tensor '{}': not the FLUX transformer its config describes", key);
-    at::Tensor t = it->second;
-    d.erase(it);
-    return t;
-  };
+std::map<std::string, DiffusersSource> diffusers_sources(const FluxConfig& c) {
+  std::map<std::string, DiffusersSource> out;
   const auto linear = [&](const std::string& from, const std::string& to) {
-    out[to + ".weight"] = take(from + ".weight");
-    out[to + ".bias"] = take(from + ".bias");
+    for (const char* part : {".weight", ".bias"}) out[to + part] = {{from + part}};
   };
   const auto fused = [&](const std::vector<std::string>& from, const std::string& to) {
     for (const char* part : {".weight", ".bias"}) {
-      std::vector<at::Tensor> pieces;
-      for (const std::string& f : from) pieces.push_back(take(f + part));
-      out[to + part] = at::cat(pieces, 0);
+      DiffusersSource& source = out[to + part];
+      for (const std::string& f : from) source.keys.push_back(f + part);
     }
   };
   linear("x_embedder", "img_in");
@@ -106,10 +92,10 @@ std::map<std::string, at::Tensor> bfl_from_diffusers(std::map<std::string, at::T
     linear(a + "norm1_context.linear", b + "txt_mod.lin");
     fused({a + "attn.to_q", a + "attn.to_k", a + "attn.to_v"}, b + "img_attn.qkv");
     fused({a + "attn.add_q_proj", a + "attn.add_k_proj", a + "attn.add_v_proj"}, b + "txt_attn.qkv");
-    out[b + "img_attn.norm.query_norm.scale"] = take(a + "attn.norm_q.weight");
-    out[b + "img_attn.norm.key_norm.scale"] = take(a + "attn.norm_k.weight");
-    out[b + "txt_attn.norm.query_norm.scale"] = take(a + "attn.norm_added_q.weight");
-    out[b + "txt_attn.norm.key_norm.scale"] = take(a + "attn.norm_added_k.weight");
+    out[b + "img_attn.norm.query_norm.scale"] = {{a + "attn.norm_q.weight"}};
+    out[b + "img_attn.norm.key_norm.scale"] = {{a + "attn.norm_k.weight"}};
+    out[b + "txt_attn.norm.query_norm.scale"] = {{a + "attn.norm_added_q.weight"}};
+    out[b + "txt_attn.norm.key_norm.scale"] = {{a + "attn.norm_added_k.weight"}};
     linear(a + "attn.to_out.0", b + "img_attn.proj");
     linear(a + "attn.to_add_out", b + "txt_attn.proj");
     linear(a + "ff.net.0.proj", b + "img_mlp.0");
@@ -122,16 +108,13 @@ std::map<std::string, at::Tensor> bfl_from_diffusers(std::map<std::string, at::T
     linear(a + "norm.linear", b + "modulation.lin");
     fused({a + "attn.to_q", a + "attn.to_k", a + "attn.to_v", a + "proj_mlp"}, b + "linear1");
     linear(a + "proj_out", b + "linear2");
-    out[b + "norm.query_norm.scale"] = take(a + "attn.norm_q.weight");
-    out[b + "norm.key_norm.scale"] = take(a + "attn.norm_k.weight");
+    out[b + "norm.query_norm.scale"] = {{a + "attn.norm_q.weight"}};
+    out[b + "norm.key_norm.scale"] = {{a + "attn.norm_k.weight"}};
   }
-  // diffusers' AdaLayerNormContinuous holds (scale, shift); BFL's final modulation (shift, scale).
   for (const char* part : {".weight", ".bias"}) {
-    const std::vector<at::Tensor> halves = take(std::string("norm_out.linear") + part).chunk(2, 0);
-    out[std::string("final_layer.adaLN_modulation.1") + part] = at::cat({halves[1], halves[0]}, 0);
+    out[std::string("final_layer.adaLN_modulation.1") + part] = {{std::string("norm_out.linear") + part}, true};
   }
   linear("proj_out", "final_layer.linear");
-  if (!d.empty()) fail(folder, "{} tensors of no FLUX transformer layer, first '{}'", d.size(), d.begin()->first);
   return out;
 }
 
@@ -150,21 +133,6 @@ FluxConfig flux_config_from_diffusers(const std::string& folder) {
   c.axes_dim = j.value("axes_dims_rope", c.axes_dim);
   if (j.value("patch_size", 1) != 1) fail(folder + "/config.json", "patch_size {}: FLUX's transformer takes 1", j.value("patch_size", 1));
   return c;
-}
-
-FluxTransformer load_diffusers_transformer(const std::string& folder, at::ScalarType dtype) {
-  const FluxConfig config = flux_config_from_diffusers(folder);
-  std::map<std::string, at::Tensor> weights = bfl_from_diffusers(diffusers_weights(folder), config, folder);
-  FluxTransformer transformer = ldm::build_in(dtype, [&] { return FluxTransformer(config); });
-  torch::NoGradGuard no_grad;
-  for (auto& item : transformer->named_parameters()) {
-    const at::Tensor& value = weights.at(item.key());
-    if (value.sizes() != item.value().sizes()) {
-      fail(folder, "'{}' is {} where the config gives {}", item.key(), c10::str(value.sizes()), c10::str(item.value().sizes()));
-    }
-    item.value().copy_(value);
-  }
-  return transformer;
 }
 
 }  // namespace
@@ -209,23 +177,97 @@ bool is_flux_checkpoint(const std::string& path) {
   return file.contains(prefix + "double_blocks.0.img_attn.qkv.weight") && file.contains(prefix + "img_in.weight");
 }
 
-FluxTransformer load_flux_transformer(const std::string& path, at::ScalarType dtype) {
+FluxTransformerFile::FluxTransformerFile(const std::string& path) : path_(path) {
   if (fs::is_directory(path)) {
     const std::string folder = diffusers_transformer_folder(path);
     if (folder.empty()) fail(path, "neither a FLUX transformer file nor a diffusers FluxTransformer2DModel folder");
-    return load_diffusers_transformer(folder, dtype);
+    path_ = folder;
+    config_ = flux_config_from_diffusers(folder);
+    // Its weights: one file, or shards (with their index, which is not needed: every shard's keys are in its header).
+    std::map<std::string, size_t> file_of;
+    for (const auto& entry : fs::directory_iterator(folder)) {
+      const std::string name = entry.path().filename().string();
+      if (!name.starts_with("diffusion_pytorch_model") || !name.ends_with(".safetensors")) continue;
+      files_.emplace_back(entry.path().string());
+      for (const auto& info : files_.back().tensors()) file_of[info.name] = files_.size() - 1;
+    }
+    if (files_.empty()) fail(folder, "no diffusion_pytorch_model*.safetensors weights");
+    for (const auto& [name, from] : diffusers_sources(config_)) {
+      Source& source = sources_[name];
+      source.swap_halves = from.swap_halves;
+      for (const std::string& key : from.keys) {
+        const auto it = file_of.find(key);
+        if (it == file_of.end()) fail(folder, "no tensor '{}': not the FLUX transformer its config describes", key);
+        const auto& shape = files_[it->second].info(key).shape;
+        if (source.shape.empty()) {
+          source.shape.assign(shape.begin(), shape.end());
+        } else {
+          source.shape[0] += shape.at(0);
+        }
+        source.parts.push_back({it->second, key});
+        file_of.erase(it);
+      }
+    }
+    if (!file_of.empty()) fail(folder, "{} tensors of no FLUX transformer layer, first '{}'", file_of.size(), file_of.begin()->first);
+    return;
   }
-  const safetensors::File file(path);
+  files_.emplace_back(path);
+  const safetensors::File& file = files_.front();
   const std::string prefix = prefix_of(file);
   if (!file.contains(prefix + "double_blocks.0.img_attn.qkv.weight")) {
     fail(path, "not a FLUX transformer in Black Forest Labs' layout (no double_blocks.0.img_attn.qkv.weight){}",
          file.contains("transformer_blocks.0.attn.add_k_proj.bias") ? ": diffusers' names; give its folder, with config.json" : "");
   }
-  FluxTransformer transformer = ldm::build_in(dtype, [&] { return FluxTransformer(flux_config_from_file(file, prefix)); });
-  ldm::load_parameters(*transformer, file, [&](const std::string& name) { return ldm::Source{prefix + name}; },
-                       [&](const std::string& key) { return key.starts_with(prefix); }, [](const std::string&) { return false; },
-                       "FLUX transformer");
+  config_ = flux_config_from_file(file, prefix);
+  for (const auto& info : file.tensors()) {
+    if (info.name.starts_with(prefix)) sources_[info.name.substr(prefix.size())] = {{{0, info.name}}, false, info.shape};
+  }
+}
+
+at::Tensor FluxTransformerFile::read(const std::string& name, std::optional<at::ScalarType> dtype) const {
+  const auto it = sources_.find(name);
+  if (it == sources_.end()) fail(path_, "no tensor '{}' in this FLUX transformer", name);
+  std::vector<at::Tensor> parts;
+  for (const Part& part : it->second.parts) parts.push_back(load_tensor(files_[part.file], part.key));
+  at::Tensor t = parts.size() == 1 ? parts.front() : at::cat(parts, 0);
+  if (it->second.swap_halves) {
+    const std::vector<at::Tensor> halves = t.chunk(2, 0);
+    t = at::cat({halves[1], halves[0]}, 0);
+  }
+  return dtype ? t.to(*dtype) : t;
+}
+
+void FluxTransformerFile::check_names_and_shapes(const torch::nn::Module& transformer) const {
+  std::vector<std::string> missing, unexpected;
+  std::set<std::string> parameters;
+  for (const auto& item : transformer.named_parameters()) {
+    parameters.insert(item.key());
+    const auto it = sources_.find(item.key());
+    if (it == sources_.end()) {
+      missing.push_back(item.key());
+    } else if (!item.value().sizes().equals(it->second.shape)) {
+      fail(path_, "FLUX transformer parameter {} has shape {}, the checkpoint holds {}", item.key(), c10::str(item.value().sizes()),
+           c10::str(at::IntArrayRef(it->second.shape)));
+    }
+  }
+  for (const auto& [name, source] : sources_) {
+    if (!parameters.contains(name)) unexpected.push_back(name);
+  }
+  ldm::check_keys_match(path_, "FLUX transformer", missing, unexpected);
+}
+
+FluxTransformer load_flux_transformer(const FluxTransformerFile& file, at::ScalarType dtype, BlockWeights blocks) {
+  FluxTransformer transformer = ldm::build_in(dtype, [&] { return FluxTransformer(file.config(), blocks); });
+  file.check_names_and_shapes(*transformer);
+  torch::NoGradGuard no_grad;
+  for (auto& item : transformer->named_parameters()) {
+    if (!item.value().is_meta()) item.value().copy_(file.read(item.key()));  // copy_ converts element by element
+  }
   return transformer;
+}
+
+FluxTransformer load_flux_transformer(const std::string& path, at::ScalarType dtype) {
+  return load_flux_transformer(FluxTransformerFile(path), dtype);
 }
 
 ClipTextModel load_flux_clip_l(const std::string& path, at::ScalarType dtype) {

@@ -28,6 +28,19 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) {
   return d.defined() ? y + d : y;
 }
 
+void defer_weights(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters()) set_parameter_data(p, at::empty(p.sizes(), p.options().device(at::kMeta)));
+}
+
+void set_parameter_data(at::Tensor& parameter, const at::Tensor& data) {
+  if (parameter.is_meta() == data.is_meta()) {
+    parameter.set_data(data);
+  } else {
+    parameter.unsafeGetTensorImpl()->shallow_copy_from(data.getIntrusivePtr());
+  }
+}
+
 ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels, int64_t groups,
                                      double eps) {
   norm1 = register_module("norm1", nn::GroupNorm(nn::GroupNormOptions(groups, in_channels).eps(eps)));

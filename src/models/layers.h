@@ -183,6 +183,19 @@ class BlockRunner {
                                       const std::vector<at::Tensor>& params) = 0;
 };
 
+// Whether a model's repeated blocks are built with their weights, or without them (parameters of their shape and dtype
+// on the meta device, no storage): a block engine then reads each rank's part of them straight from the checkpoint
+// into where it will live (its shard, its swap master), so no process ever holds the whole model
+// (ParallelPlan::deferred_weights).
+enum class BlockWeights { allocated, deferred };
+
+// Replaces every parameter of `module` with a meta tensor of its shape and dtype, freeing its storage.
+void defer_weights(torch::nn::Module& module);
+// Tensor::set_data that also crosses between a dense tensor and a meta one (a deferred weight getting its storage, or
+// losing it). set_data refuses any change of backend kind; both are plain TensorImpls, so swapping the metadata is
+// what set_data does after its check.
+void set_parameter_data(at::Tensor& parameter, const at::Tensor& data);
+
 // How a model runs one of its blocks: through its runner when it has one (the block engine), recomputed in backward
 // under gradient checkpointing (while grad mode is on), or plainly. `block` must hold what it calls (the module by
 // shared pointer), since the recomputation in backward calls it again.

@@ -75,6 +75,11 @@ void load_parameters(torch::nn::Module& module, const safetensors::File& file, c
                      const std::function<bool(const std::string&)>& owned,
                      const std::function<bool(const std::string&)>& ignored, const std::string& what);
 
+// The sdt::Error load_parameters raises when a checkpoint's keys (`missing` from it, `unexpected` in it) do not match
+// the model `what`: the count and the first few of each. Nothing when both are empty.
+void check_keys_match(const std::string& path, const std::string& what, const std::vector<std::string>& missing,
+                      const std::vector<std::string>& unexpected);
+
 // The first of `names` in `folder` (weights files in the order a diffusers folder may hold them); an sdt::Error
 // naming them when there is none.
 std::string find_weights(const std::string& folder, const std::vector<std::string>& names);

@@ -232,12 +232,17 @@ void load_parameters(torch::nn::Module& module, const safetensors::File& file, c
   for (const auto& info : file.tensors()) {
     if (owned(info.name) && !used.count(info.name) && !ignored(info.name)) unexpected.push_back(info.name);
   }
+  check_keys_match(file.path(), what, missing, unexpected);
+}
+
+void check_keys_match(const std::string& path, const std::string& what, const std::vector<std::string>& missing,
+                      const std::vector<std::string>& unexpected) {
   if (missing.empty() && unexpected.empty()) return;
   std::string message = fmt::format("the file does not match the {} architecture:", what);
   if (!missing.empty()) message += fmt::format(" {} missing keys ({})", missing.size(), first_few(missing));
   if (!missing.empty() && !unexpected.empty()) message += ";";
   if (!unexpected.empty()) message += fmt::format(" {} unexpected keys ({})", unexpected.size(), first_few(unexpected));
-  fail(file.path(), "{}", message);
+  fail(path, "{}", message);
 }
 
 }  // namespace ldm

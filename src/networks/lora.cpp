@@ -6,6 +6,7 @@
 #include <regex>
 #include <set>
 
+#include <ATen/autocast_mode.h>
 #include <spdlog/spdlog.h>
 
 #include "src/core/error.h"
@@ -244,7 +245,75 @@ at::Tensor LoRAModuleImpl::delta(const at::Tensor& x) {
   } else {
     out = is_conv() ? conv_up(hs[0]) : linear_up(hs[0]);
   }
-  return out * (multiplier * scale);
+  out = out * (multiplier * scale);
+  if (!ggpo) return out;
+  // LoRA-GGPO: kohya measures the base weight at the module's creation; here the target's weight is measured where it
+  // is sure to be whole (a block engine holds it only while its block runs). It is frozen, so the value is the same.
+  const nn::LinearImpl& layer = *target->as<nn::LinearImpl>();
+  if (!ggpo->org_weight_norm.defined()) {
+    torch::NoGradGuard no_grad;
+    ggpo->org_weight_norm = at::linalg_vector_norm(layer.weight.detach().to(at::kFloat), 2, {1}, true).mean();
+  }
+  if (!is_training() || !ggpo->grad_norms.defined()) return out;
+  at::Tensor perturbation_output;
+  {
+    torch::NoGradGuard no_grad;
+    const at::Tensor& down = linear_down->weight;
+    at::Tensor perturbation = at::randn({layer.options.out_features(), layer.options.in_features()}, down.options());
+    perturbation.mul_(ggpo_perturbation_std().to(down.device()));
+    perturbation_output = at::matmul(x, perturbation.t());
+  }
+  return out + perturbation_output;
+}
+
+at::Tensor LoRAModuleImpl::ggpo_perturbation_std() const {
+  if (!ggpo || !ggpo->grad_norms.defined()) return {};
+  const double norm_factor = 1.0 / std::sqrt(static_cast<double>(target->as<nn::LinearImpl>()->options.out_features()));
+  return (at::sqrt(ggpo->combined_weight_norms.pow(2)) * ggpo->sigma + ggpo->grad_norms.pow(2) * ggpo->beta) * norm_factor;
+}
+
+namespace {
+
+// torch.autocast(device_type) with that type's default dtype (float16 on CUDA, bfloat16 on the CPU), restored on
+// leaving: what kohya's update_grad_norms opens.
+class DefaultAutocast {
+ public:
+  explicit DefaultAutocast(c10::DeviceType device)
+      : device_(device), was_enabled_(at::autocast::is_autocast_enabled(device)), was_dtype_(at::autocast::get_autocast_dtype(device)) {
+    at::autocast::set_autocast_dtype(device, device == c10::DeviceType::CUDA ? at::kHalf : at::kBFloat16);
+    at::autocast::set_autocast_enabled(device, true);
+    at::autocast::increment_nesting();
+  }
+  ~DefaultAutocast() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(device_, was_enabled_);
+    at::autocast::set_autocast_dtype(device_, was_dtype_);
+  }
+  DefaultAutocast(const DefaultAutocast&) = delete;
+  DefaultAutocast& operator=(const DefaultAutocast&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool was_enabled_;
+  at::ScalarType was_dtype_;
+};
+
+}  // namespace
+
+void LoRAModuleImpl::update_ggpo_norms() {
+  if (!ggpo || !is_training()) return;
+  torch::NoGradGuard no_grad;
+  const at::Tensor& down = linear_down->weight;
+  const at::Tensor& up = linear_up->weight;
+  if (down.grad().defined() && up.grad().defined()) {
+    DefaultAutocast autocast(down.device().type());
+    const at::Tensor approx_grad = (at::matmul(up, down.grad()) + at::matmul(up.grad(), down)) * scale_;
+    ggpo->grad_norms = at::linalg_vector_norm(approx_grad, 2, {1}, true);
+  }
+  // kohya's update_norms measures up @ down unscaled (its `module_weights.mul(self.scale)` is not in place).
+  const at::Tensor module_weights = at::matmul(up, down);
+  ggpo->weight_norms = at::linalg_vector_norm(module_weights, 2, {1}, true);
+  ggpo->combined_weight_norms = at::sqrt(ggpo->org_weight_norm.pow(2) + module_weights.pow(2).sum(1, true));
 }
 
 at::Tensor LoRAModuleImpl::delta_weight() const {
@@ -468,6 +537,9 @@ LoRANetworkImpl::LoRANetworkImpl(const LoRANetworkConfig& config, const std::vec
     lora->dropout = config.dropout;
     lora->rank_dropout = config.rank_dropout;
     lora->module_dropout = config.module_dropout;
+    if (config.ggpo_sigma_beta && !lora->is_split() && !lora->is_conv()) {
+      lora->ggpo = LoRAModuleImpl::Ggpo{.sigma = config.ggpo_sigma_beta->first, .beta = config.ggpo_sigma_beta->second};
+    }
     (t.in_denoiser ? unet_loras : text_encoder_loras).push_back(lora);
   }
 
@@ -585,6 +657,24 @@ std::vector<LoraParamGroup> LoRANetworkImpl::prepare_optimizer_params(const std:
     }
   }
   return groups;
+}
+
+std::map<std::string, double> LoRANetworkImpl::update_ggpo_norms() {
+  std::vector<at::Tensor> key, grad, combined;
+  for (auto* list : {&text_encoder_loras, &unet_loras}) {
+    for (auto& lora : *list) {
+      if (!lora->ggpo) continue;
+      lora->update_ggpo_norms();
+      key.push_back(lora->ggpo->weight_norms.mean(0));
+      if (lora->ggpo->grad_norms.defined()) grad.push_back(lora->ggpo->grad_norms.mean(0));
+      combined.push_back(lora->ggpo->combined_weight_norms.mean(0));
+    }
+  }
+  std::map<std::string, double> logs;
+  if (!key.empty()) logs["norm/avg_key_norm"] = at::stack(key).mean().item<double>();
+  if (!grad.empty()) logs["norm/avg_grad_norm"] = at::stack(grad).mean().item<double>();
+  if (!combined.empty()) logs["norm/avg_combined_norm"] = at::stack(combined).mean().item<double>();
+  return logs;
 }
 
 MaxNormResult LoRANetworkImpl::apply_max_norm_regularization(double max_norm) {

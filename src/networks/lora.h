@@ -77,11 +77,23 @@ struct LoRAModuleImpl : torch::nn::Module, Adapter {
   // Sets the weights from a file's (combined for a split module; shapes are checked, naming `file_key`).
   void set_file_weights(const at::Tensor& down, const at::Tensor& up, const std::string& file_key);
 
+  // LoRA-GGPO's norms (`ggpo` set), from the update's synchronised gradients before the optimizer steps: kohya's
+  // update_grad_norms then update_norms.
+  void update_ggpo_norms();
+  // The standard deviation of each row of GGPO's perturbation, (out, 1); undefined before the first update_ggpo_norms.
+  at::Tensor ggpo_perturbation_std() const;
+
   std::string lora_name;
   int block = -1;         // kohya's block index (block dims and lrs); -1: none
   int text_encoder = 0;   // NetworkTarget::text_encoder
   double multiplier = 1.0;
   std::optional<double> dropout, rank_dropout, module_dropout;
+  struct Ggpo {
+    double sigma = 0, beta = 0;
+    at::Tensor org_weight_norm;  // the mean row norm of the target's weight (fp32), taken at the first forward
+    at::Tensor grad_norms, weight_norms, combined_weight_norms;  // (out, 1), from the last update
+  };
+  std::optional<Ggpo> ggpo;  // unsplit Linear targets only, as in kohya
 
   std::shared_ptr<torch::nn::Module> target;
   torch::nn::Linear linear_down{nullptr}, linear_up{nullptr};  // registered as lora_down / lora_up
@@ -110,6 +122,10 @@ struct LoRANetworkConfig {
   std::optional<std::vector<double>> block_alphas, conv_block_alphas;
   std::optional<std::vector<double>> block_lr_weight;                // blocks.total() entries
   std::optional<double> rank_dropout, module_dropout;
+  // LoRA-GGPO (lora_flux): while training, each unsplit Linear's output gains x P^T, P a random matrix of the layer's
+  // weight's shape whose row j has standard deviation (sigma |c_j| + beta g_j^2) / sqrt(out_features): c_j the row
+  // norm of the base weight combined with the LoRA's delta, g_j that of the LoRA's gradient, both from the last update.
+  std::optional<std::pair<double, double>> ggpo_sigma_beta;
   std::optional<double> loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio;
   // Per module, from a file (create_network_from_weights / --dim_from_weights): only these modules are created.
   std::optional<std::map<std::string, std::pair<int64_t, std::optional<double>>>> modules_dim_alpha;
@@ -195,6 +211,11 @@ struct LoRANetworkImpl : torch::nn::Module {
 
   // --scale_weight_norms: kohya's apply_max_norm_regularization.
   MaxNormResult apply_max_norm_regularization(double max_norm);
+  // LoRA-GGPO (config.ggpo_sigma_beta): every module's norms from this update's synchronised gradients, before the
+  // optimizer steps (train_network.py's update_grad_norms and update_norms); then what kohya logs of them, means over
+  // the modules of each module's mean over its rows: norm/avg_key_norm, norm/avg_grad_norm, norm/avg_combined_norm.
+  // Nothing without GGPO.
+  std::map<std::string, double> update_ggpo_norms();
 
   // --network_weights: kohya's load_weights (non-strict: keys on one side only are reported, shapes must match). A
   // module's weights under its target's other_name load as under its lora_name.

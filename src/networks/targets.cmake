@@ -14,6 +14,7 @@ target_precompile_headers(sdt_networks REUSE_FROM sdt_torch)
 add_executable(test_networks
   tests/networks/test_lora.cpp
   tests/networks/test_lora_dropout.cpp
+  tests/networks/test_lora_ggpo.cpp
   tests/networks/test_lora_file.cpp
   tests/networks/test_merge.cpp
 )

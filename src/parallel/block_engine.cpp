@@ -151,12 +151,14 @@ BlockEngine::BlockEngine(const std::vector<std::shared_ptr<torch::nn::Module>>& 
     block.trainable = first.requires_grad();
     for (size_t i = 0; i < block.parameters.size(); ++i) {
       const at::Tensor& p = block.parameters[i];
-      if (p.requires_grad() != block.trainable || p.scalar_type() != first.scalar_type()) {
-        fail(kWhere, "block {}: parameter {} is {}{}, the first is {}{}: a block's weights are all trained or all frozen, "
-             "in one dtype", b, shapes[i].first, c10::toString(p.scalar_type()), p.requires_grad() ? "" : " (frozen)",
-             c10::toString(first.scalar_type()), block.trainable ? "" : " (frozen)");
+      if (p.requires_grad() != block.trainable || p.scalar_type() != first.scalar_type() || p.is_meta() != first.is_meta()) {
+        fail(kWhere, "block {}: parameter {} is {}{}{}, the first is {}{}{}: a block's weights are all trained or all frozen, "
+             "in one dtype, all loaded or all deferred", b, shapes[i].first, c10::toString(p.scalar_type()),
+             p.requires_grad() ? "" : " (frozen)", p.is_meta() ? " (deferred)" : "", c10::toString(first.scalar_type()),
+             block.trainable ? "" : " (frozen)", first.is_meta() ? " (deferred)" : "");
       }
     }
+    if (first.is_meta() && !options_.read_deferred) fail(kWhere, "block {} was built without its weights and nothing reads them", b);
     block.layout = FlatLayout(shapes);
     index_of_[blocks[b].get()] = b;
     own_.emplace_back();
@@ -204,16 +206,21 @@ BlockEngine::BlockEngine(const std::vector<std::shared_ptr<torch::nn::Module>>& 
   }
   // Masters: each block flattened on the device, made rank 0's, cut, and the piece this rank keeps copied to its home;
   // then the block's own tensors let go of their storage, so the blocks' memory turns into masters one at a time.
+  // A block built without weights has its master read in place, this rank's part only.
   for (int64_t b = 0; b < n; ++b) {
     ManagedBlock& block = blocks_[b];
     const at::ScalarType dtype = block.parameters.front().scalar_type();
     const at::TensorOptions device_options = at::TensorOptions(dtype).device(device_);
-    at::Tensor flat = block.layout.flatten(block.parameters, shard_ranks_, device_options);
-    if (communicator_.size() > 1) communicator_.broadcast(flat, 0);
     const int64_t shard = block.layout.shard_numel(shard_ranks_);
     const at::TensorOptions home = on_host(b) ? copier_->host_options(dtype) : device_options;
     block.master = at::empty({shard}, home);
-    block.master.copy_(flat.narrow(0, shard_index() * shard, shard));
+    if (block.parameters.front().is_meta()) {
+      load_block(b, [&](size_t k) { return options_.read_deferred(b, block.layout.entries()[k].name); });
+    } else {
+      at::Tensor flat = block.layout.flatten(block.parameters, shard_ranks_, device_options);
+      if (communicator_.size() > 1) communicator_.broadcast(flat, 0);
+      block.master.copy_(flat.narrow(0, shard_index() * shard, shard));
+    }
     block.master.set_requires_grad(block.trainable);
     release_parameters(b);
   }
@@ -442,7 +449,7 @@ void BlockEngine::point_parameters(int64_t block, const at::Tensor& full) {
 void BlockEngine::release_parameters(int64_t block) {
   ManagedBlock& managed = blocks_[block];
   for (at::Tensor& p : managed.parameters) {
-    p.set_data(at::empty({0}, at::TensorOptions(p.scalar_type()).device(device_)));
+    set_parameter_data(p, at::empty({0}, at::TensorOptions(p.scalar_type()).device(device_)));
     p.mutable_grad().reset();
   }
   if (on_host(block)) {
@@ -482,7 +489,10 @@ int64_t BlockEngine::running_block_bytes() const {
     const int64_t padded = managed.layout.padded_numel(shard_ranks_);
     const int64_t compute = static_cast<int64_t>(c10::elementSize(compute_dtype(b)));
     const int64_t master = static_cast<int64_t>(managed.master.element_size());
-    const int64_t gathered = assembles(b) ? 2 * padded * compute : 0;
+    // Two full buffers (the running block's, the next one's arriving) and, with sharding, the snapshot of this rank's
+    // shard that each of their gathers sends.
+    const int64_t snapshot = shard_ranks_ > 1 ? managed.layout.shard_numel(shard_ranks_) : 0;
+    const int64_t gathered = assembles(b) ? 2 * (padded + snapshot) * compute : 0;
     largest = std::max(largest, gathered + (managed.trainable ? 2 * padded * master : 0));
   }
   return largest;

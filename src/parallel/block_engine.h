@@ -47,6 +47,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -68,6 +69,10 @@ struct BlockEngineOptions {
   // The dtype the blocks run in and their weights are gathered in (bf16 under mixed precision with fp32 masters);
   // by default each master's own dtype.
   std::optional<at::ScalarType> compute_dtype;
+  // For blocks built without weights (their parameters on the meta device: BlockWeights::deferred): block b's
+  // parameter `name`, whole, in any dtype, on the CPU. Each rank copies the part its master covers into the master;
+  // a view of a memory-mapped checkpoint then pages in little more than that, and no rank holds the whole model.
+  std::function<at::Tensor(int64_t block, const std::string& name)> read_deferred;
 };
 
 // Bytes this rank moved since reset_traffic().
@@ -98,8 +103,10 @@ class BlockEngine final : public BlockRunner {
   };
 
   // `blocks` in forward order; their parameters except `kept_whole` go into the masters. Every rank's masters start
-  // from rank 0's values (broadcast), and the modules' parameter tensors are emptied. The compute device is the
-  // communicator's. sdt::Error for what it cannot do (mixed blocks, a swap stack of unlike blocks, too many swapped).
+  // from rank 0's values (broadcast), or for blocks built without weights from options.read_deferred (every rank reads
+  // the same checkpoint), and the modules' parameter tensors are emptied. The compute device is the communicator's.
+  // sdt::Error for what it cannot do (mixed blocks, a swap stack of unlike blocks, too many swapped, deferred weights
+  // with nothing to read them).
   BlockEngine(const std::vector<std::shared_ptr<torch::nn::Module>>& blocks, const std::vector<at::Tensor>& kept_whole,
               Communicator& communicator, BlockEngineOptions options = {});
   ~BlockEngine() override;
@@ -128,7 +135,8 @@ class BlockEngine final : public BlockRunner {
   void reset_traffic() { traffic_ = {}; }
   EngineMemory memory() const;
   // What a rank holds beyond its masters while the largest block runs: its gathered weights, the next block's
-  // (prefetched), and in backward their gradient and the gradient buffer being reduced.
+  // (prefetched), the shard snapshots their gathers send, and in backward their gradient and the gradient buffer being
+  // reduced.
   int64_t running_block_bytes() const;
 
   // Every host-to-device copy since the last clear, as (block, slot within its stack) in order: the schedule, for tests.

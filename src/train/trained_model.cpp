@@ -5,6 +5,8 @@
 
 #include "src/core/error.h"
 #include "src/models/fp8.h"
+#include "src/parallel/sharding.h"
+#include "src/train/fused_steps.h"
 #include "src/networks/lora.h"
 #include "src/networks/merge.h"
 
@@ -70,6 +72,17 @@ class NetworkTraining final : public TrainedModel {
     if (args.network_module != config.network_module) {
       fail("--network_module", "'{}': sdt trains {} with kohya's '{}'", args.network_module.value_or(""), family.name(), config.network_module);
     }
+    if (config.ggpo_sigma_beta) {
+      const Sharding sharding = parse_sharding(args.sharding);
+      if (sharding == Sharding::gradients || sharding == Sharding::full) {
+        fail("network_args ggpo_sigma", "LoRA-GGPO measures each module's whole gradient, which --sharding {} cuts over "
+             "the ranks; use --sharding none or optimizer", sharding_name(sharding));
+      }
+      if (FusedSteps::requested(args)) {
+        fail("network_args ggpo_sigma", "LoRA-GGPO measures the gradients before the optimizer steps, which {} does "
+             "inside backward", FusedSteps::flag(args));
+      }
+    }
     if (config.split_qkv && scale_weight_norms_) {
       fail("--scale_weight_norms", "not with split_qkv: kohya's lora_flux measures the norms on a combined copy and never "
            "scales the weights, so there is no reference to follow");
@@ -109,6 +122,7 @@ class NetworkTraining final : public TrainedModel {
   void to(c10::Device device) override { network_->to(device); }
   void set_training(bool training) override { training ? network_->train() : network_->eval(); }
 
+  std::map<std::string, double> before_optimizer_step() override { return network_->update_ggpo_norms(); }
   void after_update(int64_t) override {
     if (scale_weight_norms_) network_->apply_max_norm_regularization(*scale_weight_norms_);
   }
@@ -177,6 +191,7 @@ class WholeModelTraining final : public TrainedModel {
     for (const auto& encoder : trained_text_encoders_) encoder->train(training);
   }
 
+  std::map<std::string, double> before_optimizer_step() override { return {}; }
   void after_update(int64_t global_step) override {
     if (!stop_text_encoder_at_ || global_step != *stop_text_encoder_at_ || !trains_text_encoder_) return;
     spdlog::info("step {}: the text encoder stops training (--stop_text_encoder_training)", global_step);

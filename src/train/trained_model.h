@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -46,6 +47,9 @@ class TrainedModel {
   virtual void to(c10::Device device) = 0;
   // Training mode (dropouts on) or evaluation mode (validation, sample images) of what is trained.
   virtual void set_training(bool training) = 0;
+  // After the update's gradients are averaged over the ranks, unscaled and clipped, before the optimizer steps: a
+  // network's LoRA-GGPO norms. What it returns is logged with the step (kohya's norm/avg_key_norm, ...).
+  virtual std::map<std::string, double> before_optimizer_step() = 0;
   // After each optimizer update (global_step counts it): LoRA's --scale_weight_norms, the whole model's
   // --stop_text_encoder_training.
   virtual void after_update(int64_t global_step) = 0;

@@ -261,6 +261,7 @@ class Trainer {
   std::unique_ptr<FusedSteps> fused_;  // --fused_backward_pass / --fused_optimizer_groups: steps inside backward
   LossScaler scaler_;
   DataParallel::MemoryPlan memory_plan_;
+  std::map<std::string, double> update_logs_;  // what the trained model reported of the last update (GGPO's norms)
   int64_t bytes_before_run_ = 0;
 
   DatasetBlueprint blueprint_;
@@ -362,12 +363,19 @@ WeightsDtype read_dtype(const Precision& precision, TrainMode mode) {
   return precision.frozen == at::kBFloat16 ? WeightsDtype::bfloat16 : WeightsDtype::float16;
 }
 
+// Whether the denoiser's blocks run through a block engine: their weights sharded over the ranks or swapped.
+bool runs_block_engine(const TrainArgs& args) {
+  return parse_sharding(args.sharding) == Sharding::full || args.blocks_to_swap.value_or(0) > 0;
+}
+
 }  // namespace
 
 // The models, what is trained, data parallelism in the chosen --sharding mode, the optimizer and the memory plan.
 void Trainer::load_models(TrainMode mode) {
   FamilyOptions options = family_options_from_args(args_);
   options.weights_dtype = read_dtype(precision_, mode);
+  // The engine reads each rank's part of the blocks' weights itself, unless --base_weights must first merge into them.
+  options.defer_block_weights = runs_block_engine(args_) && args_.base_weights.empty();
   family_ = load_family(family_of_checkpoint(args_.family, options.pretrained_model_name_or_path), options);
   const ModelBundle& bundle = family_->models();
   if (precision_.fp8_denoiser && !device_.is_cuda()) {
@@ -429,11 +437,12 @@ void Trainer::load_models(TrainMode mode) {
 // plan allows. The denoiser then runs its blocks through the engine. The LoRA weights stay whole; they act on the
 // forward of whatever weights a block holds. Null when neither is asked for.
 std::unique_ptr<BlockEngine> Trainer::make_block_engine(Sharding sharding) {
+  if (!runs_block_engine(args_)) return nullptr;
   const ParallelPlan plan = family_->parallel_plan();
   const int64_t blocks_to_swap = args_.blocks_to_swap.value_or(0);
-  BlockEngineOptions options{.sharding = sharding == Sharding::full ? Sharding::full : Sharding::none};
+  BlockEngineOptions options{.sharding = sharding == Sharding::full ? Sharding::full : Sharding::none,
+                             .read_deferred = plan.deferred_weights};
   if (blocks_to_swap > 0) options.swap = plan.swapped(blocks_to_swap);
-  if (sharding != Sharding::full && options.swap.empty()) return nullptr;
   // Trained fp32 blocks under mixed precision are gathered in the autocast dtype (FSDP's param_dtype).
   if (trained_->trains_denoiser_weights() && precision_.autocast && precision_.trained == at::kFloat) {
     options.compute_dtype = precision_.autocast;
@@ -760,6 +769,7 @@ double Trainer::optimizer_update(StepTimes& times, bool& stop_now) {
   if (finite) {
     if (!fused_) {  // fused steps clipped and stepped every tensor in backward
       if (args_.max_grad_norm > 0) parallel_->clip_grad_norm(args_.max_grad_norm);
+      update_logs_ = trained_->before_optimizer_step();
       made_.optimizer->step();
     }
     parallel_->after_step();
@@ -894,10 +904,12 @@ void Trainer::record_update(double loss, const TrainBatch& batch, int64_t epoch,
   progress_->update(global_step, average_loss(), lr);
   std::map<std::string, double> metrics = {{"loss", loss}, {"avr_loss", average_loss()}, {"lr", lr}};
   if (precision_.loss_scaling) metrics["loss_scale"] = scaler_.scale;
+  metrics.insert(update_logs_.begin(), update_logs_.end());
   jsonl_->write(global_step, epoch, metrics);
   tensorboard_->add_scalar("loss/current", static_cast<float>(loss), global_step);
   tensorboard_->add_scalar("loss/average", static_cast<float>(average_loss()), global_step);
   tensorboard_->add_scalar("lr/group0", static_cast<float>(lr), global_step);
+  for (const auto& [name, value] : update_logs_) tensorboard_->add_scalar(name, static_cast<float>(value), global_step);
 }
 
 // --save_every_n_steps (with --save_state and kohya's --save_last_n_steps), --sample_every_n_steps,

@@ -308,6 +308,41 @@ TEST(FluxFamily, DiffusersTransformerFolderLoadsAsTheBflFile) {
   EXPECT_TRUE(at::equal(run(diffusers), run(bfl)));
 }
 
+// With defer_block_weights (a trainer whose block engine shards or swaps the blocks) the double and single blocks are
+// built without weights, everything else is read, and the parallel plan reads each block's tensors from the checkpoint
+// (BFL file or diffusers folder) in the dtype the rest was read in: the tensors a whole load holds, bit for bit.
+TEST(FluxFamily, DeferredBlockWeightsAreReadFromTheCheckpointByThePlan) {
+  const FluxTransformer whole = load_flux_transformer(kTiny + "transformer.safetensors", at::kBFloat16);
+  for (const std::string checkpoint : {kTiny + "transformer.safetensors", kTiny + "diffusers_transformer"}) {
+    SCOPED_TRACE(checkpoint);
+    FamilyOptions options = tiny_options();
+    options.pretrained_model_name_or_path = checkpoint;
+    options.weights_dtype = WeightsDtype::bfloat16;
+    options.defer_block_weights = true;
+    const std::unique_ptr<Family> deferred = load_family("flux", options);
+    const auto& transformer = *deferred->models().denoiser;
+    const auto whole_parameters = whole->named_parameters();
+    for (const auto& item : transformer.named_parameters()) {
+      const bool in_block = item.key().starts_with("double_blocks.") || item.key().starts_with("single_blocks.");
+      EXPECT_EQ(item.value().is_meta(), in_block) << item.key();
+      EXPECT_EQ(item.value().scalar_type(), at::kBFloat16) << item.key();
+      if (!in_block) EXPECT_TRUE(at::equal(item.value(), whole_parameters[item.key()])) << item.key();
+    }
+    const ParallelPlan plan = deferred->parallel_plan();
+    ASSERT_TRUE(plan.deferred_weights);
+    const auto blocks = whole->blocks();
+    ASSERT_EQ(plan.blocks.size(), blocks.size());
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      for (const auto& item : blocks[b]->named_parameters()) {
+        const at::Tensor read = plan.deferred_weights(static_cast<int64_t>(b), item.key());
+        EXPECT_EQ(read.scalar_type(), at::kBFloat16);
+        EXPECT_TRUE(at::equal(read, item.value())) << "block " << b << " " << item.key();
+      }
+    }
+  }
+  EXPECT_FALSE(family(false).parallel_plan().deferred_weights);  // loaded whole: the blocks hold their weights
+}
+
 }  // namespace
 }  // namespace sdt
 
@@ -390,12 +425,32 @@ TEST(FluxLoraArgs, SplitQkvLoadsKohyasCombinedFileGivesItsOutputAndSavesItBack) 
       << "the LoRAs change the output by far more than the tolerance";
 }
 
+// LoRA-GGPO is on where kohya's lora_flux turns it on: with ggpo_sigma and ggpo_beta both given, on every module.
+TEST(FluxLoraArgs, GgpoNeedsSigmaAndBeta) {
+  for (const std::vector<std::string> given : std::vector<std::vector<std::string>>{
+           {"ggpo_sigma=0.03", "ggpo_beta=0.01"}, {"ggpo_sigma=0.03"}, {"ggpo_beta=0.01"}}) {
+    SCOPED_TRACE(given.size());
+    TrainArgs args;
+    args.network_args = given;
+    args.network_args.push_back("train_t5xxl=True");
+    LoRANetwork network(family(false).network_config(args), family(false).network_targets(false), true, true,
+                        at::make_generator<at::CPUGeneratorImpl>(1));
+    for (const auto* list : {&network->text_encoder_loras, &network->unet_loras}) {
+      for (const auto& lora : *list) {
+        ASSERT_EQ(lora->ggpo.has_value(), given.size() == 2) << lora->lora_name;
+        if (lora->ggpo) EXPECT_EQ(std::make_pair(lora->ggpo->sigma, lora->ggpo->beta), std::make_pair(0.03, 0.01));
+      }
+    }
+  }
+}
+
 // What kohya reads silently wrong or crashes on is a named error here.
 TEST(FluxLoraArgs, BadArgumentsAreNamedErrors) {
   for (const std::vector<std::string> bad : std::vector<std::vector<std::string>>{
            {"train_blocks=some"}, {"split_qkv=true"}, {"train_t5xxl=1"}, {"in_dims=[1,2,3,4]"}, {"train_double_block_indices=0,3"},
            {"train_single_block_indices=2-1"}, {"network_reg_dims=single_blocks=two"}, {"network_reg_lrs=(=1e-4"},
-           {"block_dims=4,4"}, {"ggpo_beta=0.01"}, {"img_attn_dim=2.5"}}) {
+           {"block_dims=4,4"}, {"ggpo_sigma=0.03", "ggpo_beta=0.01", "split_qkv=True"}, {"ggpo_sigma=x", "ggpo_beta=1"},
+           {"img_attn_dim=2.5"}}) {
     TrainArgs args;
     args.network_args = bad;
     EXPECT_THROW(LoRANetwork(family(false).network_config(args), family(false).network_targets(false), true, true,

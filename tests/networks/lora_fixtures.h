@@ -3,6 +3,7 @@
 #pragma once
 
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <string>
 
@@ -25,6 +26,28 @@ using testing_support::read_json;
 using testing_support::read_tensors;
 
 inline at::Generator seeded(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
+
+// Draws of a random LoRA output, `samples` (draws, ...), against kohya's per-element mean and variance over the same
+// number of its own draws (torch's generator is not replayed across languages). Each statistic is an average over n
+// independent draws on both sides, so their difference has standard error sqrt(2) * se, with se from our draws (the
+// sample's own variance for a mean; the fourth central moment for a variance). Five standard errors per element: a
+// normal tail of 6e-7, so a few thousand comparisons fail under 1% of the time for a correct implementation.
+inline void expect_draws_match(const std::string& what, const at::Tensor& samples, const at::Tensor& expected_mean,
+                               const at::Tensor& expected_var) {
+  const double n = static_cast<double>(samples.size(0));
+  const at::Tensor mean = samples.mean(0);
+  const at::Tensor centred = samples - mean;
+  const at::Tensor var = centred.pow(2).mean(0);
+  const at::Tensor fourth = centred.pow(4).mean(0);
+  const at::Tensor mean_tolerance = 5.0 * (2.0 * var / n).sqrt() + 1e-7;
+  const at::Tensor var_tolerance = 5.0 * (2.0 * (fourth - var.pow(2)).clamp_min(0) / n).sqrt() + 1e-7;
+  const double mean_excess = ((mean - expected_mean.to(at::kDouble)).abs() / mean_tolerance).max().item<double>();
+  const double var_excess = ((var - expected_var.to(at::kDouble)).abs() / var_tolerance).max().item<double>();
+  std::cout << what << ": largest |mean - kohya's| " << mean_excess * 5 << " standard errors, largest |variance - kohya's| "
+            << var_excess * 5 << "\n";
+  EXPECT_LE(mean_excess, 1.0) << what << " mean";
+  EXPECT_LE(var_excess, 1.0) << what << " variance";
+}
 
 // The architecture of the fixtures' models, which single files do not record.
 inline SdConfig fixture_config(bool v2) {

@@ -4,6 +4,8 @@
 // are gathered in the compute dtype, and the swap copies follow kohya's schedule.
 #include <gtest/gtest.h>
 
+#include <map>
+#include <string>
 #include <vector>
 
 #include <fmt/format.h>
@@ -255,6 +257,69 @@ TEST(BlockEngineOptions, RefusesWhatItCannotDo) {
   mixed->fc1->weight.set_requires_grad(false);
   EXPECT_THROW({ BlockEngine engine({mixed.ptr()}, {}, communicator); }, Error);
   EXPECT_THROW({ BlockEngine engine(blocks, {}, communicator, {.sharding = Sharding::optimizer}); }, Error);
+}
+
+// Blocks built without weights (BlockWeights::deferred) get masters read in place through read_deferred, each rank its
+// part only: the same masters bit for bit as blocks built with the same weights (which rank 0 broadcasts), and the same
+// forward, with and without sharding and swap.
+TEST(BlockEngineLoading, DeferredBlocksGetTheMastersOfLoadedOnes) {
+  Communicator& communicator = test_communicator();
+  const auto make_blocks = [] {
+    torch::manual_seed(3);
+    std::vector<std::shared_ptr<torch::nn::Module>> blocks;
+    for (int i = 0; i < 4; ++i) blocks.push_back(ResidualMlp(8, 16).ptr());
+    return blocks;
+  };
+  std::vector<std::map<std::string, at::Tensor>> stored;  // the checkpoint the deferred blocks read
+  for (const auto& block : make_blocks()) {
+    stored.emplace_back();
+    for (const auto& item : block->named_parameters()) stored.back()[item.key()] = item.value().detach().clone();
+  }
+  const at::Tensor x = torch::randn({3, 8});
+  for (Sharding sharding : {Sharding::none, Sharding::full}) {
+    for (int64_t swap : {0, 2}) {
+      SCOPED_TRACE(describe({sharding, swap, {}}));
+      const auto loaded_blocks = make_blocks(), deferred_blocks = make_blocks();
+      for (const auto& block : deferred_blocks) {
+        defer_weights(*block);
+        for (const auto& p : block->parameters()) ASSERT_TRUE(p.is_meta());
+      }
+      int64_t reads = 0;
+      BlockEngineOptions options{.sharding = sharding, .swap = swap ? std::vector<SwapStack>{{0, 4, swap}} : std::vector<SwapStack>{}};
+      BlockEngine loaded(loaded_blocks, {}, communicator, options);
+      options.read_deferred = [&](int64_t b, const std::string& name) {
+        ++reads;
+        return stored.at(static_cast<size_t>(b)).at(name);
+      };
+      BlockEngine deferred(deferred_blocks, {}, communicator, options);
+      EXPECT_GT(reads, 0);
+      for (int64_t b = 0; b < 4; ++b) {
+        EXPECT_TRUE(at::equal(deferred.master(b), loaded.master(b))) << "block " << b;
+        for (const auto& p : deferred_blocks[b]->parameters()) EXPECT_FALSE(p.is_meta());
+      }
+      torch::NoGradGuard no_grad;
+      const auto forward = [&](const std::vector<std::shared_ptr<torch::nn::Module>>& blocks, BlockEngine& engine) {
+        at::Tensor h = x;
+        for (const auto& block : blocks) {
+          ResidualMlp mlp(std::dynamic_pointer_cast<ResidualMlpImpl>(block));
+          h = engine.run(*block, [mlp](const std::vector<at::Tensor>& in) mutable { return std::vector<at::Tensor>{mlp->forward(in[0])}; },
+                         {h}, {})[0];
+        }
+        return h;
+      };
+      EXPECT_TRUE(at::equal(forward(deferred_blocks, deferred), forward(loaded_blocks, loaded)));
+    }
+  }
+}
+
+TEST(BlockEngineLoading, DeferredWeightsNeedSomethingToReadThem) {
+  Communicator& communicator = test_communicator();
+  ResidualMlp deferred(8, 16), half(8, 16);
+  defer_weights(*deferred);
+  EXPECT_THROW({ BlockEngine engine({deferred.ptr()}, {}, communicator); }, Error);
+  defer_weights(*half->fc1);
+  const auto read = [](int64_t, const std::string&) { return at::zeros({1}); };
+  EXPECT_THROW({ BlockEngine engine({half.ptr()}, {}, communicator, {.read_deferred = read}); }, Error);
 }
 
 }  // namespace

@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
 #include "src/core/safetensors.h"
@@ -159,6 +162,37 @@ TEST(FluxTraining, BlockSwapChangesNoBit) {
   fs::remove_all(root);
 }
 
+// LoRA-GGPO (lora_flux's ggpo_sigma and ggpo_beta; the perturbation itself is checked against kohya's module in
+// test_lora_ggpo): the first update measures the norms, later forwards are perturbed, inside the blocks the engine swaps
+// too: with --blocks_to_swap 2 the LoRA is the same bit for bit (each recomputed block draws its forward's
+// perturbation again), and it differs from the LoRA trained without GGPO. Each step's metrics carry what kohya logs.
+TEST(FluxTraining, GgpoPerturbsTheTransformerInSwappedBlocksToo) {
+  const fs::path root = fs::path(testing::TempDir()) / "sdt_flux_ggpo";
+  fs::remove_all(root);
+  const auto run = [&](const std::string& name, bool ggpo, int64_t swap) {
+    TrainArgs args = testing_support::tiny_flux_run(root);
+    args.learning_rate = 1e-2;
+    args.max_train_steps = 4;
+    args.network_train_unet_only = true;
+    args.blocks_to_swap = swap;
+    if (ggpo) args.network_args = {"ggpo_sigma=0.03", "ggpo_beta=0.01"};
+    args.output_dir = (root / name).string();
+    return train(args, World{}, TrainMode::network).weights_path;
+  };
+  const std::string plain = run("ggpo", true, 0);
+  EXPECT_TRUE(testing_support::bitwise_equal(plain, run("ggpo_swapped", true, 2)));
+  EXPECT_FALSE(testing_support::bitwise_equal(plain, run("no_ggpo", false, 0)));
+  std::ifstream metrics(root / "ggpo" / "logs" / "metrics.jsonl");
+  std::string line, last;
+  while (std::getline(metrics, line)) last = line;
+  const nlohmann::json logged = nlohmann::json::parse(last);
+  for (const char* key : {"norm/avg_key_norm", "norm/avg_grad_norm", "norm/avg_combined_norm"}) {
+    ASSERT_TRUE(logged.contains(key)) << key << " in " << last;
+    EXPECT_GT(logged[key].get<double>(), 0.0) << key;
+  }
+  fs::remove_all(root);
+}
+
 // kohya's --cache_text_encoder_outputs for FLUX: the cached l_pooled, t5_out, txt_ids and t5_attn_mask give the
 // losses of encoding each step (the transformer's LoRA, and with CLIP-L's too), with T5's mask applied in T5 and in
 // the transformer; so do cached latents (the autoencoder's mean, shifted and scaled, under kohya's size keys).
@@ -262,6 +296,7 @@ TEST(FluxTraining, KohyasRefusalsAreNamed) {
   expect_refused([](TrainArgs& a) { a.weighted_captions = true; }, "--weighted_captions");
   expect_refused([](TrainArgs& a) { a.network_module = "networks.lora"; }, "networks.lora_flux");
   expect_refused([](TrainArgs& a) { a.network_args = {"split_qkv=True"}; a.scale_weight_norms = 1.0; }, "--scale_weight_norms");
+  expect_refused([](TrainArgs& a) { a.network_args = {"ggpo_sigma=0.03", "ggpo_beta=0.01"}; a.sharding = "gradients"; }, "LoRA-GGPO");
   fs::remove_all(root);
 }
 

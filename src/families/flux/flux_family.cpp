@@ -199,10 +199,10 @@ LoRANetworkConfig FluxFamily::network_config(const TrainArgs& args) const {
 }
 
 // The double blocks then the single blocks, two stacks that swap as kohya's Flux.enable_block_swap splits them; each
-// keeps two blocks on the device, as kohya asserts.
+// keeps two blocks on the device, as kohya asserts. Blocks built without weights are read from the transformer's file.
 ParallelPlan FluxFamily::parallel_plan() const {
   const size_t doubles = models_.transformer->double_blocks->size(), singles = models_.transformer->single_blocks->size();
-  return {.blocks = models_.transformer->blocks(), .swap = [doubles, singles](int64_t k) {
+  ParallelPlan plan{.blocks = models_.transformer->blocks(), .swap = [doubles, singles](int64_t k) {
             const int64_t double_swapped = k / 2, single_swapped = (k - k / 2) * 2;
             if (double_swapped > static_cast<int64_t>(doubles) - 2 || single_swapped > static_cast<int64_t>(singles) - 2) {
               fail("--blocks_to_swap", "{} swaps {} double and {} single blocks; this model has {} and {}, and keeps two of "
@@ -212,6 +212,15 @@ ParallelPlan FluxFamily::parallel_plan() const {
             }
             return std::vector<SwapStack>{{0, doubles, double_swapped}, {doubles, singles, single_swapped}};
           }};
+  if (models_.deferred_blocks) {
+    // In the dtype the rest was read in, so each weight is rounded as it would have been on its way to the block.
+    plan.deferred_weights = [file = models_.deferred_blocks, dtype = models_.dtype, doubles](int64_t b, const std::string& name) {
+      const size_t i = static_cast<size_t>(b);
+      const std::string block = i < doubles ? fmt::format("double_blocks.{}.", i) : fmt::format("single_blocks.{}.", i - doubles);
+      return file->read(block + name, dtype);
+    };
+  }
+  return plan;
 }
 
 void FluxFamily::set_block_runner(BlockRunner* runner) { models_.transformer->block_runner = runner; }
@@ -246,9 +255,13 @@ std::unique_ptr<Family> load_flux_family(const FamilyOptions& options) {
   if (chroma && !options.apply_t5_attn_mask) fail("--apply_t5_attn_mask", "required for Chroma, as in kohya");
   if (options.v2 || options.v_parameterization) fail(options.v2 ? "--v2" : "--v_parameterization", "is SD 2.x's, not FLUX's");
 
-  const at::ScalarType dtype = weights_dtype(options);
   FluxModels models;
-  models.transformer = load_flux_transformer(path, dtype);
+  models.dtype = weights_dtype(options);
+  const auto transformer_file = std::make_shared<const FluxTransformerFile>(path);
+  models.transformer = load_flux_transformer(*transformer_file, models.dtype,
+                                             options.defer_block_weights ? BlockWeights::deferred : BlockWeights::allocated);
+  if (options.defer_block_weights) models.deferred_blocks = transformer_file;
+  const at::ScalarType dtype = models.dtype;
   if (models.transformer->config.chroma != chroma) {
     fail("--model_type", "'{}', but {} holds a {} transformer", options.model_type, path, models.transformer->config.chroma ? "Chroma" : "FLUX.1");
   }

@@ -126,9 +126,6 @@ LoRANetworkConfig flux_network_config(const TrainArgs& args, const FluxConfig& t
     auto it = kwargs.find(key);
     return it == kwargs.end() ? std::nullopt : std::optional<std::string>(it->second);
   };
-  for (const char* key : {"ggpo_beta", "ggpo_sigma"}) {
-    if (get(key)) fail(std::string("network_args ") + key, "LoRA-GGPO's weight perturbation is not built in sdt yet");
-  }
 
   std::vector<std::string> shared_args;
   for (const std::string& key : shared) {
@@ -141,6 +138,17 @@ LoRANetworkConfig flux_network_config(const TrainArgs& args, const FluxConfig& t
   c.verbose = get("verbose") && python_bool("verbose", *get("verbose"));
   if (auto v = get("network_reg_dims")) c.reg_dims = pattern_values<int64_t>("network_reg_dims", *v, &whole_number);
   if (auto v = get("network_reg_lrs")) c.reg_lrs = pattern_values<double>("network_reg_lrs", *v, &network_arg_number);
+  const auto sigma = get("ggpo_sigma"), beta = get("ggpo_beta");
+  if (sigma && beta) {
+    c.ggpo_sigma_beta = {network_arg_number("ggpo_sigma", *sigma), network_arg_number("ggpo_beta", *beta)};
+    // kohya's update_norms reads a split module's lora_up.weight, which it does not have, and fails.
+    if (c.split_qkv) fail("network_args ggpo_sigma", "LoRA-GGPO does not work with split_qkv in kohya's lora_flux (it fails "
+                          "on the split modules' weights); drop one of them");
+    spdlog::info("LoRA-GGPO training sigma: {} beta: {}", c.ggpo_sigma_beta->first, c.ggpo_sigma_beta->second);
+  } else if (sigma || beta) {
+    spdlog::warn("network_args {} without {}: LoRA-GGPO needs both and stays off, as in kohya's lora_flux",
+                 sigma ? "ggpo_sigma" : "ggpo_beta", sigma ? "ggpo_beta" : "ggpo_sigma");
+  }
 
   const bool train_t5xxl = get("train_t5xxl") && python_bool("train_t5xxl", *get("train_t5xxl"));
   const std::string train_blocks = get("train_blocks").value_or("all");
