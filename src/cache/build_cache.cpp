@@ -477,7 +477,9 @@ CacheBuildSummary run_cache_command(const TrainArgs& args, CacheOptions options,
   // The dataset first: its mistakes are found in a second, the model takes longer to load.
   const DatasetBlueprint blueprint = resolve_dataset_config(args);
   const std::vector<DatasetIndex> indexes = index_datasets(blueprint, {.skip_bad_images = args.skip_bad_images});
-  const std::unique_ptr<Family> family = load_family_for_training(args);
+  FamilyOptions model = family_options_from_args(args);
+  model.defer_block_weights = true;  // the caches never run the denoiser: a family that can leaves its blocks unread
+  const std::unique_ptr<Family> family = load_family(family_of_checkpoint(args.family, model.pretrained_model_name_or_path), model);
   // The encoders run on this rank's device (--device); the entries come back to the host as they are written.
   const c10::Device device = select_device(args.device, world.local_rank);
   family->models().vae->to(device);

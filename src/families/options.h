@@ -37,8 +37,9 @@ struct FamilyOptions {
   // Every model is built and read in this dtype (a trainer whose models are all used in bf16 reads them so, and never
   // holds them in fp32: 24 GB for FLUX's transformer rather than 48).
   WeightsDtype weights_dtype = WeightsDtype::float32;
-  // The denoiser's blocks will run through a block engine (--sharding full, --blocks_to_swap): a family that can builds
-  // them without weights, and the engine reads each rank's part from the checkpoint (ParallelPlan::deferred_weights).
+  // The caller does not need the denoiser's blocks to hold their weights: a block engine reads each rank's part of
+  // them from the checkpoint (--sharding full, --blocks_to_swap: ParallelPlan::deferred_weights), or they never run
+  // (the cache commands). A family that can then builds its blocks without weights.
   bool defer_block_weights = false;
 };
 
