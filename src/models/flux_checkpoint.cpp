@@ -178,50 +178,57 @@ bool is_flux_checkpoint(const std::string& path) {
 }
 
 FluxTransformerFile::FluxTransformerFile(const std::string& path) : path_(path) {
-  if (fs::is_directory(path)) {
-    const std::string folder = diffusers_transformer_folder(path);
-    if (folder.empty()) fail(path, "neither a FLUX transformer file nor a diffusers FluxTransformer2DModel folder");
-    path_ = folder;
-    config_ = flux_config_from_diffusers(folder);
-    // Its weights: one file, or shards (with their index, which is not needed: every shard's keys are in its header).
-    std::map<std::string, size_t> file_of;
-    for (const auto& entry : fs::directory_iterator(folder)) {
-      const std::string name = entry.path().filename().string();
-      if (!name.starts_with("diffusion_pytorch_model") || !name.ends_with(".safetensors")) continue;
-      files_.emplace_back(entry.path().string());
-      for (const auto& info : files_.back().tensors()) file_of[info.name] = files_.size() - 1;
-    }
-    if (files_.empty()) fail(folder, "no diffusion_pytorch_model*.safetensors weights");
-    for (const auto& [name, from] : diffusers_sources(config_)) {
-      Source& source = sources_[name];
-      source.swap_halves = from.swap_halves;
-      for (const std::string& key : from.keys) {
-        const auto it = file_of.find(key);
-        if (it == file_of.end()) fail(folder, "no tensor '{}': not the FLUX transformer its config describes", key);
-        const auto& shape = files_[it->second].info(key).shape;
-        if (source.shape.empty()) {
-          source.shape.assign(shape.begin(), shape.end());
-        } else {
-          source.shape[0] += shape.at(0);
-        }
-        source.parts.push_back({it->second, key});
-        file_of.erase(it);
-      }
-    }
-    if (!file_of.empty()) fail(folder, "{} tensors of no FLUX transformer layer, first '{}'", file_of.size(), file_of.begin()->first);
+  if (!fs::is_directory(path)) {
+    open_bfl_file();
     return;
   }
-  files_.emplace_back(path);
+  path_ = diffusers_transformer_folder(path);
+  if (path_.empty()) fail(path, "neither a FLUX transformer file nor a diffusers FluxTransformer2DModel folder");
+  open_diffusers_folder();
+}
+
+void FluxTransformerFile::open_bfl_file() {
+  files_.emplace_back(path_);
   const safetensors::File& file = files_.front();
   const std::string prefix = prefix_of(file);
   if (!file.contains(prefix + "double_blocks.0.img_attn.qkv.weight")) {
-    fail(path, "not a FLUX transformer in Black Forest Labs' layout (no double_blocks.0.img_attn.qkv.weight){}",
+    fail(path_, "not a FLUX transformer in Black Forest Labs' layout (no double_blocks.0.img_attn.qkv.weight){}",
          file.contains("transformer_blocks.0.attn.add_k_proj.bias") ? ": diffusers' names; give its folder, with config.json" : "");
   }
   config_ = flux_config_from_file(file, prefix);
   for (const auto& info : file.tensors()) {
     if (info.name.starts_with(prefix)) sources_[info.name.substr(prefix.size())] = {{{0, info.name}}, false, info.shape};
   }
+}
+
+void FluxTransformerFile::open_diffusers_folder() {
+  config_ = flux_config_from_diffusers(path_);
+  // Its weights: one file, or shards (with their index, which is not needed: every shard's keys are in its header).
+  std::map<std::string, size_t> file_of;
+  for (const auto& entry : fs::directory_iterator(path_)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with("diffusion_pytorch_model") || !name.ends_with(".safetensors")) continue;
+    files_.emplace_back(entry.path().string());
+    for (const auto& info : files_.back().tensors()) file_of[info.name] = files_.size() - 1;
+  }
+  if (files_.empty()) fail(path_, "no diffusion_pytorch_model*.safetensors weights");
+  for (const auto& [name, from] : diffusers_sources(config_)) {
+    Source& source = sources_[name];
+    source.swap_halves = from.swap_halves;
+    for (const std::string& key : from.keys) {
+      const auto it = file_of.find(key);
+      if (it == file_of.end()) fail(path_, "no tensor '{}': not the FLUX transformer its config describes", key);
+      const auto& shape = files_[it->second].info(key).shape;
+      if (source.shape.empty()) {
+        source.shape.assign(shape.begin(), shape.end());
+      } else {
+        source.shape[0] += shape.at(0);  // concatenated along dim 0
+      }
+      source.parts.push_back({it->second, key});
+      file_of.erase(it);
+    }
+  }
+  if (!file_of.empty()) fail(path_, "{} tensors of no FLUX transformer layer, first '{}'", file_of.size(), file_of.begin()->first);
 }
 
 at::Tensor FluxTransformerFile::read(const std::string& name, std::optional<at::ScalarType> dtype) const {

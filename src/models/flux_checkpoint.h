@@ -54,6 +54,9 @@ class FluxTransformerFile {
     bool swap_halves = false;  // diffusers' final modulation
     std::vector<int64_t> shape;
   };
+  void open_bfl_file();
+  void open_diffusers_folder();
+
   std::string path_;
   std::vector<safetensors::File> files_;
   std::map<std::string, Source> sources_;

@@ -74,9 +74,10 @@ class NetworkTraining final : public TrainedModel {
     }
     if (config.ggpo_sigma_beta) {
       const Sharding sharding = parse_sharding(args.sharding);
-      if (sharding == Sharding::gradients || sharding == Sharding::full) {
-        fail("network_args ggpo_sigma", "LoRA-GGPO measures each module's whole gradient, which --sharding {} cuts over "
-             "the ranks; use --sharding none or optimizer", sharding_name(sharding));
+      if (sharding != Sharding::none) {
+        fail("network_args ggpo_sigma", "LoRA-GGPO measures each module's whole averaged gradient, which --sharding {} "
+             "averages only in shards over the ranks; use --sharding none (with --blocks_to_swap if memory is short)",
+             sharding_name(sharding));
       }
       if (FusedSteps::requested(args)) {
         fail("network_args ggpo_sigma", "LoRA-GGPO measures the gradients before the optimizer steps, which {} does "
