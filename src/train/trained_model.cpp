@@ -5,10 +5,10 @@
 
 #include "src/core/error.h"
 #include "src/models/fp8.h"
-#include "src/parallel/sharding.h"
-#include "src/train/fused_steps.h"
 #include "src/networks/lora.h"
 #include "src/networks/merge.h"
+#include "src/parallel/sharding.h"
+#include "src/train/fused_steps.h"
 
 namespace sdt {
 namespace {
